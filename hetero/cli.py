@@ -1,0 +1,205 @@
+"""The `hetero` command: one verb per pipeline stage, and `run` for all of them.
+
+Each stage reads what the previous one wrote under the family directory, so stages can be re-run alone.
+Errors a user can fix (bad config, missing stage output, failed conversion) print one paragraph and exit
+with status 2; failed verification exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def _train(args) -> int:
+    from hetero.config import load_config
+    from hetero.train import train
+
+    config = load_config(args.config)
+    manifest = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    skipped = manifest["data"]["skipped_images"]
+    console.print(f"trained family [bold]{manifest['family']}[/] (space id {manifest['space_id']}) into {args.out}; "
+                  f"{manifest['data']['train_images']} training images, {len(skipped)} unreadable skipped")
+    return 0
+
+
+def _eval(args) -> int:
+    from hetero.evaluate import evaluate, format_edges, format_report
+
+    report = evaluate(args.dir)
+    console.print(format_report(report))
+    console.print(format_edges(report))
+    if report["skipped_images"]:
+        console.print(f"{len(report['skipped_images'])} unreadable image(s) were skipped (listed in report.json)")
+    return 0
+
+
+def _export(args) -> int:
+    from hetero.config import load_config
+    from hetero.export import export_member
+    from hetero.profiles import all_profiles, load_profile
+
+    run_dir = Path(args.dir)
+    if args.all_profiles:
+        profiles = all_profiles()
+    else:
+        names = args.profile or load_config(run_dir / "config.yaml").export.profiles
+        profiles = [load_profile(name) for name in names]
+    for profile in profiles:
+        members = args.member or [None]
+        for member in members:
+            artifact = export_member(run_dir, member, profile, allow_over_budget=args.allow_over_budget)
+            console.print(f"exported {artifact['member']} for {profile.name}: {artifact['file']} "
+                          f"({artifact['bytes'] / 2**20:.2f} MB, {artifact['export_seconds']} s)")
+    return 0
+
+
+def _export_edges(run_dir: Path, profiles: list[str]) -> None:
+    """Export every edge member for each of the config's profiles (the `run` pipeline's export stage)."""
+    from hetero.export import export_member
+    from hetero.manifest import read_manifest
+    from hetero.profiles import load_profile
+
+    edges = [m["name"] for m in read_manifest(run_dir)["members"] if m["role"] == "edge"]
+    for name in profiles:
+        profile = load_profile(name)
+        for edge in edges:
+            artifact = export_member(run_dir, edge, profile)
+            console.print(f"exported {edge} for {profile.name}: {artifact['file']}")
+
+
+def _verify(args) -> int:
+    from hetero.verify import format_verify, verify
+
+    report = verify(args.dir, profile=args.profile, max_images=args.images)
+    console.print(format_verify(report))
+    if not report["artifacts"]:
+        console.print("[bold red]no exported artifacts to verify[/]: run `hetero export` first")
+        return 1
+    failed = [f"{a['member']}@{a['profile']}" for a in report["artifacts"] if not a["passed"]]
+    if failed:
+        console.print(f"[bold red]verification failed[/] for {', '.join(failed)} (details in {args.dir}/verify.json)")
+        return 1
+    console.print(f"[green]all {len(report['artifacts'])} artifact(s) verified[/]")
+    return 0
+
+
+def _run(args) -> int:
+    from hetero.config import load_config
+
+    config = load_config(args.config)
+    _train(args)
+    _eval(argparse.Namespace(dir=args.out))
+    _export_edges(Path(args.out), config.export.profiles)
+    return _verify(argparse.Namespace(dir=args.out, profile=None, images=None))
+
+
+def _profiles(args) -> int:
+    from dataclasses import asdict
+
+    import yaml
+    from rich.table import Table
+
+    from hetero.profiles import all_profiles, load_profile
+
+    if args.action == "show":
+        console.print(yaml.safe_dump(asdict(load_profile(args.name)), sort_keys=False), markup=False)
+        return 0
+    table = Table(title="Device profiles")
+    for column in ("name", "format", "precision", "layout", "batch", "runtime", "description"):
+        table.add_column(column)
+    for p in all_profiles():
+        table.add_row(p.name, p.format, p.precision, p.layout, str(p.batch or "dynamic"), p.verify.runtime,
+                      p.description)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetero", description="Train, evaluate, export and verify compatible cloud-edge embedding families.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch and step detail")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def training_options(p):
+        p.add_argument("config", help="family config (YAML), e.g. examples/quickstart.yaml")
+        p.add_argument("--out", required=True, help="family directory to write (checkpoints, manifest, reports)")
+        p.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = verbs.add_parser("run", help="the whole pipeline: train, eval, export, verify",
+                         description="Train the family, evaluate compatibility, export every edge member for the "
+                                     "config's export.profiles and verify the exported files.")
+    training_options(p)
+    p.set_defaults(handler=_run)
+
+    p = verbs.add_parser("train", help="train a family jointly", description="Train every member of the family "
+                         "on the same batches and write checkpoints and DIR/manifest.json.")
+    training_options(p)
+    p.set_defaults(handler=_train)
+
+    p = verbs.add_parser("eval", help="compatibility matrix on held-out classes",
+                         description="Evaluate every (query member, gallery member) pair on classes never seen in "
+                                     "training; write DIR/report.json.")
+    p.add_argument("dir", help="family directory written by `hetero train`")
+    p.set_defaults(handler=_eval)
+
+    p = verbs.add_parser("export", help="export members per device profile",
+                         description="Convert members to the format of a device profile and register the files in "
+                                     "the manifest.  Without --member the most accurate edge member that fits the "
+                                     "profile's budgets is chosen.")
+    p.add_argument("dir", help="family directory written by `hetero train`")
+    p.add_argument("--profile", action="append", help="profile name or .yaml path (repeatable); default: the "
+                                                      "config's export.profiles")
+    p.add_argument("--all-profiles", action="store_true", help="export for every built-in profile")
+    p.add_argument("--member", action="append", help="member to export (repeatable); default: chosen by budget")
+    p.add_argument("--allow-over-budget", action="store_true", help="export members that exceed the budgets "
+                                                                     "(recorded in the manifest)")
+    p.set_defaults(handler=_export)
+
+    p = verbs.add_parser("verify", help="check exported files in their runtimes",
+                         description="Run every exported artifact in its runtime on real held-out images: identity, "
+                                     "parity with the torch member, retrieval against the cloud gallery. Exit "
+                                     "status 0 only when every check passes.")
+    p.add_argument("dir", help="family directory with exported artifacts")
+    p.add_argument("--profile", help="verify only the artifacts of this profile")
+    p.add_argument("--images", type=int, help="number of held-out queries to use (default: export.verify_images)")
+    p.set_defaults(handler=_verify)
+
+    p = verbs.add_parser("profiles", help="list or show device profiles",
+                         description="List the built-in device profiles or show one in full.")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", help="profile name or path (for show)")
+    p.set_defaults(handler=_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hetero.config import ConfigError
+    from hetero.data import DataError
+    from hetero.export.common import ExportError
+    from hetero.manifest import ManifestError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("hetero").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if args.verb == "profiles" and args.action == "show" and not args.name:
+        console.print("error: `hetero profiles show` needs a profile NAME", style="bold red")
+        return 2
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, ManifestError, ExportError) as err:
+        console.print(f"error: {err}", style="bold red", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; finished epochs are checkpointed (use --resume)", style="yellow")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Retrieval metrics and the compatibility matrix over held-out classes.
+
+M[q][g] is the retrieval quality when queries are embedded by member q and the gallery by member g.
+The paragon is M[cloud][cloud]; an edge member is compatible when M[edge][cloud] comes close to it and
+(BCT's criterion) beats M[edge][edge].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hetero.config import load_config
+from hetero.manifest import atomic_write_json, read_manifest, write_manifest
+from hetero.models import resize_to
+
+
+def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                      gallery_labels: torch.Tensor) -> dict[str, float]:
+    """top-1, top-5 (a correct item among the 5 nearest) and mAP@R of unit-vector queries vs a gallery."""
+    similarity = query @ gallery.T
+    k = min(max(5, int(torch.bincount(gallery_labels).max())), gallery.shape[0])
+    order = similarity.topk(k, dim=1).indices
+    hits = gallery_labels[order] == query_labels[:, None]  # queries x k
+    relevant = (gallery_labels[None, :] == query_labels[:, None]).sum(dim=1)  # R per query
+    ranks = torch.arange(1, k + 1, dtype=torch.float32)
+    within_r = ranks[None, :] <= relevant[:, None]
+    precision_at_i = hits.float().cumsum(dim=1) / ranks
+    average_precision = (precision_at_i * hits * within_r).sum(dim=1) / relevant.clamp_min(1)
+    return {
+        "top1": hits[:, 0].float().mean().item(),
+        "top5": hits[:, :5].any(dim=1).float().mean().item(),
+        "map_at_r": average_precision.mean().item(),
+    }
+
+
+@torch.no_grad()
+def embed(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Embed float images in [0, 1] with a torch member (resized to its input size)."""
+    model.eval()
+    chunks = [model(resize_to(images[i:i + batch_size], model.input_size)) for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+def compatibility_matrix(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, query_index: torch.Tensor,
+                         gallery_index: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
+    """M[query member][gallery member] from each member's embeddings of the same test images."""
+    return {
+        q: {
+            g: retrieval_metrics(embeddings[q][query_index], labels[query_index],
+                                 embeddings[g][gallery_index], labels[gallery_index])
+            for g in embeddings
+        }
+        for q in embeddings
+    }
+
+
+def summarise(matrix: dict, cloud: str, edges: list[str], flops_ratio: dict[str, float]) -> dict[str, dict]:
+    """Per edge member: ratio of M[edge][cloud] to the paragon and the BCT criterion."""
+    paragon = matrix[cloud][cloud]["top1"]
+    return {
+        edge: {
+            "edge_vs_cloud_top1": matrix[edge][cloud]["top1"],
+            "edge_vs_edge_top1": matrix[edge][edge]["top1"],
+            "ratio_to_paragon": matrix[edge][cloud]["top1"] / paragon if paragon else 0.0,
+            "bct_criterion": matrix[edge][cloud]["top1"] > matrix[edge][edge]["top1"],
+            "flops_vs_cloud": flops_ratio[edge],
+        }
+        for edge in edges
+    }
+
+
+def evaluate(run_dir: str | Path, split=None) -> dict:
+    """Evaluate a trained family: write DIR/report.json and the matrix into the manifest."""
+    from hetero.data import load_split
+    from hetero.train import load_member
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    split = split or load_split(config.data, config.load_size)
+    images = split.test.floats()
+    embeddings = {m["name"]: embed(load_member(run_dir, manifest, m["name"]), images) for m in manifest["members"]}
+    matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
+    cloud = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
+    edges = [m["name"] for m in manifest["members"] if m["role"] == "edge"]
+    report = {
+        "family": manifest["family"], "space_id": manifest["space_id"], "compat": manifest["compat"],
+        "queries": len(split.query_index), "gallery": len(split.gallery_index),
+        "test_classes": len(split.test.class_names),
+        "chance_top1": 1.0 / len(split.test.class_names),
+        "cloud": cloud, "matrix": matrix,
+        "edges": summarise(matrix, cloud, edges, {m["name"]: m["flops_vs_cloud"] for m in manifest["members"]}),
+        "skipped_images": manifest["data"]["skipped_images"],
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    manifest["compatibility"] = {"matrix": matrix, "edges": report["edges"]}
+    write_manifest(run_dir, manifest)
+    return report
+
+
+def format_report(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.table import Table
+
+    names = list(report["matrix"])
+    table = Table(title=f"Compatibility matrix, top-1 / top-5 / mAP@R  ({report['family']}, "
+                        f"{report['queries']} queries vs {report['gallery']} gallery, "
+                        f"{report['test_classes']} unseen classes, chance {report['chance_top1']:.3f})")
+    table.add_column("query \\ gallery")
+    for g in names:
+        table.add_column(g, justify="right")
+    for q in names:
+        row = report["matrix"][q]
+        table.add_row(q, *(f"{row[g]['top1']:.3f} / {row[g]['top5']:.3f} / {row[g]['map_at_r']:.3f}" for g in names))
+    return table
+
+
+def format_edges(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"Edge members against the {report['cloud']} gallery")
+    for column in ("edge", "FLOPs vs cloud", "M[edge][cloud]", "M[edge][edge]", "ratio to paragon", "BCT"):
+        table.add_column(escape(column), justify="right")
+    for edge, row in report["edges"].items():
+        table.add_row(edge, f"1/{1 / row['flops_vs_cloud']:.1f}", f"{row['edge_vs_cloud_top1']:.3f}",
+                      f"{row['edge_vs_edge_top1']:.3f}", f"{row['ratio_to_paragon']:.3f}",
+                      "pass" if row["bct_criterion"] else "FAIL")
+    return table

@@ -1,0 +1,122 @@
+"""One registry of architectures, and the embedding member every family is made of.
+
+An architecture builder takes width and depth multipliers and returns a backbone (image -> feature map
+channels).  :class:`Embedder` wraps any backbone with the embedding contract: RGB floats in [0, 1] at the
+member's input size in, an L2-normalised float32 vector of the family dimension out, with the input
+normalisation inside the graph so exported files carry it too.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import Conv2dNormActivation
+
+ARCHITECTURES: dict[str, Callable[[float, float], tuple[nn.Module, int]]] = {}
+
+
+def register(name: str):
+    def wrap(builder):
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return wrap
+
+
+def _channels(base: int, width: float) -> int:
+    return max(8, int(round(base * width / 8)) * 8)
+
+
+def _blocks(base: int, depth: float) -> int:
+    return max(1, int(round(base * depth)))
+
+
+@register("resnet")
+def relu_resnet(width: float, depth: float) -> tuple[nn.Module, int]:
+    """ReLU residual CNN (torchvision BasicBlocks): quantisation-friendly, scales by width and depth."""
+    widths = [_channels(c, width) for c in (32, 64, 128, 256)]
+    layers: list[nn.Module] = [Conv2dNormActivation(3, widths[0], 3, stride=2)]
+    in_ch = widths[0]
+    for stage, out_ch in enumerate(widths):
+        for block in range(_blocks(2, depth)):
+            stride = 2 if stage > 0 and block == 0 else 1
+            downsample = None
+            if stride != 1 or in_ch != out_ch:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+                )
+            layers.append(BasicBlock(in_ch, out_ch, stride=stride, downsample=downsample))
+            in_ch = out_ch
+    return nn.Sequential(*layers), in_ch
+
+
+@register("mobilenet")
+def relu_mobilenet(width: float, depth: float) -> tuple[nn.Module, int]:
+    """Mobile-style family from torchvision's inverted residual blocks (ReLU6, no squeeze-excite)."""
+    # (expand ratio, channels, blocks, stride) per stage, MobileNetV2-like, sized for small inputs.
+    stages = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 48, 2, 2), (4, 96, 3, 2), (4, 160, 2, 2)]
+    in_ch = _channels(32, width)
+    layers: list[nn.Module] = [Conv2dNormActivation(3, in_ch, 3, stride=2, activation_layer=nn.ReLU6)]
+    for expand, channels, blocks, stride in stages:
+        out_ch = _channels(channels, width)
+        for block in range(_blocks(blocks, depth)):
+            layers.append(InvertedResidual(in_ch, out_ch, stride if block == 0 else 1, expand))
+            in_ch = out_ch
+    last = _channels(320, width)
+    layers.append(Conv2dNormActivation(in_ch, last, 1, activation_layer=nn.ReLU6))
+    return nn.Sequential(*layers), last
+
+
+class Embedder(nn.Module):
+    """Backbone + pooling + projection + L2 normalisation, with the input normalisation inside."""
+
+    def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise KeyError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}")
+        self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
+        self.backbone, channels = ARCHITECTURES[arch](width, depth)
+        self.project = nn.Linear(channels, dim, bias=False)
+        self.bn = nn.BatchNorm1d(dim)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        x = self.backbone(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        x = self.bn(self.project(x))
+        return F.normalize(x, dim=1)
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a batch of float images to a member's input size (the one resize used everywhere)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: Embedder) -> int:
+    """FLOPs of one image at the member's input size (torch's own counter; a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, model.input_size, model.input_size))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
+    return Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)

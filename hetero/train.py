@@ -1,0 +1,248 @@
+"""Joint training of a model family.
+
+Every member sees the same augmented batch.  The loss is, per member, a normalised-softmax classification
+loss (through one classifier shared by all members, or one each when `compat: none`) plus, per edge member,
+the configured cross-model terms against the cloud member's embeddings of the same images.
+
+State is checkpointed atomically after every epoch (safetensors + JSON, no pickle); a resumed run continues
+from the last finished epoch and ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from hetero.config import Config, save_config
+from hetero.data import TrainImages, channel_stats, load_split
+from hetero.losses import SharedClassifier, build_cross_model_losses
+from hetero.manifest import atomic_path, atomic_write_json, sha256_file, space_id, write_manifest
+from hetero.models import Embedder, build_member, count_flops, count_params, resize_to
+
+log = logging.getLogger("hetero.train")
+
+STATE = "checkpoints/train_state"
+
+
+class Family(torch.nn.Module):
+    """The members of one family plus their classifier(s), built from a config."""
+
+    def __init__(self, config: Config, num_classes: int, mean, std):
+        super().__init__()
+        fam, train = config.family, config.train
+        self.cloud_name = fam.cloud.name
+        self.members = torch.nn.ModuleDict({m.name: build_member(m, fam.embedding_dim, mean, std) for m in fam.members})
+        head = lambda: SharedClassifier(num_classes, fam.embedding_dim, train.classifier, train.margin, train.scale)  # noqa: E731
+        names = [m.name for m in fam.members] if train.compat == "none" else ["shared"]
+        self.heads = torch.nn.ModuleDict({name: head() for name in names})
+        self.cross = build_cross_model_losses(train.losses) if train.compat != "none" else {}
+
+    def head(self, member: str) -> SharedClassifier:
+        return self.heads["shared"] if "shared" in self.heads else self.heads[member]
+
+    @property
+    def cloud(self) -> Embedder:
+        return self.members[self.cloud_name]
+
+    def edge_names(self) -> list[str]:
+        return [n for n in self.members if n != self.cloud_name]
+
+
+def _seed_everything(seed: int, epoch: int) -> None:
+    # Seeded per epoch, so a run resumed at any epoch draws the same batches as an uninterrupted one.
+    torch.manual_seed(seed * 100_003 + epoch)
+    np.random.seed((seed * 100_003 + epoch) % 2**32)
+    random.seed(seed * 100_003 + epoch)
+
+
+def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
+    """(members trained, epochs) per phase: joint trains all at once, sequential the cloud first."""
+    epochs = config.train.epochs
+    if config.train.mode == "sequential":
+        return [([family.cloud_name], epochs), (family.edge_names(), epochs)]
+    return [(list(family.members), epochs)]
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
+                detach_cloud: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch for the members being trained; the cloud's embedding is computed once."""
+    cloud_trained = family.cloud_name in trained
+    with torch.set_grad_enabled(cloud_trained):
+        cloud_emb = family.cloud(resize_to(images, family.cloud.input_size))
+    reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
+    total = torch.zeros(())
+    parts: dict[str, float] = {}
+    for name in trained:
+        member = family.members[name]
+        emb = cloud_emb if name == family.cloud_name else member(resize_to(images, member.input_size))
+        loss = family.head(name)(emb, None, labels)
+        parts[f"{name}/cls"] = loss.item()
+        if name != family.cloud_name:
+            for term, (weight, fn) in family.cross.items():
+                value = fn(emb, reference, labels)
+                parts[f"{name}/{term}"] = value.item()
+                loss = loss + weight * value
+        total = total + loss
+    return total, parts
+
+
+# ------------------------------------------------------------------------------------------- state on disk
+
+
+def _save_state(out: Path, family: Family, optimizer, epoch: int, history: list) -> None:
+    tensors = {f"model.{k}": v.contiguous() for k, v in family.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    with atomic_path(out / f"{STATE}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(out / f"{STATE}.json", {"epoch": epoch, "param_groups": opt["param_groups"], "history": history})
+
+
+def _load_state(out: Path, family: Family, optimizer) -> tuple[int, list]:
+    meta = json.loads((out / f"{STATE}.json").read_text())
+    tensors = load_file(str(out / f"{STATE}.safetensors"))
+    family.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["epoch"], meta["history"]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(config: Config, out: str | Path, resume: bool = False, progress: bool | None = None) -> dict:
+    """Train the family of `config` into directory `out`; return the manifest written there."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    train_cfg = config.train
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    split = load_split(config.data, config.load_size)
+    mean, std = channel_stats(split.train.images)
+    _seed_everything(train_cfg.seed, -1)
+    family = Family(config, len(split.train.class_names), mean, std)
+    optimizer = torch.optim.AdamW(family.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+    dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
+    batch_size = min(train_cfg.batch_size, len(dataset) // train_cfg.samples_per_class * train_cfg.samples_per_class)
+    sampler = MPerClassSampler(split.train.labels, train_cfg.samples_per_class, batch_size=batch_size,
+                               length_before_new_iter=len(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=train_cfg.workers, persistent_workers=train_cfg.workers > 0)
+    steps_per_epoch = len(loader)
+
+    done, history = 0, []
+    if resume and (out / f"{STATE}.json").exists():
+        done, history = _load_state(out, family, optimizer)
+        log.info("resuming %s after epoch %d", out, done)
+
+    started = time.time()
+    epoch = 0
+    for trained, epochs in _phases(config, family):
+        for name, member in family.members.items():
+            member.requires_grad_(name in trained)
+        if family.cloud_name not in trained:
+            family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
+        warmup = max(1, int(train_cfg.warmup_epochs * steps_per_epoch))
+        for phase_epoch in range(epochs):
+            epoch += 1
+            if epoch <= done:
+                continue
+            _seed_everything(train_cfg.seed, epoch)
+            family.train()
+            for name, member in family.members.items():
+                member.train(name in trained)
+            bar = tqdm(loader, desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
+                       disable=True if progress is False else None)
+            totals = []
+            for step, (images, labels) in enumerate(bar):
+                factor = _lr_factor(phase_epoch * steps_per_epoch + step, epochs * steps_per_epoch, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = train_cfg.lr * factor
+                loss, parts = family_loss(family, trained, images, labels, train_cfg.detach_cloud)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                totals.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            history.append({"epoch": epoch, "loss": float(np.mean(totals)), "seconds": round(time.time() - started, 1)})
+            log.info("epoch %d: loss %.4f", epoch, history[-1]["loss"])
+            _save_state(out, family, optimizer, epoch, history)
+
+    return write_family(config, out, family, split, history)
+
+
+def write_family(config: Config, out: Path, family: Family, split, history: list) -> dict:
+    """Write each member's checkpoint and the family manifest."""
+    fam = config.family
+    members, files = [], {}
+    for cfg in fam.members:
+        member = family.members[cfg.name]
+        path = out / "checkpoints" / f"{cfg.name}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in member.state_dict().items()}, str(tmp),
+                      metadata={"member": cfg.name, "family": fam.name})
+        files[cfg.name] = {"file": path.relative_to(out).as_posix(), "sha256": sha256_file(path)}
+    cloud_flops = count_flops(family.cloud)
+    for cfg in fam.members:
+        member = family.members[cfg.name]
+        flops = count_flops(member)
+        members.append({
+            "name": cfg.name, "role": cfg.role, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
+            "input_size": cfg.input_size, "dim": fam.embedding_dim,
+            "mean": member.mean.flatten().tolist(), "std": member.std.flatten().tolist(),
+            "params": count_params(member), "flops": flops, "flops_vs_cloud": round(flops / cloud_flops, 4),
+            "checkpoint": files[cfg.name],
+        })
+    manifest = {
+        "format": "hetero-family/1",
+        "family": fam.name, "version": fam.version, "embedding_dim": fam.embedding_dim,
+        "space_id": space_id(fam.name, fam.version, fam.embedding_dim, files[fam.cloud.name]["sha256"]),
+        "compat": config.train.compat, "mode": config.train.mode,
+        "members": members,
+        "data": {"train_images": len(split.train), "train_classes": len(split.train.class_names),
+                 "test_images": len(split.test), "test_classes": len(split.test.class_names),
+                 "skipped_images": split.skipped},
+        "training": {"epochs": history[-1]["epoch"] if history else 0, "history": history},
+        "artifacts": [],
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def load_member(run_dir: str | Path, manifest: dict, name: str) -> Embedder:
+    """Rebuild a trained member from its manifest entry and checkpoint (sha256 checked)."""
+    from hetero.manifest import ManifestError, check_file
+
+    entries = {m["name"]: m for m in manifest["members"]}
+    if name not in entries:
+        raise ManifestError(f"no member {name!r} in this family; members: {', '.join(entries)}")
+    entry = entries[name]
+    path = check_file(run_dir, entry["checkpoint"])
+    member = Embedder(entry["arch"], entry["width"], entry["depth"], entry["dim"], entry["input_size"],
+                      entry["mean"], entry["std"])
+    member.load_state_dict(load_file(str(path)))
+    return member.eval()
