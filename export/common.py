@@ -11,6 +11,13 @@ class ExportError(RuntimeError):
     """An export or runtime step that failed, with a message for people."""
 
 
+class RuntimeUnavailable(ExportError):
+    """The runtime cannot execute this artifact on this host (CoreML outside macOS, a missing package).
+
+    Verification reports the numeric checks as skipped with this reason, never as passed.
+    """
+
+
 class _ChannelsLastInput(torch.nn.Module):
     """Take NHWC images (as most mobile camera pipelines hand them over) and feed the NCHW member."""
 
