@@ -120,6 +120,47 @@ def _profiles(args) -> int:
     return 0
 
 
+def _gallery(args) -> int:
+    from hetero import gallery
+
+    if args.action == "build":
+        record = gallery.build_gallery(args.dir, args.images, args.out, member=args.member,
+                                       shard_size=args.shard_size, batch_size=args.batch_size,
+                                       workers=args.workers, index=args.index, overwrite=args.overwrite,
+                                       progress=not args.quiet)
+        from hetero import distributed
+
+        if distributed.is_main():
+            index = record["index"]
+            console.print(f"gallery of {record['rows']} images ({record['skipped']} unreadable skipped) embedded by "
+                          f"{record['member']} in space {record['space_id']}: {len(record['shards'])} shard(s), "
+                          f"{index['kind']} index in {args.out or Path(args.dir) / 'gallery'}")
+        return 0
+    location = args.gallery or Path(args.dir) / "gallery"
+    model = gallery.open_query_model(args.dir, member=args.member, artifact=args.artifact)
+    results = gallery.search_images(location, args.images, model, k=args.k, nprobe=args.nprobe)
+    if args.json:
+        from hetero.manifest import atomic_write_json
+
+        atomic_write_json(args.json, {"gallery": str(location), "query_model": model.label,
+                                      "space_id": model.space_id, "k": args.k, "queries": results})
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{len(results)} queries by {escape(model.label)} against {escape(str(location))}")
+    table.add_column("query")
+    table.add_column(f"top {args.k} (score)")
+    for item in results[: args.show]:
+        found = "skipped (unreadable)" if item.get("skipped") else ", ".join(
+            f"{r['name']} ({r['score']:.3f})" for r in item["results"])
+        table.add_row(escape(item["query"]), escape(found))
+    console.print(table)
+    if len(results) > args.show:
+        console.print(f"... {len(results) - args.show} more" + (f" in {args.json}" if args.json else
+                                                                " (use --json FILE for all)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero", description="Train, evaluate, export and verify compatible cloud-edge embedding families.")
@@ -176,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", help="profile name or path (for show)")
     p.set_defaults(handler=_profiles)
+
+    p = verbs.add_parser("gallery", help="embed a gallery with the cloud member, index and search it",
+                         description="`build` embeds a folder or zip of images into sharded files (resumable, "
+                                     "parallel under torchrun) and a FAISS index; `search` queries it with any "
+                                     "member or exported artifact of the same embedding space.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = actions.add_parser("build", help="embed images into a sharded, indexed gallery")
+    b.add_argument("dir", help="family directory written by `hetero train`")
+    b.add_argument("--images", required=True, help="folder or .zip of images (any format Pillow reads)")
+    b.add_argument("--out", help="gallery directory (default: DIR/gallery)")
+    b.add_argument("--member", help="member that embeds the gallery (default: the cloud member)")
+    b.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
+    b.add_argument("--batch-size", type=int, default=256, help="images per forward pass; divides --shard-size")
+    b.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
+    b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
+                   help="FAISS index: exact flat up to 100k images, IVF above (auto, the default)")
+    b.add_argument("--overwrite", action="store_true", help="discard an existing gallery in --out and start over")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = actions.add_parser("search", help="nearest gallery images of query images")
+    s.add_argument("dir", help="family directory (its members are the query models; its config the decoding)")
+    s.add_argument("--images", required=True, help="folder or .zip of query images")
+    s.add_argument("--gallery", help="gallery directory (default: DIR/gallery)")
+    who = s.add_mutually_exclusive_group()
+    who.add_argument("--member", help="member that embeds the queries (default: the cloud member)")
+    who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime")
+    s.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    s.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the gallery's own)")
+    s.add_argument("--show", type=int, default=20, help="queries to print (default 20)")
+    s.add_argument("--json", help="write every query's neighbours to this JSON file")
+    p.set_defaults(handler=_gallery)
     return parser
 
 

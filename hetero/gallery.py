@@ -1,0 +1,585 @@
+"""Galleries: embed a folder or zip of images with the cloud member into sharded files, index them with
+FAISS, and search them with any member of the family or any exported artifact of the same space.
+
+A gallery directory holds::
+
+    gallery.json                       space id, member, dim, source, plan, shards, index (written last)
+    shards/shard-00000.safetensors     float32 "embeddings" [rows, dim]; metadata "hetero": space id, member
+    shards/shard-00000.json            the names of its rows, unreadable images skipped, the tensor file's
+                                       sha256: the shard's "done" marker, written after the tensor file
+    index.faiss                        FAISS index over every row, rows numbered in shard order
+
+Embedding streams: images are listed once (names only), decoded in batches by DataLoader workers, and
+each shard is written as soon as it is full, so memory does not grow with the gallery (the FAISS index
+itself, built afterwards, holds the vectors).  A build that stops keeps its finished shards; the next
+build with the same plan skips them.  Under torchrun, rank r embeds shards r, r+N, ... and rank 0 builds
+the index.  Batches never cross a shard and shard_size is a multiple of batch_size, so the batches (and
+therefore every float) are the same however the build was split, interrupted or parallelised.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from hetero.manifest import ManifestError, atomic_path, atomic_write_json, read_manifest, sha256_file
+
+log = logging.getLogger("hetero.gallery")
+
+GALLERY = "gallery.json"
+FORMAT = "hetero-gallery/1"
+INDEX_FILE = "index.faiss"
+
+# Index choice by size (benchmarks/gallery_search.py measures it on 2 CPU cores, d=128): exact search over
+# 100k vectors still answers ~1,000 queries/s, so below that an approximate index buys nothing worth its
+# recall loss; at 1M exact search drops below ~150 queries/s while IVF-Flat with nlist ~ sqrt(N) and the
+# nprobe below keeps recall@1 >= 0.95 at more than 10x the speed.  HNSW is as accurate and faster to query
+# but its build (graph insertion) takes minutes per million vectors on 2 cores: chosen on request only.
+FLAT_MAX_ROWS = 100_000
+IVF_NPROBE = 16
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+
+
+class GalleryError(ManifestError):
+    """A gallery that cannot be built or searched as asked, with a message for people."""
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise GalleryError("gallery indexes need FAISS, which is not installed: pip install faiss-cpu "
+                           "(or faiss-gpu-cu12)") from None
+    return faiss
+
+
+class SpaceMismatch(GalleryError):
+    """A query model from another embedding space than the gallery's."""
+
+
+# -------------------------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    name: str  # stable, unique name: path below the folder, or [zip name/]path inside the zip
+    archive: str | None  # the zip that holds it, None for a plain file
+    member: str  # path of the file (plain) or of the member inside `archive`
+
+
+def _is_image(name: str) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return PurePosixPath(name).suffix.lower() in IMG_EXTENSIONS
+
+
+def list_images(root: str | Path) -> list[ImageEntry]:
+    """Every image (any file Pillow may read, by extension) below a folder, in a zip, or in zips in a folder.
+
+    Unlike training data, gallery images need no class folders; names are sorted, so the same files give
+    the same order (and the same shards) on every machine.  A folder with plain images ignores zips beside
+    them (an extracted copy wins), as the training reader does.
+    """
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".zip":
+        archives, prefix = [root], False
+    elif root.is_dir():
+        plain = [p for p in root.rglob("*") if p.is_file() and _is_image(p.name)]
+        if plain:
+            entries = [ImageEntry(p.relative_to(root).as_posix(), None, str(p)) for p in plain]
+            return sorted(entries, key=lambda e: e.name)
+        archives, prefix = sorted(root.glob("*.zip")), True
+    else:
+        raise GalleryError(f"--images {root}: no such folder or .zip file")
+    entries = []
+    for archive in archives:
+        try:
+            with zipfile.ZipFile(archive) as handle:
+                names = [i.filename for i in handle.infolist() if not i.is_dir() and _is_image(i.filename)]
+        except zipfile.BadZipFile as err:
+            raise GalleryError(f"{archive}: not a readable zip file ({err})") from None
+        entries += [ImageEntry(f"{archive.name}/{n}" if prefix else n, str(archive), n) for n in names]
+    if not entries:
+        raise GalleryError(f"--images {root}: found no image files (by extension) there")
+    return sorted(entries, key=lambda e: e.name)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decoded uint8 images (3 x size x size) of a listing; None for a file Pillow cannot read."""
+
+    def __init__(self, entries: list[ImageEntry], size: int):
+        self.entries, self.size = entries, size
+        self._zips: dict[str, zipfile.ZipFile] = {}  # per worker process, opened on first use
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read(self, entry: ImageEntry) -> bytes:
+        if entry.archive is None:
+            return Path(entry.member).read_bytes()
+        if entry.archive not in self._zips:
+            self._zips[entry.archive] = zipfile.ZipFile(entry.archive)
+        return self._zips[entry.archive].read(entry.member)
+
+    def __getitem__(self, index: int):
+        from PIL import UnidentifiedImageError
+
+        from hetero.data import _decode
+
+        entry = self.entries[index]
+        try:
+            pixels = torch.from_numpy(_decode(self._read(entry), self.size)).permute(2, 0, 1)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, zipfile.BadZipFile, KeyError) as err:
+            log.warning("skipping unreadable image %s: %s", entry.name, err)
+            return entry.name, None
+        return entry.name, pixels
+
+
+def _collate(items):
+    names = [name for name, pixels in items if pixels is not None]
+    skipped = [name for name, pixels in items if pixels is None]
+    pixels = [p for _, p in items if p is not None]
+    return names, skipped, (torch.stack(pixels) if pixels else None)
+
+
+class _ShardBatches(torch.utils.data.Sampler):
+    """Batches of listing positions for the given shards, in order; no batch crosses a shard."""
+
+    def __init__(self, shards: list[int], count: int, shard_size: int, batch_size: int):
+        self.shards, self.count, self.shard_size, self.batch_size = shards, count, shard_size, batch_size
+
+    def _ranges(self):
+        for shard in self.shards:
+            start, end = shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
+            for begin in range(start, end, self.batch_size):
+                yield list(range(begin, min(begin + self.batch_size, end)))
+
+    def __iter__(self):
+        return self._ranges()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._ranges())
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def _shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
+    stem = out / "shards" / f"shard-{shard:05d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _plan_id(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_done(out: Path, shard: int, plan_id: str) -> dict | None:
+    """The shard's record when its files are complete, belong to this plan and are intact; else None."""
+    tensor_path, record_path = _shard_paths(out, shard)
+    if not (tensor_path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("plan_id") != plan_id or record.get("sha256") != sha256_file(tensor_path):
+        return None
+    return record
+
+
+def _write_shard(out: Path, shard: int, plan: dict, plan_id: str, embeddings: torch.Tensor, names: list[str],
+                 skipped: list[str]) -> dict:
+    """Write one shard: the tensor file first, then its record (the "done" marker), both atomically."""
+    from safetensors.torch import save_file
+
+    tensor_path, record_path = _shard_paths(out, shard)
+    with atomic_path(tensor_path) as tmp:
+        save_file({"embeddings": embeddings.contiguous()}, str(tmp),
+                  # one metadata key: safetensors writes several in hash order, and shards should be bytewise
+                  # reproducible
+                  metadata={"hetero": json.dumps({"space_id": plan["space_id"], "member": plan["member"],
+                                                  "shard": shard, "plan_id": plan_id})})
+    record = {"shard": shard, "plan_id": plan_id, "file": tensor_path.name, "sha256": sha256_file(tensor_path),
+              "rows": len(names), "names": names, "skipped": skipped}
+    atomic_write_json(record_path, record)
+    return record
+
+
+def _family_member(family_dir: Path, manifest: dict, member: str | None) -> dict:
+    entries = {m["name"]: m for m in manifest["members"]}
+    if member is None:
+        return next(m for m in manifest["members"] if m["role"] == "cloud")
+    if member not in entries:
+        raise GalleryError(f"--member {member!r}: no such member in family {manifest['family']!r} "
+                           f"({family_dir}); members: {', '.join(entries)}")
+    return entries[member]
+
+
+def _load_size(family_dir: Path, entry: dict) -> int:
+    """The size images are decoded at before each member resizes them (as in training and evaluation)."""
+    config = family_dir / "config.yaml"
+    if config.is_file():
+        from hetero.config import load_config
+
+        return load_config(config).load_size
+    return entry["input_size"]
+
+
+def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
+    path = out / GALLERY
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("plan", {})
+    except json.JSONDecodeError as err:
+        raise GalleryError(f"{path}: not valid JSON ({err}); remove it or build with --overwrite") from None
+    differs = [f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in plan if old.get(k) != plan[k]]
+    if differs and not overwrite:
+        raise GalleryError(f"{path}: a gallery built with another plan is already here ({'; '.join(differs)}); "
+                           f"use --overwrite to replace it or choose another --out")
+
+
+def build_gallery(family_dir: str | Path, images: str | Path, out: str | Path | None = None, *,
+                  member: str | None = None, shard_size: int = 4096, batch_size: int = 256, workers: int = 0,
+                  index: str = "auto", overwrite: bool = False, progress: bool = False) -> dict:
+    """Embed every image under `images` with a member (the cloud by default) into a sharded gallery.
+
+    Finished shards of an earlier build with the same plan are kept; under torchrun the shards are split
+    over the ranks.  Returns the gallery record (also written to OUT/gallery.json; OUT defaults to
+    FAMILY_DIR/gallery).
+    """
+    from hetero import distributed
+    from hetero.train import load_member
+
+    family_dir = Path(family_dir)
+    out = Path(out) if out is not None else family_dir / "gallery"
+    if index not in INDEX_KINDS:
+        raise GalleryError(f"--index {index!r}: choose one of {', '.join(INDEX_KINDS)}")
+    if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
+        raise GalleryError(f"--shard-size {shard_size} must be a positive multiple of --batch-size {batch_size} "
+                           f"(batches never cross shards, so every build gives the same floats)")
+    manifest = read_manifest(family_dir)
+    entry = _family_member(family_dir, manifest, member)
+    entries = list_images(images)
+    listing = hashlib.sha256("\n".join(e.name for e in entries).encode()).hexdigest()
+    plan = {"space_id": manifest["space_id"], "member": entry["name"], "dim": entry["dim"],
+            "load_size": _load_size(family_dir, entry), "images": len(entries), "listing_sha256": listing,
+            "shard_size": shard_size, "batch_size": batch_size}
+    plan_id = _plan_id(plan)
+    _check_plan(out, plan, overwrite)
+    distributed.init_from_env()
+    if overwrite and distributed.is_main():  # start from scratch: no shard of an earlier build is reused
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        for name in (GALLERY, INDEX_FILE):
+            (out / name).unlink(missing_ok=True)
+    distributed.barrier()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+
+    shards = math.ceil(len(entries) / shard_size)
+    mine = list(distributed.shard_range(shards))
+    pending = [s for s in mine if _shard_done(out, s, plan_id) is None]
+    log.info("gallery %s: %d images, %d shards (%d mine, %d to embed)", out, len(entries), shards, len(mine),
+             len(pending))
+    started = time.perf_counter()
+    if pending:
+        device = distributed.device()
+        model = load_member(family_dir, manifest, entry["name"]).to(device)
+        _embed_shards(out, model, entries, pending, plan, plan_id, device, workers, progress)
+    seconds = time.perf_counter() - started
+    distributed.barrier()
+    record = None
+    if distributed.is_main():
+        record = _finish(out, plan, plan_id, shards, index, str(Path(images)), seconds)
+    distributed.barrier()
+    return record if record is not None else json.loads((out / GALLERY).read_text())
+
+
+def _embed_shards(out: Path, model, entries: list[ImageEntry], pending: list[int], plan: dict, plan_id: str,
+                  device: torch.device, workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from hetero.models import resize_to
+
+    shard_size, batch_size = plan["shard_size"], plan["batch_size"]
+    sampler = _ShardBatches(pending, len(entries), shard_size, batch_size)
+    loader = torch.utils.data.DataLoader(_ImageFiles(entries, plan["load_size"]), batch_sampler=sampler,
+                                         num_workers=workers, collate_fn=_collate)
+    order = iter(pending)
+    shard = next(order)
+    end = min((shard + 1) * shard_size, len(entries))
+    chunks, names, skipped, seen = [], [], [], shard * shard_size
+    bar = tqdm(total=sum(min((s + 1) * shard_size, len(entries)) - s * shard_size for s in pending),
+               desc=f"embedding {out.name}", unit="img", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for batch_names, batch_skipped, pixels in loader:
+            if pixels is not None:
+                images = pixels.to(device).float().div(255.0)
+                chunks.append(model(resize_to(images, model.input_size)).float().cpu())
+            names += batch_names
+            skipped += batch_skipped
+            seen += len(batch_names) + len(batch_skipped)
+            bar.update(len(batch_names) + len(batch_skipped))
+            if seen == end:
+                embeddings = torch.cat(chunks) if chunks else torch.zeros(0, plan["dim"])
+                _write_shard(out, shard, plan, plan_id, embeddings, names, skipped)
+                shard = next(order, None)
+                if shard is not None:
+                    end = min((shard + 1) * shard_size, len(entries))
+                    chunks, names, skipped, seen = [], [], [], shard * shard_size
+    bar.close()
+
+
+def _finish(out: Path, plan: dict, plan_id: str, shards: int, index: str, source: str, seconds: float) -> dict:
+    """Check every shard, build the FAISS index and write gallery.json (rank 0)."""
+    records = []
+    for shard in range(shards):
+        record = _shard_done(out, shard, plan_id)
+        if record is None:
+            raise GalleryError(f"{_shard_paths(out, shard)[0]}: shard {shard} is missing or incomplete after the "
+                               f"build; run the build again to finish it")
+        records.append({k: record[k] for k in ("file", "sha256", "rows")} | {"skipped": len(record["skipped"])})
+    rows = sum(r["rows"] for r in records)
+    if rows == 0:
+        raise GalleryError(f"--images {source}: none of the {plan['images']} images could be read")
+    kind = choose_index(rows) if index == "auto" else index
+    index_record = _build_index(out, records, plan["dim"], kind)
+    gallery = {"format": FORMAT, "space_id": plan["space_id"], "member": plan["member"], "dim": plan["dim"],
+               "rows": rows, "skipped": sum(r["skipped"] for r in records), "source": source, "plan": plan,
+               "plan_id": plan_id, "shards": records, "index": index_record,
+               "embed_seconds_last_run": round(seconds, 2)}
+    atomic_write_json(out / GALLERY, gallery)
+    return gallery
+
+
+def choose_index(rows: int) -> str:
+    """flat (exact) up to FLAT_MAX_ROWS rows, IVF-Flat above (see the note at FLAT_MAX_ROWS)."""
+    return "flat" if rows <= FLAT_MAX_ROWS else "ivf"
+
+
+def ivf_lists(rows: int) -> int:
+    """nlist ~ sqrt(rows), a power of two: ~1k vectors per list at 1M rows."""
+    return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(rows)))))
+
+
+def iter_shards(out: Path, records: list[dict]):
+    """(first row, float32 embeddings) of each shard in order, one shard in memory at a time."""
+    from safetensors.numpy import load_file
+
+    start = 0
+    for record in records:
+        path = out / "shards" / record["file"]
+        yield start, load_file(str(path))["embeddings"]
+        start += record["rows"]
+
+
+def make_index(kind: str, dim: int, rows: int, sample_fn=None):
+    """An empty FAISS inner-product index of `kind` for `rows` vectors (IVF trained on `sample_fn()`)."""
+    faiss = _faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index, {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+    if kind == "ivf":
+        nlist = ivf_lists(rows)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234
+        index.train(np.ascontiguousarray(sample_fn(min(rows, 64 * nlist)), dtype=np.float32))
+        index.nprobe = min(IVF_NPROBE, nlist)
+        return index, {"nlist": nlist, "nprobe": index.nprobe}
+    raise GalleryError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS[1:])}")
+
+
+def _sample_rows(out: Path, records: list[dict], count: int) -> np.ndarray:
+    """`count` rows spread evenly over the gallery, read shard by shard (IVF's training sample)."""
+    total = sum(r["rows"] for r in records)
+    wanted = np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
+    parts = []
+    for start, embeddings in iter_shards(out, records):
+        local = wanted[(wanted >= start) & (wanted < start + len(embeddings))] - start
+        parts.append(embeddings[local])
+    return np.concatenate(parts)
+
+
+def _build_index(out: Path, records: list[dict], dim: int, kind: str) -> dict:
+    faiss = _faiss()
+    rows = sum(r["rows"] for r in records)
+    started = time.perf_counter()
+    index, params = make_index(kind, dim, rows, lambda count: _sample_rows(out, records, count))
+    for _, embeddings in iter_shards(out, records):
+        if len(embeddings):
+            index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    return {"kind": kind, "file": INDEX_FILE, "sha256": sha256_file(out / INDEX_FILE), "rows": rows, **params,
+            "build_seconds": round(time.perf_counter() - started, 2)}
+
+
+# -------------------------------------------------------------------------------------------- searching
+
+
+class Gallery:
+    """A built gallery: its record, the FAISS index (loaded on first search) and row -> image name."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / GALLERY
+        if not path.is_file():
+            raise GalleryError(f"{path}: no gallery here; build one with `hetero gallery build`")
+        try:
+            self.record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise GalleryError(f"{path}: not valid JSON ({err})") from None
+        if self.record.get("format") != FORMAT:
+            raise GalleryError(f"{path}: format {self.record.get('format')!r} is not {FORMAT!r}")
+        self.space_id, self.dim, self.rows = self.record["space_id"], self.record["dim"], self.record["rows"]
+        self._starts = list(np.cumsum([0] + [s["rows"] for s in self.record["shards"]])[:-1])
+        self._names: dict[int, list[str]] = {}
+        self._index = None
+
+    def check_space(self, query_space: str | None, query: str) -> None:
+        """Refuse queries embedded in another space (or by a model that does not say which)."""
+        if query_space != self.space_id:
+            raise SpaceMismatch(f"{query} embeds into space {query_space!r} but the gallery {self.directory} was "
+                                f"embedded in space {self.space_id!r} (member {self.record['member']!r}); "
+                                f"their vectors are not comparable. Query with a model of that family or "
+                                f"rebuild the gallery with this one.")
+
+    @property
+    def index(self):
+        if self._index is None:
+            faiss = _faiss()
+            entry = self.record["index"]
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise GalleryError(f"{path}: the gallery's index file is missing; rebuild the gallery")
+            actual = sha256_file(path)
+            if actual != entry["sha256"]:
+                raise GalleryError(f"{path}: sha256 {actual} does not match gallery.json's {entry['sha256']}")
+            self._index = faiss.read_index(str(path))
+        return self._index
+
+    def search(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each queries x k, best first; rows are -1 where fewer than k items exist."""
+        self.check_space(query_space, query)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise GalleryError(f"queries have shape {tuple(queries.shape)}; the gallery needs (n, {self.dim})")
+        index = self.index
+        if nprobe is not None and hasattr(index, "nprobe"):
+            index.nprobe = nprobe
+        if ef_search is not None and hasattr(index, "hnsw"):
+            index.hnsw.efSearch = ef_search
+        return index.search(queries, k)
+
+    def name(self, row: int) -> str:
+        shard = bisect.bisect_right(self._starts, row) - 1
+        if shard not in self._names:
+            record_file = self.directory / "shards" / Path(self.record["shards"][shard]["file"]).with_suffix(".json")
+            self._names[shard] = json.loads(record_file.read_text())["names"]
+        return self._names[shard][row - self._starts[shard]]
+
+    def embeddings(self) -> np.ndarray:
+        """Every row in order (for tests and small galleries: this one is not streamed)."""
+        return np.concatenate([e for _, e in iter_shards(self.directory, self.record["shards"])])
+
+    def names(self) -> list[str]:
+        return [self.name(row) for row in range(self.rows)]
+
+
+@dataclass
+class QueryModel:
+    """Anything that embeds query images: a torch member or an exported artifact's runtime."""
+
+    label: str
+    space_id: str | None
+    input_size: int
+    load_size: int
+    encode: object  # callable: float32 NCHW images in [0, 1] at input_size -> unit vectors (numpy)
+
+
+def open_query_model(family_dir: str | Path | None = None, member: str | None = None,
+                     artifact: str | Path | None = None) -> QueryModel:
+    """A torch member of the family in `family_dir` (the cloud by default), or an exported artifact file."""
+    if artifact is not None:
+        return _artifact_model(Path(artifact), Path(family_dir) if family_dir else None)
+    if family_dir is None:
+        raise GalleryError("a query model needs a family directory (for --member) or --artifact FILE")
+    from hetero.train import load_member
+
+    family_dir = Path(family_dir)
+    manifest = read_manifest(family_dir)
+    entry = _family_member(family_dir, manifest, member)
+    model = load_member(family_dir, manifest, entry["name"])
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+
+    return QueryModel(f"member {entry['name']!r} of {family_dir}", manifest["space_id"], entry["input_size"],
+                      _load_size(family_dir, entry), encode)
+
+
+def _artifact_model(path: Path, family_dir: Path | None) -> QueryModel:
+    from hetero.export import FORMATS, open_runtime
+    from hetero.profiles import FORMAT_SUFFIX, load_profile
+
+    if not path.exists():
+        raise GalleryError(f"--artifact {path}: no such file")
+    format_, runtime_name = None, None
+    if family_dir is not None and (family_dir / "manifest.json").is_file():
+        for artifact in read_manifest(family_dir).get("artifacts", []):
+            if (family_dir / artifact["file"]).resolve() == path.resolve():
+                format_, runtime_name = artifact["format"], load_profile(artifact["profile"]).verify.runtime
+    if format_ is None:
+        by_suffix = {suffix: fmt for fmt, suffix in FORMAT_SUFFIX.items()}
+        format_ = by_suffix.get(path.suffix)
+        if format_ not in FORMATS:
+            raise GalleryError(f"--artifact {path}: cannot tell its format from suffix {path.suffix!r}; "
+                               f"runtimes available for: {', '.join(FORMAT_SUFFIX[f] for f in FORMATS)}")
+        runtime_name = next(iter(FORMATS[format_][2]))
+    runtime = open_runtime(path, format_, runtime_name)
+    meta = runtime.metadata
+    load_size = meta["input_size"]
+    if family_dir is not None and (family_dir / "config.yaml").is_file():
+        load_size = _load_size(family_dir, meta)
+    return QueryModel(f"artifact {path} ({meta.get('member')}, {runtime.name})", meta.get("space_id"),
+                      meta["input_size"], load_size, runtime.embed)
+
+
+def search_images(gallery: Gallery | str | Path, images: str | Path, model: QueryModel, k: int = 5,
+                  batch_size: int = 64, nprobe: int | None = None) -> list[dict]:
+    """Embed every image under `images` with `model` and return its k nearest gallery items."""
+    from hetero.models import resize_to
+
+    gallery = gallery if isinstance(gallery, Gallery) else Gallery(gallery)
+    gallery.check_space(model.space_id, model.label)  # before any image is read
+    entries = list_images(images)
+    dataset = _ImageFiles(entries, model.load_size)
+    results = []
+    for begin in range(0, len(entries), batch_size):
+        names, skipped, pixels = _collate([dataset[i] for i in range(begin, min(begin + batch_size, len(entries)))])
+        results += [{"query": name, "skipped": True, "results": []} for name in skipped]
+        if pixels is None:
+            continue
+        images_ = resize_to(pixels.float().div(255.0), model.input_size).numpy()
+        scores, rows = gallery.search(model.encode(images_), k, model.space_id, model.label, nprobe=nprobe)
+        for name, row_scores, row_ids in zip(names, scores, rows):
+            results.append({"query": name, "results": [
+                {"name": gallery.name(int(r)), "row": int(r), "score": float(s)}
+                for s, r in zip(row_scores, row_ids) if r >= 0]})
+    return results
