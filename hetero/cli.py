@@ -74,18 +74,55 @@ def _export_edges(run_dir: Path, profiles: list[str]) -> None:
 
 
 def _verify(args) -> int:
-    from hetero.verify import format_verify, verify
+    from hetero.verify import format_summary, format_verify, verify, write_junit
 
-    report = verify(args.dir, profile=args.profile, max_images=args.images)
-    console.print(format_verify(report))
+    images = getattr(args, "images", None)
+    runs = getattr(args, "latency_runs", None) or 30
+    strict = getattr(args, "strict", False)
+    bundle = getattr(args, "bundle", None)
+    if args.dir is None and bundle is None:
+        console.print("error: give a family DIR, or --bundle FILE to verify a bundle", style="bold red")
+        return 2
+    if args.dir is None:  # verify a bundle written by `hetero verify DIR --bundle FILE`
+        from hetero.bundle import verify_bundle
+
+        report = verify_bundle(bundle, latency_runs=runs, strict=strict, json_out=getattr(args, "json", None))
+        where = report["json"]
+    else:
+        report = verify(args.dir, profile=args.profile, max_images=images, latency_runs=runs, strict=strict,
+                        bundle=bundle)
+        where = f"{args.dir}/verify.json"
+    from rich.console import Console
+
+    wide = console if console.is_terminal else Console(width=160)  # CI logs: do not squeeze tables to 80
+    wide.print(format_verify(report))
+    if report["artifacts"]:
+        wide.print(format_summary(report))
+    if getattr(args, "junit", None):
+        write_junit(report, args.junit)
+        console.print(f"JUnit XML: {args.junit}")
+    if getattr(args, "report", None):
+        from hetero.report import write_report
+
+        console.print(f"report: {write_report(report, args.report)}")
+    if args.dir is not None and bundle:
+        console.print(f"bundle for another machine (`hetero verify --bundle {bundle}`): {bundle}")
     if not report["artifacts"]:
         console.print("[bold red]no exported artifacts to verify[/]: run `hetero export` first")
         return 1
-    failed = [f"{a['member']}@{a['profile']}" for a in report["artifacts"] if not a["passed"]]
+    counts = report["counts"]
+    failed = [f"{a['member']}@{a['profile']} ({a['runtime']})" for a in report["artifacts"] if not a["passed"]]
     if failed:
-        console.print(f"[bold red]verification failed[/] for {', '.join(failed)} (details in {args.dir}/verify.json)")
+        console.print(f"[bold red]verification failed[/] for {', '.join(failed)} (details in {where})")
         return 1
-    console.print(f"[green]all {len(report['artifacts'])} artifact(s) verified[/]")
+    if counts["skip"]:
+        skipped = sorted({c["detail"] for a in report["artifacts"] for c in a["checks"] if c["status"] == "skip"})
+        console.print(f"[yellow]{counts['skip']} check(s) skipped, not passed[/]: " + "; ".join(skipped[:5]),
+                      markup=True, highlight=False)
+        if strict:
+            console.print("[bold red]--strict: skipped checks fail the verification[/]")
+            return 1
+    console.print(f"[green]all {counts['pass']} run check(s) of {len(report['artifacts'])} artifact(s) passed[/]")
     return 0
 
 
@@ -205,11 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("verify", help="check exported files in their runtimes",
                          description="Run every exported artifact in its runtime on real held-out images: identity, "
-                                     "parity with the torch member, retrieval against the cloud gallery. Exit "
-                                     "status 0 only when every check passes.")
-    p.add_argument("dir", help="family directory with exported artifacts")
-    p.add_argument("--profile", help="verify only the artifacts of this profile")
+                                     "structure, parity with the torch member, retrieval against the cloud gallery "
+                                     "and budgets (size, params, FLOPs, latency). Exit status 0 only when no check "
+                                     "fails (with --strict: and none is skipped). `hetero verify DIR --bundle F` "
+                                     "also writes a self-contained bundle; `hetero verify --bundle F` checks one "
+                                     "(e.g. on a Mac, for CoreML).")
+    p.add_argument("dir", nargs="?", help="family directory with exported artifacts (omit to verify --bundle)")
+    p.add_argument("--profile", help="verify only the artifacts of this profile (name, or a .yaml whose budgets "
+                                     "and tolerances then apply)")
     p.add_argument("--images", type=int, help="number of held-out queries to use (default: export.verify_images)")
+    p.add_argument("--bundle", metavar="ZIP", help="with DIR: write a verification bundle; alone: verify it")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per check")
+    p.add_argument("--report", metavar="FILE", help="write a report with plots (.html, or .md with PNGs beside)")
+    p.add_argument("--json", metavar="FILE", help="bundle mode: where to write the JSON report "
+                                                  "(default: beside the bundle)")
+    p.add_argument("--latency-runs", type=int, default=30, help="batch-1 runs for the latency median (default 30)")
+    p.add_argument("--strict", action="store_true", help="skipped checks (runtime unavailable here) also fail")
     p.set_defaults(handler=_verify)
 
     p = verbs.add_parser("profiles", help="list or show device profiles",
