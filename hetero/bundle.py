@@ -74,6 +74,7 @@ def write_bundle(reference, path: str | Path, report: dict | None = None) -> Pat
                     if source.is_dir() else []  # a missing artifact stays missing: verify reports it
                 for item in files:
                     archive.write(item, "artifacts/" + item.relative_to(reference.root).as_posix())
+    path.chmod(0o644)  # mkstemp made it private; a bundle is meant to be handed on
     return path
 
 
@@ -131,13 +132,13 @@ def open_bundle(path: str | Path):
 
 
 def verify_bundle(path: str | Path, latency_runs: int = 30, strict: bool = False,
-                  json_out: str | Path | None = None) -> dict:
+                  json_out: str | Path | None = None, all_runtimes: bool = False) -> dict:
     """Run every check from a bundle; write the report beside it (`<name>.verify.json`) or at `json_out`."""
     from hetero.verify import run_checks
 
     path = Path(path)
     with open_bundle(path) as reference:
-        report = run_checks(reference, latency_runs, strict)
+        report = run_checks(reference, latency_runs, strict, all_runtimes)
         with zipfile.ZipFile(path) as archive:
             report["bundle_expected"] = json.loads(archive.read(BUNDLE_JSON)).get("expected", [])
     out = Path(json_out) if json_out else path.with_name(path.stem + ".verify.json")

@@ -86,11 +86,12 @@ def _verify(args) -> int:
     if args.dir is None:  # verify a bundle written by `hetero verify DIR --bundle FILE`
         from hetero.bundle import verify_bundle
 
-        report = verify_bundle(bundle, latency_runs=runs, strict=strict, json_out=getattr(args, "json", None))
+        report = verify_bundle(bundle, latency_runs=runs, strict=strict, json_out=getattr(args, "json", None),
+                               all_runtimes=getattr(args, "all_runtimes", False))
         where = report["json"]
     else:
         report = verify(args.dir, profile=args.profile, max_images=images, latency_runs=runs, strict=strict,
-                        bundle=bundle)
+                        bundle=bundle, all_runtimes=getattr(args, "all_runtimes", False))
         where = f"{args.dir}/verify.json"
     from rich.console import Console
 
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: beside the bundle)")
     p.add_argument("--latency-runs", type=int, default=30, help="batch-1 runs for the latency median (default 30)")
     p.add_argument("--strict", action="store_true", help="skipped checks (runtime unavailable here) also fail")
+    p.add_argument("--all-runtimes", action="store_true", help="also run each artifact in every other installed "
+                                                               "runtime of its format (e.g. tflite_runtime)")
     p.set_defaults(handler=_verify)
 
     p = verbs.add_parser("profiles", help="list or show device profiles",

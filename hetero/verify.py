@@ -20,6 +20,7 @@ gallery) comes from a family directory or from a self-contained bundle (:mod:`he
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import platform
@@ -111,11 +112,15 @@ def _subset(index: torch.Tensor, count: int) -> torch.Tensor:
     return index[torch.linspace(0, len(index) - 1, count).round().long()]
 
 
+_CACHE: dict = {}
+
+
 def reference_from_dir(run_dir: str | Path, profile: str | None = None, max_images: int | None = None,
                        override=None) -> Reference:
     """Load a family directory and embed the held-out images with each needed torch member once."""
     from hetero.config import load_config
     from hetero.data import load_split
+    from hetero.manifest import check_file
     from hetero.train import load_member
 
     run_dir = Path(run_dir)
@@ -124,29 +129,40 @@ def reference_from_dir(run_dir: str | Path, profile: str | None = None, max_imag
     artifacts = [a for a in manifest.get("artifacts", []) if wanted in (None, a["profile"])]
     members = {m["name"]: m for m in manifest["members"]}
     cloud = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
-    config = load_config(run_dir / "config.yaml")
-    split = load_split(config.data, config.load_size)
-    queries = _subset(split.query_index, max_images or config.export.verify_images)
-    labels = split.test.labels
-    query_images = split.test.images[queries]
-    gallery_images = split.test.images[split.gallery_index].float() / 255.0
     needed = sorted({a["member"] for a in artifacts if a["member"] in members} | {cloud})
-    torch_queries, torch_gallery = {}, {}
-    for name in needed:  # each torch member embeds the queries and the gallery exactly once
-        model = load_member(run_dir, manifest, name)
-        torch_queries[name] = embed(model, query_images.float() / 255.0)
-        torch_gallery[name] = embed(model, gallery_images)
-    query_labels, gallery_labels = labels[queries], labels[split.gallery_index]
-    figures = {name: {"vs_cloud": retrieval_metrics(torch_queries[name], query_labels, torch_gallery[cloud],
-                                                    gallery_labels),
-                      "vs_self": retrieval_metrics(torch_queries[name], query_labels, torch_gallery[name],
-                                                   gallery_labels)}
-               for name in needed}
+    # Checkpoints are checked against the manifest every time; the embeddings they give are reused within a
+    # process for the same checkpoints, data config and query count (repeated verifies, tests, the plugin).
+    for name in needed:
+        check_file(run_dir, members[name]["checkpoint"])  # raises on a missing or tampered checkpoint
+    sums = tuple((name, members[name]["checkpoint"]["sha256"]) for name in needed)
+    key = ((run_dir / "config.yaml").read_text(), sums, max_images)
+    if key not in _CACHE:
+        config = load_config(run_dir / "config.yaml")
+        split = load_split(config.data, config.load_size)
+        queries = _subset(split.query_index, max_images or config.export.verify_images)
+        labels = split.test.labels
+        query_images = split.test.images[queries]
+        gallery_images = split.test.images[split.gallery_index].float() / 255.0
+        torch_queries, torch_gallery = {}, {}
+        for name in needed:  # each torch member embeds the queries and the gallery exactly once
+            model = load_member(run_dir, manifest, name)
+            torch_queries[name] = embed(model, query_images.float() / 255.0)
+            torch_gallery[name] = embed(model, gallery_images)
+        query_labels, gallery_labels = labels[queries], labels[split.gallery_index]
+        figures = {name: {"vs_cloud": retrieval_metrics(torch_queries[name], query_labels, torch_gallery[cloud],
+                                                        gallery_labels),
+                          "vs_self": retrieval_metrics(torch_queries[name], query_labels, torch_gallery[name],
+                                                       gallery_labels)}
+                   for name in needed}
+        _CACHE.clear()  # one family at a time: bounded memory
+        _CACHE[key] = (query_images, query_labels, torch_gallery[cloud], gallery_labels, torch_queries, figures)
+    query_images, query_labels, gallery, gallery_labels, torch_queries, figures = _CACHE[key]
+    figures = copy.deepcopy(figures)
     return Reference(
         source=str(run_dir), root=run_dir, family=manifest["family"], space_id=manifest["space_id"],
         gallery_space_id=manifest["space_id"], cloud=cloud, members=members, artifacts=artifacts,
-        query_images=query_images, query_labels=query_labels, gallery=torch_gallery[cloud],
-        gallery_labels=gallery_labels, torch_queries=torch_queries, torch_figures=figures,
+        query_images=query_images, query_labels=query_labels, gallery=gallery,
+        gallery_labels=gallery_labels, torch_queries=dict(torch_queries), torch_figures=figures,
         profiles={override.name: override} if override is not None else {},
     )
 
@@ -158,11 +174,10 @@ def artifact_sha256(path: Path) -> str:
     """sha256 of a file, or of a directory artifact (.mlpackage) the way the manifest records it."""
     if path.is_file():
         return sha256_file(path)
-    from hetero import manifest as manifest_module
+    from hetero.export import common
 
-    for helper in ("sha256_path", "sha256_tree", "sha256_dir"):  # the exporter's own tree hash, if any
-        if hasattr(manifest_module, helper):
-            return getattr(manifest_module, helper)(path)
+    if hasattr(common, "sha256_path"):  # the exporters' own directory hash (the manifest records that one)
+        return common.sha256_path(path)
     import hashlib
 
     digest = hashlib.sha256()
@@ -354,6 +369,18 @@ def verify_artifact(reference: Reference, artifact: dict, runtime_name: str | No
                                        f"{type(err).__name__}: {str(err).strip()[:300]}")
         result.skip_rest("not run: artifact cannot be opened")
         return result
+    if runtime is not None:  # some adapters only find out on the first run that they cannot execute here
+        from hetero.export.common import RuntimeUnavailable
+
+        try:
+            size = int(runtime.metadata.get("input_size", 0)) or reference.members.get(
+                artifact["member"], {}).get("input_size", 32)
+            probe = runtime.embed(resize_to(reference.query_floats()[:1], size).numpy())
+            del probe
+        except RuntimeUnavailable as err:
+            runtime, unavailable = None, str(err)
+        except Exception:
+            pass  # a real failure: the structure check reports it with its reason
     if runtime is None and extra_runtime:
         return None
     facts = None
@@ -533,8 +560,12 @@ def _static_budgets(result: ArtifactResult, entry: dict, profile, file_bytes: in
 
 
 def run_checks(reference: Reference, latency_runs: int = DEFAULT_LATENCY_RUNS, strict: bool = False,
-               all_runtimes: bool = True) -> dict:
-    """Verify every artifact of `reference` (with every available runtime of its format) into a report."""
+               all_runtimes: bool = False) -> dict:
+    """Verify every artifact of `reference` with its profile's runtime into a report.
+
+    With `all_runtimes`, also with every other runtime registered for the format that is installed here
+    (e.g. tflite_runtime beside LiteRT: older on-device runtimes are a real compatibility risk).
+    """
     started = time.perf_counter()
     results, notes = [], []
     for artifact in reference.artifacts:
@@ -559,6 +590,18 @@ def run_checks(reference: Reference, latency_runs: int = DEFAULT_LATENCY_RUNS, s
     return build_report(reference, results, notes, strict, time.perf_counter() - started)
 
 
+def host_description() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
+
+
 def build_report(reference: Reference, results: list[ArtifactResult], notes: list[str], strict: bool,
                  seconds: float) -> dict:
     counts = {s: sum(c.status == s for r in results for c in r.checks) for s in ("pass", "fail", "skip")}
@@ -567,7 +610,7 @@ def build_report(reference: Reference, results: list[ArtifactResult], notes: lis
         "source": reference.source, "family": reference.family, "space_id": reference.space_id,
         "gallery_space_id": reference.gallery_space_id, "cloud": reference.cloud,
         "queries": len(reference.query_labels), "gallery": len(reference.gallery_labels),
-        "host": f"{platform.system()} {platform.machine()} ({platform.processor() or 'cpu'})",
+        "host": host_description(),
         "strict": strict, "passed": passed, "counts": counts, "seconds": round(seconds, 2),
         "notes": notes,
         "artifacts": [{**asdict(r), "passed": r.passed} for r in results],
@@ -576,7 +619,7 @@ def build_report(reference: Reference, results: list[ArtifactResult], notes: lis
 
 def verify(run_dir: str | Path, profile: str | None = None, max_images: int | None = None,
            latency_runs: int = DEFAULT_LATENCY_RUNS, strict: bool = False, write: bool = True,
-           bundle: str | Path | None = None) -> dict:
+           bundle: str | Path | None = None, all_runtimes: bool = False) -> dict:
     """Verify every artifact in the manifest (or those of one profile); write DIR/verify.json.
 
     With `bundle`, also write a self-contained bundle there (:mod:`hetero.bundle`) to verify elsewhere.
@@ -591,7 +634,7 @@ def verify(run_dir: str | Path, profile: str | None = None, max_images: int | No
 
         override = load_profile(profile)
     reference = reference_from_dir(run_dir, profile, max_images, override)
-    report = run_checks(reference, latency_runs, strict)
+    report = run_checks(reference, latency_runs, strict, all_runtimes)
     report["seconds"] = round(time.perf_counter() - started, 2)
     if write:
         atomic_write_json(Path(run_dir) / "verify.json", report)

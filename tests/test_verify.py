@@ -315,7 +315,8 @@ def _coreml_mlpackage(family: Path) -> Path:
     from hetero.verify import artifact_bytes, artifact_sha256
 
     manifest["artifacts"].append({"member": "edge-a", "profile": profile.name, "format": "coreml",
-                                  "precision": "fp16", "layout": "NCHW", "file": f"exports/{profile.name}/edge-a.mlpackage",
+                                  "precision": "fp16", "layout": "NCHW",
+                                  "file": f"exports/{profile.name}/edge-a.mlpackage",
                                   "sha256": artifact_sha256(path), "bytes": artifact_bytes(path)})
     write_manifest(family, manifest)
     return path
@@ -359,3 +360,52 @@ def test_coreml_on_linux_checks_structure_and_skips_numerics(family, tmp_path):
     problems = structure_problems(facts, {"input_size": 32, "embedding_dim": 32}, "fp32", "NCHW")
     assert problems and "FLOAT16" in problems[0] and "'fp32'" in problems[0]
     assert structure_problems(facts, {"input_size": 24, "embedding_dim": 32}, "fp16", "NCHW")
+
+
+def test_structure_fails_when_the_file_disagrees_with_the_contract(family):
+    from hetero.verify import verify
+
+    def wrong_dim(proto):
+        prop = next(p for p in proto.metadata_props if p.key == "hetero")
+        prop.value = json.dumps({**json.loads(prop.value), "embedding_dim": 99})
+
+    rewrite_onnx(family, "edge-a", wrong_dim)
+    checks = by_member(verify(family, latency_runs=RUNS))
+    assert checks["edge-a"]["identity"]["status"] == "pass"
+    assert checks["edge-a"]["structure"]["status"] == "fail"
+    assert "embedding_dim 99 != gallery dimension 32" in checks["edge-a"]["structure"]["detail"]
+    assert {checks["edge-a"][n]["status"] for n in ("parity", "retrieval", "budget_latency")} == {"skip"}
+    assert_all_pass(checks["edge-b"])
+
+
+def test_retrieval_fails_on_a_top1_drop_and_a_broken_bct_criterion(family):
+    """The runtime's top-1 is held to the torch member's figure (here raised as if torch were much better)."""
+    from hetero.verify import reference_from_dir, run_checks
+
+    reference = reference_from_dir(family)
+    runtime_top1 = reference.torch_figures["edge-a"]["vs_cloud"]["top1"]  # fp32 ONNX reproduces torch exactly
+    reference.torch_figures["edge-a"]["vs_cloud"]["top1"] = runtime_top1 + 0.3
+    reference.torch_figures["edge-a"]["vs_self"]["top1"] = runtime_top1 + 0.1
+    checks = by_member(run_checks(reference, latency_runs=RUNS))
+    retrieval = checks["edge-a"]["retrieval"]
+    assert retrieval["status"] == "fail"
+    assert retrieval["values"]["top1_drop"] == pytest.approx(0.3)
+    assert "top-1 drop +0.3000 exceeds the allowed 0.005" in retrieval["detail"]
+    assert "BCT criterion broken" in retrieval["detail"]
+    assert checks["edge-a"]["parity"]["status"] == "pass"
+    assert_all_pass(checks["edge-b"])
+
+
+def test_all_runtimes_verifies_each_installed_runtime_of_the_format(family, monkeypatch):
+    import hetero.export
+    from hetero.verify import verify
+
+    module, exporter, adapters, extra = hetero.export.FORMATS["onnx"]
+    monkeypatch.setitem(hetero.export.FORMATS, "onnx",
+                        (module, exporter, {**adapters, "second-runtime": "OnnxRuntimeAdapter"}, extra))
+    assert len(verify(family, latency_runs=RUNS)["artifacts"]) == 2  # default: the profile's runtime only
+    report = verify(family, latency_runs=RUNS, all_runtimes=True)
+    assert sorted((a["member"], a["runtime"]) for a in report["artifacts"]) == [
+        ("edge-a", "onnxruntime"), ("edge-a", "second-runtime"), ("edge-b", "onnxruntime"),
+        ("edge-b", "second-runtime")]
+    assert report["passed"]

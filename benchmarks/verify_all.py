@@ -1,0 +1,93 @@
+"""Benchmark: full `hetero verify` of every artifact of a family, and the per-profile figures.
+
+    python benchmarks/verify_all.py runs/quickstart [--export-all] [--latency-runs 30] [--json out.json]
+
+Prints the wall time of the whole verification (torch reference embeddings + every artifact in every
+available runtime; target: under 2 minutes for all profiles on the reference 2-core CPU) and a Markdown
+table per artifact: min/mean cosine to torch, top-1 via the runtime and via torch against the cloud
+gallery, top-1 agreement, batch-1 latency and file size.  --export-all first exports every edge member for
+every built-in profile whose budgets it fits (export failures are listed, not fatal).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def export_all(run_dir: Path) -> list[str]:
+    from hetero.export import export_member
+    from hetero.manifest import read_manifest
+    from hetero.profiles import all_profiles
+
+    problems = []
+    edges = [m["name"] for m in read_manifest(run_dir)["members"] if m["role"] == "edge"]
+    for profile in all_profiles():
+        for edge in edges:
+            try:
+                export_member(run_dir, edge, profile)
+            except Exception as err:  # a profile whose format is not available, a member over budget
+                problems.append(f"{edge}@{profile.name}: {str(err).splitlines()[0][:160]}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="family directory with exported artifacts")
+    parser.add_argument("--export-all", action="store_true", help="export every edge member for every profile first")
+    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--images", type=int, help="held-out queries (default: the config's export.verify_images)")
+    parser.add_argument("--json", help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    import torch  # noqa: F401  (import time is part of what a user waits for, but reported apart)
+
+    from hetero.verify import reference_from_dir, run_checks, summary_rows
+
+    imported = time.perf_counter() - started
+    run_dir = Path(args.dir)
+    problems = export_all(run_dir) if args.export_all else []
+    t0 = time.perf_counter()
+    reference = reference_from_dir(run_dir, max_images=args.images)
+    t1 = time.perf_counter()
+    report = run_checks(reference, latency_runs=args.latency_runs)
+    t2 = time.perf_counter()
+    rows = summary_rows(report)
+    profiles = sorted({r["profile"] for r in rows})
+    print(f"family {report['family']} ({run_dir}): {len(rows)} artifact run(s) over {len(profiles)} profile(s), "
+          f"{report['queries']} held-out queries vs {report['gallery']} gallery images, host {report['host']}")
+    print(f"verify time: {t2 - t0:.1f} s total = {t1 - t0:.1f} s reference (data + torch members, once) + "
+          f"{t2 - t1:.1f} s checks ({args.latency_runs} latency runs each); imports {imported:.1f} s")
+    print(f"checks: {report['counts']}; passed: {report['passed']}")
+    print()
+    print("| profile | member | runtime | precision | min cos | mean cos | top-1 | torch top-1 | agreement | "
+          "latency ms | size MB | status |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+
+    def f(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        status = r["status"] + (f" ({', '.join(r['skipped'])} skipped)" if r["skipped"] else "")
+        print(f"| {r['profile']} | {r['member']} | {r['runtime']} | {r['precision']} | {f(r['min_cosine'], '.6f')} | "
+              f"{f(r['mean_cosine'], '.6f')} | {f(r['top1'], '.3f')} | {f(r['torch_top1'], '.3f')} | "
+              f"{f(r['agreement'], '.1%')} | {f(r['latency_ms'], '.2f')} | {f(r['size_mb'], '.2f')} | {status} |")
+    for a in report["artifacts"]:
+        for c in a["checks"]:
+            if c["status"] == "fail":
+                print(f"FAIL {a['member']}@{a['profile']} ({a['runtime']}) {c['name']}: {c['detail']}")
+    for line in problems + report["notes"]:
+        print(f"note: {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "family": report["family"], "verify_seconds": t2 - t0, "reference_seconds": t1 - t0,
+            "checks_seconds": t2 - t1, "import_seconds": imported, "rows": rows, "counts": report["counts"],
+            "export_problems": problems, "host": report["host"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
