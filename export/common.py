@@ -61,3 +61,67 @@ class RuntimeAdapter:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             out.append(np.asarray(self.run(chunk), dtype=np.float32)[: self.batch - pad])
         return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------- artifact files
+
+
+def sha256_path(path) -> str:
+    """sha256 of a file, or of a directory artifact (.mlpackage): sorted relative paths plus file hashes.
+
+    The directory form is deterministic (independent of file system order and timestamps) and matches what
+    `hetero verify` recomputes.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from hetero.manifest import sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + sha256_file(item).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def path_bytes(path) -> int:
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def parity(adapter: "RuntimeAdapter", model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Min and mean cosine between an exported artifact (through its runtime) and the torch member."""
+    with torch.no_grad():
+        reference = model.eval()(images).numpy()
+    cosine = cosine_rows(adapter.embed(images.numpy()), reference)
+    return {"images": len(images), "min_cosine": round(float(cosine.min()), 6),
+            "mean_cosine": round(float(cosine.mean()), 6)}
+
+
+def example_input(profile, size: int) -> torch.Tensor:
+    """One example batch in the profile's layout (for tracing and export)."""
+    example = torch.rand(max(1, profile.batch), 3, size, size)
+    return example.permute(0, 2, 3, 1).contiguous() if profile.layout == "NHWC" else example
+
+
+def graph_for(model: torch.nn.Module, profile) -> torch.nn.Module:
+    """The member as the device sees it: NHWC input when the profile says so."""
+    return (make_inputs_nhwc(model) if profile.layout == "NHWC" else model).eval()
+
+
+def need_calibration(images, profile) -> torch.Tensor:
+    if images is None or len(images) == 0:
+        raise ExportError(f"profile {profile.name!r} ({profile.format} {profile.precision}) needs calibration "
+                          f"images; export through `export_member`, which takes them from the training split")
+    return images

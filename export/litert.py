@@ -1,0 +1,211 @@
+"""LiteRT (.tflite) export with litert-torch, quantisation with ai-edge-quantizer, and the LiteRT adapter.
+
+One float conversion per member and input shape (it takes 5-25 s; the fp16/int8 variants are derived from
+it in well under a second, so it is cached for the process).  Precisions:
+
+- fp32: the converted float model;
+- fp16: float16 weights (float casting), float32 compute and I/O;
+- int8-weights: int8 weights (per channel), dequantised to float before each op;
+- int8-dynamic: int8 weights, activations quantised at run time (dynamic range);
+- int8: static int8 backbone (Conv/Add/Pool, activations calibrated on real training images) with float32
+  input and output and a float embedding head; when its cosine to the torch member on the calibration
+  images is below the profile's tolerance, int8 weights only instead (recorded in the metadata).
+
+Metadata lives in the flatbuffer's own `metadata` table under the key "hetero" (JSON).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, example_input, graph_for,
+                                  need_calibration, parity)
+
+SIGNATURE = "serving_default"
+# Ops of the backbone that static int8 quantises; the input normalisation and the embedding head
+# (FULLY_CONNECTED, batch norm, L2 normalisation) stay float, as in the ONNX exporter.
+STATIC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+_FLOAT_CACHE: dict[tuple, bytes] = {}
+
+
+def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
+    """Write `model` as a .tflite file at `path` with its metadata embedded; return what was done."""
+    if profile.batch == 0:
+        raise ExportError(f"profile {profile.name!r}: LiteRT needs a fixed batch size (litert-torch cannot "
+                          f"export a dynamic batch); set batch: 1 (or another fixed size) in the profile")
+    float_model = _float_tflite(model, profile, metadata["input_size"])
+    precision = profile.precision
+    if precision == "fp32":
+        data, quantization = float_model, {"scheme": "none"}
+    elif precision == "fp16":
+        data, quantization = _fp16(float_model)
+    elif precision == "int8-weights":
+        data, quantization = _weight_only(float_model)
+    elif precision == "int8-dynamic":
+        data, quantization = _dynamic(float_model)
+    else:
+        data, quantization = _int8(model, float_model, profile, metadata, need_calibration(calibration, profile))
+    Path(path).write_bytes(with_metadata(data, {**metadata, "quantization": quantization}))
+    return {"quantization": quantization}
+
+
+def _float_tflite(model: torch.nn.Module, profile, size: int) -> bytes:
+    import litert_torch
+
+    state = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    key = (state.hexdigest(), size, profile.layout, profile.batch)
+    if key not in _FLOAT_CACHE:
+        converted = litert_torch.convert(graph_for(model, profile), (example_input(profile, size),))
+        _FLOAT_CACHE[key] = bytes(converted.model_content())
+    return _FLOAT_CACHE[key]
+
+
+def _quantize(float_model: bytes, recipe, calibration_data=None) -> bytes:
+    from ai_edge_quantizer import quantizer
+
+    q = quantizer.Quantizer(bytearray(float_model), recipe)
+    # The quantizer prints size reports and progress bars to stdout; keep the CLI's output readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = q.calibrate(calibration_data) if calibration_data is not None else None
+        return bytes(q.quantize(result).quantized_model)
+
+
+def _fp16(float_model: bytes):
+    from ai_edge_quantizer import qtyping, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    manager = recipe_manager.RecipeManager()
+    manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                   num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    return _quantize(float_model, manager.get_quantization_recipe()), {
+        "scheme": "fp16", "weights": "float16", "activations": "float32", "io": "float32"}
+
+
+def _weight_only(float_model: bytes):
+    from ai_edge_quantizer import recipe
+
+    return _quantize(float_model, recipe.weight_only_wi8_afp32()), {
+        "scheme": "int8-weights", "weights": "int8 per-channel (dequantised before each op)",
+        "activations": "float32", "io": "float32"}
+
+
+def _dynamic(float_model: bytes):
+    from ai_edge_quantizer import recipe
+
+    return _quantize(float_model, recipe.dynamic_wi8_afp32()), {
+        "scheme": "int8-dynamic", "weights": "int8 per-channel",
+        "activations": "int8, quantised at run time per batch", "io": "float32"}
+
+
+def _static(float_model: bytes, calibration: torch.Tensor, profile):
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import qtyping, recipe_manager
+
+    present = {op["op_name"] for op in Interpreter(model_content=float_model)._get_ops_details()}
+    ops = [op for op in STATIC_OPS if op in present and op in qtyping.TFLOperationName.__members__]
+    manager = recipe_manager.RecipeManager()
+    for op in ops:
+        manager.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName[op],
+                                  activation_num_bits=8, weight_num_bits=8)
+    input_name = Interpreter(model_content=float_model).get_signature_list()[SIGNATURE]["inputs"][0]
+    images = calibration.numpy().astype(np.float32)
+    if profile.layout == "NHWC":
+        images = images.transpose(0, 2, 3, 1)
+    step = profile.batch
+    samples = [{input_name: np.ascontiguousarray(images[i:i + step])}
+               for i in range(0, len(images) - step + 1, step)]
+    data = _quantize(float_model, manager.get_quantization_recipe(), {SIGNATURE: samples})
+    return data, {"scheme": "static-int8", "weights": "int8 per-channel", "activations": "int8, MinMax calibration",
+                  "io": "float32", "quantized_ops": ops, "calibration_images": len(samples) * step,
+                  "calibration_source": "training split (no test classes)"}
+
+
+def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch.Tensor):
+    data, quantization = _static(float_model, calibration, profile)
+    check = parity(LiteRTAdapter(None, metadata, content=data), model, calibration)
+    if check["min_cosine"] >= profile.tolerances.min_cosine:
+        return data, {**quantization, "calibration_parity": check}
+    data, fallback = _weight_only(float_model)
+    return data, {**fallback, "calibration_parity": parity(LiteRTAdapter(None, metadata, content=data), model,
+                                                           calibration),
+                  "fallback_from": quantization["scheme"],
+                  "fallback_reason": f"static int8 min cosine {check['min_cosine']:.4f} on {check['images']} "
+                                     f"calibration images < tolerance {profile.tolerances.min_cosine}"}
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+def with_metadata(model: bytes, metadata: dict) -> bytes:
+    """The flatbuffer with a `metadata` entry "hetero" holding the JSON (replacing an older one)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    tree = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    tree.metadata = [m for m in (tree.metadata or []) if m.name not in (METADATA_KEY, METADATA_KEY.encode())]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    tree.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_KEY
+    entry.buffer = len(tree.buffers) - 1
+    tree.metadata.append(entry)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
+def read_tflite_metadata(path_or_bytes) -> dict:
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, (str, Path)) else path_or_bytes
+    model = schema.Model.GetRootAs(bytearray(data), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == METADATA_KEY:
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    raise ExportError(f"{path_or_bytes if isinstance(path_or_bytes, (str, Path)) else 'model'}: no "
+                      f"'{METADATA_KEY}' entry in the .tflite metadata")
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+
+class LiteRTAdapter(RuntimeAdapter):
+    """ai_edge_litert Interpreter; fixed batch (the file's input shape); quantised I/O handled if present."""
+
+    name = "litert"
+
+    def __init__(self, path: Path | None, metadata: dict | None = None, content: bytes | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path) if path is not None else None
+        self.metadata = metadata if metadata is not None else read_tflite_metadata(self.path)
+        self.interpreter = (Interpreter(model_content=content) if content is not None
+                            else Interpreter(model_path=str(self.path)))
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = int(self.input["shape"][0])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], _to_dtype(batch, self.input))
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self.output["index"])
+        scale, zero = self.output["quantization"]
+        return (out.astype(np.float32) - zero) * scale if scale else out
+
+
+def _to_dtype(batch: np.ndarray, detail: dict) -> np.ndarray:
+    """Quantise float images for a full-integer input (scale and zero point from the file)."""
+    if detail["dtype"] == np.float32:
+        return batch
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(batch / scale + zero), info.min, info.max).astype(detail["dtype"])
