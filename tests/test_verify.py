@@ -409,3 +409,45 @@ def test_all_runtimes_verifies_each_installed_runtime_of_the_format(family, monk
         ("edge-a", "onnxruntime"), ("edge-a", "second-runtime"), ("edge-b", "onnxruntime"),
         ("edge-b", "second-runtime")]
     assert report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile_name", ["android-litert-fp16", "android-executorch-fp32", "iphone-coreml-fp16"])
+def test_other_formats_verify_through_their_adapters(family, profile_name):
+    """Each registered format: numeric checks pass where its runtime runs; CoreML on Linux skips them."""
+    import platform
+
+    import hetero.export
+    from hetero.export.common import ExportError
+    from hetero.profiles import builtin_profile_files, load_profile
+    from hetero.verify import NUMERIC, verify
+
+    if profile_name not in builtin_profile_files():
+        pytest.skip(f"profile {profile_name} is not built in yet")
+    profile = load_profile(profile_name)
+    if profile.format not in hetero.export.FORMATS:
+        pytest.skip(f"no exporter registered for {profile.format} yet")
+    pytest.importorskip(hetero.export.FORMATS[profile.format][0])
+    try:
+        hetero.export.export_member(family, "edge-b", profile)
+    except ExportError as err:
+        if "not installed" in str(err):
+            pytest.skip(str(err))
+        raise
+    report = verify(family, profile=profile_name, latency_runs=RUNS)
+    checks = by_member(report)["edge-b"]
+    host_bound = profile.verify.host == "macos" and platform.system() != "Darwin"
+    for name, check in checks.items():
+        expected = "skip" if host_bound and name in NUMERIC else "pass"
+        assert check["status"] == expected, (name, check["detail"])
+    if not host_bound:
+        assert checks["parity"]["values"]["min_cosine"] >= profile.tolerances.min_cosine
+
+    # the same verdicts from a bundle (a .mlpackage directory included), without the family directory
+    from hetero.bundle import verify_bundle
+
+    bundle = family.parent / f"{profile_name}.zip"
+    verify(family, profile=profile_name, latency_runs=RUNS, bundle=bundle)
+    shutil.rmtree(family)
+    replayed = by_member(verify_bundle(bundle, latency_runs=RUNS))["edge-b"]
+    assert {n: c["status"] for n, c in replayed.items()} == {n: c["status"] for n, c in checks.items()}
