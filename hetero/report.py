@@ -57,14 +57,14 @@ def plots(report: dict) -> dict[str, bytes]:
         out["cosine"] = _figure_png(fig)
 
     rows = summary_rows(report)
-    labels = [f"{r['member']}@{r['profile']}\n({r['runtime']})" for r in rows]
+    labels = [f"{r['profile']}\n{r['member']} ({r['runtime']})" for r in rows]
     top1 = [(label, r) for label, r in zip(labels, rows) if r["top1"] is not None]
     if top1:
         fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(top1)), 3.4))
         x = np.arange(len(top1))
         ax.bar(x - 0.2, [r["torch_top1"] for _, r in top1], 0.4, label="torch member", color="#999999")
         ax.bar(x + 0.2, [r["top1"] for _, r in top1], 0.4, label="via runtime", color="#3b7dd8")
-        ax.set_xticks(x, [label for label, _ in top1], fontsize=7)
+        ax.set_xticks(x, [label for label, _ in top1], fontsize=7, rotation=35, ha="right")
         ax.set_ylabel(f"top-1 vs {report.get('cloud', 'cloud')} gallery")
         ax.set_title("Retrieval against the cloud gallery: runtime vs torch")
         ax.legend(fontsize=8)
@@ -82,7 +82,7 @@ def plots(report: dict) -> dict[str, bytes]:
             if target is not None:
                 ax.hlines(target, i - 0.35, i + 0.35, colors="#d83b3b", linestyles="--",
                           label="profile target" if i == 0 else None)
-        ax.set_xticks(x, [label for label, _, _ in latency], fontsize=7)
+        ax.set_xticks(x, [label for label, _, _ in latency], fontsize=7, rotation=35, ha="right")
         ax.set_ylabel("ms (this CPU)")
         ax.set_yscale("log")
         ax.set_title("Latency, median of N batch-1 runs")
