@@ -72,7 +72,7 @@ class Split:
 def _decode(data: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)
 
 
 def _image_sources(root: Path):
@@ -117,7 +117,7 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False) 
 
     images, labels, names, skipped = [], [], [], []
     class_ids: dict[str, int] = {}
-    for key in tqdm(sorted(by_key), desc=f"reading {root.name}", unit="img", leave=False):
+    for key in tqdm(sorted(by_key), desc=f"reading {root.name}", unit="img", leave=False, disable=None):
         rel, reader = by_key[key]
         try:
             pixels = _decode(reader(), size)

@@ -3,7 +3,7 @@
 `query` holds one member's unit embeddings (an edge member's, for the cross-model terms), `reference`
 the embeddings it must be compatible with (the cloud member's, of the same images in the same order), and
 `labels` the class of each row.  Pair-based pieces come from pytorch-metric-learning, whose losses already
-separate query embeddings from reference embeddings.
+separate query embeddings from reference embeddings (the classifiers come from there).
 """
 from __future__ import annotations
 
@@ -32,14 +32,22 @@ class SharedClassifier(nn.Module):
 
 
 class CrossContrastive(nn.Module):
-    """Supervised contrastive loss of edge queries against cloud references (same class = positive)."""
+    """Supervised contrastive loss of edge queries against cloud references (same class = positive).
+
+    For each query, every reference of its class (its own image's cloud embedding included) is a positive
+    and all references form the denominator, as in SupCon with the anchors and contrasts from two models.
+    (pytorch-metric-learning 2.9's SupConLoss with ``ref_emb`` did not give this value on a hand-computed
+    case, see tests/test_losses_metrics.py, so it is written out here.)
+    """
 
     def __init__(self, temperature: float = 0.1):
         super().__init__()
-        self.loss = pml.SupConLoss(temperature=temperature)
+        self.temperature = temperature
 
     def forward(self, query, reference, labels):
-        return self.loss(query, labels, ref_emb=reference, ref_labels=labels)
+        log_prob = F.log_softmax(query @ reference.T / self.temperature, dim=1)
+        positives = (labels[:, None] == labels[None, :]).float()
+        return (-(log_prob * positives).sum(dim=1) / positives.sum(dim=1)).mean()
 
 
 class CosineRegression(nn.Module):

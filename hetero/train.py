@@ -148,11 +148,16 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
 
     dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
     batch_size = min(train_cfg.batch_size, len(dataset) // train_cfg.samples_per_class * train_cfg.samples_per_class)
-    sampler = MPerClassSampler(split.train.labels, train_cfg.samples_per_class, batch_size=batch_size,
-                               length_before_new_iter=len(dataset))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=train_cfg.workers, persistent_workers=train_cfg.workers > 0)
-    steps_per_epoch = len(loader)
+
+    def epoch_loader():
+        # A new sampler per epoch: MPerClassSampler reshuffles its own state in place, which would make a
+        # resumed run draw other batches than an uninterrupted one.
+        sampler = MPerClassSampler(split.train.labels, train_cfg.samples_per_class, batch_size=batch_size,
+                                   length_before_new_iter=len(dataset))
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                           num_workers=train_cfg.workers)
+
+    steps_per_epoch = len(epoch_loader())
 
     done, history = 0, []
     if resume and (out / f"{STATE}.json").exists():
@@ -175,7 +180,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             family.train()
             for name, member in family.members.items():
                 member.train(name in trained)
-            bar = tqdm(loader, desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
+            bar = tqdm(epoch_loader(), desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
                        disable=True if progress is False else None)
             totals = []
             for step, (images, labels) in enumerate(bar):

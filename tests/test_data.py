@@ -1,0 +1,96 @@
+"""Datasets: open-set splits, readers for folders and zips, unreadable files skipped and counted."""
+from __future__ import annotations
+
+import logging
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetero.config import DataConfig
+from hetero.data import DataError, load_split, procedural_glyphs, read_image_tree, split_open_set
+from tests.conftest import OMNIGLOT
+
+
+def write_folder(root, classes=6, per_class=4, size=20, mode="L", groups=("a", "b")):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / groups[c % len(groups)] / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size, size) if mode == "L" else (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(folder / f"{i:02d}.png")
+    return root
+
+
+def test_procedural_glyphs_are_deterministic_and_distinct():
+    first, second = procedural_glyphs(6, 3, 32, seed=1), procedural_glyphs(6, 3, 32, seed=1)
+    assert torch.equal(first.images, second.images)
+    assert first.images.shape == (18, 3, 32, 32) and first.images.dtype == torch.uint8
+    other = procedural_glyphs(6, 3, 32, seed=2)
+    assert not torch.equal(first.images, other.images)
+    # samples of one identity differ from each other (a new hand each time)
+    assert not torch.equal(first.images[0], first.images[1])
+
+
+def test_open_set_split_has_no_class_overlap_and_every_query_has_gallery_items():
+    data = procedural_glyphs(20, 6, 24, seed=0)
+    split = split_open_set(data, None, 0.3, seed=0)
+    train_names, test_names = set(split.train.class_names), set(split.test.class_names)
+    assert not train_names & test_names
+    assert len(test_names) == 6 and len(train_names) == 14
+    assert not set(split.query_index.tolist()) & set(split.gallery_index.tolist())
+    gallery_classes = set(split.test.labels[split.gallery_index].tolist())
+    assert set(split.test.labels[split.query_index].tolist()) <= gallery_classes
+    assert len(split.query_index) + len(split.gallery_index) == len(split.test)
+
+
+def test_grayscale_folder_groups_and_unreadable_files(tmp_path, caplog):
+    root = write_folder(tmp_path / "set")
+    corrupt = root / "a" / "class0" / "99.png"
+    corrupt.write_bytes(b"not an image at all")
+    with caplog.at_level(logging.WARNING, logger="hetero.data"):
+        split = load_split(DataConfig(source="imagefolder", path=str(root), test_groups=["b"]), 16)
+    assert split.skipped == [f"{root}/a/class0/99.png"]
+    assert "99.png" in caplog.text
+    assert split.train.images.shape[1:] == (3, 16, 16)  # grayscale read as RGB at the load size
+    assert all(name.startswith("a/") for name in split.train.class_names)
+    assert all(name.startswith("b/") for name in split.test.class_names)
+    assert len(split.train) == 3 * 4  # the corrupt file is not counted
+
+
+def test_zip_and_extracted_folder_read_the_same(tmp_path):
+    root = write_folder(tmp_path / "set", mode="RGB")
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(root.rglob("*.png")):
+            handle.write(path, path.relative_to(root).as_posix())
+    from_folder, from_zip = read_image_tree(root, 16), read_image_tree(archive, 16)
+    assert from_folder.class_names == from_zip.class_names
+    assert torch.equal(from_folder.images, from_zip.images)
+
+
+def test_bad_paths_and_groups_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(DataConfig(source="imagefolder", path=str(tmp_path / "missing")), 16)
+    root = write_folder(tmp_path / "set")
+    with pytest.raises(DataError, match="test_groups: zzz not found; available groups: a, b"):
+        load_split(DataConfig(source="imagefolder", path=str(root), test_groups=["zzz"]), 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="found no images"):
+        load_split(DataConfig(source="imagefolder", path=str(tmp_path / "empty")), 16)
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason="../shared/data/omniglot not present")
+def test_omniglot_standard_open_set_split():
+    split = load_split(DataConfig(source="omniglot", path=str(OMNIGLOT)), 28)
+    assert (len(split.train.class_names), len(split.train)) == (136, 2720)
+    assert (len(split.test.class_names), len(split.test)) == (106, 2120)
+    test_alphabets = {c.split("/")[0] for c in split.test.class_names}
+    assert test_alphabets == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+    # drawers 1-10 are the gallery, 11-20 the queries
+    drawers = lambda rows: {int(split.test.names[r].rsplit("_", 1)[1][:2]) for r in rows.tolist()}  # noqa: E731
+    assert drawers(split.gallery_index) == set(range(1, 11))
+    assert drawers(split.query_index) == set(range(11, 21))

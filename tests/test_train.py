@@ -1,0 +1,125 @@
+"""Joint training: determinism, resume, frozen members in sequential mode, and compatibility that works."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hetero.train as train_module
+from hetero.config import parse_config
+from hetero.data import load_split
+from hetero.manifest import read_manifest, sha256_file
+from hetero.train import Family, family_loss, train
+from tests.conftest import tiny_config
+
+FAST = {"epochs": 2}
+
+
+def small_config(**train):
+    data = tiny_config(**{**FAST, **train})
+    data["data"].update(num_classes=24, samples_per_class=6)
+    return parse_config(data, "tiny")
+
+
+def weights(run_dir, member):
+    return load_file(str(run_dir / "checkpoints" / f"{member}.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_same_seed_same_family(tmp_path):
+    first = train(small_config(), tmp_path / "a", progress=False)
+    second = train(small_config(), tmp_path / "b", progress=False)
+    assert first["space_id"] == second["space_id"]
+    for member in ("cloud", "edge-a", "edge-b"):
+        assert_same_weights(weights(tmp_path / "a", member), weights(tmp_path / "b", member))
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    train(small_config(), tmp_path / "straight", progress=False)
+
+    original = train_module._save_state
+
+    def crash_after_first_epoch(out, family, optimizer, epoch, history):
+        original(out, family, optimizer, epoch, history)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(), tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    monkeypatch.setattr(train_module, "_save_state", original)
+    manifest = train(small_config(), tmp_path / "resumed", resume=True, progress=False)
+    assert manifest["training"]["epochs"] == 2
+    for member in ("cloud", "edge-a", "edge-b"):
+        assert_same_weights(weights(tmp_path / "straight", member), weights(tmp_path / "resumed", member))
+
+
+def test_manifest_records_members_files_and_space(tmp_path):
+    manifest = train(small_config(), tmp_path, progress=False)
+    assert read_manifest(tmp_path) == manifest
+    members = {m["name"]: m for m in manifest["members"]}
+    assert members["cloud"]["flops_vs_cloud"] == 1.0
+    assert 0 < members["edge-a"]["flops"] < members["cloud"]["flops"]
+    assert members["edge-b"]["flops"] < members["edge-a"]["flops"]  # same width, smaller input
+    for member in members.values():
+        assert sha256_file(tmp_path / member["checkpoint"]["file"]) == member["checkpoint"]["sha256"]
+    assert manifest["space_id"].startswith("hs-")
+    # nothing is pickled: checkpoints are safetensors and the training state is safetensors + JSON
+    assert json.loads((tmp_path / "checkpoints" / "train_state.json").read_text())["epoch"] == 2
+
+
+def test_joint_loss_reaches_every_member_and_the_shared_head():
+    config = small_config()
+    family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    loss, parts = family_loss(family, list(family.members), images, labels, detach_cloud=True)
+    loss.backward()
+    assert {"edge-a/contrastive", "edge-a/relational", "cloud/cls"} <= parts.keys()
+    for name, param in family.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_sequential_mode_never_updates_the_frozen_cloud_or_head(tmp_path, monkeypatch):
+    snapshots = {}
+    original = train_module._save_state
+
+    def snapshot(out, family, optimizer, epoch, history):
+        snapshots[epoch] = {k: v.clone() for k, v in family.state_dict().items()}
+        original(out, family, optimizer, epoch, history)
+
+    monkeypatch.setattr(train_module, "_save_state", snapshot)
+    train(small_config(mode="sequential", epochs=1), tmp_path, progress=False)
+    after_cloud_phase, final = snapshots[1], snapshots[2]
+    for key in final:
+        if key.startswith(("members.cloud.", "heads.")):
+            assert torch.equal(after_cloud_phase[key], final[key]), key
+    changed = [k for k in final if k.startswith("members.edge-a.") and not torch.equal(after_cloud_phase[k], final[k])]
+    assert changed, "edge members must learn in the second phase"
+
+
+@pytest.mark.slow
+def test_compatibility_loss_makes_edge_queries_work_against_the_cloud_gallery(tmp_path, tiny_family_dir):
+    """Independent members are at chance against each other; the shared recipe is far above it."""
+    from hetero.evaluate import evaluate
+
+    train(parse_config(tiny_config(compat="none"), "tiny"), tmp_path, progress=False)
+    independent = evaluate(tmp_path)
+    joint = json.loads((tiny_family_dir / "report.json").read_text())
+    chance = joint["chance_top1"]
+    for edge in ("edge-a", "edge-b"):
+        assert independent["edges"][edge]["edge_vs_cloud_top1"] < 3 * chance
+        assert joint["edges"][edge]["edge_vs_cloud_top1"] > 6 * chance
+        assert joint["edges"][edge]["edge_vs_cloud_top1"] > independent["edges"][edge]["edge_vs_cloud_top1"] + 0.2
+
+
+def test_split_used_for_training_excludes_test_classes():
+    split = load_split(small_config().data, 32)
+    assert not set(split.train.class_names) & set(split.test.class_names)
