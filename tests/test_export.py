@@ -121,7 +121,7 @@ def test_int8_artifacts_record_scheme_and_calibration_on_training_images(exporte
         if name not in artifacts:
             continue
         quantization = artifacts[name]["quantization"]
-        assert quantization["scheme"] in ("static-int8-qdq", "static-int8", "int8-weights")
+        assert quantization["scheme"] in ("static-int8-qdq", "static-int8", "int8-dynamic", "int8-weights")
         assert quantization["calibration_parity"]["min_cosine"] >= load_profile(name).tolerances.min_cosine
         if quantization["scheme"].startswith("static"):
             assert quantization["calibration_images"] > 0
