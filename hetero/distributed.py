@@ -112,3 +112,110 @@ def shard_range(count: int, rank_: int | None = None, world: int | None = None) 
 def destroy() -> None:
     if is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------ exact data-parallel training
+# DDP averages gradients of per-rank losses.  That equals the gradient of one process on the global batch
+# only when every term of the loss is a mean over samples.  Two things in a family are not: BatchNorm
+# statistics (per local batch; torch's SyncBatchNorm refuses CPU tensors) and batch-wise cross-model terms
+# (pairs across the batch).  The helpers below make both see the global batch, on gloo as on nccl.
+
+
+def local_slice(*tensors: torch.Tensor):
+    """This rank's contiguous part of each tensor of a global batch (the batch must divide evenly)."""
+    world, me = world_size(), rank()
+    if world == 1:
+        return tensors if len(tensors) > 1 else tensors[0]
+    out = []
+    for tensor in tensors:
+        if len(tensor) % world:
+            raise ValueError(f"global batch of {len(tensor)} does not split evenly over {world} processes")
+        size = len(tensor) // world
+        out.append(tensor[me * size:(me + 1) * size])
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` in rank order; gradients flow back to each rank's own part.
+
+    A loss computed on the gathered batch identically on every rank, then averaged by DDP, has exactly the
+    gradient of that loss in one process (the all-gather's backward sums the W identical contributions).
+    """
+    if world_size() == 1:
+        return tensor
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # "deprecated" in 2.14 for a private replacement; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(tensor))
+
+
+def mean_across_ranks(value: float) -> float:
+    """The mean of a Python number over ranks (for logging the global loss on rank 0)."""
+    if world_size() == 1:
+        return float(value)
+    box = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(box)
+    return box.item() / world_size()
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all ranks), on CPU or GPU.
+
+    Alone (or in eval mode) it is a plain BatchNorm; with several ranks the per-channel sums are all-reduced
+    with autograd, so forward, backward and running statistics match one process on the whole batch.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(var.detach() * n / (n - 1), alpha=momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm1d/2d/3d in `module` by a GlobalBatchNorm with the same state (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child)
+    return module
+
+
+def wrap_ddp(module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when running with several ranks; `module` itself alone."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [local_rank()] if device().type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)

@@ -40,13 +40,14 @@ GALLERY = "gallery.json"
 FORMAT = "hetero-gallery/1"
 INDEX_FILE = "index.faiss"
 
-# Index choice by size (benchmarks/gallery_search.py measures it on 2 CPU cores, d=128): exact search over
-# 100k vectors still answers ~1,000 queries/s, so below that an approximate index buys nothing worth its
-# recall loss; at 1M exact search drops below ~150 queries/s while IVF-Flat with nlist ~ sqrt(N) and the
-# nprobe below keeps recall@1 >= 0.95 at more than 10x the speed.  HNSW is as accurate and faster to query
-# but its build (graph insertion) takes minutes per million vectors on 2 cores: chosen on request only.
+# Index choice by size, from benchmarks/gallery_search.py (d=128, 2 shared CPU cores): exact search over
+# 100k vectors answers ~500-800 queries/s (1-2 ms each), good enough that an approximate index is not worth
+# any recall loss below that; at 1M exact search falls to ~50-70 queries/s, while IVF-Flat with nlist ~
+# sqrt(N) (1024) and nprobe 32 kept recall@1 at 0.978 of exact at 11.5-15.7x the speed (nprobe 16: 0.941).
+# HNSW is as accurate, but its graph build took 79 s per 100k vectors here (~15 min per million): on
+# request only (--index hnsw).
 FLAT_MAX_ROWS = 100_000
-IVF_NPROBE = 16
+IVF_NPROBE = 32
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 
