@@ -13,7 +13,7 @@ processes hits every runtime alike:
 Latency is the median wall time of one batch-1 call; throughput is images/s of one batch-32 call (fixed-
 batch artifacts are called once per image, as a device would).  The int8 numbers here are speed only:
 accuracy of quantised artifacts is `hetero verify`'s job.  Threads: torch and onnxruntime both use
---threads (default: all cores).
+--threads (default 1).
 """
 from __future__ import annotations
 
@@ -109,7 +109,9 @@ def main(argv=None) -> None:
     source.add_argument("family", nargs="?", help="trained family directory")
     source.add_argument("--config", help="family config: time untrained members (no family directory needed)")
     parser.add_argument("--runs", type=int, default=15, help="timed calls per runtime and batch size (median)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and onnxruntime (default 1: on a shared 2-core host, 2-thread "
+                             "timings swung 5x with load from other processes)")
     parser.add_argument("--calibration", type=int, default=64, help="images to calibrate the int8 model on")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,7 +139,7 @@ def main(argv=None) -> None:
                     return model(torch.from_numpy(x)).numpy()
 
             runtimes = {"torch eager fp32": torch_eager, "onnxruntime fp32": _ort(fp32, args.threads),
-                        "onnxruntime int8 (QDQ static)": _ort(int8, args.threads)}
+                        "onnxruntime int8 QDQ static": _ort(int8, args.threads)}
             for artifact in manifest.get("artifacts", []):
                 if artifact["member"] != name:
                     continue
