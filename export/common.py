@@ -125,3 +125,17 @@ def need_calibration(images, profile) -> torch.Tensor:
         raise ExportError(f"profile {profile.name!r} ({profile.format} {profile.precision}) needs calibration "
                           f"images; export through `export_member`, which takes them from the training split")
     return images
+
+
+def split_calibration(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images to calibrate on, images to check parity on): alternate picks, so the check is not judged on
+    the very images whose ranges were fitted."""
+    if len(images) < 2:
+        return images, images
+    return images[0::2], images[1::2]
+
+
+def keeps_parity(check: dict, tolerance: float) -> bool:
+    """A quantisation scheme is kept only with half the profile's cosine budget to spare: the tail on
+    held-out classes is worse than on training images (seen: 0.994 on training images, 0.979 held out)."""
+    return check["min_cosine"] >= 1 - (1 - tolerance) / 2

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, example_input, graph_for,
-                                  need_calibration, parity)
+                                  keeps_parity, need_calibration, parity, split_calibration)
 
 SIGNATURE = "serving_default"
 # Ops of the backbone that static int8 quantises; the input normalisation and the embedding head
@@ -67,7 +67,7 @@ def _float_tflite(model: torch.nn.Module, profile, size: int) -> bytes:
     if key not in _FLOAT_CACHE:
         with contextlib.redirect_stdout(io.StringIO()):  # its progress log would drown the CLI's output
             converted = litert_torch.convert(graph_for(model, profile), (example_input(profile, size),))
-        _FLOAT_CACHE[key] = bytes(converted.model_content())
+            _FLOAT_CACHE[key] = bytes(converted.model_content())
     return _FLOAT_CACHE[key]
 
 
@@ -134,19 +134,21 @@ def _static(float_model: bytes, calibration: torch.Tensor, profile):
 def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch.Tensor):
     """The most integer scheme that keeps parity: static, else dynamic range, else weight-only int8."""
     tolerance, tried = profile.tolerances.min_cosine, []
-    candidates = [lambda: _static(float_model, calibration, profile), lambda: _dynamic(float_model),
+    fit, held = split_calibration(calibration)
+    candidates = [lambda: _static(float_model, fit, profile), lambda: _dynamic(float_model),
                   lambda: _weight_only(float_model)]
     for number, make in enumerate(candidates, 1):
         data, quantization = make()
-        check = parity(LiteRTAdapter(None, metadata, content=data), model, calibration)
-        if check["min_cosine"] >= tolerance or number == len(candidates):
+        check = parity(LiteRTAdapter(None, metadata, content=data), model, held)
+        if keeps_parity(check, tolerance) or number == len(candidates):
             break
         tried.append(f"{quantization['scheme']} min cosine {check['min_cosine']:.4f}")
-    quantization = {**quantization, "calibration_parity": check}
+    quantization = {**quantization, "parity_check": check}
     if tried:
         quantization.update(fallback_from=tried[0].split()[0],
-                            fallback_reason=f"{'; '.join(tried)} on {check['images']} calibration images < "
-                                            f"tolerance {tolerance}")
+                            fallback_reason=f"{'; '.join(tried)} on {check['images']} training images (not used "
+                                            f"for calibration) < {1 - (1 - tolerance) / 2:g} (half the margin of "
+                                            f"tolerance {tolerance})")
     return data, quantization
 
 

@@ -122,7 +122,7 @@ def test_int8_artifacts_record_scheme_and_calibration_on_training_images(exporte
             continue
         quantization = artifacts[name]["quantization"]
         assert quantization["scheme"] in ("static-int8-qdq", "static-int8", "int8-dynamic", "int8-weights")
-        assert quantization["calibration_parity"]["min_cosine"] >= load_profile(name).tolerances.min_cosine
+        assert quantization["parity_check"]["min_cosine"] >= load_profile(name).tolerances.min_cosine
         if quantization["scheme"].startswith("static"):
             assert quantization["calibration_images"] > 0
             assert "training split" in quantization["calibration_source"]
@@ -167,7 +167,7 @@ def test_onnx_int8_falls_back_to_weight_only_when_static_misses_the_tolerance(fa
     artifact = export_member(family_copy, MEMBER, profile)
     quantization = artifact["quantization"]
     assert quantization["scheme"] == "int8-weights"
-    assert quantization["fallback_from"] == "static-int8-qdq" and "0.9999999" in quantization["fallback_reason"]
+    assert quantization["fallback_from"] == "static-int8-qdq" and "tolerance 0.9999999" in quantization["fallback_reason"]
     metadata = open_runtime(family_copy / artifact["file"], "onnx", "onnxruntime").metadata
     assert metadata["quantization"]["scheme"] == "int8-weights"
     import onnx
