@@ -2,7 +2,8 @@
 
 int8 picks the scheme that keeps parity: static QDQ int8 (per-channel weights, activations calibrated on
 real training images) when its cosine to the torch member on other training images (not used for
-calibration) keeps half the profile's cosine margin, otherwise int8 weights only (dequantised to float before each Conv/Gemm/MatMul).  Per-channel static int8
+calibration) keeps half the profile's cosine margin, otherwise int8 weights only (dequantised to float
+before each Conv/Gemm/MatMul).  Per-channel static int8
 keeps cosine ~0.997 on ReLU residual CNNs but not on hard-swish/squeeze-excite blocks; weight-only is the
 safe fallback.  What was done is recorded in the file's metadata and in the manifest.
 """
