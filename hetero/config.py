@@ -158,6 +158,8 @@ class TrainConfig:
     scale: float = 32.0
     # Cross-model terms between each edge member (query) and the cloud member (reference), with weights.
     losses: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "relational": 1.0})
+    # Weight of each edge member's own classification loss; 0 trains edges by the cross-model terms alone.
+    edge_classification: float = 1.0
     detach_cloud: bool = True
     workers: int = 0
 

@@ -80,7 +80,7 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
-                detach_cloud: bool) -> tuple[torch.Tensor, dict[str, float]]:
+                detach_cloud: bool, edge_classification: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch for the members being trained; the cloud's embedding is computed once."""
     cloud_trained = family.cloud_name in trained
     with torch.set_grad_enabled(cloud_trained):
@@ -94,6 +94,7 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
         loss = family.head(name)(emb, None, labels)
         parts[f"{name}/cls"] = loss.item()
         if name != family.cloud_name:
+            loss = loss * edge_classification
             for term, (weight, fn) in family.cross.items():
                 value = fn(emb, reference, labels)
                 parts[f"{name}/{term}"] = value.item()
@@ -187,7 +188,8 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 factor = _lr_factor(phase_epoch * steps_per_epoch + step, epochs * steps_per_epoch, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * factor
-                loss, parts = family_loss(family, trained, images, labels, train_cfg.detach_cloud)
+                loss, parts = family_loss(family, trained, images, labels, train_cfg.detach_cloud,
+                                          train_cfg.edge_classification)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,0 +1,122 @@
+"""Compatibility quality of training recipes, side by side on the same data, seeds and epochs.
+
+Each row trains the family of a config with one change and evaluates it on the held-out classes:
+M[edge][cloud], M[edge][edge], M[cloud][cloud], the ratio to the paragon, BCT's criterion, FLOPs ratio and
+wall time.  Rows are named in ROWS; pick some with --rows (the default runs the default recipe and the
+independent baseline, which is what the README quotes).
+
+    python benchmarks/compat_quality.py                       # Omniglot, default recipe vs independent
+    python benchmarks/compat_quality.py --rows all --epochs 10
+    python benchmarks/compat_quality.py --config examples/quickstart.yaml --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hetero.config import load_config  # noqa: E402
+from hetero.evaluate import evaluate  # noqa: E402
+from hetero.train import train  # noqa: E402
+
+ROWS = {
+    "default": {},
+    "independent (compat: none)": {"train.compat": "none"},
+    "shared head only (BCT-style)": {"train.losses": {}},
+    "contrastive only": {"train.losses": {"contrastive": 5.0}},
+    "regression only": {"train.losses": {"regression": 5.0}},
+    "relational only": {"train.losses": {"relational": 5.0}},
+    "joint": {"train.mode": "joint"},
+    "sequential": {"train.mode": "sequential"},
+    "unmatched (mobilenet edges)": {"family.edge_arch": "mobilenet"},
+}
+
+
+def apply(config, change: dict, epochs: int | None, seed: int):
+    config = copy.deepcopy(config)
+    for key, value in change.items():
+        section, field = key.split(".")
+        if field == "edge_arch":
+            for member in config.family.edges:
+                member.arch = value
+        else:
+            setattr(getattr(config, section), field, value)
+    if epochs:
+        config.train.epochs = epochs
+    config.train.seed = seed
+    return config
+
+
+def run_row(config, out: Path) -> dict:
+    started = time.perf_counter()
+    train(config, out, progress=False)
+    report = evaluate(out)
+    seconds = time.perf_counter() - started
+    cloud = report["cloud"]
+    return {"cc": report["matrix"][cloud][cloud]["top1"], "edges": report["edges"], "seconds": seconds,
+            "chance": report["chance_top1"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "examples" / "omniglot.yaml"))
+    parser.add_argument("--rows", nargs="+", default=["default", "independent (compat: none)"],
+                        help=f"row names, or 'all': {', '.join(ROWS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for the default row")
+    parser.add_argument("--epochs", type=int, help="override the config's epochs for every row")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    base = load_config(args.config)
+    names = list(ROWS) if args.rows == ["all"] else args.rows
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            seeds = args.seeds if name == "default" else args.seeds[:1]
+            runs = []
+            for seed in seeds:
+                config = apply(base, ROWS[name], args.epochs, seed)
+                runs.append(run_row(config, Path(tmp) / f"{len(results)}-{seed}"))
+                print(f"  {name} seed {seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+            results[name] = runs
+
+    first = next(iter(results.values()))[0]
+    edges = list(first["edges"])
+    print(f"\n{args.config}: top-1 on held-out classes (chance {first['chance']:.3f}); "
+          f"mean ± spread over seeds {args.seeds} where several")
+    header = f"{'recipe':32} {'M[c][c]':>13}"
+    for edge in edges:
+        header += f" | {edge + ' FLOPs':>14} {'M[e][c]':>13} {'M[e][e]':>13} {'ratio':>6} {'BCT':>4}"
+    print(header + f" | {'wall s':>6}")
+
+    def cell(values):
+        mean = statistics.mean(values)
+        return f"{mean:.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{mean:13.3f}"
+
+    for name, runs in results.items():
+        line = f"{name:32} {cell([r['cc'] for r in runs]):>13}"
+        for edge in edges:
+            rows = [r["edges"][edge] for r in runs]
+            flops = rows[0]["flops_vs_cloud"]
+            bct = all(r["bct_criterion"] for r in rows)
+            line += (f" | {'1/' + format(1 / flops, '.1f'):>14} {cell([r['edge_vs_cloud_top1'] for r in rows]):>13}"
+                     f" {cell([r['edge_vs_edge_top1'] for r in rows]):>13}"
+                     f" {statistics.mean(r['ratio_to_paragon'] for r in rows):6.3f} {'yes' if bct else 'no':>4}")
+        print(line + f" | {statistics.median(r['seconds'] for r in runs):6.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
