@@ -24,7 +24,7 @@ def tiny_config(**train_overrides) -> dict:
             ],
         },
         "data": {"source": "procedural", "num_classes": 48, "samples_per_class": 8, "test_fraction": 0.34},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "seed": 0, **train_overrides},
+        "train": {"epochs": 10, "batch_size": 64, "seed": 0, **train_overrides},
     }
 
 
