@@ -17,14 +17,17 @@ console = Console()
 
 
 def _train(args) -> int:
+    from hetero import distributed
     from hetero.config import load_config
     from hetero.train import train
 
     config = load_config(args.config)
     manifest = train(config, args.out, resume=args.resume, progress=not args.quiet)
     skipped = manifest["data"]["skipped_images"]
-    console.print(f"trained family [bold]{manifest['family']}[/] (space id {manifest['space_id']}) into {args.out}; "
-                  f"{manifest['data']['train_images']} training images, {len(skipped)} unreadable skipped")
+    if distributed.is_main():  # under torchrun, rank 0 speaks for all
+        console.print(f"trained family [bold]{manifest['family']}[/] (space id {manifest['space_id']}) into "
+                      f"{args.out}; {manifest['data']['train_images']} training images, "
+                      f"{len(skipped)} unreadable skipped")
     return 0
 
 

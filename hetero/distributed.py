@@ -156,7 +156,7 @@ def mean_across_ranks(value: float) -> float:
     """The mean of a Python number over ranks (for logging the global loss on rank 0)."""
     if world_size() == 1:
         return float(value)
-    box = torch.tensor([float(value)], dtype=torch.float64)
+    box = torch.tensor([float(value)], dtype=torch.float64, device=device())  # nccl reduces GPU tensors only
     torch.distributed.all_reduce(box)
     return box.item() / world_size()
 
@@ -175,12 +175,16 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
+        import warnings
+
         from torch.distributed.nn.functional import all_reduce
 
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        with warnings.catch_warnings():  # see gather_with_grad
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)

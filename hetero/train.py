@@ -6,6 +6,11 @@ the configured cross-model terms against the cloud member's embeddings of the sa
 
 State is checkpointed atomically after every epoch (safetensors + JSON, no pickle); a resumed run continues
 from the last finished epoch and ends with the same weights as an uninterrupted one.
+
+Under `torchrun --nproc_per_node N` the same code trains data-parallel (see hetero/distributed.py): every
+rank draws the same global batch (same seed, same augmentation, whatever N) and trains on its contiguous
+slice; BatchNorm and the cross-model terms see the whole global batch and DDP averages the gradients, so a
+step equals one process's step on the global batch up to float rounding.  Rank 0 alone logs and writes.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from hetero.config import Config, save_config
+from hetero import distributed
+from hetero.config import Config, ConfigError, save_config
 from hetero.data import TrainImages, channel_stats, load_split
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.manifest import atomic_path, atomic_write_json, sha256_file, space_id, write_manifest
@@ -45,6 +51,11 @@ class Family(torch.nn.Module):
         names = [m.name for m in fam.members] if train.compat == "none" else ["shared"]
         self.heads = torch.nn.ModuleDict({name: head() for name in names})
         self.cross = build_cross_model_losses(train.losses) if train.compat != "none" else {}
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
+                edge_classification: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch (family_loss), as a method so that DistributedDataParallel can wrap it."""
+        return family_loss(self, trained, images, labels, detach_cloud, edge_classification)
 
     def head(self, member: str) -> SharedClassifier:
         return self.heads["shared"] if "shared" in self.heads else self.heads[member]
@@ -72,6 +83,18 @@ def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
     return [(list(family.members), epochs)]
 
 
+def _global_batch_size(train_cfg, images: int) -> int:
+    """`train.batch_size` is the global batch: all ranks together see that many images per step."""
+    unit = distributed.world_size() * train_cfg.samples_per_class
+    if train_cfg.batch_size % unit:
+        raise ConfigError(
+            f"train.batch_size ({train_cfg.batch_size}) is the global batch, split over "
+            f"{distributed.world_size()} processes, each with whole classes of samples_per_class "
+            f"({train_cfg.samples_per_class}) images: it must be a multiple of {unit}, e.g. "
+            f"{max(unit, train_cfg.batch_size // unit * unit)}")
+    return min(train_cfg.batch_size, images // unit * unit)
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -81,12 +104,18 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
                 detach_cloud: bool, edge_classification: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch for the members being trained; the cloud's embedding is computed once."""
+    """Loss of one batch for the members being trained; the cloud's embedding is computed once.
+
+    The classification loss is a mean over this rank's images (DDP averages it over ranks); the cross-model
+    terms, some of which compare every pair of the batch, see the global batch (gathered; alone a no-op).
+    """
     cloud_trained = family.cloud_name in trained
     with torch.set_grad_enabled(cloud_trained):
         cloud_emb = family.cloud(resize_to(images, family.cloud.input_size))
     reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
-    total = torch.zeros(())
+    if family.cross:
+        reference, all_labels = distributed.gather_with_grad(reference), distributed.gather_with_grad(labels)
+    total = torch.zeros((), device=images.device)
     parts: dict[str, float] = {}
     for name in trained:
         member = family.members[name]
@@ -95,8 +124,9 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
         parts[f"{name}/cls"] = loss.item()
         if name != family.cloud_name:
             loss = loss * edge_classification
+            all_emb = distributed.gather_with_grad(emb) if family.cross else emb
             for term, (weight, fn) in family.cross.items():
-                value = fn(emb, reference, labels)
+                value = fn(all_emb, reference, all_labels)
                 parts[f"{name}/{term}"] = value.item()
                 loss = loss + weight * value
         total = total + loss
@@ -107,11 +137,11 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
 
 
 def _save_state(out: Path, family: Family, optimizer, epoch: int, history: list) -> None:
-    tensors = {f"model.{k}": v.contiguous() for k, v in family.state_dict().items()}
+    tensors = {f"model.{k}": v.cpu().contiguous() for k, v in family.state_dict().items()}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     with atomic_path(out / f"{STATE}.safetensors") as tmp:
         save_file(tensors, str(tmp))
     atomic_write_json(out / f"{STATE}.json", {"epoch": epoch, "param_groups": opt["param_groups"], "history": history})
@@ -135,9 +165,11 @@ def _load_state(out: Path, family: Family, optimizer) -> tuple[int, list]:
 
 def train(config: Config, out: str | Path, resume: bool = False, progress: bool | None = None) -> dict:
     """Train the family of `config` into directory `out`; return the manifest written there."""
+    distributed.init_from_env()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     train_cfg = config.train
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -145,14 +177,19 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     mean, std = channel_stats(split.train.images)
     _seed_everything(train_cfg.seed, -1)
     family = Family(config, len(split.train.class_names), mean, std)
+    if distributed.world_size() > 1:
+        distributed.convert_batchnorm(family)  # statistics of the global batch, as in one process
+    device = distributed.device()
+    family.to(device)
     optimizer = torch.optim.AdamW(family.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
     dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
-    batch_size = min(train_cfg.batch_size, len(dataset) // train_cfg.samples_per_class * train_cfg.samples_per_class)
+    batch_size = _global_batch_size(train_cfg, len(dataset))
 
     def epoch_loader():
         # A new sampler per epoch: MPerClassSampler reshuffles its own state in place, which would make a
-        # resumed run draw other batches than an uninterrupted one.
+        # resumed run draw other batches than an uninterrupted one.  Every rank loads the same global batch
+        # (same seeds, so the same augmentation whatever the world size) and trains on its own slice of it.
         sampler = MPerClassSampler(split.train.labels, train_cfg.samples_per_class, batch_size=batch_size,
                                    length_before_new_iter=len(dataset))
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -162,16 +199,20 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
 
     done, history = 0, []
     if resume and (out / f"{STATE}.json").exists():
-        done, history = _load_state(out, family, optimizer)
-        log.info("resuming %s after epoch %d", out, done)
+        done, history = _load_state(out, family, optimizer)  # every rank loads the same state
+        if distributed.is_main():
+            log.info("resuming %s after epoch %d", out, done)
 
     started = time.time()
     epoch = 0
     for trained, epochs in _phases(config, family):
         for name, member in family.members.items():
             member.requires_grad_(name in trained)
+        for name, head in family.heads.items():
+            head.requires_grad_(name == "shared" or name in trained)
         if family.cloud_name not in trained:
             family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
+        model = distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
         warmup = max(1, int(train_cfg.warmup_epochs * steps_per_epoch))
         for phase_epoch in range(epochs):
             epoch += 1
@@ -182,24 +223,29 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             for name, member in family.members.items():
                 member.train(name in trained)
             bar = tqdm(epoch_loader(), desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
-                       disable=True if progress is False else None)
+                       disable=True if progress is False or not distributed.is_main() else None)
             totals = []
             for step, (images, labels) in enumerate(bar):
                 factor = _lr_factor(phase_epoch * steps_per_epoch + step, epochs * steps_per_epoch, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * factor
-                loss, parts = family_loss(family, trained, images, labels, train_cfg.detach_cloud,
-                                          train_cfg.edge_classification)
+                images, labels = (t.to(device) for t in distributed.local_slice(images, labels))
+                loss, parts = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 totals.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            history.append({"epoch": epoch, "loss": float(np.mean(totals)), "seconds": round(time.time() - started, 1)})
-            log.info("epoch %d: loss %.4f", epoch, history[-1]["loss"])
-            _save_state(out, family, optimizer, epoch, history)
+            epoch_loss = distributed.mean_across_ranks(float(np.mean(totals)))
+            history.append({"epoch": epoch, "loss": epoch_loss, "seconds": round(time.time() - started, 1)})
+            if distributed.is_main():
+                log.info("epoch %d: loss %.4f", epoch, epoch_loss)
+                _save_state(out, family, optimizer, epoch, history)
+            distributed.barrier()
 
-    return write_family(config, out, family, split, history)
+    manifest = write_family(config, out, family.cpu(), split, history) if distributed.is_main() else None
+    distributed.barrier()
+    return distributed.broadcast_object(manifest)
 
 
 def write_family(config: Config, out: Path, family: Family, split, history: list) -> dict:
