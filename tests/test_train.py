@@ -58,7 +58,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     monkeypatch.setattr(train_module, "_save_state", original)
     manifest = train(small_config(), tmp_path / "resumed", resume=True, progress=False)
-    assert manifest["training"]["epochs"] == 2
+    assert manifest["training"]["epochs"] == 4  # sequential: 2 epochs of the cloud, then 2 of the edges
     for member in ("cloud", "edge-a", "edge-b"):
         assert_same_weights(weights(tmp_path / "straight", member), weights(tmp_path / "resumed", member))
 
@@ -74,7 +74,7 @@ def test_manifest_records_members_files_and_space(tmp_path):
         assert sha256_file(tmp_path / member["checkpoint"]["file"]) == member["checkpoint"]["sha256"]
     assert manifest["space_id"].startswith("hs-")
     # nothing is pickled: checkpoints are safetensors and the training state is safetensors + JSON
-    assert json.loads((tmp_path / "checkpoints" / "train_state.json").read_text())["epoch"] == 2
+    assert json.loads((tmp_path / "checkpoints" / "train_state.json").read_text())["epoch"] == 4  # 2 phases
 
 
 def test_joint_loss_reaches_every_member_and_the_shared_head():
