@@ -28,6 +28,24 @@ def tiny_config(**train_overrides) -> dict:
     }
 
 
+def interrupt_after_epoch(monkeypatch, last_epoch: int):
+    """Make training raise KeyboardInterrupt right after it checkpoints `last_epoch` (a simulated crash).
+
+    Returns a function that restores normal training, for the resumed run.
+    """
+    import hetero.train as train_module
+
+    original = train_module._save_state
+
+    def save_then_crash(out, family, optimizer, epoch, history):
+        original(out, family, optimizer, epoch, history)
+        if epoch == last_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", save_then_crash)
+    return lambda: monkeypatch.setattr(train_module, "_save_state", original)
+
+
 @pytest.fixture(scope="session")
 def tiny_family_dir(tmp_path_factory) -> Path:
     """A trained and evaluated tiny family; copy it (`family_copy`) before changing anything in it."""

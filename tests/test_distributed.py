@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hetero import distributed
+from tests.conftest import interrupt_after_epoch
 
 
 def _model() -> torch.nn.Module:
@@ -173,17 +174,10 @@ def test_two_processes_resume_a_one_process_run(tmp_path, monkeypatch):
     config = _ddp_config(mode="sequential", epochs=1)
     train_module.train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
 
-    original = train_module._save_state
-
-    def crash_after_first_epoch(out, family, optimizer, epoch, history):
-        original(out, family, optimizer, epoch, history)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", crash_after_first_epoch)
+    restore = interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(parse_config(config, "tiny"), tmp_path / "two", progress=False)
-    monkeypatch.setattr(train_module, "_save_state", original)
+    restore()
     _train_two_processes(tmp_path, config, tmp_path / "two", resume=True)
     _assert_same_family(config, tmp_path / "one", tmp_path / "two")
 

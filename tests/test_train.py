@@ -12,7 +12,7 @@ from hetero.config import parse_config
 from hetero.data import load_split
 from hetero.manifest import read_manifest, sha256_file
 from hetero.train import Family, family_loss, train
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_after_epoch, tiny_config
 
 FAST = {"epochs": 2}
 
@@ -45,18 +45,11 @@ def test_same_seed_same_family(tmp_path):
 def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     train(small_config(), tmp_path / "straight", progress=False)
 
-    original = train_module._save_state
-
-    def crash_after_first_epoch(out, family, optimizer, epoch, history):
-        original(out, family, optimizer, epoch, history)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", crash_after_first_epoch)
+    restore = interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(), tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "manifest.json").exists()
-    monkeypatch.setattr(train_module, "_save_state", original)
+    restore()
     manifest = train(small_config(), tmp_path / "resumed", resume=True, progress=False)
     assert manifest["training"]["epochs"] == 4  # sequential: 2 epochs of the cloud, then 2 of the edges
     for member in ("cloud", "edge-a", "edge-b"):
