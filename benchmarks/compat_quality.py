@@ -3,16 +3,21 @@
 Each row trains the family of a config with one change and evaluates it on the held-out classes:
 M[edge][cloud], M[edge][edge], M[cloud][cloud], the ratio to the paragon, BCT's criterion, FLOPs ratio and
 wall time.  Rows are named in ROWS; pick some with --rows (the default runs the default recipe and the
-independent baseline, which is what the README quotes).
+independent baseline).
+
+Rows that change only the edge phase of sequential training start that phase from the default row's
+checkpoint after its cloud phase (same seed): training is deterministic and resumable, so this gives the
+weights a full run would, and the row's wall time counts the cloud phase it reused.
 
     python benchmarks/compat_quality.py                       # Omniglot, default recipe vs independent
-    python benchmarks/compat_quality.py --rows all --epochs 10
+    python benchmarks/compat_quality.py --rows all --epochs 10 --edge-epochs 20 --seeds 0 1 2
     python benchmarks/compat_quality.py --config examples/quickstart.yaml --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,6 +32,7 @@ from hetero.config import load_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
 from hetero.train import train  # noqa: E402
 
+EDGE_PHASE_KEYS = {"train.losses", "train.mixed_matching", "train.edge_epochs", "train.edge_classification"}
 ROWS = {
     "default": {},
     "independent (compat: none)": {"train.compat": "none"},
@@ -34,32 +40,72 @@ ROWS = {
     "contrastive only": {"train.losses": {"contrastive": 5.0}},
     "regression only": {"train.losses": {"regression": 5.0}},
     "relational only": {"train.losses": {"relational": 5.0}},
+    "no mixed matching": {"train.mixed_matching": 0.0},
     "joint": {"train.mode": "joint"},
-    "sequential": {"train.mode": "sequential"},
-    "unmatched (mobilenet edges)": {"family.edge_arch": "mobilenet"},
+    "unmatched (mobilenet edges, same FLOPs)": {"family.edge_arch": "mobilenet"},
 }
 
 
-def apply(config, change: dict, epochs: int | None, seed: int):
+def flops_matched(member, arch: str, dim: int):
+    """`member` rebuilt in architecture `arch` at the width whose FLOPs come closest to the original's."""
+    import math
+
+    from hetero.models import build_member, count_flops
+
+    def flops(m):
+        return count_flops(build_member(m, dim, [0.5] * 3, [0.25] * 3))
+
+    target = flops(member)
+    widths = [round(0.25 + 0.05 * i, 2) for i in range(76)]  # 0.25 .. 4.0
+    candidates = [dataclasses.replace(member, arch=arch, width=w) for w in widths]
+    return min(candidates, key=lambda m: abs(math.log(flops(m) / target)))
+
+
+def apply(config, change: dict, epochs: int | None, edge_epochs: int | None, seed: int):
     config = copy.deepcopy(config)
     for key, value in change.items():
         section, field = key.split(".")
         if field == "edge_arch":
-            for member in config.family.edges:
-                member.arch = value
+            config.family.members = [m if m.role == "cloud" else flops_matched(m, value, config.family.embedding_dim)
+                                     for m in config.family.members]
         else:
             setattr(getattr(config, section), field, value)
     if epochs:
         config.train.epochs = epochs
+    if edge_epochs:
+        config.train.edge_epochs = edge_epochs
+    if config.train.mode != "sequential":
+        # One phase: as many epochs as the edges get in sequential mode (the cloud gets more).
+        config.train.epochs, config.train.edge_epochs = config.train.edge_epochs or config.train.epochs, None
     config.train.seed = seed
     return config
 
 
-def run_row(config, out: Path) -> dict:
+def run_row(config, out: Path, cloud_phase: Path | None = None, snapshot: Path | None = None) -> dict:
+    """Train and evaluate one row; resume from `cloud_phase` if given, else keep the cloud phase in `snapshot`."""
+    import shutil
+
+    import hetero.train as train_module
+
+    reused = 0.0
+    if cloud_phase:
+        shutil.copytree(cloud_phase, out / "checkpoints")
+        reused = json.loads((cloud_phase / "train_state.json").read_text())["history"][-1]["seconds"]
+    save_state = train_module._save_state
+
+    def save_and_snapshot(run, family, optimizer, epoch, history):
+        save_state(run, family, optimizer, epoch, history)
+        if snapshot and epoch == config.train.epochs:
+            shutil.copytree(run / "checkpoints", snapshot)
+
+    train_module._save_state = save_and_snapshot
     started = time.perf_counter()
-    train(config, out, progress=False)
+    try:
+        train(config, out, resume=cloud_phase is not None, progress=False)
+    finally:
+        train_module._save_state = save_state
     report = evaluate(out)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + reused
     cloud = report["cloud"]
     return {"cc": report["matrix"][cloud][cloud]["top1"], "edges": report["edges"], "seconds": seconds,
             "chance": report["chance_top1"]}
@@ -71,7 +117,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["default", "independent (compat: none)"],
                         help=f"row names, or 'all': {', '.join(ROWS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for the default row")
-    parser.add_argument("--epochs", type=int, help="override the config's epochs for every row")
+    parser.add_argument("--epochs", type=int, help="override the config's (cloud phase) epochs for every row")
+    parser.add_argument("--edge-epochs", type=int, help="override the config's edge_epochs for every row")
+    parser.add_argument("--keep", help="train the rows into this directory (kept) instead of a temporary one")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
 
@@ -80,14 +128,23 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    names = sorted(names, key=lambda n: n != "default")  # the default row's cloud phase is reused
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         for name in names:
             seeds = args.seeds if name == "default" else args.seeds[:1]
             runs = []
             for seed in seeds:
-                config = apply(base, ROWS[name], args.epochs, seed)
-                runs.append(run_row(config, Path(tmp) / f"{len(results)}-{seed}"))
+                config = apply(base, ROWS[name], args.epochs, args.edge_epochs, seed)
+                cloud_phase = Path(tmp) / f"cloud-phase-{seed}"
+                edge_phase_only = (config.train.mode == "sequential" and set(ROWS[name]) <= EDGE_PHASE_KEYS
+                                   and name != "default" and cloud_phase.exists())
+                runs.append(run_row(config, Path(tmp) / f"{len(results)}-{seed}",
+                                    cloud_phase=cloud_phase if edge_phase_only else None,
+                                    snapshot=cloud_phase if name == "default" else None))
                 print(f"  {name} seed {seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
             results[name] = runs
 

@@ -32,11 +32,13 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from hetero.evaluate import evaluate, format_edges, format_report
+    from hetero.evaluate import evaluate, format_backward, format_edges, format_report
 
     report = evaluate(args.dir)
     console.print(format_report(report))
     console.print(format_edges(report))
+    if "backward" in report:
+        console.print(format_backward(report))
     if report["skipped_images"]:
         console.print(f"{len(report['skipped_images'])} unreadable image(s) were skipped (listed in report.json)")
     return 0

@@ -141,6 +141,9 @@ class DataConfig:
 @dataclass(config=STRICT)
 class TrainConfig:
     epochs: int = 10
+    # Epochs of the edge phase in sequential mode (the cloud phase has `epochs`); default: `epochs`.
+    # Students matching a fixed teacher keep improving long after the teacher would overfit.
+    edge_epochs: int | None = None
     batch_size: int = 128
     samples_per_class: int = 4
     lr: float = 5e-3
@@ -153,8 +156,11 @@ class TrainConfig:
     # sequential (default): the cloud and the shared head first, then frozen while the edge members learn
     # against them (BCT's influence loss plus the cross-model terms); joint: every member learns together.
     # Measured on Omniglot and procedural data, sequential aligned the edges better at a lower cost per epoch
-    # (benchmarks/compat_quality.py).
-    mode: Literal["joint", "sequential"] = "sequential"
+    # (benchmarks/compat_quality.py).  backward: a new family, cloud included, learns against the frozen
+    # cloud of the earlier family in `previous`, whose gallery is never re-indexed; it keeps that space id.
+    mode: Literal["joint", "sequential", "backward"] = "sequential"
+    # backward mode: directory of the earlier, trained family (relative paths are relative to the config).
+    previous: str | None = None
     classifier: Literal["cosface", "arcface"] = "cosface"
     margin: float = 0.2
     scale: float = 16.0
@@ -163,6 +169,10 @@ class TrainConfig:
         default_factory=lambda: {"contrastive": 5.0, "relational": 5.0, "regression": 20.0})
     # Weight of each edge member's own classification loss; 0 trains edges by the cross-model terms alone.
     edge_classification: float = 1.0
+    # Weight of the label-free cross-model terms (regression, relational) again on mixup images of the batch:
+    # function matching off the training images, which carried over to unseen classes on Omniglot
+    # (benchmarks/compat_quality.py); 0 turns it off.
+    mixed_matching: float = 1.0
     detach_cloud: bool = True
     workers: int = 0
 
@@ -179,11 +189,22 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _positive(self):
-        for key in ("epochs", "batch_size", "samples_per_class"):
-            if getattr(self, key) < 1:
+        for key in ("epochs", "batch_size", "samples_per_class", "edge_epochs"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.mode == "backward" and not self.previous:
+            raise ValueError("previous: mode 'backward' needs the directory of the earlier family it stays "
+                             "compatible with")
+        if self.mode == "backward" and self.compat == "none":
+            raise ValueError("compat: mode 'backward' trains against the earlier cloud, so compat 'none' cannot apply")
+        if self.edge_epochs is not None and self.mode != "sequential":
+            raise ValueError(f"edge_epochs: only used in mode 'sequential' (mode is {self.mode!r})")
+        if self.mixed_matching < 0:
+            raise ValueError(f"mixed_matching: must be >= 0, got {self.mixed_matching}")
+        if self.previous and self.mode != "backward":
+            raise ValueError(f"previous: only used in mode 'backward' (mode is {self.mode!r})")
         if self.batch_size % self.samples_per_class:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class})"
@@ -251,7 +272,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
             message = "required key is missing"
         elif problem["type"] == "literal_error":
             message = f"{problem['input']!r} is not allowed; {message[0].lower()}{message[1:]}"
-        elif "input" in problem and not message.startswith(("must", "unknown", "members", "path", "test_", "batch")):
+        elif "input" in problem and not message.startswith(("must", "unknown", "members", "path", "test_", "batch", "previous", "compat", "edge_epochs", "mixed_matching")):
             message = f"{message}, got {problem['input']!r}"
         lines.append(f"  {loc}: {message}")
     return "\n".join(lines)
@@ -276,12 +297,17 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     config = parse_config(data, str(path))
-    if config.data.path and not Path(config.data.path).is_absolute():
-        # Relative data paths are relative to the config file, so configs travel with their data.
-        resolved = (path.parent / config.data.path).resolve()
-        if resolved.exists() or not Path(config.data.path).exists():
-            config.data.path = str(resolved)
+    config.data.path = _relative_to(path, config.data.path)
+    config.train.previous = _relative_to(path, config.train.previous)
     return config
+
+
+def _relative_to(config_path: Path, value: str | None) -> str | None:
+    """Relative paths in a config are relative to the config file, so configs travel with their data."""
+    if not value or Path(value).is_absolute():
+        return value
+    resolved = (config_path.parent / value).resolve()
+    return str(resolved) if resolved.exists() or not Path(value).exists() else value
 
 
 def save_config(config: Config, path: Path) -> None:

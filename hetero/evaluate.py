@@ -42,6 +42,17 @@ def embed(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def top1_correct(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                 gallery_labels: torch.Tensor) -> torch.Tensor:
+    """Per query: whether its nearest gallery item has its class."""
+    return gallery_labels[(query @ gallery.T).argmax(dim=1)] == query_labels
+
+
+def negative_flip_rate(old_correct: torch.Tensor, new_correct: torch.Tensor) -> float:
+    """Share of queries the old model answered right and the new one gets wrong (the update's regressions)."""
+    return (old_correct & ~new_correct).float().mean().item()
+
+
 def compatibility_matrix(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, query_index: torch.Tensor,
                          gallery_index: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
     """M[query member][gallery member] from each member's embeddings of the same test images."""
@@ -81,6 +92,9 @@ def evaluate(run_dir: str | Path, split=None) -> dict:
     split = split or load_split(config.data, config.load_size)
     images = split.test.floats()
     embeddings = {m["name"]: embed(load_member(run_dir, manifest, m["name"]), images) for m in manifest["members"]}
+    previous = manifest.get("previous")
+    if previous:  # a backward update: the old cloud's gallery is the one in service
+        embeddings[OLD + previous["cloud"]] = embed(_previous_cloud(previous), images)
     matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
     cloud = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
     edges = [m["name"] for m in manifest["members"] if m["role"] == "edge"]
@@ -93,10 +107,41 @@ def evaluate(run_dir: str | Path, split=None) -> dict:
         "edges": summarise(matrix, cloud, edges, {m["name"]: m["flops_vs_cloud"] for m in manifest["members"]}),
         "skipped_images": manifest["data"]["skipped_images"],
     }
+    if previous:
+        report["backward"] = backward_summary(embeddings, split, cloud, OLD + previous["cloud"], matrix)
     atomic_write_json(run_dir / "report.json", report)
-    manifest["compatibility"] = {"matrix": matrix, "edges": report["edges"]}
+    manifest["compatibility"] = {"matrix": matrix, "edges": report["edges"], "backward": report.get("backward")}
     write_manifest(run_dir, manifest)
     return report
+
+
+OLD = "old:"  # prefix of the earlier family's cloud in a backward update's matrix
+
+
+def _previous_cloud(previous: dict):
+    from hetero.manifest import read_manifest
+    from hetero.train import load_member
+
+    return load_member(previous["dir"], read_manifest(previous["dir"]), previous["cloud"])
+
+
+def backward_summary(embeddings: dict, split, new: str, old: str, matrix: dict) -> dict:
+    """BCT's criterion M[new][old] > M[old][old] and the negative flip rate of the new cloud's queries.
+
+    Flips are counted per held-out query against the old gallery (the gallery is never re-indexed) and,
+    for reference, after a re-index (new queries against a new gallery).
+    """
+    q, g, labels = split.query_index, split.gallery_index, split.test.labels
+    old_right = top1_correct(embeddings[old][q], labels[q], embeddings[old][g], labels[g])
+    new_vs_old = top1_correct(embeddings[new][q], labels[q], embeddings[old][g], labels[g])
+    new_vs_new = top1_correct(embeddings[new][q], labels[q], embeddings[new][g], labels[g])
+    return {
+        "old_cloud": old, "new_vs_old_top1": matrix[new][old]["top1"], "old_vs_old_top1": matrix[old][old]["top1"],
+        "bct_criterion": matrix[new][old]["top1"] > matrix[old][old]["top1"],
+        "negative_flip_rate": negative_flip_rate(old_right, new_vs_old),
+        "negative_flip_rate_reindexed": negative_flip_rate(old_right, new_vs_new),
+        "edges_vs_old_top1": {n: matrix[n][old]["top1"] for n in embeddings if n not in (new, old)},
+    }
 
 
 def format_report(report: dict) -> "rich.table.Table":  # noqa: F821
@@ -126,4 +171,18 @@ def format_edges(report: dict) -> "rich.table.Table":  # noqa: F821
         table.add_row(edge, f"1/{1 / row['flops_vs_cloud']:.1f}", f"{row['edge_vs_cloud_top1']:.3f}",
                       f"{row['edge_vs_edge_top1']:.3f}", f"{row['ratio_to_paragon']:.3f}",
                       "pass" if row["bct_criterion"] else "FAIL")
+    return table
+
+
+def format_backward(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.markup import escape
+    from rich.table import Table
+
+    row = report["backward"]
+    table = Table(title=f"Backward compatibility: new {report['cloud']} vs the old gallery of {row['old_cloud']}")
+    for column in ("M[new][old]", "M[old][old]", "BCT (new > old)", "NFR vs old gallery", "NFR after re-index"):
+        table.add_column(escape(column), justify="right")
+    table.add_row(f"{row['new_vs_old_top1']:.3f}", f"{row['old_vs_old_top1']:.3f}",
+                  "pass" if row["bct_criterion"] else "FAIL", f"{row['negative_flip_rate']:.3f}",
+                  f"{row['negative_flip_rate_reindexed']:.3f}")
     return table

@@ -40,6 +40,8 @@ class CrossContrastive(nn.Module):
     case, see tests/test_losses_metrics.py, so it is written out here.)
     """
 
+    uses_labels = True
+
     def __init__(self, temperature: float = 0.1):
         super().__init__()
         self.temperature = temperature
@@ -53,12 +55,16 @@ class CrossContrastive(nn.Module):
 class CosineRegression(nn.Module):
     """1 - cos(query_i, reference_i): pull each edge embedding onto the cloud embedding of its image."""
 
+    uses_labels = False
+
     def forward(self, query, reference, labels):
         return (1 - (query * reference).sum(dim=1)).mean()
 
 
 class L2Regression(nn.Module):
     """Squared distance between each edge embedding and the cloud embedding of the same image."""
+
+    uses_labels = False
 
     def forward(self, query, reference, labels):
         return (query - reference).pow(2).sum(dim=1).mean()
@@ -70,6 +76,8 @@ class RelationalDistillation(nn.Module):
     Row i of softmax(query @ reference.T / t) must match row i of softmax(reference @ reference.T / t):
     the edge query ranks the cloud batch as the cloud's own embedding of that image does.
     """
+
+    uses_labels = False
 
     def __init__(self, temperature: float = 0.1):
         super().__init__()

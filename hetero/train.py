@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +47,22 @@ class Family(torch.nn.Module):
         super().__init__()
         fam, train = config.family, config.train
         self.cloud_name = fam.cloud.name
-        self.members = torch.nn.ModuleDict({m.name: build_member(m, fam.embedding_dim, mean, std) for m in fam.members})
+        # Each part starts from its own seed, so a cloud starts (and in sequential mode, ends) the same
+        # whatever edge members sit beside it: recipes that differ in the edges share their cloud.
+        self.members = torch.nn.ModuleDict({
+            m.name: _seeded(train.seed, f"member:{m.name}", lambda m=m: build_member(m, fam.embedding_dim, mean, std))
+            for m in fam.members})
         head = lambda: SharedClassifier(num_classes, fam.embedding_dim, train.classifier, train.margin, train.scale)  # noqa: E731
         names = [m.name for m in fam.members] if train.compat == "none" else ["shared"]
-        self.heads = torch.nn.ModuleDict({name: head() for name in names})
+        self.heads = torch.nn.ModuleDict({name: _seeded(train.seed, f"head:{name}", head) for name in names})
         self.cross = build_cross_model_losses(train.losses) if train.compat != "none" else {}
+        # backward mode: the earlier family's cloud, frozen; every new member's embeddings answer to it.
+        self.previous: Embedder | None = None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
-                edge_classification: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                edge_classification: float = 1.0, mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one batch (family_loss), as a method so that DistributedDataParallel can wrap it."""
-        return family_loss(self, trained, images, labels, detach_cloud, edge_classification)
+        return family_loss(self, trained, images, labels, detach_cloud, edge_classification, mixed_matching)
 
     def head(self, member: str) -> SharedClassifier:
         return self.heads["shared"] if "shared" in self.heads else self.heads[member]
@@ -68,6 +75,13 @@ class Family(torch.nn.Module):
         return [n for n in self.members if n != self.cloud_name]
 
 
+def _seeded(seed: int, part: str, build):
+    """build() with the global RNG seeded from (seed, part) and restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + zlib.crc32(part.encode()))
+        return build()
+
+
 def _seed_everything(seed: int, epoch: int) -> None:
     # Seeded per epoch, so a run resumed at any epoch draws the same batches as an uninterrupted one.
     torch.manual_seed(seed * 100_003 + epoch)
@@ -78,8 +92,10 @@ def _seed_everything(seed: int, epoch: int) -> None:
 def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
     """(members trained, epochs) per phase: joint trains all at once, sequential the cloud first."""
     epochs = config.train.epochs
+    if config.train.mode == "backward":
+        return [(list(family.members), epochs)]
     if config.train.mode == "sequential":
-        return [([family.cloud_name], epochs), (family.edge_names(), epochs)]
+        return [([family.cloud_name], epochs), (family.edge_names(), config.train.edge_epochs or epochs)]
     return [(list(family.members), epochs)]
 
 
@@ -103,34 +119,71 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
-                detach_cloud: bool, edge_classification: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch for the members being trained; the cloud's embedding is computed once.
+                detach_cloud: bool, edge_classification: float = 1.0,
+                mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch for the members being trained; the reference embedding is computed once.
 
-    The classification loss is a mean over this rank's images (DDP averages it over ranks); the cross-model
-    terms, some of which compare every pair of the batch, see the global batch (gathered; alone a no-op).
+    The reference is the cloud member's embedding, or in backward mode the earlier family's frozen cloud's,
+    against which the new cloud is a query like the edge members.  The classification loss is a mean over
+    this rank's images (DDP averages it over ranks); the cross-model terms, some of which compare every
+    pair of the batch, see the global batch (gathered; alone a no-op).
     """
-    cloud_trained = family.cloud_name in trained
-    with torch.set_grad_enabled(cloud_trained):
-        cloud_emb = family.cloud(resize_to(images, family.cloud.input_size))
-    reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
+    cloud_emb = None
+    if family.previous is not None:
+        with torch.no_grad():
+            reference = family.previous(resize_to(images, family.previous.input_size))
+    else:
+        cloud_trained = family.cloud_name in trained
+        with torch.set_grad_enabled(cloud_trained):
+            cloud_emb = family.cloud(resize_to(images, family.cloud.input_size))
+        reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
     if family.cross:
         reference, all_labels = distributed.gather_with_grad(reference), distributed.gather_with_grad(labels)
     total = torch.zeros((), device=images.device)
     parts: dict[str, float] = {}
     for name in trained:
         member = family.members[name]
-        emb = cloud_emb if name == family.cloud_name else member(resize_to(images, member.input_size))
+        is_reference = name == family.cloud_name and cloud_emb is not None
+        emb = cloud_emb if is_reference else member(resize_to(images, member.input_size))
         loss = family.head(name)(emb, None, labels)
         parts[f"{name}/cls"] = loss.item()
         if name != family.cloud_name:
             loss = loss * edge_classification
+        if not is_reference:
             all_emb = distributed.gather_with_grad(emb) if family.cross else emb
             for term, (weight, fn) in family.cross.items():
                 value = fn(all_emb, reference, all_labels)
                 parts[f"{name}/{term}"] = value.item()
                 loss = loss + weight * value
         total = total + loss
+    if mixed_matching > 0 and family.cross:
+        total = total + mixed_matching * match_on_mixed_images(family, trained, images, parts)
     return total, parts
+
+
+def match_on_mixed_images(family: Family, trained: list[str], images: torch.Tensor, parts: dict) -> torch.Tensor:
+    """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixup images.
+
+    Mixing pairs of the batch gives inputs off the training images, where a student that only matched
+    the reference on real images would drift; matching there is what carries over to unseen classes.
+    """
+    mix = torch.rand(len(images), 1, 1, 1, device=images.device)
+    mixed = mix * images + (1 - mix) * images[torch.randperm(len(images), device=images.device)]
+    reference_model = family.previous if family.previous is not None else family.cloud
+    with torch.no_grad():
+        reference = distributed.gather_with_grad(reference_model(resize_to(mixed, reference_model.input_size)))
+    total = torch.zeros((), device=images.device)
+    for name in trained:
+        if name == family.cloud_name and family.previous is None:
+            continue
+        member = family.members[name]
+        emb = distributed.gather_with_grad(member(resize_to(mixed, member.input_size)))
+        for term, (weight, fn) in family.cross.items():
+            if not fn.uses_labels:
+                value = fn(emb, reference, None)
+                parts[f"{name}/mixed-{term}"] = value.item()
+                total = total + weight * value
+    return total
 
 
 # ------------------------------------------------------------------------------------------- state on disk
@@ -175,8 +228,12 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
 
     split = load_split(config.data, config.load_size)
     mean, std = channel_stats(split.train.images)
-    _seed_everything(train_cfg.seed, -1)
     family = Family(config, len(split.train.class_names), mean, std)
+    previous = None
+    if train_cfg.mode == "backward":
+        previous = read_previous(config)
+        family.previous = previous["cloud"]
+        _prototypes_from(family, family.previous, split.train)
     if distributed.world_size() > 1:
         distributed.convert_batchnorm(family)  # statistics of the global batch, as in one process
     device = distributed.device()
@@ -210,7 +267,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             member.requires_grad_(name in trained)
         for name, head in family.heads.items():
             head.requires_grad_(name == "shared" or name in trained)
-        if family.cloud_name not in trained:
+        if family.cloud_name not in trained or family.previous is not None:
             family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
         model = distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
         warmup = max(1, int(train_cfg.warmup_epochs * steps_per_epoch))
@@ -222,6 +279,8 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             family.train()
             for name, member in family.members.items():
                 member.train(name in trained)
+            if family.previous is not None:
+                family.previous.eval()
             bar = tqdm(epoch_loader(), desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
                        disable=True if progress is False or not distributed.is_main() else None)
             totals = []
@@ -230,7 +289,8 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * factor
                 images, labels = (t.to(device) for t in distributed.local_slice(images, labels))
-                loss, parts = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification)
+                loss, parts = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification,
+                                    train_cfg.mixed_matching)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -243,13 +303,44 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 _save_state(out, family, optimizer, epoch, history)
             distributed.barrier()
 
-    manifest = write_family(config, out, family.cpu(), split, history) if distributed.is_main() else None
+    manifest = write_family(config, out, family.cpu(), split, history, previous) if distributed.is_main() else None
     distributed.barrier()
     return distributed.broadcast_object(manifest)
 
 
-def write_family(config: Config, out: Path, family: Family, split, history: list) -> dict:
-    """Write each member's checkpoint and the family manifest."""
+def read_previous(config: Config) -> dict:
+    """The earlier family of a backward-compatible update: its manifest and its frozen cloud member."""
+    from hetero.manifest import ManifestError, read_manifest
+
+    run_dir = Path(config.train.previous)
+    try:
+        manifest = read_manifest(run_dir)
+        if manifest["embedding_dim"] != config.family.embedding_dim:
+            raise ManifestError(f"its embedding_dim is {manifest['embedding_dim']}, this family's is "
+                                f"{config.family.embedding_dim}: a new family must keep the old dimension")
+        name = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
+        cloud = load_member(run_dir, manifest, name).requires_grad_(False)
+    except (ManifestError, KeyError, StopIteration) as err:
+        raise ConfigError(f"train.previous ({run_dir}): not a usable earlier family: {err}") from None
+    return {"dir": run_dir, "manifest": manifest, "cloud_name": name, "cloud": cloud}
+
+
+@torch.no_grad()
+def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
+    """Start the shared head at the old cloud's class means and keep it frozen (BCT's influence loss).
+
+    Means of the old embeddings work for classes the old family never saw as well as for those it did.
+    """
+    from hetero.evaluate import embed
+
+    old = embed(old_cloud, images.floats())
+    prototypes = torch.zeros(len(images.class_names), old.shape[1]).index_add_(0, images.labels, old)
+    head = family.head(family.cloud_name).loss
+    head.W.copy_(torch.nn.functional.normalize(prototypes, dim=1).T)
+
+
+def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None) -> dict:
+    """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
     members, files = [], {}
     for cfg in fam.members:
@@ -273,7 +364,8 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
     manifest = {
         "format": "hetero-family/1",
         "family": fam.name, "version": fam.version, "embedding_dim": fam.embedding_dim,
-        "space_id": space_id(fam.name, fam.version, fam.embedding_dim, files[fam.cloud.name]["sha256"]),
+        "space_id": previous["manifest"]["space_id"] if previous else
+        space_id(fam.name, fam.version, fam.embedding_dim, files[fam.cloud.name]["sha256"]),
         "compat": config.train.compat, "mode": config.train.mode,
         "members": members,
         "data": {"train_images": len(split.train), "train_classes": len(split.train.class_names),
@@ -282,6 +374,13 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
         "training": {"epochs": history[-1]["epoch"] if history else 0, "history": history},
         "artifacts": [],
     }
+    if previous:
+        old = previous["manifest"]
+        manifest["previous"] = {
+            "dir": str(previous["dir"].resolve()), "family": old["family"], "version": old["version"],
+            "space_id": old["space_id"], "cloud": previous["cloud_name"],
+            "checkpoint": next(m["checkpoint"] for m in old["members"] if m["name"] == previous["cloud_name"]),
+        }
     write_manifest(out, manifest)
     return manifest
 

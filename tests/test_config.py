@@ -71,6 +71,26 @@ def test_unknown_loss_is_refused():
     assert "train.losses" in message and "did you mean 'contrastive'" in message
 
 
+@pytest.mark.parametrize("change, key", [
+    ({"edge_epochs": 5, "mode": "joint"}, "edge_epochs: only used in mode 'sequential'"),
+    ({"mixed_matching": -1.0}, "mixed_matching: must be >= 0"),
+    ({"previous": "runs/old"}, "previous: only used in mode 'backward'"),
+    ({"mode": "backward", "previous": "runs/old", "compat": "none"}, "compat: mode 'backward'"),
+])
+def test_training_mode_options_that_cannot_apply_are_refused(change, key):
+    message = error_for(lambda d: d["train"].update(change))
+    assert message.startswith("family.yaml: invalid config") and f"train: {key}" in message
+
+
+def test_relative_previous_family_is_resolved_from_the_config_file(tmp_path):
+    (tmp_path / "old").mkdir()
+    data = tiny_config(mode="backward", previous="../old")
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "update.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).train.previous == str((tmp_path / "old").resolve())
+
+
 def test_relative_data_path_is_resolved_from_the_config_file(tmp_path):
     (tmp_path / "data").mkdir()
     data = tiny_config()

@@ -1,7 +1,6 @@
 """Export of the tiny family to every built-in device profile, metadata read back, errors and atomicity."""
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 from pathlib import Path

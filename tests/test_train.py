@@ -81,6 +81,37 @@ def test_joint_loss_reaches_every_member_and_the_shared_head():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+def test_cloud_and_head_start_the_same_whatever_the_edge_members():
+    """Recipes that differ only in their edges share the cloud, so their rows compare edges alone."""
+    data = tiny_config()
+    data["family"]["members"][1] = {"name": "edge-a", "role": "edge", "arch": "mobilenet", "input_size": 32}
+    data["family"]["members"].pop(2)
+    a = Family(small_config(), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3).state_dict()
+    b = Family(parse_config(data, "tiny"), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3).state_dict()
+    shared = [k for k in a if k.startswith(("members.cloud.", "heads."))]
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared)
+    other_seed = Family(small_config(seed=1), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3).state_dict()
+    assert not torch.equal(a["heads.shared.loss.W"], other_seed["heads.shared.loss.W"])
+
+
+def test_mixed_matching_trains_edges_on_label_free_terms_only():
+    config = small_config()
+    family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    family.members["cloud"].eval()  # the edge phase of sequential mode
+    torch.manual_seed(0)
+    plain, _ = family_loss(family, ["edge-a"], images, labels, detach_cloud=True)
+    torch.manual_seed(0)
+    loss, parts = family_loss(family, ["edge-a"], images, labels, detach_cloud=True, mixed_matching=1.0)
+    assert {"edge-a/mixed-regression", "edge-a/mixed-relational"} <= parts.keys()
+    assert "edge-a/mixed-contrastive" not in parts  # mixed images have no single label
+    mixed = 5.0 * parts["edge-a/mixed-relational"] + 20.0 * parts["edge-a/mixed-regression"]
+    assert loss.item() == pytest.approx(plain.item() + mixed, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in family.members["cloud"].parameters())
+    assert all(p.grad is not None for p in family.members["edge-a"].parameters())
+
+
 def test_sequential_mode_never_updates_the_frozen_cloud_or_head(tmp_path, monkeypatch):
     snapshots = {}
     original = train_module._save_state

@@ -1,0 +1,103 @@
+"""Backward-compatible updates: a new family trained against an earlier family's frozen cloud."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hetero.train as train_module
+from hetero.config import ConfigError, parse_config
+from hetero.evaluate import embed, evaluate, negative_flip_rate, retrieval_metrics
+from hetero.manifest import read_manifest
+from hetero.train import Family, family_loss, load_member, train
+from tests.conftest import tiny_config
+
+# The update: a wider cloud, another seed, the same dimension.
+NEW_CLOUD = {"name": "cloud", "role": "cloud", "arch": "resnet", "width": 0.75, "depth": 0.5, "input_size": 32}
+
+
+def update_config(previous, **train):
+    data = tiny_config(seed=1, **train)
+    data["family"]["members"][0] = NEW_CLOUD
+    if previous is not None:
+        data["train"].update(mode="backward", previous=str(previous))
+    return parse_config(data, "update.yaml")
+
+
+def test_negative_flip_rate_counts_only_regressions():
+    old = torch.tensor([True, True, False, False])
+    new = torch.tensor([True, False, True, False])
+    assert negative_flip_rate(old, new) == 0.25
+
+
+def test_backward_mode_needs_an_earlier_family(tmp_path):
+    data = tiny_config(mode="backward")
+    with pytest.raises(ConfigError, match=r"train: previous: mode 'backward' needs"):
+        parse_config(data, "update.yaml")
+    data["train"]["previous"] = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.previous .*no family manifest here"):
+        train(parse_config(data, "update.yaml"), tmp_path / "out", progress=False)
+
+
+def test_backward_update_must_keep_the_dimension(tiny_family_dir, tmp_path):
+    data = tiny_config(mode="backward", previous=str(tiny_family_dir))
+    data["family"]["embedding_dim"] = 16
+    with pytest.raises(ConfigError, match=r"train\.previous .*embedding_dim is 32, this family's is 16"):
+        train(parse_config(data, "update.yaml"), tmp_path, progress=False)
+
+
+def test_backward_gradients_reach_every_new_member_never_the_old_cloud(tiny_family_dir):
+    config = update_config(tiny_family_dir)
+    family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    family.previous = load_member(tiny_family_dir, read_manifest(tiny_family_dir), "cloud").requires_grad_(False)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    loss, parts = family_loss(family, list(family.members), images, labels, detach_cloud=True)
+    loss.backward()
+    assert {"cloud/regression", "edge-a/regression", "edge-b/contrastive"} <= parts.keys()  # the new cloud too
+    for name, param in family.members.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in family.previous.parameters())
+
+
+@pytest.mark.slow
+def test_backward_update_serves_the_old_gallery(tiny_family_dir, tmp_path, monkeypatch):
+    """The new family's queries work against the old cloud's gallery; the same family trained alone does not."""
+    snapshots = {}
+    original = train_module._save_state
+
+    def snapshot(out, family, optimizer, epoch, history):
+        snapshots[epoch] = {k: v.clone() for k, v in family.state_dict().items()}
+        original(out, family, optimizer, epoch, history)
+
+    monkeypatch.setattr(train_module, "_save_state", snapshot)
+    manifest = train(update_config(tiny_family_dir), tmp_path / "update", progress=False)
+    report = evaluate(tmp_path / "update")
+
+    old_manifest = read_manifest(tiny_family_dir)
+    assert manifest["space_id"] == old_manifest["space_id"]  # inherited: the old gallery stays valid
+    assert manifest["previous"]["space_id"] == old_manifest["space_id"]
+    old_cloud = load_file(str(tiny_family_dir / "checkpoints" / "cloud.safetensors"))
+    first, last = snapshots[1], snapshots[max(snapshots)]
+    for key, value in old_cloud.items():  # the old cloud and the shared head never move
+        assert torch.equal(last[f"previous.{key}"], value), key
+    assert torch.equal(first["heads.shared.loss.W"], last["heads.shared.loss.W"])
+
+    backward = report["backward"]
+    chance = report["chance_top1"]
+    assert backward["old_cloud"] == "old:cloud" and "old:cloud" in report["matrix"]["edge-a"]
+    assert backward["new_vs_old_top1"] > 6 * chance
+    assert backward["new_vs_old_top1"] > 0.7 * backward["old_vs_old_top1"]
+    assert backward["negative_flip_rate"] < 0.3
+    for edge in ("edge-a", "edge-b"):
+        assert backward["edges_vs_old_top1"][edge] > 6 * chance
+
+    # Without backward mode the same update lands in a space of its own: at chance against the old gallery.
+    alone = train(update_config(None), tmp_path / "alone", progress=False)
+    split = train_module.load_split(update_config(None).data, 32)
+    images, labels = split.test.floats(), split.test.labels
+    q, g = split.query_index, split.gallery_index
+    new = embed(load_member(tmp_path / "alone", alone, "cloud"), images)
+    old = embed(load_member(tiny_family_dir, old_manifest, "cloud"), images)
+    unrelated = retrieval_metrics(new[q], labels[q], old[g], labels[g])["top1"]
+    assert unrelated < 3 * chance
+    assert backward["new_vs_old_top1"] > unrelated + 0.2
