@@ -146,6 +146,8 @@ def main() -> None:
                                     cloud_phase=cloud_phase if edge_phase_only else None,
                                     snapshot=cloud_phase if name == "default" else None))
                 print(f"  {name} seed {seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+                if args.json:  # after every run, so a long benchmark stopped midway keeps its rows
+                    Path(args.json).write_text(json.dumps({**results, name: runs}, indent=2))
             results[name] = runs
 
     first = next(iter(results.values()))[0]
@@ -171,8 +173,6 @@ def main() -> None:
                      f" {cell([r['edge_vs_edge_top1'] for r in rows]):>13}"
                      f" {statistics.mean(r['ratio_to_paragon'] for r in rows):6.3f} {'yes' if bct else 'no':>4}")
         print(line + f" | {statistics.median(r['seconds'] for r in runs):6.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
