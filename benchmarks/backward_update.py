@@ -62,6 +62,7 @@ def main() -> None:
 
         update = copy.deepcopy(base)
         update.train.seed, update.train.mode, update.train.previous = args.seed, "backward", str(old)
+        update.train.edge_epochs = None  # one phase: every new member learns against the old cloud
         started = time.perf_counter()
         train(update, Path(tmp) / "backward", progress=False)
         seconds = time.perf_counter() - started

@@ -7,7 +7,8 @@ independent baseline).
 
 Rows that change only the edge phase of sequential training start that phase from the default row's
 checkpoint after its cloud phase (same seed): training is deterministic and resumable, so this gives the
-weights a full run would, and the row's wall time counts the cloud phase it reused.
+weights a full run would, and the row's training time counts the cloud phase it reused.  With --keep DIR
+the rows are trained into DIR and a second run resumes them: finished rows are only evaluated again.
 
     python benchmarks/compat_quality.py                       # Omniglot, default recipe vs independent
     python benchmarks/compat_quality.py --rows all --epochs 10 --edge-epochs 20 --seeds 0 1 2
@@ -19,10 +20,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,31 +82,43 @@ def apply(config, change: dict, epochs: int | None, edge_epochs: int | None, see
     return config
 
 
+def training_seconds(history: list[dict]) -> float:
+    """Wall time of a training from its history, summed over the processes that ran it (resumes)."""
+    total, last = 0.0, 0.0
+    for entry in history:
+        if entry["seconds"] < last:  # a new process started counting
+            total += last
+        last = entry["seconds"]
+    return total + last
+
+
 def run_row(config, out: Path, cloud_phase: Path | None = None, snapshot: Path | None = None) -> dict:
-    """Train and evaluate one row; resume from `cloud_phase` if given, else keep the cloud phase in `snapshot`."""
+    """Train (or finish training) and evaluate one row into `out`.
+
+    A row starts from `cloud_phase` (a checkpoint after the cloud phase) if given; the default row keeps
+    its own in `snapshot`.  A row already trained in `out` (a benchmark run again with --keep) is resumed,
+    which for a finished one is evaluation alone.
+    """
     import shutil
 
     import hetero.train as train_module
 
-    reused = 0.0
-    if cloud_phase:
+    if cloud_phase and not (out / "checkpoints").exists():
         shutil.copytree(cloud_phase, out / "checkpoints")
-        reused = json.loads((cloud_phase / "train_state.json").read_text())["history"][-1]["seconds"]
     save_state = train_module._save_state
 
     def save_and_snapshot(run, family, optimizer, epoch, history):
         save_state(run, family, optimizer, epoch, history)
         if snapshot and epoch == config.train.epochs:
-            shutil.copytree(run / "checkpoints", snapshot)
+            shutil.copytree(run / "checkpoints", snapshot, dirs_exist_ok=True)
 
     train_module._save_state = save_and_snapshot
-    started = time.perf_counter()
     try:
-        train(config, out, resume=cloud_phase is not None, progress=False)
+        manifest = train(config, out, resume=True, progress=False)
     finally:
         train_module._save_state = save_state
     report = evaluate(out)
-    seconds = time.perf_counter() - started + reused
+    seconds = training_seconds(manifest["training"]["history"])
     cloud = report["cloud"]
     return {"cc": report["matrix"][cloud][cloud]["top1"], "edges": report["edges"], "seconds": seconds,
             "chance": report["chance_top1"]}
@@ -134,21 +147,20 @@ def main() -> None:
         if args.keep:
             tmp = args.keep
             Path(tmp).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            seeds = args.seeds if name == "default" else args.seeds[:1]
-            runs = []
-            for seed in seeds:
-                config = apply(base, ROWS[name], args.epochs, args.edge_epochs, seed)
-                cloud_phase = Path(tmp) / f"cloud-phase-{seed}"
-                edge_phase_only = (config.train.mode == "sequential" and set(ROWS[name]) <= EDGE_PHASE_KEYS
-                                   and name != "default" and cloud_phase.exists())
-                runs.append(run_row(config, Path(tmp) / f"{len(results)}-{seed}",
-                                    cloud_phase=cloud_phase if edge_phase_only else None,
-                                    snapshot=cloud_phase if name == "default" else None))
-                print(f"  {name} seed {seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
-                if args.json:  # after every run, so a long benchmark stopped midway keeps its rows
-                    Path(args.json).write_text(json.dumps({**results, name: runs}, indent=2))
-            results[name] = runs
+        # Every row at the first seed, then the default row's other seeds.
+        plan = [(name, args.seeds[0]) for name in names] + [("default", s) for s in args.seeds[1:] if "default" in names]
+        for name, seed in plan:
+            config = apply(base, ROWS[name], args.epochs, args.edge_epochs, seed)
+            cloud_phase = Path(tmp) / f"cloud-phase-{seed}"
+            edge_phase_only = (config.train.mode == "sequential" and set(ROWS[name]) <= EDGE_PHASE_KEYS
+                               and name != "default" and cloud_phase.exists())
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            row = run_row(config, Path(tmp) / f"{slug}-{seed}", cloud_phase=cloud_phase if edge_phase_only else None,
+                          snapshot=cloud_phase if name == "default" else None)
+            results.setdefault(name, []).append(row)
+            print(f"  {name} seed {seed}: trained in {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+            if args.json:  # after every run, so a long benchmark stopped midway keeps its rows
+                Path(args.json).write_text(json.dumps(results, indent=2))
 
     first = next(iter(results.values()))[0]
     edges = list(first["edges"])
@@ -157,7 +169,7 @@ def main() -> None:
     header = f"{'recipe':32} {'M[c][c]':>13}"
     for edge in edges:
         header += f" | {edge + ' FLOPs':>14} {'M[e][c]':>13} {'M[e][e]':>13} {'ratio':>6} {'BCT':>4}"
-    print(header + f" | {'wall s':>6}")
+    print(header + f" | {'train s':>7}")
 
     def cell(values):
         mean = statistics.mean(values)
@@ -172,7 +184,7 @@ def main() -> None:
             line += (f" | {'1/' + format(1 / flops, '.1f'):>14} {cell([r['edge_vs_cloud_top1'] for r in rows]):>13}"
                      f" {cell([r['edge_vs_edge_top1'] for r in rows]):>13}"
                      f" {statistics.mean(r['ratio_to_paragon'] for r in rows):6.3f} {'yes' if bct else 'no':>4}")
-        print(line + f" | {statistics.median(r['seconds'] for r in runs):6.0f}")
+        print(line + f" | {statistics.median(r['seconds'] for r in runs):7.0f}")
 
 
 if __name__ == "__main__":

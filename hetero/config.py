@@ -175,6 +175,10 @@ class TrainConfig:
     mixed_matching: float = 1.0
     detach_cloud: bool = True
     workers: int = 0
+    # bfloat16 autocast and channels-last tensors: `auto` turns each on where the device gains from it (a
+    # CUDA GPU; bf16 where it supports it) and off on the CPU, whose fp32 kernels are the fast ones here.
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    channels_last: Literal["auto", "off", "on"] = "auto"
 
     @field_validator("losses")
     @classmethod

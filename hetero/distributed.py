@@ -63,10 +63,10 @@ def barrier() -> None:
 
 
 def device() -> torch.device:
-    """This rank's device: its own GPU under nccl, else the CPU."""
-    if is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
+    """This rank's device: its own GPU under nccl or alone on a GPU machine, else (gloo, no GPU) the CPU."""
+    if is_initialized():
+        return torch.device("cuda", local_rank()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def broadcast_object(value, src: int = 0):

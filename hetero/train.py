@@ -60,9 +60,10 @@ class Family(torch.nn.Module):
         self.previous: Embedder | None = None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
-                edge_classification: float = 1.0, mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
+                mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one batch (family_loss), as a method so that DistributedDataParallel can wrap it."""
-        return family_loss(self, trained, images, labels, detach_cloud, edge_classification, mixed_matching)
+        return family_loss(self, trained, images, labels, detach_cloud, edge_classification, mixed, mixed_matching)
 
     def head(self, member: str) -> SharedClassifier:
         return self.heads["shared"] if "shared" in self.heads else self.heads[member]
@@ -99,6 +100,14 @@ def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
     return [(list(family.members), epochs)]
 
 
+def _accelerations(train_cfg, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels-last) for this device, from the config's auto/on/off choices."""
+    gpu = device.type == "cuda"
+    amp = train_cfg.amp == "bf16" or (train_cfg.amp == "auto" and gpu and torch.cuda.is_bf16_supported())
+    channels_last = train_cfg.channels_last == "on" or (train_cfg.channels_last == "auto" and gpu)
+    return amp, channels_last
+
+
 def _global_batch_size(train_cfg, images: int) -> int:
     """`train.batch_size` is the global batch: all ranks together see that many images per step."""
     unit = distributed.world_size() * train_cfg.samples_per_class
@@ -119,14 +128,15 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
-                detach_cloud: bool, edge_classification: float = 1.0,
+                detach_cloud: bool, edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
                 mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch for the members being trained; the reference embedding is computed once.
 
     The reference is the cloud member's embedding, or in backward mode the earlier family's frozen cloud's,
     against which the new cloud is a query like the edge members.  The classification loss is a mean over
     this rank's images (DDP averages it over ranks); the cross-model terms, some of which compare every
-    pair of the batch, see the global batch (gathered; alone a no-op).
+    pair of the batch, see the global batch (gathered; alone a no-op).  `mixed` holds mixup images of the
+    batch (see mixup) for the label-free terms, weighted by `mixed_matching`.
     """
     cloud_emb = None
     if family.previous is not None:
@@ -156,26 +166,31 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
                 parts[f"{name}/{term}"] = value.item()
                 loss = loss + weight * value
         total = total + loss
-    if mixed_matching > 0 and family.cross:
-        total = total + mixed_matching * match_on_mixed_images(family, trained, images, parts)
+    if mixed is not None and mixed_matching > 0 and family.cross:
+        total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts)
     return total, parts
 
 
-def match_on_mixed_images(family: Family, trained: list[str], images: torch.Tensor, parts: dict) -> torch.Tensor:
+def mixup(images: torch.Tensor) -> torch.Tensor:
+    """Each image mixed with another of the batch at a uniform random ratio (drawn from the global RNG)."""
+    mix = torch.rand(len(images), 1, 1, 1)
+    return mix * images + (1 - mix) * images[torch.randperm(len(images))]
+
+
+def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict) -> torch.Tensor:
     """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixup images.
 
-    Mixing pairs of the batch gives inputs off the training images, where a student that only matched
-    the reference on real images would drift; matching there is what carries over to unseen classes.
+    Mixed images lie off the training images, where a student that only matched the reference on real
+    images would drift; matching there is what carries over to unseen classes.
     """
-    mix = torch.rand(len(images), 1, 1, 1, device=images.device)
-    mixed = mix * images + (1 - mix) * images[torch.randperm(len(images), device=images.device)]
+    queries = [name for name in trained if name != family.cloud_name or family.previous is not None]
+    total = torch.zeros((), device=mixed.device)
+    if not queries:  # the cloud phase: no student yet
+        return total
     reference_model = family.previous if family.previous is not None else family.cloud
     with torch.no_grad():
         reference = distributed.gather_with_grad(reference_model(resize_to(mixed, reference_model.input_size)))
-    total = torch.zeros((), device=images.device)
-    for name in trained:
-        if name == family.cloud_name and family.previous is None:
-            continue
+    for name in queries:
         member = family.members[name]
         emb = distributed.gather_with_grad(member(resize_to(mixed, member.input_size)))
         for term, (weight, fn) in family.cross.items():
@@ -237,7 +252,8 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     if distributed.world_size() > 1:
         distributed.convert_batchnorm(family)  # statistics of the global batch, as in one process
     device = distributed.device()
-    family.to(device)
+    amp, channels_last = _accelerations(train_cfg, device)
+    family.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(family.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
     dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
@@ -288,9 +304,14 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 factor = _lr_factor(phase_epoch * steps_per_epoch + step, epochs * steps_per_epoch, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * factor
-                images, labels = (t.to(device) for t in distributed.local_slice(images, labels))
-                loss, parts = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification,
-                                    train_cfg.mixed_matching)
+                # Mixed on the global batch, before slicing, so N processes mix as one would.
+                mixed = mixup(images) if train_cfg.mixed_matching > 0 else images
+                images, labels, mixed = (t.to(device) for t in distributed.local_slice(images, labels, mixed))
+                if channels_last:
+                    images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, parts = model(images, labels, trained, train_cfg.detach_cloud,
+                                        train_cfg.edge_classification, mixed, train_cfg.mixed_matching)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -303,7 +324,8 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 _save_state(out, family, optimizer, epoch, history)
             distributed.barrier()
 
-    manifest = write_family(config, out, family.cpu(), split, history, previous) if distributed.is_main() else None
+    run = {"device": device.type, "processes": distributed.world_size(), "amp_bf16": amp, "channels_last": channels_last}
+    manifest = write_family(config, out, family.cpu(), split, history, previous, run) if distributed.is_main() else None
     distributed.barrier()
     return distributed.broadcast_object(manifest)
 
@@ -339,7 +361,8 @@ def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
     head.W.copy_(torch.nn.functional.normalize(prototypes, dim=1).T)
 
 
-def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None) -> dict:
+def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None,
+                 run: dict | None = None) -> dict:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
     members, files = [], {}
@@ -371,7 +394,7 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
         "data": {"train_images": len(split.train), "train_classes": len(split.train.class_names),
                  "test_images": len(split.test), "test_classes": len(split.test.class_names),
                  "skipped_images": split.skipped},
-        "training": {"epochs": history[-1]["epoch"] if history else 0, "history": history},
+        "training": {"epochs": history[-1]["epoch"] if history else 0, **(run or {}), "history": history},
         "artifacts": [],
     }
     if previous:

@@ -11,7 +11,7 @@ import hetero.train as train_module
 from hetero.config import parse_config
 from hetero.data import load_split
 from hetero.manifest import read_manifest, sha256_file
-from hetero.train import Family, family_loss, train
+from hetero.train import Family, family_loss, mixup, train
 from tests.conftest import interrupt_after_epoch, tiny_config
 
 FAST = {"epochs": 2}
@@ -94,15 +94,38 @@ def test_cloud_and_head_start_the_same_whatever_the_edge_members():
     assert not torch.equal(a["heads.shared.loss.W"], other_seed["heads.shared.loss.W"])
 
 
+def test_bf16_autocast_and_channels_last_keep_the_fp32_loss():
+    """The GPU path (bf16 autocast, channels-last) computes the same loss as fp32, to bf16's precision."""
+    family = Family(small_config(), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    mixed = mixup(images)
+    reference, _ = family_loss(family, list(family.members), images, labels, True, mixed=mixed, mixed_matching=1.0)
+    family.to(memory_format=torch.channels_last)
+    images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = family_loss(family, list(family.members), images, labels, True, mixed=mixed, mixed_matching=1.0)
+    assert fast.item() == pytest.approx(reference.item(), rel=0.03)
+
+
+def test_accelerations_stay_off_on_the_cpu_unless_asked(tmp_path):
+    from hetero.train import _accelerations
+
+    cpu = torch.device("cpu")
+    assert _accelerations(small_config().train, cpu) == (False, False)
+    assert _accelerations(small_config(amp="bf16", channels_last="on").train, cpu) == (True, True)
+    manifest = train(small_config(epochs=1), tmp_path, progress=False)
+    assert manifest["training"]["amp_bf16"] is False and manifest["training"]["device"] == "cpu"
+
+
 def test_mixed_matching_trains_edges_on_label_free_terms_only():
     config = small_config()
     family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
     images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
     family.members["cloud"].eval()  # the edge phase of sequential mode
-    torch.manual_seed(0)
     plain, _ = family_loss(family, ["edge-a"], images, labels, detach_cloud=True)
-    torch.manual_seed(0)
-    loss, parts = family_loss(family, ["edge-a"], images, labels, detach_cloud=True, mixed_matching=1.0)
+    mixed = mixup(images)
+    assert not torch.equal(mixed, images) and mixed.min() >= 0 and mixed.max() <= 1
+    loss, parts = family_loss(family, ["edge-a"], images, labels, detach_cloud=True, mixed=mixed, mixed_matching=1.0)
     assert {"edge-a/mixed-regression", "edge-a/mixed-relational"} <= parts.keys()
     assert "edge-a/mixed-contrastive" not in parts  # mixed images have no single label
     mixed = 5.0 * parts["edge-a/mixed-relational"] + 20.0 * parts["edge-a/mixed-regression"]
@@ -110,6 +133,19 @@ def test_mixed_matching_trains_edges_on_label_free_terms_only():
     loss.backward()
     assert all(p.grad is None for p in family.members["cloud"].parameters())
     assert all(p.grad is not None for p in family.members["edge-a"].parameters())
+
+
+def test_cloud_phase_never_sees_mixed_images():
+    """Alone, the cloud has no student to match: mixed images must not reach it (nor its BatchNorm statistics)."""
+    family = Family(small_config(), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    before = {k: v.clone() for k, v in family.members["cloud"].state_dict().items()}
+    family_loss(family, ["cloud"], images, labels, True)
+    plain = {k: v.clone() for k, v in family.members["cloud"].state_dict().items()}
+    family.members["cloud"].load_state_dict(before)
+    _, parts = family_loss(family, ["cloud"], images, labels, True, mixed=mixup(images), mixed_matching=1.0)
+    assert not any("mixed" in key for key in parts)
+    assert all(torch.equal(plain[k], v) for k, v in family.members["cloud"].state_dict().items())
 
 
 def test_sequential_mode_never_updates_the_frozen_cloud_or_head(tmp_path, monkeypatch):
