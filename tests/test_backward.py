@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import hetero.train as train_module
+from hetero.cli import main
 from hetero.config import ConfigError, parse_config
 from hetero.evaluate import embed, evaluate, negative_flip_rate, retrieval_metrics
 from hetero.manifest import read_manifest
@@ -60,7 +61,7 @@ def test_backward_gradients_reach_every_new_member_never_the_old_cloud(tiny_fami
 
 
 @pytest.mark.slow
-def test_backward_update_serves_the_old_gallery(tiny_family_dir, tmp_path, monkeypatch):
+def test_backward_update_serves_the_old_gallery(tiny_family_dir, tmp_path, monkeypatch, capsys):
     """The new family's queries work against the old cloud's gallery; the same family trained alone does not."""
     snapshots = {}
     original = train_module._save_state
@@ -90,6 +91,9 @@ def test_backward_update_serves_the_old_gallery(tiny_family_dir, tmp_path, monke
     assert backward["negative_flip_rate"] < 0.3
     for edge in ("edge-a", "edge-b"):
         assert backward["edges_vs_old_top1"][edge] > 6 * chance
+    assert main(["eval", str(tmp_path / "update")]) == 0
+    printed = capsys.readouterr().out
+    assert "Backward compatibility" in printed and f"{backward['new_vs_old_top1']:.3f}" in printed
 
     # Without backward mode the same update lands in a space of its own: at chance against the old gallery.
     alone = train(update_config(None), tmp_path / "alone", progress=False)
