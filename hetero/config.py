@@ -169,14 +169,20 @@ class TrainConfig:
         default_factory=lambda: {"contrastive": 5.0, "relational": 5.0, "regression": 20.0})
     # Weight of each edge member's own classification loss; 0 trains edges by the cross-model terms alone.
     edge_classification: float = 1.0
-    # Weight of the label-free cross-model terms (regression, relational) again on mixup images of the batch:
-    # function matching off the training images, which carried over to unseen classes on Omniglot
+    # Weight of the label-free cross-model terms (regression, relational) again on images made from the
+    # batch: function matching off the training images, which carried over to unseen classes on Omniglot
     # (benchmarks/compat_quality.py); 0 turns it off.
     mixed_matching: float = 1.0
+    # How those images are made: mixup blends two images, cutmix pastes a box of one into another (with
+    # both, each image gets one of the two), dihedral then rotates/reflects each.  The matching is label-free,
+    # so rotated inputs need no rotation-invariant classes; they only show the students more of the
+    # teacher's function.  mixup alone is the default; examples/omniglot.yaml says what the others gained.
+    matching_inputs: list[Literal["mixup", "cutmix", "dihedral"]] = field(default_factory=lambda: ["mixup"])
     detach_cloud: bool = True
     workers: int = 0
-    # bfloat16 autocast and channels-last tensors: `auto` turns each on where the device gains from it (a
-    # CUDA GPU; bf16 where it supports it) and off on the CPU, whose fp32 kernels are the fast ones here.
+    # bfloat16 autocast and channels-last tensors: `auto` turns each on where the device gains from it:
+    # bf16 on a GPU or CPU that computes it in hardware (AVX512-BF16/AMX; elsewhere it is emulated and
+    # slower than fp32), channels-last on a CUDA GPU.  Losses are always computed in fp32.
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: Literal["auto", "off", "on"] = "auto"
 

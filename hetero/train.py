@@ -58,6 +58,12 @@ class Family(torch.nn.Module):
         self.cross = build_cross_model_losses(train.losses) if train.compat != "none" else {}
         # backward mode: the earlier family's cloud, frozen; every new member's embeddings answer to it.
         self.previous: Embedder | None = None
+        self.amp = False  # members compute in bfloat16 autocast; the losses always in float32
+
+    def embed(self, member: Embedder, images: torch.Tensor) -> torch.Tensor:
+        """A member's float32 embeddings of a batch (resized to its input size), in bf16 autocast if `amp`."""
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return member(resize_to(images, member.input_size)).float()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
                 edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
@@ -103,9 +109,16 @@ def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
 def _accelerations(train_cfg, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, channels-last) for this device, from the config's auto/on/off choices."""
     gpu = device.type == "cuda"
-    amp = train_cfg.amp == "bf16" or (train_cfg.amp == "auto" and gpu and torch.cuda.is_bf16_supported())
+    native_bf16 = torch.cuda.is_bf16_supported() if gpu else cpu_has_native_bf16()
+    amp = train_cfg.amp == "bf16" or (train_cfg.amp == "auto" and native_bf16)
     channels_last = train_cfg.channels_last == "on" or (train_cfg.channels_last == "auto" and gpu)
     return amp, channels_last
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slow."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def _global_batch_size(train_cfg, images: int) -> int:
@@ -141,11 +154,11 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
     cloud_emb = None
     if family.previous is not None:
         with torch.no_grad():
-            reference = family.previous(resize_to(images, family.previous.input_size))
+            reference = family.embed(family.previous, images)
     else:
         cloud_trained = family.cloud_name in trained
         with torch.set_grad_enabled(cloud_trained):
-            cloud_emb = family.cloud(resize_to(images, family.cloud.input_size))
+            cloud_emb = family.embed(family.cloud, images)
         reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
     if family.cross:
         reference, all_labels = distributed.gather_with_grad(reference), distributed.gather_with_grad(labels)
@@ -154,7 +167,7 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
     for name in trained:
         member = family.members[name]
         is_reference = name == family.cloud_name and cloud_emb is not None
-        emb = cloud_emb if is_reference else member(resize_to(images, member.input_size))
+        emb = cloud_emb if is_reference else family.embed(member, images)
         loss = family.head(name)(emb, None, labels)
         parts[f"{name}/cls"] = loss.item()
         if name != family.cloud_name:
@@ -172,16 +185,59 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
 
 
 def mixup(images: torch.Tensor) -> torch.Tensor:
-    """Each image mixed with another of the batch at a uniform random ratio (drawn from the global RNG)."""
+    """Each image blended with another of the batch at a uniform random ratio (drawn from the global RNG)."""
     mix = torch.rand(len(images), 1, 1, 1)
     return mix * images + (1 - mix) * images[torch.randperm(len(images))]
 
 
-def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict) -> torch.Tensor:
-    """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixup images.
+def cutmix(images: torch.Tensor) -> torch.Tensor:
+    """Each image with a box of uniform random area pasted from another image of the batch."""
+    n, _, h, w = images.shape
+    side = torch.rand(n).sqrt()
+    box_h, box_w = (side * h).long(), (side * w).long()
+    top, left = (torch.rand(n) * (h - box_h + 1)).long(), (torch.rand(n) * (w - box_w + 1)).long()
+    top, left, box_h, box_w = (t[:, None, None] for t in (top, left, box_h, box_w))
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+    return torch.where(inside[:, None], images[torch.randperm(n)], images)
 
-    Mixed images lie off the training images, where a student that only matched the reference on real
-    images would drift; matching there is what carries over to unseen classes.
+
+def dihedral(images: torch.Tensor) -> torch.Tensor:
+    """Each image under one of the 8 rotations/reflections of the square, drawn at random."""
+    choice = torch.randint(0, 8, (len(images),))
+    out = images.clone()
+    for k in range(8):
+        rows = torch.nonzero(choice == k).flatten()
+        if len(rows):
+            view = torch.rot90(images[rows], k % 4, dims=(-2, -1))
+            out[rows] = view.flip(-1) if k >= 4 else view
+    return out
+
+
+def matching_inputs(images: torch.Tensor, kinds: list[str]) -> torch.Tensor:
+    """Inputs off the training images for function matching: mixed pairs, then rotated/reflected.
+
+    With both mixup and cutmix, each image gets one of the two at random.
+    """
+    mixers = [MIXERS[k] for k in kinds if k in MIXERS]
+    out = images
+    if mixers:
+        out = mixers[0](images)
+        if len(mixers) > 1:
+            pick = torch.randint(0, len(mixers), (len(images),))
+            for index, mixer in enumerate(mixers[1:], start=1):
+                out = torch.where((pick == index)[:, None, None, None], mixer(images), out)
+    return dihedral(out) if "dihedral" in kinds else out
+
+
+MIXERS = {"mixup": mixup, "cutmix": cutmix}
+
+
+def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict) -> torch.Tensor:
+    """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixed images.
+
+    Mixed images (see matching_inputs) lie off the training images, where a student that only matched the
+    reference on real images would drift; matching there is what carries over to unseen classes.
     """
     queries = [name for name in trained if name != family.cloud_name or family.previous is not None]
     total = torch.zeros((), device=mixed.device)
@@ -189,10 +245,10 @@ def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tenso
         return total
     reference_model = family.previous if family.previous is not None else family.cloud
     with torch.no_grad():
-        reference = distributed.gather_with_grad(reference_model(resize_to(mixed, reference_model.input_size)))
+        reference = distributed.gather_with_grad(family.embed(reference_model, mixed))
     for name in queries:
         member = family.members[name]
-        emb = distributed.gather_with_grad(member(resize_to(mixed, member.input_size)))
+        emb = distributed.gather_with_grad(family.embed(member, mixed))
         for term, (weight, fn) in family.cross.items():
             if not fn.uses_labels:
                 value = fn(emb, reference, None)
@@ -253,6 +309,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
         distributed.convert_batchnorm(family)  # statistics of the global batch, as in one process
     device = distributed.device()
     amp, channels_last = _accelerations(train_cfg, device)
+    family.amp = amp
     family.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(family.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
@@ -305,13 +362,12 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * factor
                 # Mixed on the global batch, before slicing, so N processes mix as one would.
-                mixed = mixup(images) if train_cfg.mixed_matching > 0 else images
+                mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
                 images, labels, mixed = (t.to(device) for t in distributed.local_slice(images, labels, mixed))
                 if channels_last:
                     images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts = model(images, labels, trained, train_cfg.detach_cloud,
-                                        train_cfg.edge_classification, mixed, train_cfg.mixed_matching)
+                loss, parts = model(images, labels, trained, train_cfg.detach_cloud,
+                                    train_cfg.edge_classification, mixed, train_cfg.mixed_matching)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

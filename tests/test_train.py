@@ -11,7 +11,7 @@ import hetero.train as train_module
 from hetero.config import parse_config
 from hetero.data import load_split
 from hetero.manifest import read_manifest, sha256_file
-from hetero.train import Family, family_loss, mixup, train
+from hetero.train import Family, cutmix, dihedral, family_loss, matching_inputs, mixup, train
 from tests.conftest import interrupt_after_epoch, tiny_config
 
 FAST = {"epochs": 2}
@@ -95,25 +95,31 @@ def test_cloud_and_head_start_the_same_whatever_the_edge_members():
 
 
 def test_bf16_autocast_and_channels_last_keep_the_fp32_loss():
-    """The GPU path (bf16 autocast, channels-last) computes the same loss as fp32, to bf16's precision."""
+    """bf16 autocast (members only; losses stay float32) and channels-last give the fp32 loss to bf16's precision."""
     family = Family(small_config(), num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
     images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
     mixed = mixup(images)
     reference, _ = family_loss(family, list(family.members), images, labels, True, mixed=mixed, mixed_matching=1.0)
     family.to(memory_format=torch.channels_last)
+    family.amp = True
+    assert family.embed(family.cloud, images).dtype == torch.float32
     images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast, _ = family_loss(family, list(family.members), images, labels, True, mixed=mixed, mixed_matching=1.0)
+    fast, _ = family_loss(family, list(family.members), images, labels, True, mixed=mixed, mixed_matching=1.0)
+    assert fast.dtype == torch.float32
     assert fast.item() == pytest.approx(reference.item(), rel=0.03)
 
 
-def test_accelerations_stay_off_on_the_cpu_unless_asked(tmp_path):
+def test_bf16_is_automatic_only_where_the_hardware_computes_it(tmp_path, monkeypatch):
     from hetero.train import _accelerations
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
     assert _accelerations(small_config().train, cpu) == (False, False)
     assert _accelerations(small_config(amp="bf16", channels_last="on").train, cpu) == (True, True)
-    manifest = train(small_config(epochs=1), tmp_path, progress=False)
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert _accelerations(small_config().train, cpu) == (True, False)
+    assert _accelerations(small_config(amp="off").train, cpu) == (False, False)
+    manifest = train(small_config(epochs=1, amp="off"), tmp_path, progress=False)
     assert manifest["training"]["amp_bf16"] is False and manifest["training"]["device"] == "cpu"
 
 
@@ -133,6 +139,31 @@ def test_mixed_matching_trains_edges_on_label_free_terms_only():
     loss.backward()
     assert all(p.grad is None for p in family.members["cloud"].parameters())
     assert all(p.grad is not None for p in family.members["edge-a"].parameters())
+
+
+def _dihedral_views(image):
+    turns = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [t.flip(-1) for t in turns]
+
+
+def test_matching_inputs_lie_off_the_training_images_yet_are_made_of_them():
+    torch.manual_seed(0)
+    images = torch.rand(32, 3, 12, 12)
+    # cutmix: every pixel comes from the image itself or from one partner image of the batch
+    pasted = cutmix(images)
+    for i in range(len(images)):
+        own = (pasted[i] == images[i]).all(dim=0)
+        partners = [j for j in range(len(images)) if (pasted[i][:, ~own] == images[j][:, ~own]).all()]
+        assert own.all() or partners
+    assert sum(not torch.equal(pasted[i], images[i]) for i in range(len(images))) > len(images) // 2
+    # dihedral: each image is one of the 8 rotations/reflections of itself, and not always the identity
+    turned = dihedral(images)
+    assert all(any(torch.equal(turned[i], v) for v in _dihedral_views(images[i])) for i in range(len(images)))
+    assert sum(torch.equal(turned[i], images[i]) for i in range(len(images))) < len(images) // 2
+    both = matching_inputs(images, ["mixup", "cutmix"])
+    is_cut = torch.stack([((both[i] == images[i]).all(dim=0)).any() for i in range(len(images))])
+    assert 0 < is_cut.sum() < len(images)  # some images cut, others blended
+    assert torch.equal(matching_inputs(images, []), images)
 
 
 def test_cloud_phase_never_sees_mixed_images():
