@@ -167,7 +167,8 @@ class TrainConfig:
     # Cross-model terms between each edge member (query) and the cloud member (reference), with weights.
     losses: dict[str, float] = field(
         default_factory=lambda: {"contrastive": 5.0, "relational": 5.0, "regression": 20.0})
-    # Weight of each edge member's own classification loss; 0 trains edges by the cross-model terms alone.
+    # Weight of the shared classifier's loss on each edge member; 0 trains edges by the cross-model terms
+    # alone.  compat: none ignores it (independent members learn from their own classifier only).
     edge_classification: float = 1.0
     # Weight of the label-free cross-model terms (regression, relational) again on images made from the
     # batch: function matching off the training images, which carried over to unseen classes on Omniglot
@@ -211,6 +212,11 @@ class TrainConfig:
             raise ValueError("compat: mode 'backward' trains against the earlier cloud, so compat 'none' cannot apply")
         if self.edge_epochs is not None and self.mode != "sequential":
             raise ValueError(f"edge_epochs: only used in mode 'sequential' (mode is {self.mode!r})")
+        if self.edge_classification < 0:
+            raise ValueError(f"edge_classification: must be >= 0, got {self.edge_classification}")
+        if self.compat == "shared" and self.edge_classification == 0 and not any(self.losses.values()):
+            raise ValueError("edge_classification: 0 with no cross-model term in `losses` leaves the edge members "
+                             "nothing to learn from; give a loss a weight > 0 or edge_classification > 0")
         if self.mixed_matching < 0:
             raise ValueError(f"mixed_matching: must be >= 0, got {self.mixed_matching}")
         if self.previous and self.mode != "backward":

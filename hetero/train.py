@@ -170,7 +170,8 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
         emb = cloud_emb if is_reference else family.embed(member, images)
         loss = family.head(name)(emb, None, labels)
         parts[f"{name}/cls"] = loss.item()
-        if name != family.cloud_name:
+        if name != family.cloud_name and "shared" in family.heads:
+            # Independent members (compat: none) have only their own classifier to learn from: never weighed.
             loss = loss * edge_classification
         if not is_reference:
             all_emb = distributed.gather_with_grad(emb) if family.cross else emb

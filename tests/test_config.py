@@ -76,6 +76,8 @@ def test_unknown_loss_is_refused():
     ({"mixed_matching": -1.0}, "mixed_matching: must be >= 0"),
     ({"previous": "runs/old"}, "previous: only used in mode 'backward'"),
     ({"mode": "backward", "previous": "runs/old", "compat": "none"}, "compat: mode 'backward'"),
+    ({"edge_classification": -0.5}, "edge_classification: must be >= 0"),
+    ({"edge_classification": 0.0, "losses": {}}, "edge_classification: 0 with no cross-model term"),
 ])
 def test_training_mode_options_that_cannot_apply_are_refused(change, key):
     message = error_for(lambda d: d["train"].update(change))

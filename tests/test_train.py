@@ -141,6 +141,16 @@ def test_mixed_matching_trains_edges_on_label_free_terms_only():
     assert all(p.grad is not None for p in family.members["edge-a"].parameters())
 
 
+def test_edge_classification_weighs_the_shared_head_but_never_an_independent_member():
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    for compat in ("shared", "none"):
+        config = small_config(compat=compat, edge_classification=0.0, losses={"regression": 1.0})
+        family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+        loss, parts = family_loss(family, ["edge-a"], images, labels, True, edge_classification=0.0)
+        expected = parts["edge-a/cls"] if compat == "none" else parts["edge-a/regression"]
+        assert loss.item() == pytest.approx(expected, rel=1e-5), compat
+
+
 def _dihedral_views(image):
     turns = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
     return turns + [t.flip(-1) for t in turns]
