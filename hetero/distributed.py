@@ -179,6 +179,9 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
         from torch.distributed.nn.functional import all_reduce
 
+        # Statistics in float32 whatever the input (bf16 under autocast): E[x^2] - mean^2 cancels badly in bf16,
+        # and a bf16 count is not even exact.  Plain BatchNorm accumulates in float32 too.
+        input_dtype, x = x.dtype, x.float()
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
@@ -198,7 +201,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(input_dtype)
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

@@ -57,6 +57,22 @@ def test_local_slice_and_gather_alone_are_identity():
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.mean_across_ranks(2.5) == 2.5
 
 
+def test_global_batchnorm_keeps_float32_statistics_of_a_bf16_batch(monkeypatch):
+    """Under bf16 autocast the global BatchNorm gets bf16 activations; its statistics must not be bf16 sums."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    import torch.distributed.nn.functional as collective
+
+    monkeypatch.setattr(collective, "all_reduce", lambda t: t)  # this rank alone
+    torch.manual_seed(0)
+    x = (50 + 3 * torch.randn(64, 4, 6, 6)).bfloat16()  # an offset channel: E[x^2] - mean^2 cancels
+    plain, global_bn = torch.nn.BatchNorm2d(4), distributed.GlobalBatchNorm(4)
+    expected = plain(x.float())
+    y = global_bn(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(global_bn.running_var, plain.running_var, atol=0.05, rtol=0.01)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_on_the_global_batch(tmp_path):
     """Global BatchNorm + gathered batch-wise loss + DDP: the weights after 3 steps match one process."""
@@ -84,7 +100,8 @@ def _ddp_config(**train) -> dict:
     from tests.conftest import tiny_config
 
     # 96 training images: 3 steps per epoch; the recipe pinned so that new defaults leave the measurement valid
-    data = tiny_config(**{"epochs": 2, "batch_size": 32, "mode": "joint", "scale": 32.0,
+    # (fp32 too: TOLERANCE below is calibrated on fp32 rounding, whatever bf16 `amp: auto` would pick here)
+    data = tiny_config(**{"epochs": 2, "batch_size": 32, "mode": "joint", "scale": 32.0, "amp": "off",
                           "losses": {"contrastive": 1.0, "relational": 1.0}, **train})
     data["data"].update(num_classes=24, samples_per_class=6)
     return data
