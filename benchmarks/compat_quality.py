@@ -33,11 +33,15 @@ from hetero.config import load_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
 from hetero.train import train  # noqa: E402
 
-EDGE_PHASE_KEYS = {"train.losses", "train.mixed_matching", "train.edge_epochs", "train.edge_classification"}
+EDGE_PHASE_KEYS = {"train.losses", "train.mixed_matching", "train.edge_epochs", "train.edge_classification",
+                   "train.matching_inputs"}
 ROWS = {
     "default": {},
     "independent (compat: none)": {"train.compat": "none"},
-    "shared head only (BCT-style)": {"train.losses": {}},
+    "edge phase with the library's default terms": {
+        "train.edge_classification": 1.0, "train.losses": {"contrastive": 5.0, "relational": 5.0, "regression": 20.0}},
+    "mixup matching inputs only": {"train.matching_inputs": ["mixup"]},
+    "shared head only (BCT-style)": {"train.losses": {}, "train.edge_classification": 1.0},
     "contrastive only": {"train.losses": {"contrastive": 5.0}},
     "regression only": {"train.losses": {"regression": 5.0}},
     "relational only": {"train.losses": {"relational": 5.0}},
