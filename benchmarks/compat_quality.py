@@ -47,6 +47,7 @@ ROWS = {
     "relational only": {"train.losses": {"relational": 5.0}},
     "no mixed matching": {"train.mixed_matching": 0.0},
     "joint": {"train.mode": "joint"},
+    "fp32 (amp: off)": {"train.amp": "off"},
     "unmatched (mobilenet edges, same FLOPs)": {"family.edge_arch": "mobilenet"},
 }
 
