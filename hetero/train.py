@@ -148,8 +148,8 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
     The reference is the cloud member's embedding, or in backward mode the earlier family's frozen cloud's,
     against which the new cloud is a query like the edge members.  The classification loss is a mean over
     this rank's images (DDP averages it over ranks); the cross-model terms, some of which compare every
-    pair of the batch, see the global batch (gathered; alone a no-op).  `mixed` holds mixup images of the
-    batch (see mixup) for the label-free terms, weighted by `mixed_matching`.
+    pair of the batch, see the global batch (gathered; alone a no-op).  `mixed` holds images made from the
+    batch (see matching_inputs) for the label-free terms, weighted by `mixed_matching`.
     """
     cloud_emb = None
     if family.previous is not None:
