@@ -182,8 +182,8 @@ class TrainConfig:
     detach_cloud: bool = True
     workers: int = 0
     # bfloat16 autocast and channels-last tensors: `auto` turns each on where the device gains from it:
-    # bf16 on a GPU or CPU that computes it in hardware (AVX512-BF16/AMX; elsewhere it is emulated and
-    # slower than fp32), channels-last on a CUDA GPU.  Losses are always computed in fp32.
+    # bf16 on a GPU or CPU that computes it in hardware (AVX512-BF16/AMX; elsewhere torch emulates it),
+    # channels-last on a CUDA GPU.  Losses are always computed in fp32.
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: Literal["auto", "off", "on"] = "auto"
 
