@@ -49,11 +49,12 @@ ROWS = {
     "joint": {"train.mode": "joint"},
     "fp32 (amp: off)": {"train.amp": "off"},
     "unmatched (mobilenet edges, same FLOPs)": {"family.edge_arch": "mobilenet"},
+    "edges at the cloud's input size (narrower, same FLOPs)": {"family.edge_input_size": "cloud"},
 }
 
 
-def flops_matched(member, arch: str, dim: int):
-    """`member` rebuilt in architecture `arch` at the width whose FLOPs come closest to the original's."""
+def flops_matched(member, dim: int, **changes):
+    """`member` with `changes` (arch, input_size) at the width whose FLOPs come closest to the original's."""
     import math
 
     from hetero.models import build_member, count_flops
@@ -63,7 +64,7 @@ def flops_matched(member, arch: str, dim: int):
 
     target = flops(member)
     widths = [round(0.25 + 0.05 * i, 2) for i in range(76)]  # 0.25 .. 4.0
-    candidates = [dataclasses.replace(member, arch=arch, width=w) for w in widths]
+    candidates = [dataclasses.replace(member, **changes, width=w) for w in widths]
     return min(candidates, key=lambda m: abs(math.log(flops(m) / target)))
 
 
@@ -71,8 +72,11 @@ def apply(config, change: dict, epochs: int | None, edge_epochs: int | None, see
     config = copy.deepcopy(config)
     for key, value in change.items():
         section, field = key.split(".")
-        if field == "edge_arch":
-            config.family.members = [m if m.role == "cloud" else flops_matched(m, value, config.family.embedding_dim)
+        if field in ("edge_arch", "edge_input_size"):  # edge_input_size: "cloud", the cloud member's
+            cloud = next(m for m in config.family.members if m.role == "cloud")
+            edge_change = {"arch": value} if field == "edge_arch" else {"input_size": cloud.input_size}
+            dim = config.family.embedding_dim
+            config.family.members = [m if m.role == "cloud" else flops_matched(m, dim, **edge_change)
                                      for m in config.family.members]
         else:
             setattr(getattr(config, section), field, value)
@@ -171,7 +175,8 @@ def main() -> None:
     edges = list(first["edges"])
     print(f"\n{args.config}: top-1 on held-out classes (chance {first['chance']:.3f}); "
           f"mean ± spread over seeds {args.seeds} where several")
-    header = f"{'recipe':32} {'M[c][c]':>13}"
+    width = max(len("recipe"), *map(len, results))
+    header = f"{'recipe':{width}} {'M[c][c]':>13}"
     for edge in edges:
         header += f" | {edge + ' FLOPs':>14} {'M[e][c]':>13} {'M[e][e]':>13} {'ratio':>6} {'BCT':>4}"
     print(header + f" | {'train s':>7}")
@@ -181,7 +186,7 @@ def main() -> None:
         return f"{mean:.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{mean:13.3f}"
 
     for name, runs in results.items():
-        line = f"{name:32} {cell([r['cc'] for r in runs]):>13}"
+        line = f"{name:{width}} {cell([r['cc'] for r in runs]):>13}"
         for edge in edges:
             rows = [r["edges"][edge] for r in runs]
             flops = rows[0]["flops_vs_cloud"]
