@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hetero.config import load_config  # noqa: E402
-from hetero.evaluate import backward_summary, compatibility_matrix, embed, evaluate  # noqa: E402
-from hetero.manifest import read_manifest  # noqa: E402
-from hetero.train import load_member, train  # noqa: E402
+from hetero.evaluate import backward_summary, compatibility_matrix, evaluate  # noqa: E402
+from hetero.family import FamilyStore  # noqa: E402
+from hetero.models import embed_images  # noqa: E402
+from hetero.train import train  # noqa: E402
 
 
 def train_alone(base, seed: int, old: Path, out: Path) -> tuple[dict, dict]:
@@ -34,13 +35,12 @@ def train_alone(base, seed: int, old: Path, out: Path) -> tuple[dict, dict]:
 
     alone = copy.deepcopy(base)
     alone.train.seed = seed
-    train(alone, out, progress=False)
+    new_store = train(alone, out, progress=False)
     split = load_split(base.data, base.load_size)
     images = split.test.floats()
-    old_manifest, new_manifest = read_manifest(old), read_manifest(out)
-    cloud = next(m["name"] for m in old_manifest["members"] if m["role"] == "cloud")
-    embeddings = {"alone": embed(load_member(out, new_manifest, cloud), images),
-                  "old": embed(load_member(old, old_manifest, cloud), images)}
+    old_store = FamilyStore.open(old)
+    embeddings = {"alone": embed_images(new_store.load_member(new_store.cloud.name), images),
+                  "old": embed_images(old_store.load_member(old_store.cloud.name), images)}
     matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
     return backward_summary(embeddings, split, "alone", "old", matrix), matrix
 
@@ -64,9 +64,9 @@ def main() -> None:
         update.train.seed, update.train.mode, update.train.previous = args.seed, "backward", str(old)
         update.train.edge_epochs = None  # one phase: every new member learns against the old cloud
         started = time.perf_counter()
-        train(update, Path(tmp) / "backward", progress=False)
+        store = train(update, Path(tmp) / "backward", progress=False)
         seconds = time.perf_counter() - started
-        report = evaluate(Path(tmp) / "backward")
+        report = evaluate(store)
         figures = dict(report["backward"], train_seconds=round(seconds, 1))
         figures["new_vs_new_top1"] = report["matrix"][report["cloud"]][report["cloud"]]["top1"]
 

@@ -104,30 +104,23 @@ def training_seconds(history: list[dict]) -> float:
 def run_row(config, out: Path, cloud_phase: Path | None = None, snapshot: Path | None = None) -> dict:
     """Train (or finish training) and evaluate one row into `out`.
 
-    A row starts from `cloud_phase` (a checkpoint after the cloud phase) if given; the default row keeps
-    its own in `snapshot`.  A row already trained in `out` (a benchmark run again with --keep) is resumed,
-    which for a finished one is evaluation alone.
+    A row starts from `cloud_phase` (a training state after the cloud phase) if given; the default row
+    keeps its own in `snapshot`.  A row already trained in `out` (a benchmark run again with --keep) is
+    resumed, which for a finished one is evaluation alone.
     """
     import shutil
 
-    import hetero.train as train_module
+    from hetero.family import TRAIN_STATE
 
-    if cloud_phase and not (out / "checkpoints").exists():
-        shutil.copytree(cloud_phase, out / "checkpoints")
-    save_state = train_module._save_state
+    def keep_cloud_phase(end):
+        if snapshot and end.epoch == config.train.epochs:
+            shutil.copy(end.out / TRAIN_STATE, snapshot)
 
-    def save_and_snapshot(run, family, optimizer, epoch, history):
-        save_state(run, family, optimizer, epoch, history)
-        if snapshot and epoch == config.train.epochs:
-            shutil.copytree(run / "checkpoints", snapshot, dirs_exist_ok=True)
-
-    train_module._save_state = save_and_snapshot
-    try:
-        manifest = train(config, out, resume=True, progress=False)
-    finally:
-        train_module._save_state = save_state
-    report = evaluate(out)
-    seconds = training_seconds(manifest["training"]["history"])
+    resume = (out / TRAIN_STATE).exists()
+    store = train(config, out, resume=resume, progress=False, callbacks=[keep_cloud_phase],
+                  start_from=cloud_phase if not resume else None)
+    report = evaluate(store)
+    seconds = training_seconds([h.model_dump() for h in store.manifest.training.history])
     cloud = report["cloud"]
     return {"cc": report["matrix"][cloud][cloud]["top1"], "edges": report["edges"], "seconds": seconds,
             "chance": report["chance_top1"]}
@@ -160,7 +153,7 @@ def main() -> None:
         plan = [(name, args.seeds[0]) for name in names] + [("default", s) for s in args.seeds[1:] if "default" in names]
         for name, seed in plan:
             config = apply(base, ROWS[name], args.epochs, args.edge_epochs, seed)
-            cloud_phase = Path(tmp) / f"cloud-phase-{seed}"
+            cloud_phase = Path(tmp) / f"cloud-phase-{seed}.safetensors"
             edge_phase_only = (config.train.mode == "sequential" and set(ROWS[name]) <= EDGE_PHASE_KEYS
                                and name != "default" and cloud_phase.exists())
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -37,30 +37,32 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
-    from hetero.export import export_member
-    from hetero.manifest import read_manifest
+    from hetero.exporter import export_member
+    from hetero.family import FamilyStore
     from hetero.profiles import all_profiles, load_profile
-    from hetero.verify import reference_from_dir, run_checks, summary_rows
+    from hetero.reference import reference_from_store
+    from hetero.report import summary_rows
+    from hetero.verify import run_checks
 
     profiles = [load_profile(p) for p in args.profile] if args.profile else all_profiles()
-    manifest = read_manifest(args.dir)
-    members = args.member or [m["name"] for m in manifest["members"] if m["role"] == "edge"]
+    store = FamilyStore.open(args.dir)
+    members = args.member or [m.name for m in store.edges]
     exported, failures = {}, []
-    for profile in profiles:
-        for member in members:
-            started = time.perf_counter()
-            try:
-                artifact = export_member(args.dir, member, profile, allow_over_budget=True)
-            except Exception as err:  # report and go on: one failing converter must not hide the others
-                failures.append(f"{member}@{profile.name}: {err}")
-                continue
-            exported[(profile.name, member)] = {**artifact, "wall_seconds": time.perf_counter() - started}
-            print(f"exported {member}@{profile.name} in {exported[(profile.name, member)]['wall_seconds']:.1f} s",
-                  file=sys.stderr)
+    with store.lock("export"):
+        for profile in profiles:
+            for member in members:
+                started = time.perf_counter()
+                try:
+                    artifact = export_member(store, member, profile, allow_over_budget=True)
+                except Exception as err:  # report and go on: one failing converter must not hide the others
+                    failures.append(f"{member}@{profile.name}: {err}")
+                    continue
+                wall = time.perf_counter() - started
+                exported[(profile.name, member)] = {**artifact.model_dump(), "wall_seconds": wall}
+                print(f"exported {member}@{profile.name} in {wall:.1f} s", file=sys.stderr)
 
-    reference = reference_from_dir(args.dir, None, args.images)
-    reference.artifacts = [a for a in reference.artifacts if (a["profile"], a["member"]) in exported]
-    report = run_checks(reference, args.latency_runs, all_runtimes=False)
+    artifacts = [a for a in store.reload().artifacts() if (a.profile, a.member) in exported]
+    report = run_checks(reference_from_store(store, artifacts, args.images), args.latency_runs, all_runtimes=False)
     by_profile = {p.name: p for p in profiles}
     rows = []
     for row in summary_rows(report):

@@ -68,21 +68,18 @@ def _ort(path: Path, threads: int):
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _members(args) -> tuple[list[tuple[str, torch.nn.Module, dict]], dict, Path | None]:
-    """(name, torch model, artifact metadata) per edge member; the manifest; the family directory."""
-    from hetero.export import artifact_metadata
+def _members(args) -> tuple[list[tuple[str, torch.nn.Module, dict]], object]:
+    """(name, torch model, artifact metadata) per edge member; the family (None for untrained members)."""
+    from hetero.exporter import artifact_metadata
     from hetero.profiles import load_profile
 
     profile = load_profile("server-onnx-fp32")
     if args.family:
-        from hetero.manifest import read_manifest
-        from hetero.train import load_member
+        from hetero.family import FamilyStore
 
-        family = Path(args.family)
-        manifest = read_manifest(family)
-        out = [(m["name"], load_member(family, manifest, m["name"]), artifact_metadata(manifest, m, profile))
-               for m in manifest["members"] if m["role"] == "edge"]
-        return out, manifest, family
+        store = FamilyStore.open(args.family)
+        out = [(m.name, store.load_member(m.name), artifact_metadata(store, m, profile)) for m in store.edges]
+        return out, store
     from hetero.config import load_config
     from hetero.models import build_member
 
@@ -92,7 +89,7 @@ def _members(args) -> tuple[list[tuple[str, torch.nn.Module, dict]], dict, Path 
         model = build_member(cfg, config.family.embedding_dim).eval()
         meta = {"space_id": "untrained", "member": cfg.name, "input_size": cfg.input_size, "layout": "NCHW"}
         out.append((cfg.name, model, meta))
-    return out, {}, None
+    return out, None
 
 
 def _time(fn, x: np.ndarray, warmup: int) -> float:
@@ -116,10 +113,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from hetero.export import open_runtime
+    from hetero import formats
     from hetero.profiles import load_profile
 
-    members, manifest, family = _members(args)
+    members, store = _members(args)
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
           f"median of {args.runs} calls, runtimes interleaved")
     header = (f"{'member':<8} | {'runtime':<28} | {'batch-1 ms':>10} | {'batch-32 img/s':>14} | "
@@ -140,13 +137,13 @@ def main(argv=None) -> None:
 
             runtimes = {"torch eager fp32": torch_eager, "onnxruntime fp32": _ort(fp32, args.threads),
                         "onnxruntime int8 QDQ static": _ort(int8, args.threads)}
-            for artifact in manifest.get("artifacts", []):
-                if artifact["member"] != name:
+            for artifact in store.artifacts() if store else []:
+                if artifact.member != name:
                     continue
-                label = f"{artifact['format']} {artifact['precision']} ({artifact['profile']})"
+                label = f"{artifact.format} {artifact.precision} ({artifact.profile})"
                 try:
-                    runtime = open_runtime(family / artifact["file"], artifact["format"],
-                                           load_profile(artifact["profile"]).verify.runtime)
+                    runtime = formats.get(artifact.format).open(store.artifact_path(artifact),
+                                                                load_profile(artifact.profile).verify.runtime)
                 except Exception as err:  # e.g. CoreML on Linux: say so, keep timing the others
                     print(f"{name:<8} | {label[:28]:<28} | skipped: {type(err).__name__}: {str(err)[:60]}")
                     continue

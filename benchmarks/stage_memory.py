@@ -57,7 +57,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         family = str(Path(tmp) / "family")
-        stages = [("train", ["train", args.config, "--out", family, "--quiet"]), ("eval", ["eval", family])]
+        stages = [("train", ["train", args.config, "--out", family, "--quiet", "--overwrite"]),
+                  ("eval", ["eval", family])]
         stages += [(f"export {p}", ["export", family, "--profile", p]) for p in args.profiles]
         stages.append(("verify (every artifact)", ["verify", family]))
         if Path(args.gallery_images).exists():

@@ -17,19 +17,18 @@ import time
 from pathlib import Path
 
 
-def export_all(run_dir: Path) -> list[str]:
-    from hetero.export import export_member
-    from hetero.manifest import read_manifest
+def export_all(store) -> list[str]:
+    from hetero.exporter import export_member
     from hetero.profiles import all_profiles
 
     problems = []
-    edges = [m["name"] for m in read_manifest(run_dir)["members"] if m["role"] == "edge"]
-    for profile in all_profiles():
-        for edge in edges:
-            try:
-                export_member(run_dir, edge, profile)
-            except Exception as err:  # a profile whose format is not available, a member over budget
-                problems.append(f"{edge}@{profile.name}: {str(err).splitlines()[0][:160]}")
+    with store.lock("export"):
+        for profile in all_profiles():
+            for edge in store.edges:
+                try:
+                    export_member(store, edge.name, profile)
+                except Exception as err:  # a profile whose format is not available, a member over budget
+                    problems.append(f"{edge.name}@{profile.name}: {str(err).splitlines()[0][:160]}")
     return problems
 
 
@@ -45,13 +44,17 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     import torch  # noqa: F401  (import time is part of what a user waits for, but reported apart)
 
-    from hetero.verify import reference_from_dir, run_checks, summary_rows
+    from hetero.family import FamilyStore
+    from hetero.reference import ReferenceCache, reference_from_store
+    from hetero.report import summary_rows
+    from hetero.verify import run_checks
 
     imported = time.perf_counter() - started
     run_dir = Path(args.dir)
-    problems = export_all(run_dir) if args.export_all else []
+    store = FamilyStore.open(run_dir)
+    problems = export_all(store) if args.export_all else []
     t0 = time.perf_counter()
-    reference = reference_from_dir(run_dir, max_images=args.images)
+    reference = reference_from_store(store.reload(), store.artifacts(), args.images, cache=ReferenceCache())
     t1 = time.perf_counter()
     report = run_checks(reference, latency_runs=args.latency_runs)
     t2 = time.perf_counter()

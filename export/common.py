@@ -1,21 +1,17 @@
-"""Pieces every exporter and runtime adapter shares: the metadata key, errors, layout and batching."""
+"""Pieces every exporter and runtime adapter shares: the metadata key, layout, batching, parity, quiet output."""
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from hetero.errors import ExportError, RuntimeUnavailable  # noqa: F401 -- the converters' errors
+
 METADATA_KEY = "hetero"
-
-
-class ExportError(RuntimeError):
-    """An export or runtime step that failed, with a message for people."""
-
-
-class RuntimeUnavailable(ExportError):
-    """The runtime cannot execute this artifact on this host (CoreML outside macOS, a missing package).
-
-    Verification reports the numeric checks as skipped with this reason, never as passed.
-    """
 
 
 class _ChannelsLastInput(torch.nn.Module):
@@ -63,36 +59,7 @@ class RuntimeAdapter:
         return np.concatenate(out)
 
 
-# ------------------------------------------------------------------------------------------- artifact files
-
-
-def sha256_path(path) -> str:
-    """sha256 of a file, or of a directory artifact (.mlpackage): sorted relative paths plus file hashes.
-
-    The directory form is deterministic (independent of file system order and timestamps) and matches what
-    `hetero verify` recomputes.
-    """
-    import hashlib
-    from pathlib import Path
-
-    from hetero.manifest import sha256_file
-
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + sha256_file(item).encode() + b"\0")
-    return digest.hexdigest()
-
-
-def path_bytes(path) -> int:
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -139,3 +106,39 @@ def keeps_parity(check: dict, tolerance: float) -> bool:
     """A quantisation scheme is kept only with half the profile's cosine budget to spare: the tail on
     held-out classes is worse than on training images (seen: 0.994 on training images, 0.979 held out)."""
     return check["min_cosine"] >= 1 - (1 - tolerance) / 2
+
+
+@contextmanager
+def converter_output(verbose: bool = False):
+    """Keep what converters print (progress bars, warnings, C++ logs) off the terminal unless `verbose`.
+
+    Output is caught at the file-descriptor level, where native code writes too; `tail()` of the yielded
+    object returns its end, for an error message when the conversion fails.
+    """
+    class Caught:
+        text = ""
+
+        def tail(self, lines: int = 15) -> str:
+            return "\n".join(self.text.strip().splitlines()[-lines:])
+
+    caught = Caught()
+    if verbose:
+        yield caught
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield caught
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            sink.seek(0)
+            caught.text = sink.read().decode("utf-8", "replace")

@@ -83,10 +83,10 @@ def inspect_artifact(path: Path) -> dict:
     import coremltools as ct
     from coremltools.proto import MIL_pb2
 
-    from hetero.verify import inspect_coreml_spec
-
-    facts = inspect_coreml_spec(Path(path))
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    description = spec.description
+    user = dict(description.metadata.userDefined)
+    metadata = json.loads(user[METADATA_KEY]) if METADATA_KEY in user else None
     weights: dict[str, int] = {}
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
@@ -101,8 +101,22 @@ def inspect_artifact(path: Path) -> dict:
                 if count >= 64:  # weights, not scalars
                     name = MIL_pb2.DataType.Name(tensor.dataType)
                     weights[name] = weights.get(name, 0) + count
-    facts["weight_dtypes"] = weights
-    return facts
+    return {
+        "metadata": metadata,
+        "inputs": {f.name: _shape(f) for f in description.input},
+        "outputs": {f.name: _shape(f) for f in description.output},
+        "weight_dtypes": weights,
+        "spec_type": spec.WhichOneof("Type"),
+    }
+
+
+def _shape(feature) -> list[int]:
+    kind = feature.type.WhichOneof("Type")
+    if kind == "multiArrayType":
+        return [int(d) for d in feature.type.multiArrayType.shape]
+    if kind == "imageType":
+        return [1, 3, int(feature.type.imageType.height), int(feature.type.imageType.width)]
+    return []
 
 
 class CoreMLAdapter(RuntimeAdapter):

@@ -17,14 +17,14 @@ Metadata lives in the flatbuffer's own `metadata` table under the key "hetero" (
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cachetools import LRUCache
 
 from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, example_input, graph_for,
                                   keeps_parity, need_calibration, parity, split_calibration)
@@ -33,7 +33,8 @@ SIGNATURE = "serving_default"
 # Ops of the backbone that static int8 quantises; the input normalisation and the embedding head
 # (FULLY_CONNECTED, batch norm, L2 normalisation) stay float, as in the ONNX exporter.
 STATIC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
-_FLOAT_CACHE: dict[tuple, bytes] = {}
+# Float conversions by (weights, size, layout, batch): the profiles of one member share one conversion.
+_FLOAT_CACHE: LRUCache = LRUCache(maxsize=8)
 
 
 def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
@@ -65,9 +66,8 @@ def _float_tflite(model: torch.nn.Module, profile, size: int) -> bytes:
         state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     key = (state.hexdigest(), size, profile.layout, profile.batch)
     if key not in _FLOAT_CACHE:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress log would drown the CLI's output
-            converted = litert_torch.convert(graph_for(model, profile), (example_input(profile, size),))
-            _FLOAT_CACHE[key] = bytes(converted.model_content())
+        converted = litert_torch.convert(graph_for(model, profile), (example_input(profile, size),))
+        _FLOAT_CACHE[key] = bytes(converted.model_content())
     return _FLOAT_CACHE[key]
 
 
@@ -75,10 +75,8 @@ def _quantize(float_model: bytes, recipe, calibration_data=None) -> bytes:
     from ai_edge_quantizer import quantizer
 
     q = quantizer.Quantizer(bytearray(float_model), recipe)
-    # The quantizer prints size reports and progress bars to stdout; keep the CLI's output readable.
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = q.calibrate(calibration_data) if calibration_data is not None else None
-        return bytes(q.quantize(result).quantized_model)
+    result = q.calibrate(calibration_data) if calibration_data is not None else None
+    return bytes(q.quantize(result).quantized_model)
 
 
 def _fp16(float_model: bytes):

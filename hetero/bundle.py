@@ -21,39 +21,60 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hetero.manifest import ManifestError, atomic_path, atomic_write_json
+from hetero.errors import ConfigError, ManifestError
+from hetero.family import ArtifactRecord, MemberRecord
+from hetero.files import atomic_path, atomic_write_json
+from hetero.reference import Reference
 
 BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 ARRAYS = "arrays.npz"
+MAX_UNPACKED_BYTES = 8 << 30  # everything a bundle unpacks to; more is refused before extraction
 
 
 class BundleError(ManifestError):
-    """A bundle that cannot be used (not a zip, missing parts, another version)."""
+    """A bundle that cannot be used (not a zip, missing parts, another version, paths outside)."""
 
 
-def write_bundle(reference, path: str | Path, report: dict | None = None) -> Path:
-    """Write the bundle for `reference` (see :func:`hetero.verify.reference_from_dir`) at `path`."""
-    from hetero.verify import _resolve_profile, summary_rows
+class BundleMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_version: int
+    family: str
+    space_id: str
+    gallery_space_id: str
+    cloud: str
+    source: str
+    members: dict[str, MemberRecord]
+    artifacts: list[ArtifactRecord]
+    profiles: dict[str, dict[str, Any]]
+    torch_figures: dict[str, dict[str, dict[str, float]]]
+    expected: list[dict[str, Any]] = []
+
+
+def write_bundle(reference: Reference, path: str | Path, report: dict | None = None) -> Path:
+    """Write the bundle for `reference` (see :func:`hetero.reference.reference_from_store`) at `path`."""
+    from hetero.report import summary_rows
+    from hetero.verify import _resolve_profile
 
     path = Path(path)
     profiles = {}
     for artifact in reference.artifacts:
         try:
-            profiles[artifact["profile"]] = asdict(_resolve_profile(artifact["profile"], reference))
+            profiles[artifact.profile] = asdict(_resolve_profile(artifact.profile, reference))
         except Exception:  # an unknown profile stays unknown; the identity check will say so in the bundle too
             pass
-    meta = {
-        "bundle_version": BUNDLE_VERSION, "family": reference.family, "space_id": reference.space_id,
-        "gallery_space_id": reference.gallery_space_id, "cloud": reference.cloud, "source": reference.source,
-        "members": reference.members, "artifacts": reference.artifacts, "profiles": profiles,
-        "torch_figures": reference.torch_figures,
-        "expected": summary_rows(report) if report else [],
-    }
+    meta = BundleMeta(
+        bundle_version=BUNDLE_VERSION, family=reference.family, space_id=reference.space_id,
+        gallery_space_id=reference.gallery_space_id, cloud=reference.cloud, source=reference.source,
+        members=reference.members, artifacts=reference.artifacts, profiles=profiles,
+        torch_figures=reference.torch_figures, expected=summary_rows(report) if report else [])
     arrays = {
         "query_images": reference.query_images.numpy().astype(np.uint8),
         "query_labels": reference.query_labels.numpy().astype(np.int64),
@@ -66,33 +87,72 @@ def write_bundle(reference, path: str | Path, report: dict | None = None) -> Pat
     np.savez_compressed(buffer, **arrays)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(BUNDLE_JSON, json.dumps(meta, indent=2))
+            archive.writestr(BUNDLE_JSON, meta.model_dump_json(indent=2))
             archive.writestr(ARRAYS, buffer.getvalue())
             for artifact in reference.artifacts:
-                source = reference.root / artifact["file"]
+                source = reference.artifact_path(artifact)
                 files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()) \
                     if source.is_dir() else []  # a missing artifact stays missing: verify reports it
                 for item in files:
                     archive.write(item, "artifacts/" + item.relative_to(reference.root).as_posix())
-    path.chmod(0o644)  # mkstemp made it private; a bundle is meant to be handed on
     return path
 
 
-def _safe_extract(archive: zipfile.ZipFile, target: Path) -> None:
+def _safe_extract(archive: zipfile.ZipFile, target: Path, source: Path) -> None:
+    total = 0
     for info in archive.infolist():
         name = PurePosixPath(info.filename)
-        if name.is_absolute() or ".." in name.parts:
-            raise BundleError(f"bundle member {info.filename!r} points outside the bundle; refusing to extract")
+        if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
+            raise BundleError(f"{source}: member {info.filename!r} points outside the bundle; refusing to extract")
+        total += info.file_size
+    if total > MAX_UNPACKED_BYTES:
+        raise BundleError(f"{source}: unpacks to {total:,} bytes, over the limit of {MAX_UNPACKED_BYTES:,}")
     archive.extractall(target)
+
+
+def _read_meta(folder: Path, source: Path) -> BundleMeta:
+    try:
+        data = json.loads((folder / BUNDLE_JSON).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise BundleError(f"{source}: {BUNDLE_JSON} is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(data, dict) or data.get("bundle_version") != BUNDLE_VERSION:
+        version = data.get("bundle_version") if isinstance(data, dict) else None
+        raise BundleError(f"{source}: bundle_version {version!r} is not supported by this hetero (expects "
+                          f"{BUNDLE_VERSION})")
+    try:
+        return BundleMeta.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors()[:6])
+        raise BundleError(f"{source}: {BUNDLE_JSON} is not a hetero bundle description: {problems}") from None
+
+
+def _read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(folder / ARRAYS, allow_pickle=False) as data:
+            arrays = {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise BundleError(f"{source}: {ARRAYS} cannot be read ({type(err).__name__}: {err})") from None
+    required = {"query_images": 4, "query_labels": 1, "gallery": 2, "gallery_labels": 1}
+    for key, dims in required.items():
+        if key not in arrays or arrays[key].dim() != dims:
+            raise BundleError(f"{source}: {ARRAYS} has no {dims}-d array {key!r}")
+    queries, gallery = len(arrays["query_images"]), len(arrays["gallery"])
+    if arrays["query_images"].dtype != torch.uint8 or arrays["query_images"].shape[1] != 3:
+        raise BundleError(f"{source}: query_images must be uint8 N x 3 x S x S")
+    if len(arrays["query_labels"]) != queries or len(arrays["gallery_labels"]) != gallery or not queries:
+        raise BundleError(f"{source}: {ARRAYS}: labels do not match their images or embeddings")
+    arrays["gallery"] = arrays["gallery"].float()
+    for name in {a.member for a in meta.artifacts} & set(meta.members):
+        torch_queries = arrays.get(f"torch/{name}")
+        if torch_queries is None or tuple(torch_queries.shape) != (queries, arrays["gallery"].shape[1]):
+            raise BundleError(f"{source}: {ARRAYS} has no torch embeddings of the queries for member {name!r}")
+    return arrays
 
 
 @contextmanager
 def open_bundle(path: str | Path):
-    """Yield the :class:`hetero.verify.Reference` stored in a bundle (extracted to a temporary folder)."""
-    from pydantic import TypeAdapter
-
-    from hetero.profiles import DeviceProfile
-    from hetero.verify import Reference
+    """Yield the :class:`hetero.reference.Reference` stored in a bundle (extracted to a temporary folder)."""
+    from hetero.profiles import parse_profile
 
     path = Path(path)
     if not path.is_file():
@@ -105,27 +165,23 @@ def open_bundle(path: str | Path):
                 for required in (BUNDLE_JSON, ARRAYS):
                     if required not in names:
                         raise BundleError(f"{path}: not a hetero verification bundle ({required} is missing)")
-                _safe_extract(archive, folder)
-        except zipfile.BadZipFile as err:
-            raise BundleError(f"{path}: not a valid zip file ({err})") from None
+                _safe_extract(archive, folder, path)
+        except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as err:
+            raise BundleError(f"{path}: not a valid zip file ({type(err).__name__}: {err})") from None
+        meta = _read_meta(folder, path)
+        arrays = _read_arrays(folder, path, meta)
         try:
-            meta = json.loads((folder / BUNDLE_JSON).read_text())
-        except json.JSONDecodeError as err:
-            raise BundleError(f"{path}: {BUNDLE_JSON} is not valid JSON ({err})") from None
-        if meta.get("bundle_version") != BUNDLE_VERSION:
-            raise BundleError(f"{path}: bundle_version {meta.get('bundle_version')!r} is not supported by this "
-                              f"hetero (expects {BUNDLE_VERSION})")
-        with np.load(folder / ARRAYS, allow_pickle=False) as data:
-            arrays = {key: torch.from_numpy(data[key].copy()) for key in data.files}
-        adapter = TypeAdapter(DeviceProfile)
-        profiles = {name: adapter.validate_json(json.dumps(p)) for name, p in meta["profiles"].items()}
+            profiles = {name: parse_profile(p, f"{path}: profile {name!r}") for name, p in meta.profiles.items()}
+        except ConfigError as err:
+            raise BundleError(str(err)) from None
         yield Reference(
-            source=str(path), root=folder / "artifacts", family=meta["family"], space_id=meta["space_id"],
-            gallery_space_id=meta["gallery_space_id"], cloud=meta["cloud"], members=meta["members"],
-            artifacts=meta["artifacts"], query_images=arrays["query_images"], query_labels=arrays["query_labels"],
+            source=str(path), root=folder / "artifacts", family=meta.family, space_id=meta.space_id,
+            gallery_space_id=meta.gallery_space_id, cloud=meta.cloud, members=meta.members,
+            artifacts=meta.artifacts, query_images=arrays["query_images"], query_labels=arrays["query_labels"],
             gallery=arrays["gallery"], gallery_labels=arrays["gallery_labels"],
-            torch_queries={key.split("/", 1)[1]: value for key, value in arrays.items() if key.startswith("torch/")},
-            torch_figures=meta["torch_figures"], profiles=profiles,
+            torch_queries={key.split("/", 1)[1]: value.float() for key, value in arrays.items()
+                           if key.startswith("torch/")},
+            torch_figures=meta.torch_figures, profiles=profiles,
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -136,6 +192,8 @@ def verify_bundle(path: str | Path, latency_runs: int = 30, strict: bool = False
     """Run every check from a bundle; write the report beside it (`<name>.verify.json`) or at `json_out`."""
     from hetero.verify import run_checks
 
+    if latency_runs < 1:
+        raise ConfigError(f"latency runs: must be >= 1, got {latency_runs}")
     path = Path(path)
     with open_bundle(path) as reference:
         report = run_checks(reference, latency_runs, strict, all_runtimes)

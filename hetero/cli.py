@@ -1,156 +1,211 @@
 """The `hetero` command: one verb per pipeline stage, and `run` for all of them.
 
 Each stage reads what the previous one wrote under the family directory, so stages can be re-run alone.
-Errors a user can fix (bad config, missing stage output, failed conversion) print one paragraph and exit
-with status 2; failed verification exits with status 1.
+Errors a user can fix (bad config, missing stage output, failed conversion, a directory another stage
+holds) print one paragraph and exit with status 2; failed verification exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 
 
-def _train(args) -> int:
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def train_family(config_path: str, out: str, *, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False):
     from hetero import distributed
     from hetero.config import load_config
     from hetero.train import train
 
-    config = load_config(args.config)
-    manifest = train(config, args.out, resume=args.resume, progress=not args.quiet)
-    skipped = manifest["data"]["skipped_images"]
+    store = train(load_config(config_path), out, resume=resume, overwrite=overwrite, progress=not quiet)
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
-        console.print(f"trained family [bold]{manifest['family']}[/] (space id {manifest['space_id']}) into "
-                      f"{args.out}; {manifest['data']['train_images']} training images, "
-                      f"{len(skipped)} unreadable skipped")
-    return 0
+        data = store.manifest.data
+        console.print(f"trained family [bold]{escape(store.name)}[/] (space id {store.space_id}) into "
+                      f"{escape(str(out))}; {data.train_images} training images, {len(data.skipped_images)} "
+                      f"unreadable skipped")
+    return store
 
 
-def _eval(args) -> int:
+def evaluate_family(store) -> dict:
     from hetero.evaluate import evaluate, format_backward, format_edges, format_report
 
-    report = evaluate(args.dir)
+    report = evaluate(store)
     console.print(format_report(report))
     console.print(format_edges(report))
     if "backward" in report:
         console.print(format_backward(report))
     if report["skipped_images"]:
         console.print(f"{len(report['skipped_images'])} unreadable image(s) were skipped (listed in report.json)")
-    return 0
+    return report
 
 
-def _export(args) -> int:
-    from hetero.config import load_config
-    from hetero.export import export_member
-    from hetero.profiles import all_profiles, load_profile
+def export_family(store, profiles: list, members: list[str | None], *, allow_over_budget: bool = False,
+                  verbose: bool = False, quiet: bool = False) -> list:
+    """Export each member (None: chosen by budget) for each profile, with one progress bar of ours."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    run_dir = Path(args.dir)
-    if args.all_profiles:
-        profiles = all_profiles()
-    else:
-        names = args.profile or load_config(run_dir / "config.yaml").export.profiles
-        profiles = [load_profile(name) for name in names]
-    for profile in profiles:
-        members = args.member or [None]
-        for member in members:
-            artifact = export_member(run_dir, member, profile, allow_over_budget=args.allow_over_budget)
-            console.print(f"exported {artifact['member']} for {profile.name}: {artifact['file']} "
-                          f"({artifact['bytes'] / 2**20:.2f} MB, {artifact['export_seconds']} s)")
-    return 0
+    from hetero.exporter import export_member
 
-
-def _export_edges(run_dir: Path, profiles: list[str]) -> None:
-    """Export every edge member for each of the config's profiles (the `run` pipeline's export stage)."""
-    from hetero.export import export_member
-    from hetero.manifest import read_manifest
-    from hetero.profiles import load_profile
-
-    edges = [m["name"] for m in read_manifest(run_dir)["members"] if m["role"] == "edge"]
-    for name in profiles:
-        profile = load_profile(name)
-        for edge in edges:
-            artifact = export_member(run_dir, edge, profile)
-            console.print(f"exported {edge} for {profile.name}: {artifact['file']}")
+    jobs = [(profile, member) for profile in profiles for member in members]
+    artifacts = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with store.lock("export"), Progress(*columns, console=console, transient=True, auto_refresh=False,
+                                        disable=quiet or verbose) as progress:
+        task = progress.add_task("exporting", total=len(jobs))
+        for profile, member in jobs:
+            progress.update(task, description=f"exporting {member or 'the best edge'} for {profile.name}",
+                            refresh=True)
+            artifact = export_member(store, member, profile, allow_over_budget=allow_over_budget, verbose=verbose)
+            artifacts.append(artifact)
+            progress.update(task, advance=1, refresh=True)
+            console.print(f"exported {artifact.member} for {profile.name}: {artifact.file} "
+                          f"({artifact.bytes / 2**20:.2f} MB, {artifact.export_seconds} s)", highlight=False)
+    return artifacts
 
 
-def _verify(args) -> int:
-    from hetero.verify import format_summary, format_verify, verify, write_junit
+def verify_family(store, *, profile: str | None = None, images: int | None = None, latency_runs: int = 30,
+                  strict: bool = False, all_runtimes: bool = False, junit: str | None = None,
+                  report_file: str | None = None, bundle: str | None = None) -> int:
+    from hetero.verify import verify
 
-    images = getattr(args, "images", None)
-    runs = getattr(args, "latency_runs", None) or 30
-    strict = getattr(args, "strict", False)
-    bundle = getattr(args, "bundle", None)
-    if args.dir is None and bundle is None:
-        console.print("error: give a family DIR, or --bundle FILE to verify a bundle", style="bold red")
-        return 2
-    if args.dir is None:  # verify a bundle written by `hetero verify DIR --bundle FILE`
-        from hetero.bundle import verify_bundle
+    report, reference = verify(store, profile=profile, max_images=images, latency_runs=latency_runs,
+                               strict=strict, all_runtimes=all_runtimes)
+    if reference is None:
+        wanted = f" for profile {profile!r}" if profile else ""
+        console.print(f"[bold red]no exported artifacts{escape(wanted)} to verify[/] in {escape(str(store.root))}: run "
+                      f"`hetero export` first; nothing was written")
+        return 1
+    if bundle:
+        from hetero.bundle import write_bundle
 
-        report = verify_bundle(bundle, latency_runs=runs, strict=strict, json_out=getattr(args, "json", None),
-                               all_runtimes=getattr(args, "all_runtimes", False))
-        where = report["json"]
-    else:
-        report = verify(args.dir, profile=args.profile, max_images=images, latency_runs=runs, strict=strict,
-                        bundle=bundle, all_runtimes=getattr(args, "all_runtimes", False))
-        where = f"{args.dir}/verify.json"
-    from rich.console import Console
+        write_bundle(reference, bundle, report)
+    return _verdict(report, f"{store.root}/verify.json", junit, report_file, bundle)
+
+
+def verify_bundle_file(bundle: str, *, latency_runs: int = 30, strict: bool = False, json_out: str | None = None,
+                       all_runtimes: bool = False, junit: str | None = None, report_file: str | None = None) -> int:
+    from hetero.bundle import verify_bundle
+
+    report = verify_bundle(bundle, latency_runs=latency_runs, strict=strict, json_out=json_out,
+                           all_runtimes=all_runtimes)
+    if not report["artifacts"]:
+        console.print("[bold red]the bundle holds no artifacts to verify[/]")
+        return 1
+    return _verdict(report, report["json"], junit, report_file, None)
+
+
+def _verdict(report: dict, where: str, junit: str | None, report_file: str | None, bundle: str | None) -> int:
+    from hetero.report import format_summary, format_verify, write_junit
 
     wide = console if console.is_terminal else Console(width=160)  # CI logs: do not squeeze tables to 80
     wide.print(format_verify(report))
-    if report["artifacts"]:
-        wide.print(format_summary(report))
-    if getattr(args, "junit", None):
-        write_junit(report, args.junit)
-        console.print(f"JUnit XML: {args.junit}")
-    if getattr(args, "report", None):
+    wide.print(format_summary(report))
+    if junit:
+        write_junit(report, junit)
+        console.print(f"JUnit XML: {escape(junit)}")
+    if report_file:
         from hetero.report import write_report
 
-        console.print(f"report: {write_report(report, args.report)}")
-    if args.dir is not None and bundle:
-        console.print(f"bundle for another machine (`hetero verify --bundle {bundle}`): {bundle}")
-    if not report["artifacts"]:
-        console.print("[bold red]no exported artifacts to verify[/]: run `hetero export` first")
-        return 1
-    counts = report["counts"]
+        console.print(f"report: {escape(str(write_report(report, report_file)))}")
+    if bundle:
+        console.print(f"bundle for another machine (`hetero verify --bundle {escape(bundle)}`): {escape(bundle)}")
     failed = [f"{a['member']}@{a['profile']} ({a['runtime']})" for a in report["artifacts"] if not a["passed"]]
     if failed:
-        console.print(f"[bold red]verification failed[/] for {', '.join(failed)} (details in {where})")
+        console.print(f"[bold red]verification failed[/] for {escape(', '.join(failed))} (details in {escape(where)})")
         return 1
+    counts = report["counts"]
     if counts["skip"]:
         skipped = sorted({c["detail"] for a in report["artifacts"] for c in a["checks"] if c["status"] == "skip"})
-        console.print(f"[yellow]{counts['skip']} check(s) skipped, not passed[/]: " + "; ".join(skipped[:5]),
-                      markup=True, highlight=False)
-        if strict:
+        console.print(f"[yellow]{counts['skip']} check(s) skipped, not passed[/]: " + escape("; ".join(skipped[:5])),
+                      highlight=False)
+        if report.get("strict"):
             console.print("[bold red]--strict: skipped checks fail the verification[/]")
             return 1
     console.print(f"[green]all {counts['pass']} run check(s) of {len(report['artifacts'])} artifact(s) passed[/]")
     return 0
 
 
-def _run(args) -> int:
-    from hetero.config import load_config
-
-    config = load_config(args.config)
-    _train(args)
-    _eval(argparse.Namespace(dir=args.out))
-    _export_edges(Path(args.out), config.export.profiles)
-    return _verify(argparse.Namespace(dir=args.out, profile=None, images=None))
+# ---------------------------------------------------------------------------------------------- handlers
 
 
-def _profiles(args) -> int:
+def _open(directory: str):
+    from hetero.family import FamilyStore
+
+    return FamilyStore.open(directory)
+
+
+def _cmd_run(args) -> int:
+    from hetero.profiles import load_profile
+
+    store = train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    evaluate_family(store)
+    profiles = [load_profile(name) for name in store.config().export.profiles]
+    export_family(store, profiles, [m.name for m in store.edges], verbose=args.verbose, quiet=args.quiet)
+    return verify_family(store)
+
+
+def _cmd_train(args) -> int:
+    train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    evaluate_family(_open(args.dir))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from hetero.profiles import all_profiles, load_profile
+
+    store = _open(args.dir)
+    if args.all_profiles:
+        profiles = all_profiles()
+    else:
+        profiles = [load_profile(name) for name in args.profile or store.config().export.profiles]
+    members = args.member or [None]
+    for member in args.member or []:
+        store.member(member)  # an unknown name fails before any conversion
+    export_family(store, profiles, members, allow_over_budget=args.allow_over_budget, verbose=args.verbose,
+                  quiet=args.quiet)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from hetero.errors import ConfigError
+
+    if args.dir is None and args.bundle is None:
+        raise ConfigError("verify: give a family DIR, or --bundle FILE to verify a bundle")
+    if args.dir is None:  # verify a bundle written by `hetero verify DIR --bundle FILE`
+        return verify_bundle_file(args.bundle, latency_runs=args.latency_runs, strict=args.strict,
+                                  json_out=args.json, all_runtimes=args.all_runtimes, junit=args.junit,
+                                  report_file=args.report)
+    return verify_family(_open(args.dir), profile=args.profile, images=args.images, latency_runs=args.latency_runs,
+                         strict=args.strict, all_runtimes=args.all_runtimes, junit=args.junit,
+                         report_file=args.report, bundle=args.bundle)
+
+
+def _cmd_profiles(args) -> int:
     from dataclasses import asdict
 
     import yaml
     from rich.table import Table
 
+    from hetero.errors import ConfigError
     from hetero.profiles import all_profiles, load_profile
 
     if args.action == "show":
+        if not args.name:
+            raise ConfigError("`hetero profiles show` needs a profile NAME (or the path of a profile .yaml)")
         console.print(yaml.safe_dump(asdict(load_profile(args.name)), sort_keys=False), markup=False)
         return 0
     table = Table(title="Device profiles")
@@ -158,36 +213,38 @@ def _profiles(args) -> int:
         table.add_column(column)
     for p in all_profiles():
         table.add_row(p.name, p.format, p.precision, p.layout, str(p.batch or "dynamic"), p.verify.runtime,
-                      p.description)
+                      escape(p.description))
     console.print(table)
     return 0
 
 
-def _gallery(args) -> int:
-    from hetero import gallery
+def _cmd_gallery(args) -> int:
+    from hetero import distributed, gallery
 
+    store = _open(args.dir)
     if args.action == "build":
-        record = gallery.build_gallery(args.dir, args.images, args.out, member=args.member,
-                                       shard_size=args.shard_size, batch_size=args.batch_size,
-                                       workers=args.workers, index=args.index, overwrite=args.overwrite,
-                                       progress=not args.quiet)
-        from hetero import distributed
-
+        record = gallery.build_gallery(store, args.images, args.out, member=args.member, shard_size=args.shard_size,
+                                       batch_size=args.batch_size, workers=args.workers, index=args.index,
+                                       overwrite=args.overwrite, progress=not args.quiet)
         if distributed.is_main():
             index = record["index"]
             console.print(f"gallery of {record['rows']} images ({record['skipped']} unreadable skipped) embedded by "
-                          f"{record['member']} in space {record['space_id']}: {len(record['shards'])} shard(s), "
-                          f"{index['kind']} index in {args.out or Path(args.dir) / 'gallery'}")
+                          f"{escape(record['member'])} in space {record['space_id']}: {len(record['shards'])} "
+                          f"shard(s), {index['kind']} index in {escape(str(args.out or store.root / 'gallery'))}")
         return 0
-    location = args.gallery or Path(args.dir) / "gallery"
-    model = gallery.open_query_model(args.dir, member=args.member, artifact=args.artifact)
+    location = args.gallery or store.root / "gallery"
+    model = gallery.open_query_model(store, member=args.member, artifact=args.artifact)
     results = gallery.search_images(location, args.images, model, k=args.k, nprobe=args.nprobe)
     if args.json:
-        from hetero.manifest import atomic_write_json
+        from hetero.files import atomic_write_json
 
         atomic_write_json(args.json, {"gallery": str(location), "query_model": model.label,
                                       "space_id": model.space_id, "k": args.k, "queries": results})
-    from rich.markup import escape
+    _print_search(results, model, location, args)
+    return 0
+
+
+def _print_search(results: list[dict], model, location, args) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(results)} queries by {escape(model.label)} against {escape(str(location))}")
@@ -199,39 +256,65 @@ def _gallery(args) -> int:
         table.add_row(escape(item["query"]), escape(found))
     console.print(table)
     if len(results) > args.show:
-        console.print(f"... {len(results) - args.show} more" + (f" in {args.json}" if args.json else
+        console.print(f"... {len(results) - args.show} more" + (f" in {escape(args.json)}" if args.json else
                                                                 " (use --json FILE for all)"))
-    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _count(minimum: int):
+    """argparse type: an integer of at least `minimum`, refused with the value otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero", description="Train, evaluate, export and verify compatible cloud-edge embedding families.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch and step detail")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every epoch and step detail, and show the converters' own output")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _training_verbs(verbs)
+    _stage_verbs(verbs)
+    _gallery_verbs(verbs)
+    return parser
 
+
+def _training_verbs(verbs) -> None:
     def training_options(p):
         p.add_argument("config", help="family config (YAML), e.g. examples/quickstart.yaml")
         p.add_argument("--out", required=True, help="family directory to write (checkpoints, manifest, reports)")
-        p.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
+        again.add_argument("--overwrite", action="store_true", help="replace the family in --out (removes its "
+                                                                     "checkpoints, exports, gallery and reports)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = verbs.add_parser("run", help="the whole pipeline: train, eval, export, verify",
                          description="Train the family, evaluate compatibility, export every edge member for the "
                                      "config's export.profiles and verify the exported files.")
     training_options(p)
-    p.set_defaults(handler=_run)
-
+    p.set_defaults(handler=_cmd_run)
     p = verbs.add_parser("train", help="train a family jointly", description="Train every member of the family "
                          "on the same batches and write checkpoints and DIR/manifest.json.")
     training_options(p)
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_cmd_train)
 
+
+def _stage_verbs(verbs) -> None:
     p = verbs.add_parser("eval", help="compatibility matrix on held-out classes",
                          description="Evaluate every (query member, gallery member) pair on classes never seen in "
                                      "training; write DIR/report.json.")
     p.add_argument("dir", help="family directory written by `hetero train`")
-    p.set_defaults(handler=_eval)
+    p.set_defaults(handler=_cmd_eval)
 
     p = verbs.add_parser("export", help="export members per device profile",
                          description="Convert members to the format of a device profile and register the files in "
@@ -244,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member", action="append", help="member to export (repeatable); default: chosen by budget")
     p.add_argument("--allow-over-budget", action="store_true", help="export members that exceed the budgets "
                                                                      "(recorded in the manifest)")
-    p.set_defaults(handler=_export)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_export)
 
     p = verbs.add_parser("verify", help="check exported files in their runtimes",
                          description="Run every exported artifact in its runtime on real held-out images: identity, "
@@ -256,24 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", help="family directory with exported artifacts (omit to verify --bundle)")
     p.add_argument("--profile", help="verify only the artifacts of this profile (name, or a .yaml whose budgets "
                                      "and tolerances then apply)")
-    p.add_argument("--images", type=int, help="number of held-out queries to use (default: export.verify_images)")
+    p.add_argument("--images", type=_count(1), help="number of held-out queries to use (default: export.verify_images)")
     p.add_argument("--bundle", metavar="ZIP", help="with DIR: write a verification bundle; alone: verify it")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per check")
     p.add_argument("--report", metavar="FILE", help="write a report with plots (.html, or .md with PNGs beside)")
     p.add_argument("--json", metavar="FILE", help="bundle mode: where to write the JSON report "
                                                   "(default: beside the bundle)")
-    p.add_argument("--latency-runs", type=int, default=30, help="batch-1 runs for the latency median (default 30)")
+    p.add_argument("--latency-runs", type=_count(1), default=30, help="batch-1 runs for the latency median "
+                                                                       "(default 30)")
     p.add_argument("--strict", action="store_true", help="skipped checks (runtime unavailable here) also fail")
     p.add_argument("--all-runtimes", action="store_true", help="also run each artifact in every other installed "
-                                                               "runtime of its format (e.g. tflite_runtime)")
-    p.set_defaults(handler=_verify)
+                                                               "runtime of its format")
+    p.set_defaults(handler=_cmd_verify)
 
     p = verbs.add_parser("profiles", help="list or show device profiles",
                          description="List the built-in device profiles or show one in full.")
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", help="profile name or path (for show)")
-    p.set_defaults(handler=_profiles)
+    p.set_defaults(handler=_cmd_profiles)
 
+
+def _gallery_verbs(verbs) -> None:
     p = verbs.add_parser("gallery", help="embed a gallery with the cloud member, index and search it",
                          description="`build` embeds a folder or zip of images into sharded files (resumable, "
                                      "parallel under torchrun) and a FAISS index; `search` queries it with any "
@@ -284,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", required=True, help="folder or .zip of images (any format Pillow reads)")
     b.add_argument("--out", help="gallery directory (default: DIR/gallery)")
     b.add_argument("--member", help="member that embeds the gallery (default: the cloud member)")
-    b.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
-    b.add_argument("--batch-size", type=int, default=256, help="images per forward pass; divides --shard-size")
-    b.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
+    b.add_argument("--shard-size", type=_count(1), default=4096, help="images per shard file (default 4096)")
+    b.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass; divides --shard-size")
+    b.add_argument("--workers", type=_count(0), default=1, help="image decoding processes (default 1)")
     b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
                    help="FAISS index: exact flat up to 100k images, IVF above (auto, the default)")
     b.add_argument("--overwrite", action="store_true", help="discard an existing gallery in --out and start over")
@@ -298,34 +385,49 @@ def build_parser() -> argparse.ArgumentParser:
     who = s.add_mutually_exclusive_group()
     who.add_argument("--member", help="member that embeds the queries (default: the cloud member)")
     who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime")
-    s.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
-    s.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the gallery's own)")
-    s.add_argument("--show", type=int, default=20, help="queries to print (default 20)")
+    s.add_argument("-k", type=_count(1), default=5, help="neighbours per query (default 5)")
+    s.add_argument("--nprobe", type=_count(1), help="IVF lists to visit (default: the gallery's own)")
+    s.add_argument("--show", type=_count(0), default=20, help="queries to print (default 20)")
     s.add_argument("--json", help="write every query's neighbours to this JSON file")
-    p.set_defaults(handler=_gallery)
-    return parser
+    p.set_defaults(handler=_cmd_gallery)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+@contextmanager
+def _terminate_like_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so half-written files are removed and locks released on the way out."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetero.config import ConfigError
-    from hetero.data import DataError
-    from hetero.export.common import ExportError
-    from hetero.manifest import ManifestError
+    from hetero.errors import HeteroError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("hetero").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if args.verb == "profiles" and args.action == "show" and not args.name:
-        console.print("error: `hetero profiles show` needs a profile NAME", style="bold red")
-        return 2
-    try:
-        return args.handler(args)
-    except (ConfigError, DataError, ManifestError, ExportError) as err:
-        console.print(f"error: {err}", style="bold red", markup=False, highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted; finished epochs are checkpointed (use --resume)", style="yellow")
-        return 130
+    with _terminate_like_interrupt():
+        try:
+            return args.handler(args)
+        except HeteroError as err:
+            console.print(f"error: {err}", style="bold red", markup=False, highlight=False)
+            return 2
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing half-written was kept (finished training epochs are checkpointed: "
+                          "use --resume)", style="yellow")
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,33 +1,60 @@
 """Family configs: YAML files read into validated dataclasses.
 
 Every problem in a config is reported as a :class:`ConfigError` that names the file, the key and what
-would have been accepted, so the CLI can print it without a traceback.
+would have been accepted, so the CLI can print it without a traceback.  The YAML reader refuses what
+PyYAML would silently accept: repeated keys (the last one would win), text that is not UTF-8, and
+documents that expand to more than :data:`MAX_NODES` values through aliases.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import re
+import types
+import typing
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-STRICT = ConfigDict(extra="forbid", strict=True)
+from hetero.errors import ConfigError
 
+# Strict types (no "3" for 3) and finite numbers only: `lr: .nan` is a typo, not a learning rate.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000
+# Member names become file names (checkpoints/<name>.safetensors, exports/<profile>/<name>.onnx): plain
+# identifiers only, so no name can point anywhere else.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "1-64 letters, digits, '-' or '_', starting with a letter or digit"
+# Pillow refuses images above twice its own decompression-bomb limit whatever we allow.
+PILLOW_PIXEL_LIMIT = 178_956_970
 
-class ConfigError(ValueError):
-    """A config (family or device profile) that cannot be used, with a message for people."""
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 def _known(name: str, allowed, what: str) -> str:
     if name in allowed:
         return name
-    hint = difflib.get_close_matches(name, list(allowed), n=1)
+    raise ValueError(unknown_message(name, allowed, what))
+
+
+def unknown_message(name: str, allowed, what: str) -> str:
+    """"unknown <what> 'x' (did you mean 'y'?); allowed: ..." for names a user typed."""
+    hint = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1)
     suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ValueError(f"unknown {what} {name!r}{suggestion}; allowed: {', '.join(sorted(allowed))}")
+    return f"unknown {what} {name!r}{suggestion}; allowed: {', '.join(sorted(map(str, allowed)))}"
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not allowed: use {NAME_RULE}")
+    return value
 
 
 @dataclass(config=STRICT)
@@ -39,6 +66,11 @@ class MemberConfig:
     depth: float = 1.0
     input_size: int = 48
     embedding_dim: int | None = None  # optional; when given it must equal the family's one dimension
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_name(value, "member name")
 
     @field_validator("arch")
     @classmethod
@@ -64,10 +96,10 @@ class MemberConfig:
 
 @dataclass(config=STRICT)
 class FamilyConfig:
-    name: str
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
     members: list[MemberConfig]
     embedding_dim: int = 128
-    version: int = 1
+    version: Positive = 1
 
     @field_validator("embedding_dim")
     @classmethod
@@ -89,10 +121,11 @@ class FamilyConfig:
                     f"members.{index}.embedding_dim: {member.embedding_dim} differs from the family's embedding_dim "
                     f"{self.embedding_dim}; every member of a family emits the one family dimension"
                 )
-        names = [m.name for m in self.members]
+        names = [m.name.lower() for m in self.members]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"members: member names must be unique, repeated: {', '.join(duplicates)}")
+            raise ValueError(f"members: member names must be unique (ignoring case, as file names on some "
+                             f"systems), repeated: {', '.join(duplicates)}")
         return self
 
     @property
@@ -105,10 +138,9 @@ class FamilyConfig:
 
     def member(self, name: str) -> MemberConfig:
         names = [m.name for m in self.members]
-        try:
-            return self.members[names.index(name)]
-        except ValueError:
-            raise ConfigError(_unknown_message(name, names, "member")) from None
+        if name not in names:
+            raise ConfigError(unknown_message(name, names, "member"))
+        return self.members[names.index(name)]
 
 
 @dataclass(config=STRICT)
@@ -126,6 +158,20 @@ class DataConfig:
     image_size: int | None = None  # load resolution; defaults to the largest member input size
     augment_affine: bool = True
     augment_hflip: bool = False
+    # Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited onto this RGB colour
+    # in training, evaluation and galleries alike, and the exported metadata says so: what a file stores
+    # under a fully transparent pixel differs from tool to tool and must not reach the model.
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    # Larger images (width x height, read from the header before decoding) are skipped and named, like
+    # unreadable ones: a few bytes of PNG can claim gigapixels (a decompression bomb).
+    max_image_pixels: Annotated[int, Field(ge=1, le=PILLOW_PIXEL_LIMIT)] = 100_000_000
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or not all(0 <= v <= 255 for v in value):
+            raise ValueError(f"must be an RGB colour [r, g, b] with values 0-255, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -133,23 +179,27 @@ class DataConfig:
             raise ValueError(f"path: data source {self.source!r} needs a path (a folder or a .zip)")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
-        if self.num_classes < 4 or self.samples_per_class < 2:
-            raise ValueError("num_classes must be >= 4 and samples_per_class >= 2")
+        if self.num_classes < 4:
+            raise ValueError(f"num_classes: must be >= 4, got {self.num_classes}")
+        if self.samples_per_class < 2:
+            raise ValueError(f"samples_per_class: must be >= 2, got {self.samples_per_class}")
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise ValueError(f"image_size: must be between 16 and 1024 pixels, got {self.image_size}")
         return self
 
 
 @dataclass(config=STRICT)
 class TrainConfig:
-    epochs: int = 10
+    epochs: Positive = 10
     # Epochs of the edge phase in sequential mode (the cloud phase has `epochs`); default: `epochs`.
     # Students matching a fixed teacher keep improving long after the teacher would overfit.
-    edge_epochs: int | None = None
-    batch_size: int = 128
-    samples_per_class: int = 4
-    lr: float = 5e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    seed: int = 0
+    edge_epochs: Positive | None = None
+    batch_size: Positive = 128
+    samples_per_class: Positive = 4
+    lr: Annotated[float, Field(gt=0)] = 5e-3
+    weight_decay: NonNegative = 5e-4
+    warmup_epochs: NonNegative = 1.0
+    seed: Annotated[int, Field(ge=0)] = 0
     # How members are coupled.  none: independent members, each with its own classifier (the baseline).
     # shared: one shared normalised-softmax classifier plus the cross-model terms in `losses`.
     compat: Literal["none", "shared"] = "shared"
@@ -162,25 +212,25 @@ class TrainConfig:
     # backward mode: directory of the earlier, trained family (relative paths are relative to the config).
     previous: str | None = None
     classifier: Literal["cosface", "arcface"] = "cosface"
-    margin: float = 0.2
-    scale: float = 16.0
+    margin: NonNegative = 0.2
+    scale: Annotated[float, Field(gt=0)] = 16.0
     # Cross-model terms between each edge member (query) and the cloud member (reference), with weights.
     losses: dict[str, float] = field(
         default_factory=lambda: {"contrastive": 5.0, "relational": 5.0, "regression": 20.0})
     # Weight of the shared classifier's loss on each edge member; 0 trains edges by the cross-model terms
     # alone.  compat: none ignores it (independent members learn from their own classifier only).
-    edge_classification: float = 1.0
+    edge_classification: NonNegative = 1.0
     # Weight of the label-free cross-model terms (regression, relational) again on images made from the
     # batch: function matching off the training images, which carried over to unseen classes on Omniglot
     # (benchmarks/compat_quality.py); 0 turns it off.
-    mixed_matching: float = 1.0
+    mixed_matching: NonNegative = 1.0
     # How those images are made: mixup blends two images, cutmix pastes a box of one into another (with
     # both, each image gets one of the two), dihedral then rotates/reflects each.  The matching is label-free,
     # so rotated inputs need no rotation-invariant classes; they only show the students more of the
     # teacher's function.  mixup alone is the default; examples/omniglot.yaml says what the others gained.
     matching_inputs: list[Literal["mixup", "cutmix", "dihedral"]] = field(default_factory=lambda: ["mixup"])
     detach_cloud: bool = True
-    workers: int = 0
+    workers: Annotated[int, Field(ge=0)] = 0
     # bfloat16 autocast and channels-last tensors: `auto` turns each on where the device gains from it:
     # bf16 on a GPU or CPU that computes it in hardware (AVX512-BF16/AMX; elsewhere torch emulates it),
     # channels-last on a CUDA GPU.  Losses are always computed in fp32.
@@ -199,12 +249,7 @@ class TrainConfig:
         return value
 
     @model_validator(mode="after")
-    def _positive(self):
-        for key in ("epochs", "batch_size", "samples_per_class", "edge_epochs"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
+    def _consistent(self):
         if self.mode == "backward" and not self.previous:
             raise ValueError("previous: mode 'backward' needs the directory of the earlier family it stays "
                              "compatible with")
@@ -212,26 +257,21 @@ class TrainConfig:
             raise ValueError("compat: mode 'backward' trains against the earlier cloud, so compat 'none' cannot apply")
         if self.edge_epochs is not None and self.mode != "sequential":
             raise ValueError(f"edge_epochs: only used in mode 'sequential' (mode is {self.mode!r})")
-        if self.edge_classification < 0:
-            raise ValueError(f"edge_classification: must be >= 0, got {self.edge_classification}")
         if self.compat == "shared" and self.edge_classification == 0 and not any(self.losses.values()):
             raise ValueError("edge_classification: 0 with no cross-model term in `losses` leaves the edge members "
                              "nothing to learn from; give a loss a weight > 0 or edge_classification > 0")
-        if self.mixed_matching < 0:
-            raise ValueError(f"mixed_matching: must be >= 0, got {self.mixed_matching}")
         if self.previous and self.mode != "backward":
             raise ValueError(f"previous: only used in mode 'backward' (mode is {self.mode!r})")
         if self.batch_size % self.samples_per_class:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class})"
-            )
+            raise ValueError(f"batch_size: {self.batch_size} must be a multiple of samples_per_class "
+                             f"({self.samples_per_class})")
         return self
 
 
 @dataclass(config=STRICT)
 class ExportConfig:
     profiles: list[str] = field(default_factory=lambda: ["server-onnx-fp32"])
-    verify_images: int = 256
+    verify_images: Positive = 256
 
 
 @dataclass(config=STRICT)
@@ -249,49 +289,126 @@ class Config:
         return asdict(self)
 
 
-def _unknown_message(name: str, allowed, what: str) -> str:
-    try:
-        _known(name, allowed, what)
-    except ValueError as err:
-        return str(err)
-    return ""
+# -------------------------------------------------------------------------------------------- messages
 
 
-def _section_keys(loc: tuple) -> list[str]:
-    """The keys allowed in the section that `loc` (ending with the offending key) points into."""
-    import dataclasses
-    import typing
-
-    kind = Config
+def _section(loc: tuple, root):
+    """The dataclass that `loc` (ending with the offending key) points into, or None."""
+    kind = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        hint = typing.get_type_hints(kind).get(part)
-        args = typing.get_args(hint)
-        kind = args[0] if args else hint
-        if not dataclasses.is_dataclass(kind):
-            return []
-    return [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else []
+        hint = typing.get_type_hints(kind).get(part) if dataclasses.is_dataclass(kind) else None
+        while typing.get_origin(hint) in (list, typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if args else None
+        kind = hint
+    return kind if dataclasses.is_dataclass(kind) else None
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid config"]
+def _section_keys(loc: tuple, root) -> list[str]:
+    kind = _section(loc, root)
+    return [f.name for f in dataclasses.fields(kind)] if kind is not None else []
+
+
+def format_validation_error(source: str, err: ValidationError, root=None, what: str = "config") -> str:
+    """One line per problem: where (dotted keys), what is wrong, and what would have been accepted."""
+    root = root or Config
+    lines = [f"{source}: invalid {what}"]
     for problem in err.errors():
-        loc = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        loc = tuple(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
+        # A check on a whole section names its key first ("epochs: must be ..."): report it at that key.
+        named = re.match(r"(\w+): ", message)
+        if problem["type"] == "value_error" and named and named.group(1) in _section_keys(loc + ("",), root):
+            loc, message = loc + (named.group(1),), message[named.end():]
+        where = ".".join(str(p) for p in loc) or "(top level)"
         if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            message = f"unknown key; allowed here: {', '.join(_section_keys(problem['loc']))}"
-            hint = difflib.get_close_matches(str(problem["loc"][-1]), _section_keys(problem["loc"]), n=1)
-            if hint:
-                message = f"unknown key (did you mean {hint[0]!r}?); allowed here: {', '.join(_section_keys(problem['loc']))}"
+            keys = _section_keys(loc, root)
+            hint = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+            message = (f"unknown key{f' (did you mean {hint[0]!r}?)' if hint else ''}; allowed here: "
+                       f"{', '.join(keys)}")
         elif problem["type"] in ("missing", "missing_argument"):
             message = "required key is missing"
         elif problem["type"] == "literal_error":
             message = f"{problem['input']!r} is not allowed; {message[0].lower()}{message[1:]}"
-        elif "input" in problem and not message.startswith(("must", "unknown", "members", "path", "test_", "batch", "previous", "compat", "edge_epochs", "mixed_matching")):
+        elif not isinstance(problem.get("input"), (dict, list)) and "got" not in message and "input" in problem:
             message = f"{message}, got {problem['input']!r}"
-        lines.append(f"  {loc}: {message}")
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"key {key!r} first given on line {seen[key] + 1}", node.start_mark,
+                    f"is given again on line {key_node.start_mark.line + 1} (the second would silently win)",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(data, budget: int) -> int:
+    """Values in `data`, counting each alias expansion again (json.dumps would expand them all)."""
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > budget:
+            break
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
+def read_yaml(path: str | Path, what: str = "config"):
+    """The document in a YAML file, or a ConfigError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (a {what} is a YAML file)")
+    try:
+        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a {what} is a short YAML file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is {raw[err.start:err.start + 1]!r}); save "
+                          f"the {what} as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a {what}") from None
+    if _count_nodes(data, MAX_NODES) > MAX_NODES:
+        raise ConfigError(f"{path}: expands to more than {MAX_NODES:,} values (through YAML aliases?); "
+                          f"a {what} is far smaller")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- loading
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:
@@ -302,17 +419,13 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
         return TypeAdapter(Config).validate_json(json.dumps(data, default=str))
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err)) from None
+    except (RecursionError, ValueError) as err:  # nesting too deep for json, or circular YAML aliases
+        raise ConfigError(f"{source}: cannot be read as a config ({type(err).__name__})") from None
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    config = parse_config(data, str(path))
+    config = parse_config(read_yaml(path), str(path))
     config.data.path = _relative_to(path, config.data.path)
     config.train.previous = _relative_to(path, config.train.previous)
     return config
@@ -326,7 +439,5 @@ def _relative_to(config_path: Path, value: str | None) -> str | None:
     return str(resolved) if resolved.exists() or not Path(value).exists() else value
 
 
-def save_config(config: Config, path: Path) -> None:
-    from hetero.manifest import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

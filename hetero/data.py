@@ -9,9 +9,12 @@ from __future__ import annotations
 import io
 import logging
 import math
+import multiprocessing
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from struct import error as struct_error
 
 import numpy as np
 import torch
@@ -20,13 +23,19 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from hetero.errors import DataError
+
 log = logging.getLogger("hetero.data")
 
 OMNIGLOT_TEST_ALPHABETS = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
+DEFAULT_BACKGROUND = (255, 255, 255)
+DEFAULT_MAX_PIXELS = 100_000_000
+MAX_FILE_BYTES = 256 << 20  # one encoded image; larger files are skipped before they are read
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class DataError(RuntimeError):
-    """A dataset that cannot be used as configured (no images, too few classes, bad path)."""
+class ImageError(ValueError):
+    """One image that cannot be used (unreadable, too large); callers skip it and name it."""
 
 
 @dataclass
@@ -69,15 +78,71 @@ class Split:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        return np.array(image, dtype=np.uint8)
+def decode_image(data: bytes, size: int, background=DEFAULT_BACKGROUND,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 pixels (size x size x 3) of an encoded image, or ImageError saying why not.
+
+    The header's width x height is checked against `max_pixels` before anything is decoded (a few bytes of
+    PNG can claim gigapixels).  16-bit greyscale is scaled from 0..65535 to 0..255 (Pillow's RGB conversion
+    would clip it to white), and transparent pixels are composited onto `background`, never decoded as
+    whatever colour the file happens to store under them.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; Pillow's warning between its limit and ours is not an error here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"{width} x {height} pixels exceeds the limit of {max_pixels:,} "
+                                 f"(data.max_image_pixels)")
+            rgb = _to_rgb(image, background)
+            return np.array(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refused by Pillow as a decompression bomb: {err}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, MemoryError, TypeError,
+            IndexError, KeyError, ZeroDivisionError, struct_error) as err:
+        raise ImageError(f"{type(err).__name__}: {err}") from None
+
+
+def _to_rgb(image: Image.Image, background) -> Image.Image:
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode != "I" or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ImageError("floating-point images (mode F) have no agreed range; convert them to 8 or 16 bit")
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not transparent:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def loader_context(workers: int):
+    """The start method for DataLoader workers: never fork a process that may hold threads.
+
+    A converter (litert-torch pulls in JAX) starts threads; forking such a process can deadlock the child.
+    forkserver children come from a clean server process instead.  None (no workers, or no forkserver).
+    """
+    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("forkserver")
+
+
+def _too_large(size: int):
+    def reader():
+        raise ImageError(f"the file is {size:,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
+    return reader
 
 
 def _image_sources(root: Path):
     """Yield (relative posix path, reader) for every image under a folder, a zip, or zips in a folder."""
-    if root.is_file() and root.suffix == ".zip":
+    if root.is_file() and root.suffix.lower() == ".zip":
         zips = [root]
     elif root.is_dir():
         zips = sorted(root.glob("*.zip"))
@@ -85,18 +150,37 @@ def _image_sources(root: Path):
         if plain:
             zips = []  # an extracted copy wins over archives lying beside it
             for path in plain:
-                yield path.relative_to(root).as_posix(), path.read_bytes
+                size = path.stat().st_size
+                yield path.relative_to(root).as_posix(), path.read_bytes if size <= MAX_FILE_BYTES else _too_large(size)
     else:
         raise DataError(f"{root}: no such folder or .zip file")
     for archive in zips:
-        with zipfile.ZipFile(archive) as handle:
-            for info in sorted(handle.infolist(), key=lambda i: i.filename):
-                if not info.is_dir() and PurePosixPath(info.filename).suffix.lower() in IMG_EXTENSIONS:
-                    payload = handle.read(info.filename)
+        try:
+            with zipfile.ZipFile(archive) as handle:
+                for info in sorted(handle.infolist(), key=lambda i: i.filename):
+                    if info.is_dir() or PurePosixPath(info.filename).suffix.lower() not in IMG_EXTENSIONS:
+                        continue
+                    if info.file_size > MAX_FILE_BYTES:
+                        yield info.filename, _too_large(info.file_size)
+                        continue
+                    try:
+                        payload = handle.read(info.filename)
+                    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as err:
+                        yield info.filename, _unreadable(err)
+                        continue
                     yield info.filename, (lambda payload=payload: payload)
+        except zipfile.BadZipFile as err:
+            raise DataError(f"{archive}: not a readable zip file ({err})") from None
 
 
-def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False) -> ImageSet:
+def _unreadable(err: Exception):
+    def reader():
+        raise ImageError(f"cannot be read from its archive: {type(err).__name__}: {err}")
+    return reader
+
+
+def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, background=DEFAULT_BACKGROUND,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
     """Read every image below `root`; an image's class is its folder path.
 
     Unreadable files are skipped with a warning naming them.  With `strip_top_level`, the first folder
@@ -120,8 +204,8 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False) 
     for key in tqdm(sorted(by_key), desc=f"reading {root.name}", unit="img", leave=False, disable=None):
         rel, reader = by_key[key]
         try:
-            pixels = _decode(reader(), size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            pixels = decode_image(reader(), size, background, max_pixels)
+        except (ImageError, OSError, zipfile.BadZipFile) as err:
             log.warning("skipping unreadable image %s: %s", f"{root}/{rel}", err)
             skipped.append(f"{root}/{rel}")
             continue
@@ -216,12 +300,12 @@ def load_split(data_cfg, load_size: int) -> Split:
     path = Path(data_cfg.path)
     if not path.exists():
         raise DataError(f"data.path: {path} does not exist")
-    if data_cfg.source == "omniglot":
-        data = read_image_tree(path, load_size, strip_top_level=True)
-        test_groups = data_cfg.test_groups if data_cfg.test_groups is not None else OMNIGLOT_TEST_ALPHABETS
-    else:
-        data = read_image_tree(path, load_size)
-        test_groups = data_cfg.test_groups
+    omniglot = data_cfg.source == "omniglot"
+    data = read_image_tree(path, load_size, strip_top_level=omniglot, background=data_cfg.background,
+                           max_pixels=data_cfg.max_image_pixels)
+    test_groups = data_cfg.test_groups
+    if omniglot and test_groups is None:
+        test_groups = OMNIGLOT_TEST_ALPHABETS
     split = split_open_set(data, test_groups, data_cfg.test_fraction, data_cfg.split_seed)
     split.test.skipped = []  # skipped files are reported once, through split.train.skipped
     return split

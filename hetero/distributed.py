@@ -92,6 +92,29 @@ def any_rank(flag: bool) -> bool:
     return any(all_gather_objects(bool(flag)))
 
 
+def on_main_then_share(action) -> None:
+    """Run `action` on rank 0 only; when it raises a HeteroError, raise the same error on every rank.
+
+    For checks that read or change shared files (a directory's lock, its earlier outputs): one rank decides,
+    and all ranks fail together instead of the others waiting at the next barrier.
+    """
+    from hetero.errors import HeteroError
+
+    problem = None
+    if is_main():
+        try:
+            action()
+        except HeteroError as err:
+            problem = err
+    shared = broadcast_object(None if problem is None else (type(problem).__name__, str(problem)))
+    if problem is not None:
+        raise problem
+    if shared is not None:
+        import hetero.errors as errors
+
+        raise getattr(errors, shared[0], errors.HeteroError)(shared[1])
+
+
 @contextmanager
 def main_first():
     """Run the block on rank 0 first, then on the others (e.g. creating a directory or a plan file)."""

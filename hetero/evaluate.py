@@ -6,13 +6,10 @@ The paragon is M[cloud][cloud]; an edge member is compatible when M[edge][cloud]
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from hetero.config import load_config
-from hetero.manifest import atomic_write_json, read_manifest, write_manifest
-from hetero.models import resize_to
+from hetero.family import CompatibilityRecord, FamilyStore
+from hetero.models import embed_images
 
 
 def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
@@ -32,14 +29,6 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: 
         "top5": hits[:, :5].any(dim=1).float().mean().item(),
         "map_at_r": average_precision.mean().item(),
     }
-
-
-@torch.no_grad()
-def embed(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Embed float images in [0, 1] with a torch member (resized to its input size)."""
-    model.eval()
-    chunks = [model(resize_to(images[i:i + batch_size], model.input_size)) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks)
 
 
 def top1_correct(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
@@ -81,48 +70,37 @@ def summarise(matrix: dict, cloud: str, edges: list[str], flops_ratio: dict[str,
     }
 
 
-def evaluate(run_dir: str | Path, split=None) -> dict:
+def evaluate(store: FamilyStore) -> dict:
     """Evaluate a trained family: write DIR/report.json and the matrix into the manifest."""
-    from hetero.data import load_split
-    from hetero.train import load_member
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    split = split or load_split(config.data, config.load_size)
-    images = split.test.floats()
-    embeddings = {m["name"]: embed(load_member(run_dir, manifest, m["name"]), images) for m in manifest["members"]}
-    previous = manifest.get("previous")
-    if previous:  # a backward update: the old cloud's gallery is the one in service
-        embeddings[OLD + previous["cloud"]] = embed(_previous_cloud(previous), images)
-    matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
-    cloud = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
-    edges = [m["name"] for m in manifest["members"] if m["role"] == "edge"]
-    report = {
-        "family": manifest["family"], "space_id": manifest["space_id"], "compat": manifest["compat"],
-        "queries": len(split.query_index), "gallery": len(split.gallery_index),
-        "test_classes": len(split.test.class_names),
-        "chance_top1": 1.0 / len(split.test.class_names),
-        "cloud": cloud, "matrix": matrix,
-        "edges": summarise(matrix, cloud, edges, {m["name"]: m["flops_vs_cloud"] for m in manifest["members"]}),
-        "skipped_images": manifest["data"]["skipped_images"],
-    }
-    if previous:
-        report["backward"] = backward_summary(embeddings, split, cloud, OLD + previous["cloud"], matrix)
-    atomic_write_json(run_dir / "report.json", report)
-    manifest["compatibility"] = {"matrix": matrix, "edges": report["edges"], "backward": report.get("backward")}
-    write_manifest(run_dir, manifest)
+    with store.lock("eval"):
+        store.reload()
+        split = store.split()
+        images = split.test.floats()
+        embeddings = {m.name: embed_images(store.load_member(m.name), images) for m in store.members}
+        previous = store.manifest.previous
+        if previous:  # a backward update: the old cloud's gallery is the one in service
+            embeddings[OLD + previous.cloud] = embed_images(store.load_previous_cloud(), images)
+        matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
+        cloud = store.cloud.name
+        report = {
+            "family": store.name, "space_id": store.space_id, "compat": store.manifest.compat,
+            "queries": len(split.query_index), "gallery": len(split.gallery_index),
+            "test_classes": len(split.test.class_names),
+            "chance_top1": 1.0 / len(split.test.class_names),
+            "cloud": cloud, "matrix": matrix,
+            "edges": summarise(matrix, cloud, [m.name for m in store.edges],
+                               {m.name: m.flops_vs_cloud for m in store.members}),
+            "skipped_images": store.manifest.data.skipped_images,
+        }
+        if previous:
+            report["backward"] = backward_summary(embeddings, split, cloud, OLD + previous.cloud, matrix)
+        store.write_json("report.json", report)
+        store.record_compatibility(CompatibilityRecord(matrix=matrix, edges=report["edges"],
+                                                       backward=report.get("backward")))
     return report
 
 
 OLD = "old:"  # prefix of the earlier family's cloud in a backward update's matrix
-
-
-def _previous_cloud(previous: dict):
-    from hetero.manifest import read_manifest
-    from hetero.train import load_member
-
-    return load_member(previous["dir"], read_manifest(previous["dir"]), previous["cloud"])
 
 
 def backward_summary(embeddings: dict, split, new: str, old: str, matrix: dict) -> dict:

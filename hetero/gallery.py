@@ -31,8 +31,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hetero.manifest import ManifestError, atomic_path, atomic_write_json, read_manifest, sha256_file
+from hetero.data import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImageError, decode_image, loader_context
+from hetero.errors import HeteroError, ManifestError
+from hetero.family import FamilyStore, MemberRecord, writing
+from hetero.files import atomic_path, atomic_write_json, resolve_inside, sha256_file
 
 log = logging.getLogger("hetero.gallery")
 
@@ -117,10 +121,11 @@ def list_images(root: str | Path) -> list[ImageEntry]:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decoded uint8 images (3 x size x size) of a listing; None for a file Pillow cannot read."""
+    """Decoded uint8 images (3 x size x size) of a listing; None for a file that cannot be used."""
 
-    def __init__(self, entries: list[ImageEntry], size: int):
-        self.entries, self.size = entries, size
+    def __init__(self, entries: list[ImageEntry], size: int, background=DEFAULT_BACKGROUND,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.entries, self.size, self.background, self.max_pixels = entries, size, background, max_pixels
         self._zips: dict[str, zipfile.ZipFile] = {}  # per worker process, opened on first use
 
     def __len__(self) -> int:
@@ -134,14 +139,15 @@ class _ImageFiles(torch.utils.data.Dataset):
         return self._zips[entry.archive].read(entry.member)
 
     def __getitem__(self, index: int):
-        from PIL import UnidentifiedImageError
-
-        from hetero.data import _decode
+        from hetero.data import MAX_FILE_BYTES
 
         entry = self.entries[index]
         try:
-            pixels = torch.from_numpy(_decode(self._read(entry), self.size)).permute(2, 0, 1)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, zipfile.BadZipFile, KeyError) as err:
+            data = self._read(entry)
+            if len(data) > MAX_FILE_BYTES:
+                raise ImageError(f"{len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
+            pixels = torch.from_numpy(decode_image(data, self.size, self.background, self.max_pixels)).permute(2, 0, 1)
+        except (ImageError, OSError, zipfile.BadZipFile, KeyError, EOFError, NotImplementedError) as err:
             log.warning("skipping unreadable image %s: %s", entry.name, err)
             return entry.name, None
         return entry.name, pixels
@@ -217,24 +223,13 @@ def _write_shard(out: Path, shard: int, plan: dict, plan_id: str, embeddings: to
     return record
 
 
-def _family_member(family_dir: Path, manifest: dict, member: str | None) -> dict:
-    entries = {m["name"]: m for m in manifest["members"]}
+def _member(store: FamilyStore, member: str | None) -> MemberRecord:
     if member is None:
-        return next(m for m in manifest["members"] if m["role"] == "cloud")
-    if member not in entries:
-        raise GalleryError(f"--member {member!r}: no such member in family {manifest['family']!r} "
-                           f"({family_dir}); members: {', '.join(entries)}")
-    return entries[member]
-
-
-def _load_size(family_dir: Path, entry: dict) -> int:
-    """The size images are decoded at before each member resizes them (as in training and evaluation)."""
-    config = family_dir / "config.yaml"
-    if config.is_file():
-        from hetero.config import load_config
-
-        return load_config(config).load_size
-    return entry["input_size"]
+        return store.cloud
+    try:
+        return store.member(member)
+    except ManifestError as err:
+        raise GalleryError(f"--member: {err}") from None
 
 
 def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
@@ -251,71 +246,82 @@ def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
                            f"use --overwrite to replace it or choose another --out")
 
 
-def build_gallery(family_dir: str | Path, images: str | Path, out: str | Path | None = None, *,
+def build_gallery(store: FamilyStore, images: str | Path, out: str | Path | None = None, *,
                   member: str | None = None, shard_size: int = 4096, batch_size: int = 256, workers: int = 0,
                   index: str = "auto", overwrite: bool = False, progress: bool = False) -> dict:
     """Embed every image under `images` with a member (the cloud by default) into a sharded gallery.
 
     Finished shards of an earlier build with the same plan are kept; under torchrun the shards are split
     over the ranks.  Returns the gallery record (also written to OUT/gallery.json; OUT defaults to
-    FAMILY_DIR/gallery).
+    FAMILY_DIR/gallery).  The family directory is locked while a gallery inside it is built; a gallery
+    elsewhere locks its own directory.
     """
     from hetero import distributed
-    from hetero.train import load_member
 
-    family_dir = Path(family_dir)
-    out = Path(out) if out is not None else family_dir / "gallery"
+    out = Path(out) if out is not None else store.root / "gallery"
     if index not in INDEX_KINDS:
         raise GalleryError(f"--index {index!r}: choose one of {', '.join(INDEX_KINDS)}")
-    if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
+    if batch_size < 1 or shard_size < 1 or shard_size % batch_size or workers < 0:
         raise GalleryError(f"--shard-size {shard_size} must be a positive multiple of --batch-size {batch_size} "
-                           f"(batches never cross shards, so every build gives the same floats)")
-    manifest = read_manifest(family_dir)
-    entry = _family_member(family_dir, manifest, member)
-    entries = list_images(images)
-    listing = hashlib.sha256("\n".join(e.name for e in entries).encode()).hexdigest()
-    plan = {"space_id": manifest["space_id"], "member": entry["name"], "dim": entry["dim"],
-            "load_size": _load_size(family_dir, entry), "images": len(entries), "listing_sha256": listing,
-            "shard_size": shard_size, "batch_size": batch_size}
-    plan_id = _plan_id(plan)
-    _check_plan(out, plan, overwrite)
+                           f"(batches never cross shards, so every build gives the same floats), and --workers "
+                           f">= 0 (got {workers})")
+    if out.exists() and not out.is_dir():
+        raise GalleryError(f"--out {out}: is a file; give a directory for the gallery")
     distributed.init_from_env()
-    if overwrite and distributed.is_main():  # start from scratch: no shard of an earlier build is reused
-        shutil.rmtree(out / "shards", ignore_errors=True)
-        for name in (GALLERY, INDEX_FILE):
-            (out / name).unlink(missing_ok=True)
-    distributed.barrier()
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    inside = out.resolve().is_relative_to(store.root.resolve())
+    with writing(store.root if inside else out, "gallery build"):
+        entry = _member(store, member)
+        entries = list_images(images)
+        plan = _plan(store, entry, entries, shard_size, batch_size)
+        plan_id = _plan_id(plan)
+        _check_plan(out, plan, overwrite)
+        if overwrite and distributed.is_main():  # start from scratch: no shard of an earlier build is reused
+            shutil.rmtree(out / "shards", ignore_errors=True)
+            for name in (GALLERY, INDEX_FILE):
+                (out / name).unlink(missing_ok=True)
+        distributed.barrier()
+        (out / "shards").mkdir(parents=True, exist_ok=True)
 
-    shards = math.ceil(len(entries) / shard_size)
-    mine = list(distributed.shard_range(shards))
-    pending = [s for s in mine if _shard_done(out, s, plan_id) is None]
-    log.info("gallery %s: %d images, %d shards (%d mine, %d to embed)", out, len(entries), shards, len(mine),
-             len(pending))
-    started = time.perf_counter()
-    if pending:
-        device = distributed.device()
-        model = load_member(family_dir, manifest, entry["name"]).to(device)
-        _embed_shards(out, model, entries, pending, plan, plan_id, device, workers, progress)
-    seconds = time.perf_counter() - started
-    distributed.barrier()
-    record = None
-    if distributed.is_main():
-        record = _finish(out, plan, plan_id, shards, index, str(Path(images)), seconds)
-    distributed.barrier()
+        shards = math.ceil(len(entries) / shard_size)
+        mine = list(distributed.shard_range(shards))
+        pending = [s for s in mine if _shard_done(out, s, plan_id) is None]
+        log.info("gallery %s: %d images, %d shards (%d mine, %d to embed)", out, len(entries), shards, len(mine),
+                 len(pending))
+        started = time.perf_counter()
+        if pending:
+            device = distributed.device()
+            model = store.load_member(entry.name).to(device)
+            data = store.config().data
+            dataset = _ImageFiles(entries, plan["load_size"], data.background, data.max_image_pixels)
+            _embed_shards(out, model, dataset, pending, plan, plan_id, device, workers, progress)
+        seconds = time.perf_counter() - started
+        distributed.barrier()
+        record = None
+        if distributed.is_main():
+            record = _finish(out, plan, plan_id, shards, index, str(Path(images)), seconds)
+        distributed.barrier()
     return record if record is not None else json.loads((out / GALLERY).read_text())
 
 
-def _embed_shards(out: Path, model, entries: list[ImageEntry], pending: list[int], plan: dict, plan_id: str,
+def _plan(store: FamilyStore, entry: MemberRecord, entries: list[ImageEntry], shard_size: int,
+          batch_size: int) -> dict:
+    """Everything that decides the gallery's floats: a build with another plan cannot reuse its shards."""
+    listing = hashlib.sha256("\n".join(e.name for e in entries).encode()).hexdigest()
+    return {"space_id": store.space_id, "member": entry.name, "dim": entry.dim, "load_size": store.config().load_size,
+            "images": len(entries), "listing_sha256": listing, "shard_size": shard_size, "batch_size": batch_size}
+
+
+def _embed_shards(out: Path, model, dataset: _ImageFiles, pending: list[int], plan: dict, plan_id: str,
                   device: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
     from hetero.models import resize_to
 
+    entries = dataset.entries
     shard_size, batch_size = plan["shard_size"], plan["batch_size"]
     sampler = _ShardBatches(pending, len(entries), shard_size, batch_size)
-    loader = torch.utils.data.DataLoader(_ImageFiles(entries, plan["load_size"]), batch_sampler=sampler,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                         multiprocessing_context=loader_context(workers))
     order = iter(pending)
     shard = next(order)
     end = min((shard + 1) * shard_size, len(entries))
@@ -375,12 +381,18 @@ def ivf_lists(rows: int) -> int:
 
 def iter_shards(out: Path, records: list[dict]):
     """(first row, float32 embeddings) of each shard in order, one shard in memory at a time."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     start = 0
     for record in records:
-        path = out / "shards" / record["file"]
-        yield start, load_file(str(path))["embeddings"]
+        path = resolve_inside(out / "shards", record["file"], f"{out / GALLERY}: shard file")
+        try:
+            embeddings = load_file(str(path))["embeddings"]
+        except (SafetensorError, OSError, KeyError) as err:
+            raise GalleryError(f"{path}: not a readable gallery shard ({type(err).__name__}: {err}); rebuild the "
+                               f"gallery") from None
+        yield start, embeddings
         start += record["rows"]
 
 
@@ -432,6 +444,27 @@ def _build_index(out: Path, records: list[dict], dim: int, kind: str) -> dict:
 # -------------------------------------------------------------------------------------------- searching
 
 
+class _ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str
+    rows: int
+    skipped: int
+
+
+class _GalleryRecord(BaseModel):
+    """gallery.json, validated before anything it names is read."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str
+    space_id: str
+    member: str
+    dim: int
+    rows: int
+    shards: list[_ShardEntry]
+    index: dict
+
+
 class Gallery:
     """A built gallery: its record, the FAISS index (loaded on first search) and row -> image name."""
 
@@ -441,13 +474,21 @@ class Gallery:
         if not path.is_file():
             raise GalleryError(f"{path}: no gallery here; build one with `hetero gallery build`")
         try:
-            self.record = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise GalleryError(f"{path}: not valid JSON ({err})") from None
-        if self.record.get("format") != FORMAT:
-            raise GalleryError(f"{path}: format {self.record.get('format')!r} is not {FORMAT!r}")
-        self.space_id, self.dim, self.rows = self.record["space_id"], self.record["dim"], self.record["rows"]
-        self._starts = list(np.cumsum([0] + [s["rows"] for s in self.record["shards"]])[:-1])
+            self.record = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise GalleryError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
+        if not isinstance(self.record, dict) or self.record.get("format") != FORMAT:
+            found = self.record.get("format") if isinstance(self.record, dict) else None
+            raise GalleryError(f"{path}: format {found!r} is not {FORMAT!r}")
+        try:
+            checked = _GalleryRecord.model_validate(self.record)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors()[:5])
+            raise GalleryError(f"{path}: not a hetero gallery record: {problems}") from None
+        if sum(s.rows for s in checked.shards) != checked.rows:
+            raise GalleryError(f"{path}: its shards hold {sum(s.rows for s in checked.shards)} rows, not {checked.rows}")
+        self.space_id, self.dim, self.rows = checked.space_id, checked.dim, checked.rows
+        self._starts = list(np.cumsum([0] + [s.rows for s in checked.shards])[:-1])
         self._names: dict[int, list[str]] = {}
         self._index = None
 
@@ -464,12 +505,12 @@ class Gallery:
         if self._index is None:
             faiss = _faiss()
             entry = self.record["index"]
-            path = self.directory / entry["file"]
+            path = resolve_inside(self.directory, entry.get("file"), f"{self.directory / GALLERY}: index file")
             if not path.is_file():
                 raise GalleryError(f"{path}: the gallery's index file is missing; rebuild the gallery")
             actual = sha256_file(path)
-            if actual != entry["sha256"]:
-                raise GalleryError(f"{path}: sha256 {actual} does not match gallery.json's {entry['sha256']}")
+            if actual != entry.get("sha256"):
+                raise GalleryError(f"{path}: sha256 {actual} does not match gallery.json's {entry.get('sha256')}")
             self._index = faiss.read_index(str(path))
         return self._index
 
@@ -477,6 +518,8 @@ class Gallery:
                nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each queries x k, best first; rows are -1 where fewer than k items exist."""
         self.check_space(query_space, query)
+        if k < 1:
+            raise GalleryError(f"-k {k}: must be >= 1")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise GalleryError(f"queries have shape {tuple(queries.shape)}; the gallery needs (n, {self.dim})")
@@ -490,8 +533,12 @@ class Gallery:
     def name(self, row: int) -> str:
         shard = bisect.bisect_right(self._starts, row) - 1
         if shard not in self._names:
-            record_file = self.directory / "shards" / Path(self.record["shards"][shard]["file"]).with_suffix(".json")
-            self._names[shard] = json.loads(record_file.read_text())["names"]
+            shard_file = Path(self.record["shards"][shard]["file"]).with_suffix(".json").as_posix()
+            record_file = resolve_inside(self.directory / "shards", shard_file, f"{self.directory / GALLERY}: shard")
+            try:
+                self._names[shard] = json.loads(record_file.read_text())["names"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise GalleryError(f"{record_file}: cannot read the shard's image names ({err})") from None
         return self._names[shard][row - self._starts[shard]]
 
     def embeddings(self) -> np.ndarray:
@@ -511,55 +558,59 @@ class QueryModel:
     input_size: int
     load_size: int
     encode: object  # callable: float32 NCHW images in [0, 1] at input_size -> unit vectors (numpy)
+    background: tuple = DEFAULT_BACKGROUND
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def open_query_model(family_dir: str | Path | None = None, member: str | None = None,
+def open_query_model(store: FamilyStore | None = None, member: str | None = None,
                      artifact: str | Path | None = None) -> QueryModel:
-    """A torch member of the family in `family_dir` (the cloud by default), or an exported artifact file."""
+    """A torch member of the family (the cloud by default), or an exported artifact file."""
     if artifact is not None:
-        return _artifact_model(Path(artifact), Path(family_dir) if family_dir else None)
-    if family_dir is None:
+        return _artifact_model(Path(artifact), store)
+    if store is None:
         raise GalleryError("a query model needs a family directory (for --member) or --artifact FILE")
-    from hetero.train import load_member
-
-    family_dir = Path(family_dir)
-    manifest = read_manifest(family_dir)
-    entry = _family_member(family_dir, manifest, member)
-    model = load_member(family_dir, manifest, entry["name"])
+    entry = _member(store, member)
+    model = store.load_member(entry.name)
 
     def encode(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(images)).numpy()
 
-    return QueryModel(f"member {entry['name']!r} of {family_dir}", manifest["space_id"], entry["input_size"],
-                      _load_size(family_dir, entry), encode)
+    data = store.config().data
+    return QueryModel(f"member {entry.name!r} of {store.root}", store.space_id, entry.input_size,
+                      store.config().load_size, encode, tuple(data.background), data.max_image_pixels)
 
 
-def _artifact_model(path: Path, family_dir: Path | None) -> QueryModel:
-    from hetero.export import FORMATS, open_runtime
-    from hetero.profiles import FORMAT_SUFFIX, load_profile
+def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
+    from hetero import formats
+    from hetero.profiles import load_profile
 
     if not path.exists():
         raise GalleryError(f"--artifact {path}: no such file")
-    format_, runtime_name = None, None
-    if family_dir is not None and (family_dir / "manifest.json").is_file():
-        for artifact in read_manifest(family_dir).get("artifacts", []):
-            if (family_dir / artifact["file"]).resolve() == path.resolve():
-                format_, runtime_name = artifact["format"], load_profile(artifact["profile"]).verify.runtime
-    if format_ is None:
-        by_suffix = {suffix: fmt for fmt, suffix in FORMAT_SUFFIX.items()}
-        format_ = by_suffix.get(path.suffix)
-        if format_ not in FORMATS:
-            raise GalleryError(f"--artifact {path}: cannot tell its format from suffix {path.suffix!r}; "
-                               f"runtimes available for: {', '.join(FORMAT_SUFFIX[f] for f in FORMATS)}")
-        runtime_name = next(iter(FORMATS[format_][2]))
-    runtime = open_runtime(path, format_, runtime_name)
+    registered = store.artifact_for_file(path) if store is not None else None
+    if registered is not None:
+        spec, runtime_name = formats.get(registered.format), load_profile(registered.profile).verify.runtime
+    else:
+        spec = formats.for_path(path)
+        if spec is None:
+            raise GalleryError(f"--artifact {path}: cannot tell its format from suffix {path.suffix!r}; known: "
+                               f"{', '.join(f.suffix for f in formats.FORMATS.values())}")
+        runtime_name = next(iter(spec.runtimes))
+    try:
+        runtime = spec.open(path, runtime_name)
+        int(runtime.metadata["input_size"])
+    except HeteroError:
+        raise
+    except Exception as err:
+        raise GalleryError(f"--artifact {path}: cannot be opened with {runtime_name} ({type(err).__name__}: "
+                           f"{str(err).strip()[:300]})") from None
     meta = runtime.metadata
-    load_size = meta["input_size"]
-    if family_dir is not None and (family_dir / "config.yaml").is_file():
-        load_size = _load_size(family_dir, meta)
+    load_size, background, max_pixels = meta["input_size"], DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
+    if store is not None:
+        data = store.config().data
+        load_size, background, max_pixels = store.config().load_size, tuple(data.background), data.max_image_pixels
     return QueryModel(f"artifact {path} ({meta.get('member')}, {runtime.name})", meta.get("space_id"),
-                      meta["input_size"], load_size, runtime.embed)
+                      meta["input_size"], load_size, runtime.embed, background, max_pixels)
 
 
 def search_images(gallery: Gallery | str | Path, images: str | Path, model: QueryModel, k: int = 5,
@@ -570,7 +621,7 @@ def search_images(gallery: Gallery | str | Path, images: str | Path, model: Quer
     gallery = gallery if isinstance(gallery, Gallery) else Gallery(gallery)
     gallery.check_space(model.space_id, model.label)  # before any image is read
     entries = list_images(images)
-    dataset = _ImageFiles(entries, model.load_size)
+    dataset = _ImageFiles(entries, model.load_size, model.background, model.max_pixels)
     results = []
     for begin in range(0, len(entries), batch_size):
         names, skipped, pixels = _collate([dataset[i] for i in range(begin, min(begin + batch_size, len(entries)))])

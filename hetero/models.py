@@ -120,3 +120,11 @@ def count_flops(model: Embedder) -> int:
 
 def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
     return Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)
+
+
+@torch.no_grad()
+def embed_images(model: Embedder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """A torch member's embeddings of float images in [0, 1] (resized to its input size), in eval mode."""
+    model.eval()
+    chunks = [model(resize_to(images[i:i + batch_size], model.input_size)) for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)

@@ -6,31 +6,18 @@ the budgets a member must fit, and the tolerances verification holds the artifac
 """
 from __future__ import annotations
 
-import difflib
+import json
 from dataclasses import field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import TypeAdapter, ValidationError, model_validator
+from pydantic import TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from hetero.config import STRICT, ConfigError, format_validation_error
-
-FORMAT_PRECISIONS = {
-    "onnx": ("fp32", "fp16", "int8"),
-    "tflite": ("fp32", "fp16", "int8", "int8-weights", "int8-dynamic"),
-    "coreml": ("fp32", "fp16", "int8-weights"),
-    "executorch": ("fp32", "int8"),
-}
-FORMAT_RUNTIMES = {
-    "onnx": ("onnxruntime",),
-    "tflite": ("litert", "tflite_runtime"),
-    "coreml": ("coreml",),
-    "executorch": ("executorch",),
-}
-FORMAT_SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage", "executorch": ".pte"}
+from hetero import formats
+from hetero.config import STRICT, check_name, format_validation_error, read_yaml, unknown_message
+from hetero.errors import ConfigError
 
 
 @dataclass(config=STRICT)
@@ -57,7 +44,7 @@ class Verification:
 class DeviceProfile:
     name: str
     description: str
-    format: Literal["onnx", "tflite", "coreml", "executorch"]
+    format: Literal[tuple(formats.FORMATS)]  # type: ignore[valid-type]
     precision: str
     verify: Verification
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -69,24 +56,38 @@ class DeviceProfile:
     minimum_deployment_target: str | None = None
     calibration_images: int = 256
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_name(value, "profile name")  # exports/<profile name>/ is a folder
+
     @model_validator(mode="after")
     def _consistent(self):
-        allowed = FORMAT_PRECISIONS[self.format]
-        if self.precision not in allowed:
-            raise ValueError(f"precision: {self.precision!r} is not available for format {self.format!r}; "
-                             f"allowed: {', '.join(allowed)}")
-        if self.verify.runtime not in FORMAT_RUNTIMES[self.format]:
-            raise ValueError(f"verify.runtime: {self.verify.runtime!r} cannot run {self.format!r} files; "
-                             f"allowed: {', '.join(FORMAT_RUNTIMES[self.format])}")
+        spec = formats.get(self.format)
+        if self.precision not in spec.precisions:
+            raise ValueError(f"precision: {self.precision!r} cannot be produced by the {self.format} exporter; "
+                             f"allowed: {', '.join(spec.precisions)}")
+        if self.verify.runtime not in spec.runtimes:
+            raise ValueError(f"verify: runtime {self.verify.runtime!r} has no adapter for {self.format!r} files; "
+                             f"allowed: {', '.join(spec.runtimes)}")
         if self.batch < 0:
             raise ValueError(f"batch: must be >= 0 (0 = dynamic), got {self.batch}")
+        if self.batch == 0 and spec.fixed_batch:
+            raise ValueError(f"batch: the {self.format} exporter needs a fixed batch size (1 or more), got 0 "
+                             f"(dynamic)")
+        if self.input_size is not None and not 16 <= self.input_size <= 1024:
+            raise ValueError(f"input_size: must be between 16 and 1024 pixels, got {self.input_size}")
         if not 0 < self.tolerances.min_cosine <= 1:
-            raise ValueError(f"tolerances.min_cosine: must be in (0, 1], got {self.tolerances.min_cosine}")
+            raise ValueError(f"tolerances: min_cosine must be in (0, 1], got {self.tolerances.min_cosine}")
+        if not 0 <= self.tolerances.max_top1_drop <= 1:
+            raise ValueError(f"tolerances: max_top1_drop must be in [0, 1], got {self.tolerances.max_top1_drop}")
+        if self.calibration_images < 2:
+            raise ValueError(f"calibration_images: must be >= 2, got {self.calibration_images}")
         return self
 
     @property
     def suffix(self) -> str:
-        return FORMAT_SUFFIX[self.format]
+        return formats.get(self.format).suffix
 
 
 def builtin_profile_files() -> dict[str, Path]:
@@ -94,34 +95,35 @@ def builtin_profile_files() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
-def read_profile(path: str | Path) -> DeviceProfile:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read device profile ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+def parse_profile(data, source: str) -> DeviceProfile:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a device profile must be a mapping of fields")
+        raise ConfigError(f"{source}: a device profile must be a mapping of fields")
     try:
-        import json
-
         return TypeAdapter(DeviceProfile).validate_json(json.dumps(data, default=str))
     except ValidationError as err:
-        raise ConfigError(format_validation_error(str(path), err).replace("invalid config", "invalid device profile")) from None
+        raise ConfigError(format_validation_error(source, err, DeviceProfile, "device profile")) from None
 
 
-def load_profile(name_or_path: str) -> DeviceProfile:
-    """A built-in profile by name, or a profile file by path."""
-    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+def read_profile(path: str | Path) -> DeviceProfile:
+    return parse_profile(read_yaml(path, "device profile"), str(path))
+
+
+def is_profile_path(name_or_path: str) -> bool:
+    return name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file()
+
+
+def load_profile(name_or_path: str, also_known: tuple[str, ...] = ()) -> DeviceProfile:
+    """A built-in profile by name, or a profile file by path.
+
+    `also_known` are other names the caller would accept (a manifest's own profiles), offered as
+    suggestions too.
+    """
+    if is_profile_path(name_or_path):
         return read_profile(name_or_path)
     builtin = builtin_profile_files()
     if name_or_path not in builtin:
-        hint = difflib.get_close_matches(name_or_path, list(builtin), n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"unknown device profile {name_or_path!r}.{suggestion} Built-in profiles: "
-                          f"{', '.join(sorted(builtin))}; or give the path of a profile .yaml file.")
+        raise ConfigError(f"{unknown_message(name_or_path, sorted(set(builtin) | set(also_known)), 'device profile')}"
+                          f"; or give the path of a profile .yaml file")
     return read_profile(builtin[name_or_path])
 
 

@@ -14,7 +14,6 @@ Without the entry point (e.g. a source checkout), load it with ``-p hetero.pytes
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -44,22 +43,23 @@ class CompatSuite(pytest.Collector):
         self.source, self.kind = source, kind
         self._report = None
 
-    def _artifacts(self) -> list[dict]:
+    def _artifacts(self) -> list[tuple[str, str]]:
+        """(member, profile) of every artifact to verify."""
         if self.kind == "bundle":
-            import zipfile
+            from hetero.bundle import open_bundle
 
-            with zipfile.ZipFile(self.source) as archive:
-                artifacts = json.loads(archive.read("bundle.json"))["artifacts"]
+            with open_bundle(self.source) as reference:
+                artifacts = reference.artifacts
         else:
-            from hetero.manifest import read_manifest
+            from hetero.family import FamilyStore
 
-            artifacts = read_manifest(self.source).get("artifacts", [])
+            artifacts = FamilyStore.open(self.source).artifacts()
         wanted = self.config.getoption("hetero_profile")
-        if wanted and (wanted.endswith((".yaml", ".yml")) or Path(wanted).is_file()):
-            from hetero.profiles import load_profile
+        if wanted:
+            from hetero.profiles import is_profile_path, load_profile
 
-            wanted = load_profile(wanted).name
-        return [a for a in artifacts if wanted in (None, a["profile"])]
+            wanted = load_profile(wanted).name if is_profile_path(wanted) else wanted
+        return [a.key for a in artifacts if wanted in (None, a.profile)]
 
     def report(self) -> dict:
         if self._report is None:
@@ -69,11 +69,12 @@ class CompatSuite(pytest.Collector):
 
                 self._report = verify_bundle(self.source, latency_runs=options("hetero_latency_runs"))
             else:
+                from hetero.family import FamilyStore
                 from hetero.verify import verify
 
-                self._report = verify(self.source, profile=options("hetero_profile"),
-                                      max_images=options("hetero_images"),
-                                      latency_runs=options("hetero_latency_runs"))
+                self._report, _ = verify(FamilyStore.open(self.source), profile=options("hetero_profile"),
+                                         max_images=options("hetero_images"),
+                                         latency_runs=options("hetero_latency_runs"))
         return self._report
 
     def collect(self):
@@ -81,11 +82,10 @@ class CompatSuite(pytest.Collector):
         if not artifacts:
             yield CheckItem.from_parent(self, name="artifacts_present", key=None, check="artifacts_present")
             return
-        for artifact in artifacts:
-            key = (artifact["member"], artifact["profile"])
+        for member, profile in artifacts:
             for check in CHECK_NAMES:
-                yield CheckItem.from_parent(self, name=f"{artifact['member']}@{artifact['profile']}::{check}",
-                                            key=key, check=check)
+                yield CheckItem.from_parent(self, name=f"{member}@{profile}::{check}", key=(member, profile),
+                                            check=check)
 
     def reportinfo(self):
         return self.path, None, f"hetero verify {self.source}"
@@ -135,4 +135,9 @@ def pytest_collection_modifyitems(session, config, items):
             raise pytest.UsageError(f"--hetero-{kind} {source}: no such {'directory' if kind == 'family' else 'file'}")
         suite = CompatSuite.from_parent(session, name=f"hetero-verify[{path.name}]", nodeid=f"hetero-verify-{kind}",
                                         path=path if path.is_dir() else path.parent, source=str(path), kind=kind)
-        items.extend(suite.collect())
+        from hetero.errors import HeteroError
+
+        try:
+            items.extend(suite.collect())
+        except HeteroError as err:
+            raise pytest.UsageError(f"--hetero-{kind} {source}: {err}") from None

@@ -1,4 +1,4 @@
-"""A verification report for people: Markdown or HTML with plots (matplotlib, PNG).
+"""A verification report for people: console tables, JUnit XML, and Markdown or HTML with plots (PNG).
 
 Plots: the distribution of each artifact's cosine to its torch member (as 1 - cosine, log scale, with the
 profile's tolerance), top-1 against the cloud gallery per artifact next to the torch member's, and batch-1
@@ -12,8 +12,112 @@ import html
 import io
 from pathlib import Path
 
-from hetero.manifest import atomic_write_text
-from hetero.verify import artifact_label, summary_rows
+from hetero.files import atomic_path, atomic_write_text
+from hetero.verify import CHECKS
+
+
+# ------------------------------------------------------------------------------------------- console, JUnit
+
+
+def artifact_label(artifact: dict) -> str:
+    return f"{artifact['member']}@{artifact['profile']}" + (
+        "" if artifact.get("runtime") in (None, "?") else f" ({artifact['runtime']})")
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """One row per artifact: the figures people compare across profiles."""
+    rows = []
+    for a in report["artifacts"]:
+        checks = {c["name"]: c for c in a["checks"]}
+        v = {name: checks.get(name, {}).get("values", {}) for name in CHECKS}
+        rows.append({
+            "profile": a["profile"], "member": a["member"], "runtime": a["runtime"], "format": a["format"],
+            "precision": a["precision"],
+            "min_cosine": v["parity"].get("min_cosine"), "mean_cosine": v["parity"].get("mean_cosine"),
+            "top1": v["retrieval"].get("runtime", {}).get("top1"),
+            "torch_top1": v["retrieval"].get("torch", {}).get("top1"),
+            "map_at_r": v["retrieval"].get("runtime", {}).get("map_at_r"),
+            "agreement": v["retrieval"].get("top1_agreement"),
+            "latency_ms": v["budget_latency"].get("median_ms"),
+            "size_mb": v["budget_size"].get("value"),
+            "status": "pass" if a["passed"] else "FAIL",
+            "skipped": [c["name"] for c in a["checks"] if c["status"] == "skip"],
+        })
+    return rows
+
+
+def format_verify(report: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"Verification of {len(report['artifacts'])} artifact(s) on {report['queries']} held-out "
+                        f"queries vs {report['gallery']} cloud-gallery images ({report['source']})")
+    for column in ("artifact", "check", "status", "detail"):
+        table.add_column(column)
+    for artifact in report["artifacts"]:
+        for check in artifact["checks"]:
+            style = {"pass": "green", "fail": "bold red", "skip": "yellow"}[check["status"]]
+            table.add_row(escape(artifact_label(artifact)), check["name"], f"[{style}]{check['status']}[/]",
+                          escape(check["detail"]))
+    return table
+
+
+def format_summary(report: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    def num(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    table = Table(title="Per artifact: cosine to torch, top-1 against the cloud gallery, latency, size")
+    for column in ("profile", "member", "runtime", "min cos", "mean cos", "top-1", "torch top-1", "agree",
+                   "latency ms", "MB", "status"):
+        table.add_column(column, justify="right" if column not in ("profile", "member", "runtime") else "left")
+    for row in summary_rows(report):
+        status = "[green]pass[/]" if row["status"] == "pass" else "[bold red]FAIL[/]"
+        if row["skipped"] and row["status"] == "pass":
+            status += f" [yellow]({len(row['skipped'])} skipped)[/]"
+        table.add_row(escape(row["profile"]), escape(row["member"]), escape(row["runtime"]),
+                      num(row["min_cosine"], "{:.6f}"), num(row["mean_cosine"], "{:.6f}"), num(row["top1"], "{:.3f}"),
+                      num(row["torch_top1"], "{:.3f}"), num(row["agreement"], "{:.1%}"),
+                      num(row["latency_ms"], "{:.2f}"), num(row["size_mb"], "{:.2f}"), status)
+    return table
+
+
+def write_junit(report: dict, path: str | Path) -> None:
+    """JUnit XML: one testsuite per artifact, one testcase per check (failure / skipped marked)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element("testsuites", name="hetero verify", tests=str(sum(report["counts"].values())),
+                      failures=str(report["counts"]["fail"]), skipped=str(report["counts"]["skip"]),
+                      errors="0", time=str(report.get("seconds", 0)))
+    if not report["artifacts"]:
+        suite = ET.SubElement(root, "testsuite", name="hetero.verify", tests="1", failures="1", skipped="0",
+                              errors="0")
+        case = ET.SubElement(suite, "testcase", classname="hetero.verify", name="artifacts_present")
+        ET.SubElement(case, "failure", message="no exported artifacts to verify").text = \
+            f"{report['source']}: the manifest lists no artifacts (run `hetero export` first)"
+        root.set("tests", "1")
+        root.set("failures", "1")
+    for artifact in report["artifacts"]:
+        checks = artifact["checks"]
+        classname = f"hetero.verify.{artifact['profile']}.{artifact['member']}.{artifact['runtime']}"
+        suite = ET.SubElement(root, "testsuite", name=artifact_label(artifact), tests=str(len(checks)),
+                              failures=str(sum(c["status"] == "fail" for c in checks)),
+                              skipped=str(sum(c["status"] == "skip" for c in checks)), errors="0")
+        ET.SubElement(ET.SubElement(suite, "properties"), "property", name="file", value=artifact["file"])
+        for check in checks:
+            case = ET.SubElement(suite, "testcase", classname=classname, name=check["name"], time="0")
+            if check["status"] == "fail":
+                ET.SubElement(case, "failure", message=check["detail"][:500]).text = check["detail"]
+            elif check["status"] == "skip":
+                ET.SubElement(case, "skipped", message=check["detail"][:500])
+            else:
+                ET.SubElement(case, "system-out").text = check["detail"]
+    tree = ET.ElementTree(root)
+    ET.indent(tree)
+    with atomic_path(path) as tmp:
+        tree.write(tmp, encoding="utf-8", xml_declaration=True)
 
 
 def _figure_png(fig) -> bytes:

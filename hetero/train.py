@@ -4,8 +4,9 @@ Every member sees the same augmented batch.  The loss is, per member, a normalis
 loss (through one classifier shared by all members, or one each when `compat: none`) plus, per edge member,
 the configured cross-model terms against the cloud member's embeddings of the same images.
 
-State is checkpointed atomically after every epoch (safetensors + JSON, no pickle); a resumed run continues
-from the last finished epoch and ends with the same weights as an uninterrupted one.
+State is checkpointed atomically after every epoch (one safetensors file holding weights, optimizer state,
+epoch and history; nothing pickled); a resumed run continues from the last finished epoch and ends with the
+same weights as an uninterrupted one.  Callbacks run after every epoch (progress reports, snapshots).
 
 Under `torchrun --nproc_per_node N` the same code trains data-parallel (see hetero/distributed.py): every
 rank draws the same global batch (same seed, same augmentation, whatever N) and trains on its contiguous
@@ -14,30 +15,32 @@ step equals one process's step on the global batch up to float rounding.  Rank 0
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from hetero import distributed
-from hetero.config import Config, ConfigError, save_config
-from hetero.data import TrainImages, channel_stats, load_split
+from hetero.config import Config
+from hetero.data import TrainImages, channel_stats, load_split, loader_context
+from hetero.errors import ConfigError, ManifestError
+from hetero.family import (TRAIN_STATE, DataRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
+                           PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
+                           save_weights, space_id, tensors_digest, write_config, writing)
+from hetero.files import sha256_file
 from hetero.losses import SharedClassifier, build_cross_model_losses
-from hetero.manifest import atomic_path, atomic_write_json, sha256_file, space_id, write_manifest
-from hetero.models import Embedder, build_member, count_flops, count_params, resize_to
+from hetero.models import Embedder, build_member, count_flops, count_params, embed_images, resize_to
 
 log = logging.getLogger("hetero.train")
-
-STATE = "checkpoints/train_state"
 
 
 class Family(torch.nn.Module):
@@ -262,81 +265,132 @@ def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tenso
 
 
 def _save_state(out: Path, family: Family, optimizer, epoch: int, history: list) -> None:
-    tensors = {f"model.{k}": v.cpu().contiguous() for k, v in family.state_dict().items()}
+    """Weights, optimizer state, epoch and history in one file, replaced atomically: never half a state."""
+    tensors = {f"model.{k}": v for k, v in family.state_dict().items()}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    with atomic_path(out / f"{STATE}.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_json(out / f"{STATE}.json", {"epoch": epoch, "param_groups": opt["param_groups"], "history": history})
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    save_weights(out / TRAIN_STATE, tensors, {"epoch": epoch, "param_groups": opt["param_groups"], "history": history})
 
 
-def _load_state(out: Path, family: Family, optimizer) -> tuple[int, list]:
-    meta = json.loads((out / f"{STATE}.json").read_text())
-    tensors = load_file(str(out / f"{STATE}.safetensors"))
-    family.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+def _load_state(path: Path, family: Family, optimizer) -> tuple[int, list]:
+    tensors, meta = read_weights(path, "the training state")
+    try:
+        epoch, groups, history = int(meta["epoch"]), list(meta["param_groups"]), list(meta["history"])
+    except (KeyError, TypeError, ValueError):
+        raise ManifestError(f"{path}: holds no epoch, optimizer settings and history (written by an earlier hetero, "
+                            f"or damaged); train with --overwrite to start again") from None
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["epoch"], meta["history"]
+    try:
+        family.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise ManifestError(f"{path}: does not fit this config's family ({str(err).splitlines()[0][:300]}); train "
+                            f"with --overwrite to start again") from None
+    return epoch, history
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(config: Config, out: str | Path, resume: bool = False, progress: bool | None = None) -> dict:
-    """Train the family of `config` into directory `out`; return the manifest written there."""
+@dataclass
+class EpochEnd:
+    """What a callback learns after each finished (and checkpointed) epoch."""
+
+    epoch: int  # counted over all phases, from 1
+    epochs: int  # in all phases
+    phase: int  # index into the phases (sequential: 0 cloud, 1 edges)
+    phase_done: bool  # the last epoch of its phase
+    loss: float
+    out: Path
+
+
+Callback = Callable[[EpochEnd], None]
+
+
+def train(config: Config, out: str | Path, resume: bool = False, progress: bool | None = None,
+          overwrite: bool = False, callbacks: Sequence[Callback] = (), start_from: str | Path | None = None
+          ) -> FamilyStore:
+    """Train the family of `config` into directory `out`; return the family written there.
+
+    A directory that already holds a family is refused unless `resume` (same config) or `overwrite`.
+    `start_from` is another run's training state whose finished epochs this run shares (recipes that differ
+    only in the edge phase start it from one cloud phase); the caller vouches that they are shared.
+    """
     distributed.init_from_env()
     out = Path(out)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    train_cfg = config.train
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a directory for the family")
+    with new_directory(out), writing(out, "train"):
+        distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
+        split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written
+        if distributed.is_main():
+            write_config(out, config)
+        run = _Run(config, out, split, progress)
+        if resume or start_from:  # every rank loads the same state
+            state = out / TRAIN_STATE if resume else Path(start_from)
+            run.done, run.history = _load_state(state, run.family, run.optimizer)
+            if distributed.is_main():
+                log.info("resuming %s after epoch %d", out, run.done)
+        for phase, (trained, epochs) in enumerate(run.phases):
+            run.train_phase(phase, trained, epochs, callbacks)
+        if distributed.is_main():
+            write_family(config, out, run.family.cpu(), split, run.history, run.previous, run.facts())
+        distributed.barrier()
+    return FamilyStore.open(out)
 
-    split = load_split(config.data, config.load_size)
-    mean, std = channel_stats(split.train.images)
-    family = Family(config, len(split.train.class_names), mean, std)
-    previous = None
-    if train_cfg.mode == "backward":
-        previous = read_previous(config)
-        family.previous = previous["cloud"]
-        _prototypes_from(family, family.previous, split.train)
-    if distributed.world_size() > 1:
-        distributed.convert_batchnorm(family)  # statistics of the global batch, as in one process
-    device = distributed.device()
-    amp, channels_last = _accelerations(train_cfg, device)
-    family.amp = amp
-    family.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    optimizer = torch.optim.AdamW(family.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
-    dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
-    batch_size = _global_batch_size(train_cfg, len(dataset))
+class _Run:
+    """One training run: the family, its optimizer and data, and the epochs done so far."""
 
-    def epoch_loader():
+    def __init__(self, config: Config, out: Path, split, progress: bool | None):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.config, self.out, self.split, self.progress = config, out, split, progress
+        self.train_cfg = train_cfg = config.train
+        mean, std = channel_stats(split.train.images)
+        self.family = Family(config, len(split.train.class_names), mean, std)
+        self.previous = None
+        if train_cfg.mode == "backward":
+            self.previous = read_previous(config)
+            self.family.previous = self.previous["cloud"]
+            _prototypes_from(self.family, self.family.previous, split.train)
+        if distributed.world_size() > 1:
+            distributed.convert_batchnorm(self.family)  # statistics of the global batch, as in one process
+        self.device = distributed.device()
+        self.amp, self.channels_last = _accelerations(train_cfg, self.device)
+        self.family.amp = self.amp
+        self.family.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.optimizer = torch.optim.AdamW(self.family.parameters(), lr=train_cfg.lr,
+                                           weight_decay=train_cfg.weight_decay)
+        self.dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
+        self.batch_size = _global_batch_size(train_cfg, len(self.dataset))
+        self.steps_per_epoch = len(self.epoch_loader())
+        self.phases = _phases(config, self.family)
+        self.total_epochs = sum(epochs for _, epochs in self.phases)
+        self.done, self.history = 0, []
+        self.started = time.time()
+
+    def facts(self) -> dict:
+        return {"device": self.device.type, "processes": distributed.world_size(), "amp_bf16": self.amp,
+                "channels_last": self.channels_last}
+
+    def epoch_loader(self):
         # A new sampler per epoch: MPerClassSampler reshuffles its own state in place, which would make a
         # resumed run draw other batches than an uninterrupted one.  Every rank loads the same global batch
         # (same seeds, so the same augmentation whatever the world size) and trains on its own slice of it.
-        sampler = MPerClassSampler(split.train.labels, train_cfg.samples_per_class, batch_size=batch_size,
-                                   length_before_new_iter=len(dataset))
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=train_cfg.workers)
+        sampler = MPerClassSampler(self.split.train.labels, self.train_cfg.samples_per_class,
+                                   batch_size=self.batch_size, length_before_new_iter=len(self.dataset))
+        workers = self.train_cfg.workers
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                           num_workers=workers, multiprocessing_context=loader_context(workers))
 
-    steps_per_epoch = len(epoch_loader())
-
-    done, history = 0, []
-    if resume and (out / f"{STATE}.json").exists():
-        done, history = _load_state(out, family, optimizer)  # every rank loads the same state
-        if distributed.is_main():
-            log.info("resuming %s after epoch %d", out, done)
-
-    started = time.time()
-    epoch = 0
-    for trained, epochs in _phases(config, family):
+    def train_phase(self, phase: int, trained: list[str], epochs: int, callbacks: Sequence[Callback]) -> None:
+        family = self.family
         for name, member in family.members.items():
             member.requires_grad_(name in trained)
         for name, head in family.heads.items():
@@ -344,64 +398,64 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
         if family.cloud_name not in trained or family.previous is not None:
             family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
         model = distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
-        warmup = max(1, int(train_cfg.warmup_epochs * steps_per_epoch))
+        first = sum(e for _, e in self.phases[:phase])
         for phase_epoch in range(epochs):
-            epoch += 1
-            if epoch <= done:
+            epoch = first + phase_epoch + 1
+            if epoch <= self.done:
                 continue
-            _seed_everything(train_cfg.seed, epoch)
-            family.train()
-            for name, member in family.members.items():
-                member.train(name in trained)
-            if family.previous is not None:
-                family.previous.eval()
-            bar = tqdm(epoch_loader(), desc=f"epoch {epoch}/{sum(e for _, e in _phases(config, family))}", leave=False,
-                       disable=True if progress is False or not distributed.is_main() else None)
-            totals = []
-            for step, (images, labels) in enumerate(bar):
-                factor = _lr_factor(phase_epoch * steps_per_epoch + step, epochs * steps_per_epoch, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = train_cfg.lr * factor
-                # Mixed on the global batch, before slicing, so N processes mix as one would.
-                mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
-                images, labels, mixed = (t.to(device) for t in distributed.local_slice(images, labels, mixed))
-                if channels_last:
-                    images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
-                loss, parts = model(images, labels, trained, train_cfg.detach_cloud,
-                                    train_cfg.edge_classification, mixed, train_cfg.mixed_matching)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                totals.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            epoch_loss = distributed.mean_across_ranks(float(np.mean(totals)))
-            history.append({"epoch": epoch, "loss": epoch_loss, "seconds": round(time.time() - started, 1)})
+            loss = self.train_epoch(model, trained, epoch, phase_epoch, epochs)
+            self.history.append({"epoch": epoch, "loss": loss, "seconds": round(time.time() - self.started, 1)})
             if distributed.is_main():
-                log.info("epoch %d: loss %.4f", epoch, epoch_loss)
-                _save_state(out, family, optimizer, epoch, history)
+                log.info("epoch %d: loss %.4f", epoch, loss)
+                _save_state(self.out, family, self.optimizer, epoch, self.history)
             distributed.barrier()
+            self.done = epoch
+            for callback in callbacks:
+                callback(EpochEnd(epoch, self.total_epochs, phase, phase_epoch == epochs - 1, loss, self.out))
 
-    run = {"device": device.type, "processes": distributed.world_size(), "amp_bf16": amp, "channels_last": channels_last}
-    manifest = write_family(config, out, family.cpu(), split, history, previous, run) if distributed.is_main() else None
-    distributed.barrier()
-    return distributed.broadcast_object(manifest)
+    def train_epoch(self, model, trained: list[str], epoch: int, phase_epoch: int, epochs: int) -> float:
+        train_cfg, family = self.train_cfg, self.family
+        _seed_everything(train_cfg.seed, epoch)
+        family.train()
+        for name, member in family.members.items():
+            member.train(name in trained)
+        if family.previous is not None:
+            family.previous.eval()
+        warmup = max(1, int(train_cfg.warmup_epochs * self.steps_per_epoch))
+        bar = tqdm(self.epoch_loader(), desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
+                   disable=True if self.progress is False or not distributed.is_main() else None)
+        totals = []
+        for step, (images, labels) in enumerate(bar):
+            factor = _lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
+            for group in self.optimizer.param_groups:
+                group["lr"] = train_cfg.lr * factor
+            # Mixed on the global batch, before slicing, so N processes mix as one would.
+            mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
+            images, labels, mixed = (t.to(self.device) for t in distributed.local_slice(images, labels, mixed))
+            if self.channels_last:
+                images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
+            loss, _ = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
+                            train_cfg.mixed_matching)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            totals.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return distributed.mean_across_ranks(float(np.mean(totals)))
 
 
 def read_previous(config: Config) -> dict:
-    """The earlier family of a backward-compatible update: its manifest and its frozen cloud member."""
-    from hetero.manifest import ManifestError, read_manifest
-
+    """The earlier family of a backward-compatible update: its store and its frozen cloud member."""
     run_dir = Path(config.train.previous)
     try:
-        manifest = read_manifest(run_dir)
-        if manifest["embedding_dim"] != config.family.embedding_dim:
-            raise ManifestError(f"its embedding_dim is {manifest['embedding_dim']}, this family's is "
+        store = FamilyStore.open(run_dir)
+        if store.manifest.embedding_dim != config.family.embedding_dim:
+            raise ManifestError(f"its embedding_dim is {store.manifest.embedding_dim}, this family's is "
                                 f"{config.family.embedding_dim}: a new family must keep the old dimension")
-        name = next(m["name"] for m in manifest["members"] if m["role"] == "cloud")
-        cloud = load_member(run_dir, manifest, name).requires_grad_(False)
-    except (ManifestError, KeyError, StopIteration) as err:
+        cloud = store.load_member(store.cloud.name).requires_grad_(False)
+    except ManifestError as err:
         raise ConfigError(f"train.previous ({run_dir}): not a usable earlier family: {err}") from None
-    return {"dir": run_dir, "manifest": manifest, "cloud_name": name, "cloud": cloud}
+    return {"store": store, "cloud": cloud}
 
 
 @torch.no_grad()
@@ -410,71 +464,55 @@ def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
 
     Means of the old embeddings work for classes the old family never saw as well as for those it did.
     """
-    from hetero.evaluate import embed
-
-    old = embed(old_cloud, images.floats())
+    old = embed_images(old_cloud, images.floats())
     prototypes = torch.zeros(len(images.class_names), old.shape[1]).index_add_(0, images.labels, old)
     head = family.head(family.cloud_name).loss
     head.W.copy_(torch.nn.functional.normalize(prototypes, dim=1).T)
 
 
 def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None,
-                 run: dict | None = None) -> dict:
+                 run: dict | None = None) -> Manifest:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
-    members, files = [], {}
+    files = {}
     for cfg in fam.members:
-        member = family.members[cfg.name]
         path = out / "checkpoints" / f"{cfg.name}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in member.state_dict().items()}, str(tmp),
-                      metadata={"member": cfg.name, "family": fam.name})
-        files[cfg.name] = {"file": path.relative_to(out).as_posix(), "sha256": sha256_file(path)}
+        save_weights(path, family.members[cfg.name].state_dict(), {"member": cfg.name, "family": fam.name})
+        files[cfg.name] = FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
     cloud_flops = count_flops(family.cloud)
-    for cfg in fam.members:
-        member = family.members[cfg.name]
-        flops = count_flops(member)
-        members.append({
-            "name": cfg.name, "role": cfg.role, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
-            "input_size": cfg.input_size, "dim": fam.embedding_dim,
-            "mean": member.mean.flatten().tolist(), "std": member.std.flatten().tolist(),
-            "params": count_params(member), "flops": flops, "flops_vs_cloud": round(flops / cloud_flops, 4),
-            "checkpoint": files[cfg.name],
-        })
-    manifest = {
-        "format": "hetero-family/1",
-        "family": fam.name, "version": fam.version, "embedding_dim": fam.embedding_dim,
-        "space_id": previous["manifest"]["space_id"] if previous else
-        space_id(fam.name, fam.version, fam.embedding_dim, files[fam.cloud.name]["sha256"]),
-        "compat": config.train.compat, "mode": config.train.mode,
-        "members": members,
-        "data": {"train_images": len(split.train), "train_classes": len(split.train.class_names),
-                 "test_images": len(split.test), "test_classes": len(split.test.class_names),
-                 "skipped_images": split.skipped},
-        "training": {"epochs": history[-1]["epoch"] if history else 0, **(run or {}), "history": history},
-        "artifacts": [],
-    }
-    if previous:
-        old = previous["manifest"]
-        manifest["previous"] = {
-            "dir": str(previous["dir"].resolve()), "family": old["family"], "version": old["version"],
-            "space_id": old["space_id"], "cloud": previous["cloud_name"],
-            "checkpoint": next(m["checkpoint"] for m in old["members"] if m["name"] == previous["cloud_name"]),
-        }
-    write_manifest(out, manifest)
+    members = [_member_record(cfg, family.members[cfg.name], fam.embedding_dim, cloud_flops, files[cfg.name])
+               for cfg in fam.members]
+    cloud_digest = tensors_digest(family.cloud.state_dict())
+    manifest = Manifest(
+        family=fam.name, version=fam.version, embedding_dim=fam.embedding_dim,
+        space_id=previous["store"].space_id if previous else space_id(fam.name, fam.version, fam.embedding_dim,
+                                                                     cloud_digest),
+        compat=config.train.compat, mode=config.train.mode, members=members,
+        data=DataRecord(train_images=len(split.train), train_classes=len(split.train.class_names),
+                        test_images=len(split.test), test_classes=len(split.test.class_names),
+                        skipped_images=split.skipped),
+        training=TrainingRecord(epochs=history[-1]["epoch"] if history else 0, **(run or {}), history=history),
+        previous=_previous_record(out, previous) if previous else None,
+    )
+    FamilyStore(out, manifest).save()
     return manifest
 
 
-def load_member(run_dir: str | Path, manifest: dict, name: str) -> Embedder:
-    """Rebuild a trained member from its manifest entry and checkpoint (sha256 checked)."""
-    from hetero.manifest import ManifestError, check_file
+def _member_record(cfg, member: Embedder, dim: int, cloud_flops: int, checkpoint: FileRecord) -> MemberRecord:
+    flops = count_flops(member)
+    return MemberRecord(
+        name=cfg.name, role=cfg.role, arch=cfg.arch, width=cfg.width, depth=cfg.depth, input_size=cfg.input_size,
+        dim=dim, mean=member.mean.flatten().tolist(), std=member.std.flatten().tolist(), params=count_params(member),
+        flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4), checkpoint=checkpoint)
 
-    entries = {m["name"]: m for m in manifest["members"]}
-    if name not in entries:
-        raise ManifestError(f"no member {name!r} in this family; members: {', '.join(entries)}")
-    entry = entries[name]
-    path = check_file(run_dir, entry["checkpoint"])
-    member = Embedder(entry["arch"], entry["width"], entry["depth"], entry["dim"], entry["input_size"],
-                      entry["mean"], entry["std"])
-    member.load_state_dict(load_file(str(path)))
-    return member.eval()
+
+def _previous_record(out: Path, previous: dict) -> PreviousRecord:
+    """Keep a copy of the earlier cloud: evaluating the update never reads outside this directory."""
+    store: FamilyStore = previous["store"]
+    cloud = store.cloud
+    path = out / "checkpoints" / "previous" / f"{cloud.name}.safetensors"
+    save_weights(path, previous["cloud"].state_dict(), {"member": cloud.name, "family": store.name})
+    copy = FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
+    return PreviousRecord(dir=str(store.root.resolve()), family=store.name, version=store.manifest.version,
+                          space_id=store.space_id, cloud=cloud.name,
+                          member=cloud.model_copy(update={"checkpoint": copy}), checkpoint=copy)

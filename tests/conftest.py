@@ -28,22 +28,12 @@ def tiny_config(**train_overrides) -> dict:
     }
 
 
-def interrupt_after_epoch(monkeypatch, last_epoch: int):
-    """Make training raise KeyboardInterrupt right after it checkpoints `last_epoch` (a simulated crash).
-
-    Returns a function that restores normal training, for the resumed run.
-    """
-    import hetero.train as train_module
-
-    original = train_module._save_state
-
-    def save_then_crash(out, family, optimizer, epoch, history):
-        original(out, family, optimizer, epoch, history)
-        if epoch == last_epoch:
+def crash_after(last_epoch: int):
+    """A training callback that raises KeyboardInterrupt once `last_epoch` is checkpointed (a simulated crash)."""
+    def crash(end):
+        if end.epoch == last_epoch:
             raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", save_then_crash)
-    return lambda: monkeypatch.setattr(train_module, "_save_state", original)
+    return crash
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +43,7 @@ def tiny_family_dir(tmp_path_factory) -> Path:
     from hetero.train import train
 
     out = tmp_path_factory.mktemp("tiny-family")
-    train(parse_config(tiny_config(), "tiny"), out, progress=False)
-    evaluate(out)
+    evaluate(train(parse_config(tiny_config(), "tiny"), out, progress=False))
     return out
 
 

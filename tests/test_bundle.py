@@ -15,12 +15,15 @@ from tests.test_verify import RUNS, by_member, exported_family  # noqa: F401  (f
 @pytest.fixture(scope="module")
 def bundled(exported_family, tmp_path_factory):  # noqa: F811
     """(report of the family, bundle path) with the family directory deleted afterwards."""
+    from hetero.bundle import write_bundle
+    from hetero.family import FamilyStore
     from hetero.verify import verify
 
     work = tmp_path_factory.mktemp("bundle")
     family = work / "family"
     shutil.copytree(exported_family, family)
-    report = verify(family, latency_runs=RUNS, bundle=work / "out.zip")
+    report, reference = verify(FamilyStore.open(family), latency_runs=RUNS)
+    write_bundle(reference, work / "out.zip", report)
     shutil.rmtree(family)  # the bundle must be self-contained
     return report, work / "out.zip"
 
@@ -120,3 +123,25 @@ def test_bad_bundles_are_refused_with_a_reason(bundled, tmp_path):
         verify_bundle(escape)
     assert not (tmp_path / "outside.txt").exists()
     assert main(["verify"]) == 2  # neither DIR nor --bundle
+
+
+def test_artifact_path_outside_the_bundle_is_refused_before_it_is_read(bundled, tmp_path):
+    """bundle.json may name any file; one outside the extracted bundle is never hashed or loaded."""
+    from hetero.bundle import verify_bundle
+
+    _, bundle = bundled
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(next(p for p in [Path(str(bundle))] if p), outside)  # any file with known bytes
+
+    def point_outside(name, data):
+        if name != "bundle.json":
+            return data
+        meta = json.loads(data)
+        meta["artifacts"][0]["file"] = str(outside)  # absolute
+        meta["artifacts"][1]["file"] = "../../" + outside.name  # climbing out
+        return json.dumps(meta).encode()
+
+    report = verify_bundle(rewrite_bundle(bundle, tmp_path / "b.zip", point_outside), latency_runs=RUNS)
+    for checks in by_member(report).values():
+        assert checks["identity"]["status"] == "fail" and "points outside" in checks["identity"]["detail"]
+        assert {c["status"] for name, c in checks.items() if name != "identity"} == {"skip"}

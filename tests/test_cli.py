@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hetero.cli import main
-from hetero.manifest import sha256_file
+from hetero.files import sha256_file
 from tests.conftest import tiny_config
 
 

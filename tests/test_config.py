@@ -73,15 +73,19 @@ def test_unknown_loss_is_refused():
 
 @pytest.mark.parametrize("change, key", [
     ({"edge_epochs": 5, "mode": "joint"}, "edge_epochs: only used in mode 'sequential'"),
-    ({"mixed_matching": -1.0}, "mixed_matching: must be >= 0"),
+    ({"mixed_matching": -1.0}, "mixed_matching: Input should be greater than or equal to 0, got -1.0"),
     ({"previous": "runs/old"}, "previous: only used in mode 'backward'"),
     ({"mode": "backward", "previous": "runs/old", "compat": "none"}, "compat: mode 'backward'"),
-    ({"edge_classification": -0.5}, "edge_classification: must be >= 0"),
+    ({"edge_classification": -0.5}, "edge_classification: Input should be greater than or equal to 0"),
     ({"edge_classification": 0.0, "losses": {}}, "edge_classification: 0 with no cross-model term"),
+    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1, got 0"),
+    ({"lr": float("nan")}, "lr: Input should be a finite number, got nan"),
+    ({"batch_size": 30, "samples_per_class": 4}, "batch_size: 30 must be a multiple of samples_per_class (4)"),
 ])
-def test_training_mode_options_that_cannot_apply_are_refused(change, key):
+def test_training_options_that_cannot_apply_are_refused_at_their_key(change, key):
     message = error_for(lambda d: d["train"].update(change))
-    assert message.startswith("family.yaml: invalid config") and f"train: {key}" in message
+    assert message.startswith("family.yaml: invalid config") and f"train.{key}" in message
+    assert message.count("\n") == 1 and message.count("got") <= 1  # one line, said once
 
 
 def test_relative_previous_family_is_resolved_from_the_config_file(tmp_path):

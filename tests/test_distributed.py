@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hetero import distributed
-from tests.conftest import interrupt_after_epoch
+from tests.conftest import crash_after
 
 
 def _model() -> torch.nn.Module:
@@ -114,19 +114,19 @@ def _train_worker(rank: int, world: int, init_file: str, config: dict, out: str,
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        manifest = train(parse_config(config, "tiny"), out, resume=resume, progress=False)
-        assert manifest["members"] and manifest["training"]["history"]  # every rank returns rank 0's manifest
+        store = train(parse_config(config, "tiny"), out, resume=resume, progress=False)
+        assert store.members and store.manifest.training.history  # every rank opens rank 0's family
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _train_two_processes(tmp_path, config: dict, out, resume: bool = False) -> dict:
+def _train_two_processes(tmp_path, config: dict, out, resume: bool = False):
     import torch.multiprocessing as mp
 
-    from hetero.manifest import read_manifest
+    from hetero.family import FamilyStore
 
     mp.spawn(_train_worker, args=(2, str(tmp_path / f"init-{out.name}"), config, str(out), resume), nprocs=2)
-    return read_manifest(out)
+    return FamilyStore.open(out)
 
 
 def _initial_members(config: dict) -> dict:
@@ -176,25 +176,23 @@ def test_train_on_two_processes_equals_one_on_the_global_batch(tmp_path):
     one = train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
     two = _train_two_processes(tmp_path, config, tmp_path / "two")
     _assert_same_family(config, tmp_path / "one", tmp_path / "two")
-    for a, b in zip(one["training"]["history"], two["training"]["history"], strict=True):
+    for a, b in zip(one.manifest.training.history, two.manifest.training.history, strict=True):
         # rank 0 logs the global loss (measured 1.5e-4 apart; up to 2.2e-3 on a loaded machine, where the
         # weights' rounding drift of the first steps carries into the later ones)
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+        assert b.loss == pytest.approx(a.loss, rel=1e-2)
 
 
 @pytest.mark.slow
-def test_two_processes_resume_a_one_process_run(tmp_path, monkeypatch):
+def test_two_processes_resume_a_one_process_run(tmp_path):
     """Sequential mode (DDP re-wrapped for the edge phase), resumed by 2 ranks after the cloud phase."""
-    import hetero.train as train_module
     from hetero.config import parse_config
+    from hetero.train import train
 
     config = _ddp_config(mode="sequential", epochs=1)
-    train_module.train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
+    train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
 
-    restore = interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        train_module.train(parse_config(config, "tiny"), tmp_path / "two", progress=False)
-    restore()
+        train(parse_config(config, "tiny"), tmp_path / "two", progress=False, callbacks=[crash_after(1)])
     _train_two_processes(tmp_path, config, tmp_path / "two", resume=True)
     _assert_same_family(config, tmp_path / "one", tmp_path / "two")
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from hetero.config import ConfigError
-from hetero.export import FORMATS, export_member, open_runtime
-from hetero.export.common import ExportError, RuntimeUnavailable, cosine_rows, sha256_path
-from hetero.manifest import read_manifest
+from hetero import formats
+from hetero.errors import ConfigError, ExportError, RuntimeUnavailable
+from hetero.export.common import cosine_rows
+from hetero.exporter import export_member
+from hetero.family import FamilyStore
+from hetero.files import sha256_path
 from hetero.profiles import all_profiles, builtin_profile_files, load_profile
 
 MEMBER = "edge-a"
@@ -27,6 +29,16 @@ def _installed(profile) -> bool:
     return importlib.util.find_spec(FORMAT_PACKAGES[profile.format]) is not None
 
 
+def export(run_dir: Path, member, profile, **options):
+    store = FamilyStore.open(run_dir)
+    with store.lock("export"):
+        return export_member(store, member, profile, **options)
+
+
+def open_runtime(path: Path, format: str, runtime: str):
+    return formats.get(format).open(path, runtime)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_family_dir, tmp_path_factory):
     """One copy of the tiny family with MEMBER exported to every profile whose converter is installed."""
@@ -35,17 +47,14 @@ def exported(tiny_family_dir, tmp_path_factory):
     artifacts = {}
     for profile in all_profiles():
         if _installed(profile):
-            artifacts[profile.name] = export_member(run_dir, MEMBER, profile)
+            artifacts[profile.name] = export(run_dir, MEMBER, profile)
     return run_dir, artifacts
 
 
 def _held_out(run_dir: Path, size: int, count: int = 64) -> torch.Tensor:
-    from hetero.config import load_config
-    from hetero.data import load_split
     from hetero.models import resize_to
 
-    config = load_config(run_dir / "config.yaml")
-    test = load_split(config.data, config.load_size).test
+    test = FamilyStore.open(run_dir).split().test
     index = torch.linspace(0, len(test) - 1, count).long()
     return resize_to(test.images[index].float() / 255.0, size)
 
@@ -67,33 +76,31 @@ def test_export_every_profile_registers_file_with_metadata_and_parity(exported, 
     if name not in artifacts:
         pytest.skip(f"converter for {profile.format} not installed")
     artifact = artifacts[name]
-    manifest = read_manifest(run_dir)
-    entry = next(m for m in manifest["members"] if m["name"] == MEMBER)
-    path = run_dir / artifact["file"]
+    store = FamilyStore.open(run_dir)
+    entry = store.member(MEMBER)
+    path = run_dir / artifact.file
 
-    registered = [a for a in manifest["artifacts"] if a["profile"] == name]
-    assert registered == [artifact]
-    assert artifact["sha256"] == sha256_path(path)
-    assert path.suffix == profile.suffix and not list(path.parent.glob(".*.tmp"))  # no temp left behind
+    assert store.artifacts(name) == [artifact]
+    assert artifact.sha256 == sha256_path(path)
+    assert path.suffix == profile.suffix and not list(path.parent.glob(".hetero-tmp.*"))  # no temp left behind
 
     metadata = _metadata(path, profile)
-    expected = {"space_id": manifest["space_id"], "family": manifest["family"],
-                "family_version": manifest["version"], "member": MEMBER, "embedding_dim": entry["dim"],
-                "input_size": entry["input_size"], "layout": profile.layout, "mean": entry["mean"],
-                "std": entry["std"], "precision": profile.precision, "profile": name}
+    expected = {"space_id": store.space_id, "family": store.name, "family_version": store.manifest.version,
+                "member": MEMBER, "embedding_dim": entry.dim, "input_size": entry.input_size,
+                "layout": profile.layout, "mean": entry.mean, "std": entry.std, "precision": profile.precision,
+                "profile": name}
     assert {k: metadata[k] for k in expected} == expected
-    assert metadata["quantization"] == artifact["quantization"]
+    assert metadata["quantization"] == artifact.quantization
+    assert metadata["preprocessing"]["transparency"] == "composited onto RGB [255, 255, 255]"
 
     try:
         runtime = open_runtime(path, profile.format, profile.verify.runtime)
     except RuntimeUnavailable as err:
         assert platform.system() != "Darwin" and "macOS" in str(err)
         return
-    from hetero.train import load_member
-
-    images = _held_out(run_dir, entry["input_size"])
+    images = _held_out(run_dir, entry.input_size)
     with torch.no_grad():
-        reference = load_member(run_dir, manifest, MEMBER)(images).numpy()
+        reference = store.load_member(MEMBER)(images).numpy()
     cosine = cosine_rows(runtime.embed(images.numpy()), reference)
     assert cosine.min() >= profile.tolerances.min_cosine, (name, cosine.min())
 
@@ -104,8 +111,8 @@ def test_coreml_spec_shows_weight_precision_and_deployment_target(exported):
     from hetero.export.coreml import inspect_artifact
 
     run_dir, artifacts = exported
-    fp16 = inspect_artifact(run_dir / artifacts["iphone-coreml-fp16"]["file"])
-    int8 = inspect_artifact(run_dir / artifacts["iphone-coreml-int8"]["file"])
+    fp16 = inspect_artifact(run_dir / artifacts["iphone-coreml-fp16"].file)
+    int8 = inspect_artifact(run_dir / artifacts["iphone-coreml-int8"].file)
     size = fp16["metadata"]["input_size"]
     assert fp16["inputs"] == {"images": [1, 3, size, size]} and fp16["outputs"]["embedding"][-1] == 32
     assert max(fp16["weight_dtypes"], key=fp16["weight_dtypes"].get) == "FLOAT16"
@@ -119,7 +126,7 @@ def test_int8_artifacts_record_scheme_and_calibration_on_training_images(exporte
     for name in ("rpi-onnx-int8", "android-litert-int8"):
         if name not in artifacts:
             continue
-        quantization = artifacts[name]["quantization"]
+        quantization = artifacts[name].quantization
         assert quantization["scheme"] in ("static-int8-qdq", "static-int8", "int8-dynamic", "int8-weights")
         assert quantization["parity_check"]["min_cosine"] >= load_profile(name).tolerances.min_cosine
         if quantization["scheme"].startswith("static"):
@@ -128,16 +135,14 @@ def test_int8_artifacts_record_scheme_and_calibration_on_training_images(exporte
 
 
 def test_calibration_images_come_from_training_classes_only(tiny_family_dir):
-    from hetero.config import load_config
-    from hetero.data import load_split
-    from hetero.export import calibration_images
+    from hetero.exporter import calibration_images
 
-    images = calibration_images(tiny_family_dir, 24, 40)
-    config = load_config(tiny_family_dir / "config.yaml")
-    split = load_split(config.data, config.load_size)
+    store = FamilyStore.open(tiny_family_dir)
+    images = calibration_images(store, 24, 40)
+    split = store.split()
     assert images.shape == (40, 3, 24, 24) and 0 <= images.min() and images.max() <= 1
     train = split.train.images.float() / 255.0
-    full = calibration_images(tiny_family_dir, config.load_size, 10_000)
+    full = calibration_images(store, store.config().load_size, 10_000)
     assert len(full) == len(split.train)  # never more than the training split, never a test image
     assert torch.equal(full, train)
 
@@ -163,38 +168,34 @@ def _profile_file(tmp_path: Path, base: str, **changes) -> str:
 def test_onnx_int8_falls_back_to_weight_only_when_static_misses_the_tolerance(family_copy, tmp_path):
     profile = load_profile(_profile_file(tmp_path, "rpi-onnx-int8", name="strict-int8",
                                          tolerances__min_cosine=0.9999999, calibration_images=64))
-    artifact = export_member(family_copy, MEMBER, profile)
-    quantization = artifact["quantization"]
+    artifact = export(family_copy, MEMBER, profile)
+    quantization = artifact.quantization
     assert quantization["scheme"] == "int8-weights"
     assert quantization["fallback_from"] == "static-int8-qdq" and "tolerance 0.9999999" in quantization["fallback_reason"]
-    metadata = open_runtime(family_copy / artifact["file"], "onnx", "onnxruntime").metadata
+    metadata = open_runtime(family_copy / artifact.file, "onnx", "onnxruntime").metadata
     assert metadata["quantization"]["scheme"] == "int8-weights"
     import onnx
 
-    graph = onnx.load(str(family_copy / artifact["file"])).graph
+    graph = onnx.load(str(family_copy / artifact.file)).graph
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)
     assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
 
 
 def test_onnx_fp16_keeps_float_io_and_parity(family_copy, tmp_path):
     profile = load_profile(_profile_file(tmp_path, "server-onnx-fp32", name="onnx-fp16", precision="fp16"))
-    artifact = export_member(family_copy, MEMBER, profile)
-    runtime = open_runtime(family_copy / artifact["file"], "onnx", "onnxruntime")
-    manifest = read_manifest(family_copy)
-    from hetero.train import load_member
-
+    artifact = export(family_copy, MEMBER, profile)
+    runtime = open_runtime(family_copy / artifact.file, "onnx", "onnxruntime")
     images = _held_out(family_copy, 32, 32)
     with torch.no_grad():
-        reference = load_member(family_copy, manifest, MEMBER)(images).numpy()
+        reference = FamilyStore.open(family_copy).load_member(MEMBER)(images).numpy()
     out = runtime.embed(images.numpy())
     assert out.dtype == np.float32 and cosine_rows(out, reference).min() >= 0.999
     assert runtime.batch == 0  # dynamic batch kept
 
 
 def test_member_is_chosen_automatically_within_budget(family_copy):
-    artifact = export_member(family_copy, None, load_profile("server-onnx-fp32"))
-    edges = [m["name"] for m in read_manifest(family_copy)["members"] if m["role"] == "edge"]
-    assert artifact["member"] in edges
+    artifact = export(family_copy, None, load_profile("server-onnx-fp32"))
+    assert artifact.member in [m.name for m in FamilyStore.open(family_copy).edges]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -203,26 +204,26 @@ def test_member_is_chosen_automatically_within_budget(family_copy):
 def test_budget_refusal_names_member_profile_and_figure(family_copy, tmp_path):
     profile = load_profile(_profile_file(tmp_path, "rpi-onnx-int8", name="tiny-board", budgets__max_params=1000))
     with pytest.raises(ExportError) as err:
-        export_member(family_copy, MEMBER, profile)
+        export(family_copy, MEMBER, profile)
     message = str(err.value)
     assert "'tiny-board'" in message and "params" in message and "budget 1,000" in message
     assert not (family_copy / "exports" / "tiny-board").exists() or not any((family_copy / "exports" /
                                                                             "tiny-board").iterdir())
-    assert not read_manifest(family_copy).get("artifacts")
+    assert not FamilyStore.open(family_copy).artifacts()
 
 
 def test_file_size_budget_is_checked_after_conversion(family_copy, tmp_path):
     profile = load_profile(_profile_file(tmp_path, "server-onnx-fp32", name="small-file", budgets__max_file_mb=0.01))
     with pytest.raises(ExportError, match=r"file size .* MB > budget 0.01 MB"):
-        export_member(family_copy, MEMBER, profile)
+        export(family_copy, MEMBER, profile)
     assert not list((family_copy / "exports" / "small-file").iterdir())
-    assert not read_manifest(family_copy).get("artifacts")
+    assert not FamilyStore.open(family_copy).artifacts()
 
 
 def test_unknown_profile_suggests_the_closest():
     with pytest.raises(ConfigError) as err:
         load_profile("iphone-coreml-fp61")
-    assert "'iphone-coreml-fp61'" in str(err.value) and "Did you mean 'iphone-coreml-fp16'" in str(err.value)
+    assert "'iphone-coreml-fp61'" in str(err.value) and "did you mean 'iphone-coreml-fp16'" in str(err.value)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -249,7 +250,7 @@ def test_missing_converter_names_the_extra_to_install(family_copy, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "coremltools" else real(name, *a, **k))
     with pytest.raises(ExportError) as err:
-        export_member(family_copy, MEMBER, load_profile("iphone-coreml-fp16"))
+        export(family_copy, MEMBER, load_profile("iphone-coreml-fp16"))
     assert "coremltools" in str(err.value) and "pip install 'hetero[coreml]'" in str(err.value)
     assert "iphone-coreml-fp16" in str(err.value)
 
@@ -264,17 +265,17 @@ def test_converter_failing_on_an_op_is_one_paragraph_and_leaves_nothing(family_c
 
     monkeypatch.setattr(onnx_module, "export_onnx", broken)
     with pytest.raises(ExportError) as err:
-        export_member(family_copy, MEMBER, load_profile("server-onnx-fp32"))
+        export(family_copy, MEMBER, load_profile("server-onnx-fp32"))
     message = str(err.value)
     assert "\n" not in message and "aten::weird_op" in message and "'server-onnx-fp32'" in message
     assert list((family_copy / "exports" / "server-onnx-fp32").iterdir()) == []
-    assert not read_manifest(family_copy).get("artifacts")
+    assert not FamilyStore.open(family_copy).artifacts()
 
 
 def test_interrupted_export_leaves_no_artifact_and_keeps_the_previous_one(family_copy, monkeypatch):
     profile = load_profile("server-onnx-fp32")
-    first = export_member(family_copy, MEMBER, profile)
-    path = family_copy / first["file"]
+    first = export(family_copy, MEMBER, profile)
+    path = family_copy / first.file
     before = path.read_bytes()
     import hetero.export.onnx as onnx_module
 
@@ -284,15 +285,13 @@ def test_interrupted_export_leaves_no_artifact_and_keeps_the_previous_one(family
 
     monkeypatch.setattr(onnx_module, "export_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_member(family_copy, MEMBER, profile)
+        export(family_copy, MEMBER, profile)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file or folder left
-    assert read_manifest(family_copy)["artifacts"] == [first]
+    assert FamilyStore.open(family_copy).artifacts() == [first]
 
 
-def test_directory_artifacts_hash_deterministically_and_match_verify(tmp_path):
-    from hetero.verify import artifact_sha256
-
+def test_directory_artifacts_hash_deterministically(tmp_path):
     def tree(root: Path, order):
         for name in order:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -301,14 +300,14 @@ def test_directory_artifacts_hash_deterministically_and_match_verify(tmp_path):
 
     a = tree(tmp_path / "a.mlpackage", ["Manifest.json", "Data/weights/weight.bin", "Data/model.mlmodel"])
     b = tree(tmp_path / "b.mlpackage", ["Data/model.mlmodel", "Data/weights/weight.bin", "Manifest.json"])
-    assert sha256_path(a) == sha256_path(b) == artifact_sha256(a)
+    assert sha256_path(a) == sha256_path(b)
     (b / "Data/weights/weight.bin").write_text("tampered")
     assert sha256_path(a) != sha256_path(b)
 
 
 def test_every_builtin_profile_has_a_registered_format():
     for profile in all_profiles():
-        assert profile.format in FORMATS and profile.verify.runtime in FORMATS[profile.format][2]
+        assert profile.format in formats.FORMATS and profile.verify.runtime in formats.get(profile.format).runtimes
     kinds = {(p.format, p.precision) for p in all_profiles()}
     assert {("coreml", "fp16"), ("coreml", "int8-weights"), ("tflite", "fp16"), ("tflite", "int8"),
             ("onnx", "int8"), ("onnx", "fp32")} <= kinds

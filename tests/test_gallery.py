@@ -13,6 +13,27 @@ import pytest
 import torch
 
 from hetero import gallery as G
+from hetero.family import FamilyStore
+
+
+def S(path: Path) -> FamilyStore:
+    return FamilyStore.open(path)
+
+
+def set_space_id(family_dir: Path, space_id: str) -> None:
+    """Pretend the family is another one (or has a retrained cloud member)."""
+    store = S(family_dir)
+    store.manifest.space_id = space_id
+    store.save()
+
+
+def export(family_dir: Path, member: str, profile: str):
+    from hetero.exporter import export_member
+    from hetero.profiles import load_profile
+
+    store = S(family_dir)
+    with store.lock("export"):
+        return export_member(store, member, load_profile(profile))
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +61,25 @@ def _zip_of(folder: Path, target: Path) -> Path:
 
 def _in_memory_embeddings(family_dir: Path, folder: Path, batch_size: int) -> tuple[list[str], torch.Tensor]:
     """The reference: every image decoded into one tensor and embedded in one pass (no shards, no loader)."""
-    from hetero.config import load_config
-    from hetero.data import _decode
-    from hetero.evaluate import embed
-    from hetero.manifest import read_manifest
-    from hetero.train import load_member
+    from hetero.data import decode_image
+    from hetero.models import embed_images
 
-    size = load_config(family_dir / "config.yaml").load_size
+    store = S(family_dir)
+    size = store.config().load_size
     paths = sorted(folder.rglob("*.png"), key=lambda p: p.relative_to(folder).as_posix())
-    images = torch.stack([torch.from_numpy(_decode(p.read_bytes(), size)).permute(2, 0, 1) for p in paths])
-    model = load_member(family_dir, read_manifest(family_dir), "cloud")
-    return [p.relative_to(folder).as_posix() for p in paths], embed(model, images.float() / 255.0, batch_size)
+    images = torch.stack([torch.from_numpy(decode_image(p.read_bytes(), size)).permute(2, 0, 1) for p in paths])
+    model = store.load_member("cloud")
+    return [p.relative_to(folder).as_posix() for p in paths], embed_images(model, images.float() / 255.0, batch_size)
 
 
 def _files_sha(directory: Path) -> dict[str, str]:
-    from hetero.manifest import sha256_file
+    from hetero.files import sha256_file
 
     return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_sharded_build_equals_in_memory_build(tiny_family_dir, gallery_images, tmp_path):
-    record = G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "g", shard_size=8, batch_size=4)
+    record = G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "g", shard_size=8, batch_size=4)
     names, reference = _in_memory_embeddings(tiny_family_dir, gallery_images, batch_size=4)
 
     assert record["rows"] == 30 and len(record["shards"]) == 4 and record["index"]["kind"] == "flat"
@@ -79,15 +98,15 @@ def test_sharded_build_equals_in_memory_build(tiny_family_dir, gallery_images, t
 
 def test_zip_and_folder_give_the_same_gallery(tiny_family_dir, gallery_images, tmp_path):
     archive = _zip_of(gallery_images, tmp_path / "images.zip")
-    G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "from-folder", shard_size=16, batch_size=8)
-    G.build_gallery(tiny_family_dir, archive, tmp_path / "from-zip", shard_size=16, batch_size=8, workers=2)
+    G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "from-folder", shard_size=16, batch_size=8)
+    G.build_gallery(S(tiny_family_dir), archive, tmp_path / "from-zip", shard_size=16, batch_size=8, workers=2)
     folder, zipped = G.Gallery(tmp_path / "from-folder"), G.Gallery(tmp_path / "from-zip")
     assert folder.names() == zipped.names()
     assert np.array_equal(folder.embeddings(), zipped.embeddings())
 
 
 def test_resumed_build_equals_uninterrupted(tiny_family_dir, gallery_images, tmp_path, monkeypatch):
-    G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "whole", shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "whole", shard_size=8, batch_size=4)
 
     real_write, written = G._write_shard, []
 
@@ -99,13 +118,13 @@ def test_resumed_build_equals_uninterrupted(tiny_family_dir, gallery_images, tmp
 
     monkeypatch.setattr(G, "_write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
+        G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
     assert written == [0, 1] and not (tmp_path / "resumed" / G.GALLERY).exists()
     finished = _files_sha(tmp_path / "resumed" / "shards")
 
     written.clear()
     monkeypatch.setattr(G, "_write_shard", lambda out, shard, *a: written.append(shard) or real_write(out, shard, *a))
-    G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
     assert written == [2, 3]  # finished shards were kept, not embedded again
     after = _files_sha(tmp_path / "resumed" / "shards")
     assert {k: after[k] for k in finished} == finished
@@ -118,24 +137,24 @@ def test_resumed_build_equals_uninterrupted(tiny_family_dir, gallery_images, tmp
 
 def test_damaged_shard_is_embedded_again(tiny_family_dir, gallery_images, tmp_path):
     out = tmp_path / "g"
-    G.build_gallery(tiny_family_dir, gallery_images, out, shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, out, shard_size=8, batch_size=4)
     good = G.Gallery(out).embeddings()
     tensor = out / "shards" / "shard-00001.safetensors"
     tensor.write_bytes(tensor.read_bytes()[:-16])  # a half-written file from a crash
-    G.build_gallery(tiny_family_dir, gallery_images, out, shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, out, shard_size=8, batch_size=4)
     assert np.array_equal(G.Gallery(out).embeddings(), good)
 
 
 def test_other_plan_in_the_same_directory_is_refused(tiny_family_dir, gallery_images, tmp_path):
     out = tmp_path / "g"
-    G.build_gallery(tiny_family_dir, gallery_images, out, shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, out, shard_size=8, batch_size=4)
     with pytest.raises(G.GalleryError, match=r"shard_size: 8 -> 16.*--overwrite"):
-        G.build_gallery(tiny_family_dir, gallery_images, out, shard_size=16, batch_size=4)
-    record = G.build_gallery(tiny_family_dir, gallery_images, out, shard_size=16, batch_size=4, overwrite=True)
+        G.build_gallery(S(tiny_family_dir), gallery_images, out, shard_size=16, batch_size=4)
+    record = G.build_gallery(S(tiny_family_dir), gallery_images, out, shard_size=16, batch_size=4, overwrite=True)
     assert len(record["shards"]) == 2 and sorted(p.name for p in (out / "shards").glob("*.safetensors")) == [
         "shard-00000.safetensors", "shard-00001.safetensors"]
     with pytest.raises(G.GalleryError, match=r"--shard-size 10 must be a positive multiple of --batch-size 4"):
-        G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "h", shard_size=10, batch_size=4)
+        G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "h", shard_size=10, batch_size=4)
 
 
 def test_unreadable_images_are_skipped_and_named(tiny_family_dir, gallery_images, tmp_path):
@@ -144,7 +163,7 @@ def test_unreadable_images_are_skipped_and_named(tiny_family_dir, gallery_images
     folder = tmp_path / "images"
     shutil.copytree(gallery_images, folder)
     (folder / "broken.png").write_bytes(b"not a png")
-    record = G.build_gallery(tiny_family_dir, folder, tmp_path / "g", shard_size=8, batch_size=4)
+    record = G.build_gallery(S(tiny_family_dir), folder, tmp_path / "g", shard_size=8, batch_size=4)
     assert record["rows"] == 30 and record["skipped"] == 1
     shard_records = [json.loads(p.read_text()) for p in sorted((tmp_path / "g" / "shards").glob("*.json"))]
     assert [s for r in shard_records for s in r["skipped"]] == ["broken.png"]
@@ -152,15 +171,11 @@ def test_unreadable_images_are_skipped_and_named(tiny_family_dir, gallery_images
 
 
 def test_foreign_space_is_refused_with_both_ids(tiny_family_dir, family_copy, gallery_images, tmp_path):
-    from hetero.manifest import read_manifest, write_manifest
+    G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "g", shard_size=16, batch_size=8)
+    ours = S(tiny_family_dir).space_id
+    set_space_id(family_copy, "hs-0123456789abcdef")  # another family (or a retrained cloud member)
 
-    G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "g", shard_size=16, batch_size=8)
-    ours = read_manifest(tiny_family_dir)["space_id"]
-    manifest = read_manifest(family_copy)
-    manifest["space_id"] = "hs-0123456789abcdef"  # another family (or a retrained cloud member)
-    write_manifest(family_copy, manifest)
-
-    foreign = G.open_query_model(family_copy, member="edge-a")
+    foreign = G.open_query_model(S(family_copy), member="edge-a")
     with pytest.raises(G.SpaceMismatch) as refused:
         G.search_images(tmp_path / "g", gallery_images, foreign)
     assert "hs-0123456789abcdef" in str(refused.value) and ours in str(refused.value)
@@ -168,11 +183,8 @@ def test_foreign_space_is_refused_with_both_ids(tiny_family_dir, family_copy, ga
         G.Gallery(tmp_path / "g").search(np.zeros((1, 32), np.float32), 1, "hs-0123456789abcdef")
 
     # An exported artifact carries its space id in the file: the artifact of the other family is refused too.
-    from hetero.export import export_member
-    from hetero.profiles import load_profile
-
-    artifact = export_member(family_copy, "edge-a", load_profile("server-onnx-fp32"))
-    foreign = G.open_query_model(artifact=family_copy / artifact["file"])  # the space id is read from the file
+    artifact = export(family_copy, "edge-a", "server-onnx-fp32")
+    foreign = G.open_query_model(artifact=family_copy / artifact.file)  # the space id is read from the file
     assert foreign.space_id == "hs-0123456789abcdef"
     with pytest.raises(G.SpaceMismatch) as refused:
         G.search_images(tmp_path / "g", gallery_images, foreign)
@@ -180,14 +192,11 @@ def test_foreign_space_is_refused_with_both_ids(tiny_family_dir, family_copy, ga
 
 
 def test_edge_member_and_its_onnx_artifact_search_the_cloud_gallery(family_copy, gallery_images, tmp_path):
-    from hetero.export import export_member
-    from hetero.profiles import load_profile
-
-    G.build_gallery(family_copy, gallery_images, tmp_path / "g", shard_size=16, batch_size=8)
-    artifact = export_member(family_copy, "edge-a", load_profile("server-onnx-fp32"))
-    by_torch = G.search_images(tmp_path / "g", gallery_images, G.open_query_model(family_copy, member="edge-a"))
+    G.build_gallery(S(family_copy), gallery_images, tmp_path / "g", shard_size=16, batch_size=8)
+    artifact = export(family_copy, "edge-a", "server-onnx-fp32")
+    by_torch = G.search_images(tmp_path / "g", gallery_images, G.open_query_model(S(family_copy), member="edge-a"))
     by_onnx = G.search_images(tmp_path / "g", gallery_images,
-                              G.open_query_model(family_copy, artifact=family_copy / artifact["file"]))
+                              G.open_query_model(S(family_copy), artifact=family_copy / artifact.file))
     assert [q["query"] for q in by_torch] == G.Gallery(tmp_path / "g").names()
     torch_top = [[r["row"] for r in q["results"]] for q in by_torch]
     onnx_top = [[r["row"] for r in q["results"]] for q in by_onnx]
@@ -218,7 +227,6 @@ def test_index_choice_by_size():
 
 def test_cli_build_then_search(tiny_family_dir, gallery_images, tmp_path, family_copy):
     from hetero.cli import main
-    from hetero.manifest import read_manifest, write_manifest
 
     out, found = tmp_path / "g", tmp_path / "found.json"
     assert main(["gallery", "build", str(tiny_family_dir), "--images", str(gallery_images), "--out", str(out),
@@ -228,16 +236,14 @@ def test_cli_build_then_search(tiny_family_dir, gallery_images, tmp_path, family
     queries = json.loads(found.read_text())["queries"]
     assert len(queries) == 30 and all(q["results"][0]["name"] == q["query"] for q in queries)
 
-    manifest = read_manifest(family_copy)
-    manifest["space_id"] = "hs-ffffffffffffffff"
-    write_manifest(family_copy, manifest)
+    set_space_id(family_copy, "hs-ffffffffffffffff")
     assert main(["gallery", "search", str(family_copy), "--images", str(gallery_images), "--gallery", str(out)]) == 2
 
 
 @pytest.mark.slow
 def test_two_process_build_equals_one_process(tiny_family_dir, gallery_images, tmp_path):
     """`torchrun --nproc_per_node 2 -m hetero gallery build` splits the shards and gives the same gallery."""
-    G.build_gallery(tiny_family_dir, gallery_images, tmp_path / "one", shard_size=8, batch_size=4)
+    G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "one", shard_size=8, batch_size=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hetero",

@@ -1,0 +1,36 @@
+"""The errors a user can fix.  The CLI prints any :class:`HeteroError` as one paragraph and exits with 2.
+
+Each names the file, field or value at fault and what would have been accepted; a traceback means a bug.
+"""
+from __future__ import annotations
+
+
+class HeteroError(Exception):
+    """A problem with the user's input or files, with a message for people."""
+
+
+class ConfigError(HeteroError, ValueError):
+    """A config (family or device profile) or a command-line value that cannot be used."""
+
+
+class DataError(HeteroError):
+    """A dataset that cannot be used as configured (no images, too few classes, bad path)."""
+
+
+class ManifestError(HeteroError):
+    """A family directory that cannot be used: missing stage output, tampered or foreign file, bad manifest."""
+
+
+class LockError(ManifestError):
+    """A directory another writing stage holds."""
+
+
+class ExportError(HeteroError):
+    """An export or runtime step that failed."""
+
+
+class RuntimeUnavailable(ExportError):
+    """The runtime cannot execute this artifact on this host (CoreML outside macOS, a missing package).
+
+    Verification reports the numeric checks as skipped with this reason, never as passed.
+    """

@@ -1,0 +1,148 @@
+"""The export stage: one member of a family, converted for one device profile and registered in its manifest.
+
+The converters live in `hetero.export` (one module per format) and are reached through the format registry
+(`hetero.formats`), so this stage, like verify and gallery, never names a converter module itself.
+"""
+from __future__ import annotations
+
+import time
+
+from hetero import formats
+from hetero.errors import ExportError
+from hetero.family import ArtifactRecord, FamilyStore, MemberRecord
+from hetero.files import atomic_folder, path_bytes, sha256_path
+
+
+def budget_problems(entry: MemberRecord, profile, file_bytes: int | None = None) -> list[str]:
+    """Every budget of the profile the member exceeds, with the figure and the budget."""
+    budgets, problems = profile.budgets, []
+    if budgets.max_params is not None and entry.params > budgets.max_params:
+        problems.append(f"params {entry.params:,} > budget {budgets.max_params:,}")
+    if budgets.max_mflops is not None and entry.flops / 1e6 > budgets.max_mflops:
+        problems.append(f"MFLOPs {entry.flops / 1e6:.1f} > budget {budgets.max_mflops:g}")
+    if budgets.max_file_mb is not None and file_bytes is not None and file_bytes / 2**20 > budgets.max_file_mb:
+        problems.append(f"file size {file_bytes / 2**20:.2f} MB > budget {budgets.max_file_mb:g} MB")
+    return problems
+
+
+def choose_member(store: FamilyStore, profile) -> str:
+    """The most accurate edge member (M[edge][cloud] top-1) that fits the profile's budgets."""
+    edges = store.edges
+    fitting = [m for m in edges if not budget_problems(m, profile) and profile.input_size in (None, m.input_size)]
+    if not fitting:
+        raise ExportError(f"no edge member of {store.name!r} fits profile {profile.name!r}: " + "; ".join(
+            f"{m.name}: {', '.join(budget_problems(m, profile)) or 'input size differs'}" for m in edges))
+    compatibility = store.manifest.compatibility
+    scores = compatibility.edges if compatibility else {}
+    # Without an evaluation, prefer the largest member that fits (more FLOPs, usually more accurate).
+    return max(fitting, key=lambda m: (scores.get(m.name, {}).get("edge_vs_cloud_top1", -1), m.flops)).name
+
+
+def check_converter(profile) -> None:
+    """Fail early, with the extra to install, when the profile's converter packages are missing."""
+    spec = formats.get(profile.format)
+    missing = spec.missing_packages()
+    if missing:
+        raise ExportError(f"profile {profile.name!r} exports {profile.format} files with {missing[0]}, which is not "
+                          f"installed in this Python environment. Install it with: {spec.install_hint()}")
+
+
+def calibration_images(store: FamilyStore, size: int, count: int):
+    """`count` training images (never held-out classes), spread evenly over the split, at `size` px."""
+    import torch
+
+    from hetero.models import resize_to
+
+    train = store.split().train
+    # The split is grouped by class: spread the picks so every class contributes.
+    index = torch.linspace(0, len(train) - 1, min(count, len(train))).round().long().unique()
+    return resize_to(train.images[index].float() / 255.0, size)
+
+
+def needs_calibration(profile) -> bool:
+    """Static int8 (activations too) needs real images to set the activation ranges."""
+    return profile.precision == "int8"
+
+
+def artifact_metadata(store: FamilyStore, entry: MemberRecord, profile) -> dict:
+    """What every exported file carries about itself, in its format's own metadata slot."""
+    data = store.config().data
+    return {
+        "space_id": store.space_id, "family": store.name, "family_version": store.manifest.version,
+        "member": entry.name, "role": entry.role, "embedding_dim": entry.dim,
+        "input_size": entry.input_size, "layout": profile.layout, "mean": entry.mean, "std": entry.std,
+        "input_range": [0.0, 1.0], "precision": profile.precision, "profile": profile.name,
+        "format": profile.format, "batch": profile.batch,
+        # How images were prepared in training and for the gallery; a device decoding photos should match it.
+        "preprocessing": {"colour_order": "RGB", "resize": "bicubic to the load size, then bilinear (antialiased) "
+                                                          "to input_size",
+                          "transparency": f"composited onto RGB {list(data.background)}",
+                          "high_bit_depth": "16-bit greyscale scaled 0..65535 -> 0..255"},
+    }
+
+
+def export_member(store: FamilyStore, member: str | None, profile, allow_over_budget: bool = False,
+                  calibration=None, verbose: bool = False) -> ArtifactRecord:
+    """Export one member (chosen automatically when None) for `profile`; register it in the manifest.
+
+    The caller holds the family's lock (`store.lock("export")`).
+    """
+    from hetero.export.common import converter_output
+
+    member = member or choose_member(store, profile)
+    entry = store.member(member)
+    if profile.input_size not in (None, entry.input_size):
+        raise ExportError(f"member {member!r} takes {entry.input_size} px but profile {profile.name!r} feeds "
+                          f"{profile.input_size} px; pick a member trained at that size")
+    problems = budget_problems(entry, profile)
+    if problems and not allow_over_budget:
+        raise ExportError(f"member {member!r} exceeds the budgets of profile {profile.name!r}: "
+                          f"{'; '.join(problems)}. Use --allow-over-budget to export anyway (it is recorded).")
+    check_converter(profile)
+    spec = formats.get(profile.format)
+    exporter = spec.export_function()
+    model = store.load_member(member)
+    metadata = artifact_metadata(store, entry, profile)
+    path = store.path(f"exports/{profile.name}/{member}{spec.suffix}", "export path")
+    started = time.perf_counter()
+    if needs_calibration(profile):
+        from hetero.models import resize_to
+
+        calibration = (calibration_images(store, entry.input_size, profile.calibration_images)
+                       if calibration is None else resize_to(calibration, entry.input_size))
+    with atomic_folder(path) as tmp:
+        failure = None
+        with converter_output(verbose) as output:
+            try:
+                done = exporter(model, tmp, profile, metadata, calibration)
+            except ExportError:
+                raise
+            except Exception as err:  # a converter failing on an op: one clear paragraph, no half-written file
+                failure = err
+        if failure is not None:
+            raise _conversion_failed(failure, member, profile, spec, output, verbose) from failure
+        if not tmp.exists():
+            raise ExportError(f"the {profile.format} converter wrote nothing for {path}")
+        file_bytes = path_bytes(tmp)
+        problems += budget_problems(entry, profile, file_bytes)[len(problems):]
+        if problems and not allow_over_budget:
+            raise ExportError(f"member {member!r} exceeds the budgets of profile {profile.name!r}: "
+                              f"{'; '.join(problems)}. Use --allow-over-budget to export anyway (it is recorded).")
+    artifact = ArtifactRecord(
+        member=member, profile=profile.name, format=profile.format, precision=profile.precision,
+        layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
+        bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems, **done)
+    store.register_artifact(artifact)
+    return artifact
+
+
+def _conversion_failed(err: Exception, member: str, profile, spec, output, verbose: bool) -> ExportError:
+    if isinstance(err, ModuleNotFoundError):
+        return ExportError(f"profile {profile.name!r} needs {err.name}, which is not installed. Install it with: "
+                           f"{spec.install_hint()}")
+    said = "" if verbose or not output.tail() else \
+        f"\nThe converter's last output (all of it with `hetero -v`):\n{output.tail()}"
+    return ExportError(f"exporting member {member!r} for profile {profile.name!r} ({profile.format} "
+                       f"{profile.precision}) failed in the converter: {type(err).__name__}: "
+                       f"{' '.join(str(err).split())[:800].rstrip('.')}. Nothing was written; the member may use an "
+                       f"op this converter does not support.{said}")

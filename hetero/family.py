@@ -1,0 +1,548 @@
+"""The family store: the one owner of a family directory.
+
+Every stage, benchmark and the pytest plugin open a family through :class:`FamilyStore`; nothing else reads
+or writes its manifest, member weights or artifact records.  The directory holds::
+
+    config.yaml                           the validated config the family was trained from
+    manifest.json                         members, space id, files with sha256, artifacts, compatibility
+    checkpoints/<member>.safetensors      weights (safetensors, one canonical metadata key; nothing pickled)
+    checkpoints/train_state.safetensors   weights + optimizer + epoch/history in one file (for --resume)
+    checkpoints/previous/<cloud>.safetensors  a backward update's copy of the earlier family's cloud
+    exports/<profile>/<member><suffix>    exported artifacts
+    report.json, verify.json, gallery/    evaluation, verification and the default gallery
+    .hetero.lock, .hetero.lock.json       held by the stage writing the directory
+
+Every path the store reads comes from the manifest and is resolved inside the directory first (absolute
+paths, `..` and symbolic links out are refused before anything is read), every write is atomic, and
+writing stages hold the directory's lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hetero.config import Config, check_name, config_yaml, load_config, unknown_message
+from hetero.errors import ConfigError, ManifestError
+from hetero.files import DirectoryLock, atomic_path, atomic_write_json, atomic_write_text, resolve_inside, sha256_file
+
+log = logging.getLogger("hetero.family")
+
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+FORMAT = "hetero-family/1"
+TRAIN_STATE = "checkpoints/train_state.safetensors"
+# What a family directory may hold besides the user's own files; `train --overwrite` removes exactly these.
+OUTPUTS = (CONFIG, MANIFEST, "checkpoints", "exports", "gallery", "report.json", "verify.json")
+SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
+# Config keys that do not change the weights: a resumed run may differ in them.
+RESUMABLE_CHANGES = ("train.workers", "export.")
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class FileRecord(Record):
+    file: str
+    sha256: str = SHA256
+
+
+class MemberRecord(Record):
+    name: str
+    kind: Literal["trained"] = "trained"
+    role: Literal["cloud", "edge"]
+    arch: str
+    width: float = Field(gt=0)
+    depth: float = Field(gt=0)
+    input_size: int = Field(ge=16, le=1024)
+    dim: int = Field(ge=2, le=4096)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    params: int = Field(ge=0)
+    flops: int = Field(ge=0)
+    flops_vs_cloud: float = Field(ge=0)
+    checkpoint: FileRecord
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        return check_name(value, "member name")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: list[float]) -> list[float]:
+        if not all(v > 0 for v in value):
+            raise ValueError(f"every std must be > 0, got {value}")
+        return value
+
+
+class ArtifactRecord(Record):
+    member: str
+    profile: str
+    format: str
+    precision: str
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    file: str
+    sha256: str = SHA256
+    bytes: int = Field(ge=0)
+    export_seconds: float = Field(ge=0)
+    over_budget: list[str] = Field(default_factory=list)
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    minimum_deployment_target: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.member, self.profile
+
+
+class DataRecord(Record):
+    train_images: int = Field(ge=0)
+    train_classes: int = Field(ge=0)
+    test_images: int = Field(ge=0)
+    test_classes: int = Field(ge=0)
+    skipped_images: list[str] = Field(default_factory=list)
+
+
+class EpochRecord(Record):
+    epoch: int
+    loss: float
+    seconds: float
+
+
+class TrainingRecord(Record):
+    epochs: int = Field(ge=0)
+    device: str | None = None
+    processes: int | None = None
+    amp_bf16: bool | None = None
+    channels_last: bool | None = None
+    history: list[EpochRecord] = Field(default_factory=list)
+
+
+class PreviousRecord(Record):
+    """The earlier family of a backward update; its cloud is copied in, so nothing outside is read again."""
+
+    dir: str  # where it was when this family was trained: for people, never read
+    family: str
+    version: int
+    space_id: str
+    cloud: str
+    member: MemberRecord | None = None  # None in families written before the copy was kept
+    checkpoint: FileRecord
+
+
+class CompatibilityRecord(Record):
+    matrix: dict[str, dict[str, dict[str, float]]]
+    edges: dict[str, dict[str, float | bool]]
+    backward: dict[str, Any] | None = None
+
+
+class Manifest(Record):
+    format: Literal["hetero-family/1"] = FORMAT
+    family: str
+    version: int = Field(ge=1)
+    embedding_dim: int = Field(ge=2, le=4096)
+    space_id: str = Field(pattern=r"^hs-[0-9a-f]{16}$")
+    compat: Literal["none", "shared"]
+    mode: Literal["joint", "sequential", "backward"]
+    members: list[MemberRecord] = Field(min_length=2)
+    data: DataRecord
+    training: TrainingRecord
+    artifacts: list[ArtifactRecord] = Field(default_factory=list)
+    compatibility: CompatibilityRecord | None = None
+    previous: PreviousRecord | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"members: names must be unique, got {names}")
+        if sum(m.role == "cloud" for m in self.members) != 1:
+            raise ValueError("members: exactly one member must have role 'cloud'")
+        for index, artifact in enumerate(self.artifacts):
+            if artifact.member not in names:
+                raise ValueError(f"artifacts.{index}.member: {artifact.member!r} is not a member of this family")
+        for member in self.members:
+            if member.dim != self.embedding_dim:
+                raise ValueError(f"members: {member.name!r} has dim {member.dim}, the family {self.embedding_dim}")
+        return self
+
+
+def _schema_problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, p['loc'])) or '(top level)'}: {p['msg'].removeprefix('Value error, ')}"
+                     for p in err.errors()[:8])
+
+
+# ------------------------------------------------------------------------------------------- space ids
+
+
+def space_id(family_name: str, version: int, dim: int, cloud_digest: str) -> str:
+    """Fingerprint of one embedding space: the family and the cloud weights that define it."""
+    key = f"{family_name}|{version}|{dim}|{cloud_digest}"
+    return "hs-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 of named tensors (names, dtypes, shapes, values), whatever their order or file layout."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_weights(path: Path, tensors: dict, metadata: dict) -> None:
+    """Safetensors with one metadata key holding canonical JSON: identical tensors, identical bytes."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"hetero": json.dumps(metadata, sort_keys=True)})
+
+
+def read_weights(path: Path, what: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, or a ManifestError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("hetero", "{}"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ManifestError(f"{path}: {what} is not a readable safetensors file ({err})") from None
+    return tensors, metadata
+
+
+# --------------------------------------------------------------------------------------------- caches
+
+
+class SplitCache:
+    """Decoded data splits by data config and load size, at most `maxsize` of them (least recently used go).
+
+    A folder's modification time is part of the key, so adding or removing images there reloads it.
+    """
+
+    def __init__(self, maxsize: int = 2):
+        from cachetools import LRUCache
+
+        self._cache = LRUCache(maxsize=maxsize)
+
+    def get(self, data_cfg, load_size: int):
+        from hetero.data import load_split
+
+        path = Path(data_cfg.path) if data_cfg.path else None
+        stamp = path.stat().st_mtime_ns if path is not None and path.exists() else None
+        key = (json.dumps(asdict(data_cfg), sort_keys=True), load_size, stamp)
+        if key not in self._cache:
+            self._cache[key] = load_split(data_cfg, load_size)
+        return self._cache[key]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+SPLITS = SplitCache()
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+class FamilyStore:
+    """One family directory: its manifest (validated), member weights, artifacts, config and data split."""
+
+    def __init__(self, root: str | Path, manifest: Manifest, splits: SplitCache = SPLITS):
+        self.root = Path(root)
+        self.manifest = manifest
+        self._splits = splits
+        self._config: Config | None = None
+
+    # -- opening
+
+    @classmethod
+    def open(cls, root: str | Path, splits: SplitCache = SPLITS) -> "FamilyStore":
+        root = Path(root)
+        return cls(root, cls._read_manifest(root), splits)
+
+    @staticmethod
+    def _read_manifest(root: Path) -> Manifest:
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise ManifestError(f"{root}: no such family directory; run `hetero train CONFIG --out {root}` first")
+        if not path.is_file():
+            raise ManifestError(f"{path}: no family manifest here; run `hetero train` (or `hetero run`) first")
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ManifestError(f"{path}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise ManifestError(f"{path}: nested too deeply to be a family manifest") from None
+        try:
+            return Manifest.model_validate(data)
+        except ValidationError as err:
+            raise ManifestError(f"{path}: not a hetero family manifest: {_schema_problems(err)}") from None
+
+    def reload(self) -> "FamilyStore":
+        self.manifest = self._read_manifest(self.root)
+        return self
+
+    def lock(self, verb: str) -> DirectoryLock:
+        return DirectoryLock(self.root, verb)
+
+    # -- paths
+
+    def path(self, relative: str, what: str = "manifest path") -> Path:
+        return resolve_inside(self.root, relative, f"{self.root / MANIFEST}: {what}")
+
+    def checked_file(self, entry: FileRecord | ArtifactRecord, what: str) -> Path:
+        """The path of a file the manifest lists, after checking it is inside, present and unchanged."""
+        path = self.path(entry.file, what)
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise ManifestError(f"{path}: sha256 {actual} does not match the manifest's {entry.sha256}")
+        return path
+
+    # -- members
+
+    @property
+    def name(self) -> str:
+        return self.manifest.family
+
+    @property
+    def space_id(self) -> str:
+        return self.manifest.space_id
+
+    @property
+    def members(self) -> list[MemberRecord]:
+        return self.manifest.members
+
+    @property
+    def cloud(self) -> MemberRecord:
+        return next(m for m in self.members if m.role == "cloud")
+
+    @property
+    def edges(self) -> list[MemberRecord]:
+        return [m for m in self.members if m.role == "edge"]
+
+    def member(self, name: str) -> MemberRecord:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise ManifestError(f"{unknown_message(name, [m.name for m in self.members], 'member')} "
+                            f"(family {self.name!r} in {self.root})")
+
+    def load_member(self, name: str):
+        """The member rebuilt from its record and checkpoint (sha256 checked), in eval mode."""
+        return self._load(self.member(name), self.checked_file(self.member(name).checkpoint,
+                                                                f"checkpoint of member {name!r}"))
+
+    def load_previous_cloud(self):
+        """A backward update's copy of the earlier family's frozen cloud."""
+        previous = self.manifest.previous
+        if previous is None:
+            raise ManifestError(f"{self.root}: not a backward update (no `previous` in its manifest)")
+        if previous.member is None:
+            raise ManifestError(f"{self.root / MANIFEST}: written by an earlier hetero that did not keep a copy of "
+                                f"the earlier cloud; train the update again")
+        return self._load(previous.member, self.checked_file(previous.checkpoint, "the earlier family's cloud"))
+
+    def _load(self, record: MemberRecord, path: Path):
+        from hetero.models import ARCHITECTURES, Embedder
+
+        if record.arch not in ARCHITECTURES:
+            raise ManifestError(f"{self.root / MANIFEST}: member {record.name!r} names architecture "
+                                f"{record.arch!r}, which this hetero does not have")
+        model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
+                         record.std)
+        tensors, _ = read_weights(path, f"checkpoint of member {record.name!r}")
+        expected = model.state_dict()
+        for key in sorted(set(expected) | set(tensors)):
+            if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
+                raise ManifestError(
+                    f"{path}: does not fit member {record.name!r} ({record.arch}, width {record.width}, depth "
+                    f"{record.depth}, dim {record.dim}): first mismatched key {key!r} "
+                    f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
+                    f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+        model.load_state_dict(tensors)
+        return model.eval()
+
+    # -- config and data
+
+    def config(self) -> Config:
+        if self._config is None:
+            path = self.root / CONFIG
+            if not path.is_file():
+                raise ManifestError(f"{path}: missing; the family directory is incomplete")
+            self._config = load_config(path)
+        return self._config
+
+    def split(self):
+        """The decoded open-set split of the family's data (shared by the stages of one process)."""
+        config = self.config()
+        return self._splits.get(config.data, config.load_size)
+
+    # -- artifacts
+
+    def artifacts(self, profile: str | None = None) -> list[ArtifactRecord]:
+        return [a for a in self.manifest.artifacts if profile in (None, a.profile)]
+
+    def artifact_path(self, artifact: ArtifactRecord) -> Path:
+        return self.path(artifact.file, f"file of artifact {artifact.member}@{artifact.profile}")
+
+    def artifact_for_file(self, path: Path) -> ArtifactRecord | None:
+        for artifact in self.manifest.artifacts:
+            try:
+                if self.artifact_path(artifact).resolve() == Path(path).resolve():
+                    return artifact
+            except ManifestError:
+                continue
+        return None
+
+    def register_artifact(self, artifact: ArtifactRecord) -> None:
+        """Add (or replace, per member and profile) an artifact record; written at once."""
+        self.reload()  # register against the newest manifest
+        self.manifest.artifacts = [a for a in self.manifest.artifacts if a.key != artifact.key] + [artifact]
+        self.save()
+
+    def record_compatibility(self, compatibility: CompatibilityRecord) -> None:
+        self.reload()
+        self.manifest.compatibility = compatibility
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.root / MANIFEST, self.manifest.model_dump(mode="json"))
+
+    def write_json(self, name: str, data: dict) -> Path:
+        """A stage's report (report.json, verify.json) in the family directory."""
+        path = self.path(name, "report file")
+        atomic_write_json(path, data)
+        return path
+
+
+# ---------------------------------------------------------------------------------------- new families
+
+
+def existing_outputs(root: Path) -> list[str]:
+    """What a family directory already holds, in words (empty for a new or foreign directory)."""
+    found = []
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+            found.append(f"family {data.get('family')!r} (space id {data.get('space_id')})")
+            if data.get("artifacts"):
+                found.append(f"{len(data['artifacts'])} exported artifact(s)")
+        except (ValueError, OSError, AttributeError):
+            found.append("a manifest.json")
+    checkpoints = sorted(p.name for p in (root / "checkpoints").glob("*.safetensors"))
+    if checkpoints:
+        found.append(f"checkpoints ({', '.join(checkpoints)})")
+    for name, words in (("exports", "an exports/ folder"), ("gallery", "a gallery/"), ("report.json", "report.json"),
+                        ("verify.json", "verify.json"), (CONFIG, CONFIG)):
+        if (root / name).exists() and not (name == CONFIG and found):
+            found.append(words)
+    return found
+
+
+def claim_for_training(root: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """Check that training may write `root` (held under its lock), before anything is written.
+
+    A directory that holds a family is refused unless `resume` (the same config, a saved state) or
+    `overwrite` (which removes every output of the earlier family, and nothing else).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the family in --out, or replace it")
+    present = existing_outputs(root)
+    if overwrite:
+        for name in OUTPUTS:
+            target = root / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        if present:
+            log.warning("%s: removed the earlier family's outputs: %s", root, "; ".join(present))
+        return
+    if resume:
+        if not (root / TRAIN_STATE).is_file():
+            raise ManifestError(f"{root}: nothing to resume (no {TRAIN_STATE}); train without --resume")
+        _check_same_config(root, config)
+        return
+    if present:
+        raise ManifestError(f"{root} already holds {'; '.join(present)}. Use --resume to continue its training, "
+                            f"--overwrite to replace it (removes {', '.join(OUTPUTS)}), or choose another --out")
+
+
+def _flatten(data, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _check_same_config(root: Path, config: Config) -> None:
+    saved_path = root / CONFIG
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as err:
+        raise ManifestError(f"{saved_path}: the saved config of the run to resume cannot be read: {err}") from None
+    old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+               and not key.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        details = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
+        raise ConfigError(f"--resume with a changed config would mix two runs ({details}); resume with the saved "
+                          f"{saved_path}, or train into another --out")
+
+
+def write_config(root: Path, config: Config) -> None:
+    atomic_write_text(root / CONFIG, config_yaml(config))
+
+
+@contextmanager
+def writing(root: Path, verb: str):
+    """Hold `root`'s lock for a writing stage; under torchrun rank 0 holds it and every rank learns the outcome."""
+    from hetero import distributed
+
+    lock = None
+
+    def acquire():
+        nonlocal lock
+        lock = DirectoryLock(root, verb).acquire()
+
+    try:
+        distributed.on_main_then_share(acquire)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextmanager
+def new_directory(root: Path):
+    """Remove `root` again if the block fails before leaving anything in it but a lock (a failed start)."""
+    created = not root.exists()
+    try:
+        yield
+    except BaseException:
+        if created and root.is_dir() and all(p.name.startswith(".hetero") for p in root.iterdir()):
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+

@@ -1,0 +1,221 @@
+"""Files on disk: atomic writes, hashes, paths that must stay inside their directory, and directory locks.
+
+Every temporary file or folder is named ``.hetero-tmp.*`` and lives beside its target, so a process killed
+mid-write (SIGKILL; other signals unwind normally) leaves only such names behind, and the next writing stage
+that locks the directory removes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from hetero.errors import LockError, ManifestError
+
+log = logging.getLogger("hetero.files")
+
+TEMP_PREFIX = ".hetero-tmp."
+LOCK_FILE = ".hetero.lock"
+LOCK_HOLDER = ".hetero.lock.json"
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _default_mode()  # what open() would have given; mkstemp's files are private (0600)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            tmp.chmod(FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_folder(path: Path):
+    """Yield a path inside a private temporary folder beside `path` for a file or folder (.mlpackage).
+
+    Whatever is written there (side files included) replaces `path` only when the block finishes; on any
+    error or interrupt the folder is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent))
+    try:
+        yield work / path.name
+        done = work / path.name
+        if done.exists():
+            if done.is_dir() and path.exists():
+                os.replace(path, work / "previous")  # os.replace cannot overwrite a non-empty directory
+            os.replace(done, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def sweep_temporaries(root: Path) -> list[Path]:
+    """Remove what killed writers left under `root` (call only while holding the directory's lock).
+
+    A subdirectory with a lock of its own (a gallery built into a family directory by another process, say)
+    is another writer's domain and is left alone.
+    """
+    swept = []
+    for folder, subfolders, files in os.walk(root):
+        folder = Path(folder)
+        subfolders[:] = [d for d in subfolders if not (folder / d / LOCK_FILE).exists()]
+        for name in [d for d in subfolders if d.startswith(TEMP_PREFIX)]:
+            shutil.rmtree(folder / name, ignore_errors=True)
+            swept.append(folder / name)
+        subfolders[:] = [d for d in subfolders if not d.startswith(TEMP_PREFIX)]
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                (folder / name).unlink(missing_ok=True)
+                swept.append(folder / name)
+    return swept
+
+
+# ------------------------------------------------------------------------------------------------ hashes
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory artifact (.mlpackage): sorted relative paths plus file hashes.
+
+    The directory form does not depend on file system order or timestamps.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + sha256_file(item).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def path_bytes(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------- safe paths
+
+
+def resolve_inside(root: Path, relative, what: str) -> Path:
+    """`root / relative`, refused before anything is read unless it stays inside `root`.
+
+    `relative` comes from a file a user may have been handed (a manifest, a bundle): absolute paths, `..`,
+    and symbolic links that lead out of `root` are refused.
+    """
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise ManifestError(f"{what}: {relative!r} is not a relative file path")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or PureWindowsPath(relative).is_absolute() or "\\" in relative or ".." in pure.parts:
+        raise ManifestError(f"{what}: {relative!r} points outside {root}; only paths inside it are read")
+    path = Path(root) / pure
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ManifestError(f"{what}: {relative!r} leads outside {root} through a symbolic link; refused")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- locks
+
+
+class DirectoryLock:
+    """Exclusive hold on a directory for one writing stage.
+
+    The lock is an OS file lock on DIR/.hetero.lock (filelock: flock on Unix), which the OS releases when
+    its holder dies, so a crashed run never blocks the next one.  The holder also writes DIR/.hetero.lock.json
+    (pid, host, verb, start) for the message another process gets, and removes it on release: finding that
+    record while the lock is free means its holder died, which is reported as a stale lock taken over.
+    """
+
+    def __init__(self, directory: str | Path, verb: str):
+        self.directory, self.verb = Path(directory), verb
+        self.stale: dict | None = None
+        self._lock = None
+
+    def _holder(self) -> dict | None:
+        try:
+            record = json.loads((self.directory / LOCK_HOLDER).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def acquire(self) -> "DirectoryLock":
+        from filelock import FileLock, Timeout
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.directory / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = self._holder() or {}
+            raise LockError(
+                f"{self.directory} is being written by `hetero {holder.get('verb', '?')}` (pid "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}); "
+                f"wait for it to finish, or use another directory") from None
+        self._lock = lock
+        self.stale = self._holder()
+        if self.stale is not None:
+            log.warning("%s: taking over the lock of `hetero %s` (pid %s on %s, since %s), which ended without "
+                        "releasing it", self.directory, self.stale.get("verb"), self.stale.get("pid"),
+                        self.stale.get("host"), self.stale.get("since"))
+        atomic_write_json(self.directory / LOCK_HOLDER, {
+            "pid": os.getpid(), "host": socket.gethostname(), "verb": self.verb,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        for leftover in sweep_temporaries(self.directory):
+            log.warning("removed %s, left by a writer that was killed", leftover)
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.directory / LOCK_HOLDER).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
