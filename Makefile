@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hetero run examples/quickstart.yaml --out $(OUT)
+	$(VENV)/bin/hetero run examples/quickstart.yaml --out $(OUT) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
 omniglot: $(STAMP)
-	$(VENV)/bin/hetero run examples/omniglot.yaml --out runs/omniglot
+	$(VENV)/bin/hetero run examples/omniglot.yaml --out runs/omniglot --overwrite
 
 clean:
 	rm -rf runs .pytest_cache

@@ -127,15 +127,19 @@ def converter_output(verbose: bool = False):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
+    saved, streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
     with tempfile.TemporaryFile(mode="w+b") as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        # Python-level writers too, where sys.stdout/err no longer write to fds 1 and 2 (a test's capture).
+        sys.stdout = open(1, "w", closefd=False, errors="replace")  # noqa: SIM115
+        sys.stderr = open(2, "w", closefd=False, errors="replace")  # noqa: SIM115
         try:
             yield caught
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

@@ -89,16 +89,17 @@ def decode_image(data: bytes, size: int, background=DEFAULT_BACKGROUND,
     """
     try:
         with warnings.catch_warnings():
-            # Our own limit decides; Pillow's warning between its limit and ours is not an error here.
+            # Our own limit decides (Pillow's warning between its limit and ours is not an error here), and
+            # Pillow's notes on damaged files are noise beside the skip message of a file that fails.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"{width} x {height} pixels exceeds the limit of {max_pixels:,} "
-                                 f"(data.max_image_pixels)")
-            rgb = _to_rgb(image, background)
-            return np.array(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{width} x {height} pixels exceeds the limit of {max_pixels:,} "
+                                     f"(data.max_image_pixels)")
+                rgb = _to_rgb(image, background)
+                return np.array(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:

@@ -97,7 +97,12 @@ class CheckItem(pytest.Item):
         self.key, self.check = key, check
 
     def runtest(self):
-        report = self.parent.report()
+        from hetero.errors import HeteroError
+
+        try:
+            report = self.parent.report()
+        except HeteroError as err:  # a tampered manifest, a family another stage is writing: said plainly
+            raise CheckFailed(str(err)) from None
         if self.key is None:
             raise CheckFailed(f"{self.parent.source}: no exported artifacts to verify (run `hetero export`)")
         results = [a for a in report["artifacts"] if (a["member"], a["profile"]) == self.key]

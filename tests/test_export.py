@@ -312,3 +312,33 @@ def test_every_builtin_profile_has_a_registered_format():
     assert {("coreml", "fp16"), ("coreml", "int8-weights"), ("tflite", "fp16"), ("tflite", "int8"),
             ("onnx", "int8"), ("onnx", "fp32")} <= kinds
     assert load_profile("iphone-coreml-fp16").minimum_deployment_target
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"format": "executorch", "precision": "int8", "verify": {"runtime": "executorch"}},
+     "precision: 'int8' cannot be produced by the executorch exporter; allowed: fp32"),
+    ({"verify": {"runtime": "tflite_runtime"}}, "verify: runtime 'tflite_runtime' has no adapter for 'tflite' files"),
+    ({"batch": 0}, "batch: the tflite exporter needs a fixed batch size"),
+    ({"format": "coreml", "precision": "int8"}, "precision: 'int8' cannot be produced by the coreml exporter"),
+])
+def test_a_profile_asking_for_what_no_exporter_does_is_refused_when_loaded(tmp_path, change, words):
+    """The format registry decides: what the profile loader accepts, the exporter and a runtime can do."""
+    import yaml
+
+    data = yaml.safe_load(builtin_profile_files()["android-litert-int8"].read_text())
+    data.update(change)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_profile(str(path))
+    assert words in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_registry_is_the_one_source_of_suffixes_and_runtimes():
+    for spec in formats.FORMATS.values():
+        module = spec.module() if not spec.missing_packages() else None
+        if module is None:
+            continue
+        assert callable(getattr(module, spec.exporter)) and callable(getattr(module, spec.metadata_reader))
+        assert all(isinstance(getattr(module, adapter), type) for adapter in spec.runtimes.values())
+    assert formats.for_path("x/model.mlpackage").name == "coreml" and formats.for_path("a.bin") is None
