@@ -18,7 +18,8 @@ from hetero.export.common import METADATA_KEY, ExportError, RuntimeAdapter, Runt
 TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
 
 
-def export_coreml(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
+def export_coreml(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
+                  accept=None) -> dict:
     """Write `model` as an ML Program .mlpackage directory at `path` with user-defined metadata."""
     import coremltools as ct
 

@@ -16,7 +16,8 @@ from hetero.export.common import METADATA_KEY, ExportError, RuntimeAdapter, exam
 METADATA_METHOD = f"{METADATA_KEY}_metadata"
 
 
-def export_executorch(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
+def export_executorch(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
+                      accept=None) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

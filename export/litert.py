@@ -37,8 +37,13 @@ STATIC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "PAD", "MAX_POOL_2D
 _FLOAT_CACHE: LRUCache = LRUCache(maxsize=8)
 
 
-def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
-    """Write `model` as a .tflite file at `path` with its metadata embedded; return what was done."""
+def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
+                  accept=None) -> dict:
+    """Write `model` as a .tflite file at `path` with its metadata embedded; return what was done.
+
+    `accept(candidate file) -> None | why not` says whether a quantised candidate also holds on the runtimes
+    the profile declares (the export stage checks the final file on them again).
+    """
     if profile.batch == 0:
         raise ExportError(f"profile {profile.name!r}: LiteRT needs a fixed batch size (litert-torch cannot "
                           f"export a dynamic batch); set batch: 1 (or another fixed size) in the profile")
@@ -53,7 +58,8 @@ def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, c
     elif precision == "int8-dynamic":
         data, quantization = _dynamic(float_model)
     else:
-        data, quantization = _int8(model, float_model, profile, metadata, need_calibration(calibration, profile))
+        data, quantization = _int8(model, float_model, profile, metadata, need_calibration(calibration, profile),
+                                   Path(path), accept)
     Path(path).write_bytes(with_metadata(data, {**metadata, "quantization": quantization}))
     return {"quantization": quantization}
 
@@ -129,8 +135,12 @@ def _static(float_model: bytes, calibration: torch.Tensor, profile):
                   "calibration_source": "training split (no test classes)"}
 
 
-def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch.Tensor):
-    """The most integer scheme that keeps parity: static, else dynamic range, else weight-only int8."""
+def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch.Tensor, path: Path, accept=None):
+    """The most integer scheme that keeps parity: static, else dynamic range, else weight-only int8.
+
+    A scheme must keep parity here (ai-edge-litert) and, through `accept`, on every runtime the profile
+    declares: dynamic-range int8 computes wrong vectors on tflite-runtime 2.14 (README, runtime matrix).
+    """
     tolerance, tried = profile.tolerances.min_cosine, []
     fit, held = split_calibration(calibration)
     candidates = [lambda: _static(float_model, fit, profile), lambda: _dynamic(float_model),
@@ -138,15 +148,26 @@ def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch
     for number, make in enumerate(candidates, 1):
         data, quantization = make()
         check = parity(LiteRTAdapter(None, metadata, content=data), model, held)
-        if keeps_parity(check, tolerance) or number == len(candidates):
+        refused = None
+        if keeps_parity(check, tolerance) and accept is not None:
+            candidate = path.with_name(f"candidate-{number}.tflite")  # inside the export's private folder
+            candidate.write_bytes(with_metadata(data, {**metadata, "quantization": quantization}))
+            refused = accept(candidate)
+        if keeps_parity(check, tolerance) and refused is None:
             break
-        tried.append(f"{quantization['scheme']} min cosine {check['min_cosine']:.4f}")
+        if refused is None and number == len(candidates):
+            break  # nothing keeps parity here: keep the safest scheme and let verify report it
+        if refused is not None and number == len(candidates):
+            tried.append(f"{quantization['scheme']} {refused}")
+            raise ExportError(f"profile {profile.name!r}: no int8 scheme holds on every runtime it declares "
+                              f"({'; '.join(tried)})")
+        tried.append(f"{quantization['scheme']} " + (refused or f"min cosine {check['min_cosine']:.4f} here"))
     quantization = {**quantization, "parity_check": check}
     if tried:
         quantization.update(fallback_from=tried[0].split()[0],
-                            fallback_reason=f"{'; '.join(tried)} on {check['images']} training images (not used "
-                                            f"for calibration) < {1 - (1 - tolerance) / 2:g} (half the margin of "
-                                            f"tolerance {tolerance})")
+                            fallback_reason=f"{'; '.join(tried)}, on {check['images']} training images (not used "
+                                            f"for calibration), against min cosine {1 - (1 - tolerance) / 2:g} "
+                                            f"(half the margin of tolerance {tolerance})")
     return data, quantization
 
 

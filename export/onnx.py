@@ -19,17 +19,42 @@ from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, exa
                                   keeps_parity, need_calibration, parity, split_calibration)
 
 
-def export_onnx(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None) -> dict:
-    """Write `model` as ONNX at `path` with metadata in metadata_props; return what was done."""
+def export_onnx(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
+                accept=None) -> dict:
+    """Write `model` as ONNX at `path` with metadata in metadata_props; return what was done.
+
+    The file carries the oldest IR version its opsets allow, so older onnxruntime releases load it too (1.17
+    reads IR 9 at most; the onnx package here writes newer).  `accept(candidate file) -> None | why not`
+    says whether an int8 candidate holds on the runtimes the profile declares.
+    """
     _export_float(model, path, profile, metadata["input_size"])
     if profile.precision == "fp16":
         quantization = _to_fp16(path)
     elif profile.precision == "int8":
-        quantization = _quantize_int8(model, path, profile, metadata, need_calibration(calibration, profile))
+        quantization = _quantize_int8(model, path, profile, metadata, need_calibration(calibration, profile), accept)
     else:
         quantization = {"scheme": "none"}
-    _embed_metadata(path, {**metadata, "quantization": quantization})
+    quantization["ir_version"] = _finish(path, {**metadata, "quantization": quantization})
     return {"quantization": quantization}
+
+
+def _finish(path: Path, metadata: dict) -> int:
+    """Embed the metadata and lower the IR version to the oldest the opsets allow; return that version."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    # Quantizers stamp imports of domains no node uses (ai.onnx.ml 5, ...); older runtimes refuse unknown ones.
+    used = {node.domain for node in proto.graph.node} | {""}
+    kept = [o for o in proto.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    defaults = [o for o in kept if o.domain in ("", "ai.onnx")]
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(defaults))
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return int(proto.ir_version)
 
 
 def _export_float(model: torch.nn.Module, path: Path, profile, size: int) -> None:
@@ -39,16 +64,6 @@ def _export_float(model: torch.nn.Module, path: Path, profile, size: int) -> Non
     # keeps the weights inside the one .onnx file.
     torch.onnx.export(graph_for(model, profile), (example,), str(path), input_names=["images"],
                       output_names=["embedding"], dynamic_axes=dynamic, opset_version=profile.opset, dynamo=False)
-
-
-def _embed_metadata(path: Path, metadata: dict) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
 
 
 def _to_fp16(path: Path) -> dict:
@@ -82,20 +97,32 @@ def _sort_nodes(graph) -> None:
 # ------------------------------------------------------------------------------------------------- int8
 
 
-def _quantize_int8(model, path: Path, profile, metadata: dict, calibration: torch.Tensor) -> dict:
+def _quantize_int8(model, path: Path, profile, metadata: dict, calibration: torch.Tensor, accept=None) -> dict:
+    """Static QDQ int8 when it keeps parity here and on every declared runtime, else int8 weights only."""
     float_path = path.with_name(path.stem + ".float.onnx")  # side files live in the atomic export folder
     path.replace(float_path)
     fit, held = split_calibration(calibration)
     static = _quantize_static(float_path, path, profile, fit)
     check = parity(OnnxRuntimeAdapter(path, metadata), model, held)
+    margin = 1 - (1 - profile.tolerances.min_cosine) / 2
     if keeps_parity(check, profile.tolerances.min_cosine):
-        return {**static, "parity_check": check}
+        _finish(path, {**metadata, "quantization": static})
+        refused = accept(path) if accept is not None else None
+        if refused is None:
+            return {**static, "parity_check": check}
+        reason = f"static int8 {refused}"
+    else:
+        reason = (f"static int8 min cosine {check['min_cosine']:.4f} on {check['images']} training images (not used "
+                  f"for calibration) < {margin:g} (half the margin of tolerance {profile.tolerances.min_cosine})")
     weight_only = _quantize_weights(float_path, path)
+    if accept is not None:
+        _finish(path, {**metadata, "quantization": weight_only})
+        refused = accept(path)
+        if refused is not None:
+            raise ExportError(f"profile {profile.name!r}: no int8 scheme holds on every runtime it declares "
+                              f"({reason}; int8-weights {refused})")
     return {**weight_only, "parity_check": parity(OnnxRuntimeAdapter(path, metadata), model, held),
-            "fallback_from": static["scheme"],
-            "fallback_reason": f"static int8 min cosine {check['min_cosine']:.4f} on {check['images']} training "
-                               f"images (not used for calibration) < {1 - (1 - profile.tolerances.min_cosine) / 2:g} "
-                               f"(half the margin of tolerance {profile.tolerances.min_cosine})"}
+            "fallback_from": static["scheme"], "fallback_reason": reason}
 
 
 class _Batches:

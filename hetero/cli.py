@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -222,6 +223,8 @@ def _cmd_gallery(args) -> int:
     from hetero import distributed, gallery
 
     store = _open(args.dir)
+    if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") == "milvus":
+        return _cmd_gallery_db(args, store)
     if args.action == "build":
         record = gallery.build_gallery(store, args.images, args.out, member=args.member, shard_size=args.shard_size,
                                        batch_size=args.batch_size, workers=args.workers, index=args.index,
@@ -232,15 +235,53 @@ def _cmd_gallery(args) -> int:
                           f"{escape(record['member'])} in space {record['space_id']}: {len(record['shards'])} "
                           f"shard(s), {index['kind']} index in {escape(str(args.out or store.root / 'gallery'))}")
         return 0
-    location = args.gallery or store.root / "gallery"
+    _search(args, store, args.gallery or store.root / "gallery")
+    return 0
+
+
+def _search(args, store, target) -> None:
+    from hetero import gallery
+
     model = gallery.open_query_model(store, member=args.member, artifact=args.artifact)
-    results = gallery.search_images(location, args.images, model, k=args.k, nprobe=args.nprobe)
+    results = gallery.search_images(target, args.images, model, k=args.k, nprobe=args.nprobe)
+    where = f"{target.uri} collection {target.name}" if hasattr(target, "uri") else str(target)
     if args.json:
         from hetero.files import atomic_write_json
 
-        atomic_write_json(args.json, {"gallery": str(location), "query_model": model.label,
-                                      "space_id": model.space_id, "k": args.k, "queries": results})
-    _print_search(results, model, location, args)
+        atomic_write_json(args.json, {"gallery": where, "query_model": model.label, "space_id": model.space_id,
+                                      "k": args.k, "queries": results})
+    _print_search(results, model, where, args)
+
+
+def _cmd_gallery_db(args, store) -> int:
+    """The gallery verbs on a Milvus collection (embedded by default, in DIR/gallery.db)."""
+    from hetero import gallery_db
+    from hetero.stores import MilvusStore
+
+    uri = args.uri or str(store.root / "gallery.db")
+    if args.action == "search":
+        _search(args, store, MilvusStore(uri, args.collection))
+    elif args.action in ("build", "update", "migrate"):
+        options = {"member": args.member, "batch_size": args.batch_size, "workers": args.workers,
+                   "progress": not args.quiet}
+        if args.action == "migrate":
+            record = gallery_db.migrate(store, args.images, uri, args.collection, **options)
+        else:
+            record = gallery_db.build(store, args.images, uri, args.collection, overwrite=args.action == "build"
+                                      and args.overwrite, replace=args.action == "update", **options)
+        console.print(f"wrote {record['written']} rows into {escape(uri)} collection {escape(record['collection'])} "
+                      f"({record['already_there']} already there, {len(record['skipped'])} unreadable skipped; "
+                      f"{record['rows']} rows in all) in {record['seconds']:.1f} s, {record['rows_per_s']:.0f} rows/s"
+                      + (f"; alias {escape(record['alias'])} now names it" if args.action == "migrate" else ""))
+    elif args.action == "delete":
+        removed = gallery_db.delete(store, uri, args.collection, args.ids)
+        console.print(f"deleted {removed} of {len(args.ids)} row(s) from {escape(uri)} collection "
+                      f"{escape(args.collection)}")
+    else:
+        record = gallery_db.adopt(store, uri, args.collection, args.images, member=args.member, sample=args.sample)
+        console.print(f"adopted {escape(uri)} collection {escape(args.collection)}: {record['checked']} re-embedded "
+                      f"images match their stored vectors (min cosine {record['min_cosine']:.6f}); it now says space "
+                      f"{record['space_id']}")
     return 0
 
 
@@ -258,6 +299,44 @@ def _print_search(results: list[dict], model, location, args) -> None:
     if len(results) > args.show:
         console.print(f"... {len(results) - args.show} more" + (f" in {escape(args.json)}" if args.json else
                                                                 " (use --json FILE for all)"))
+
+
+def _cmd_runtimes(args) -> int:
+    from rich.table import Table
+
+    from hetero import runtimes
+    from hetero.errors import ConfigError
+
+    if args.action == "add":
+        wanted = list(args.requirement or [])
+        for name in args.profile or []:
+            from hetero.profiles import load_profile
+
+            profile = load_profile(name)
+            wanted += [r for r in profile.runtimes if runtimes.needs_environment(r)]
+        if not wanted:
+            raise ConfigError("runtimes add: give a requirement (e.g. tflite-runtime==2.14.0) or --profile NAME")
+        for requirement in dict.fromkeys(wanted):
+            started = time.perf_counter()
+            env = runtimes.add(requirement, python=args.python)
+            console.print(f"created {escape(env.label)} in {escape(str(env.path))} (Python {env.python}, "
+                          f"{time.perf_counter() - started:.0f} s)")
+        return 0
+    if args.action == "remove":
+        if len(args.requirement) != 1:
+            raise ConfigError("runtimes remove: give one environment name or requirement (see `hetero runtimes list`)")
+        for env in runtimes.remove(args.requirement[0]):
+            console.print(f"removed {escape(env.label)} ({escape(str(env.path))})")
+        return 0
+    rows = runtimes.describe_environments()
+    table = Table(title=f"Runtime environments in {escape(str(runtimes.home()))}")
+    for column in ("name", "package", "version", "python", "state", "created (s)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["package"], row["version"], row["python"], escape(row["state"]),
+                      f"{row['created']} ({row['create_seconds']:g} s)")
+    console.print(table if rows else "no runtime environments yet: `hetero runtimes add tflite-runtime==2.14.0`")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -285,7 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     _training_verbs(verbs)
     _stage_verbs(verbs)
     _gallery_verbs(verbs)
+    _runtime_verbs(verbs)
     return parser
+
+
+def _runtime_verbs(verbs) -> None:
+    p = verbs.add_parser("runtimes", help="isolated environments for the runtime versions devices run",
+                         description="`add` creates a virtual environment (in the user's cache directory) for one "
+                                     "runtime package at one version, e.g. tflite-runtime==2.14.0, where verify and "
+                                     "export run artifacts out of process; `list` shows them; `remove` deletes one.")
+    p.add_argument("action", choices=["add", "list", "remove"])
+    p.add_argument("requirement", nargs="*", help="add: package requirements; remove: a requirement or name")
+    p.add_argument("--profile", action="append", help="add: every isolated runtime this profile declares")
+    p.add_argument("--python", help="add: the interpreter for the environment (default: this one)")
+    p.set_defaults(handler=_cmd_runtimes)
 
 
 def _training_verbs(verbs) -> None:
@@ -363,32 +455,67 @@ def _stage_verbs(verbs) -> None:
 def _gallery_verbs(verbs) -> None:
     p = verbs.add_parser("gallery", help="embed a gallery with the cloud member, index and search it",
                          description="`build` embeds a folder or zip of images into sharded files (resumable, "
-                                     "parallel under torchrun) and a FAISS index; `search` queries it with any "
-                                     "member or exported artifact of the same embedding space.")
+                                     "parallel under torchrun) and a FAISS index, or with --store milvus into a "
+                                     "Milvus collection (embedded Milvus Lite by default, a server by --uri); "
+                                     "`search` queries it with any member or exported artifact of the same "
+                                     "embedding space.  On a Milvus collection: `update` re-embeds images, "
+                                     "`delete` removes rows by name, `adopt` stamps a collection another tool "
+                                     "wrote once a sample proves its space, `migrate` re-embeds into a new "
+                                     "collection and moves an alias to it when complete.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    b = actions.add_parser("build", help="embed images into a sharded, indexed gallery")
+
+    def store_options(a, milvus_only: bool = False):
+        if not milvus_only:
+            a.add_argument("--store", choices=["faiss", "milvus"], default="faiss",
+                           help="faiss: files on this machine (default); milvus: a Milvus collection")
+        a.add_argument("--uri", help="milvus: a local path (embedded Milvus Lite; default DIR/gallery.db) or "
+                                     "http://host:19530 (a server or cluster)")
+        a.add_argument("--collection", default="gallery", help="milvus: collection or alias (default: gallery)")
+
+    def embedding_options(a):
+        a.add_argument("--member", help="member that embeds the gallery (default: the cloud member)")
+        a.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass")
+        a.add_argument("--workers", type=_count(0), default=1, help="image decoding processes (default 1)")
+        a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = actions.add_parser("build", help="embed images into a sharded, indexed gallery or a collection")
     b.add_argument("dir", help="family directory written by `hetero train`")
     b.add_argument("--images", required=True, help="folder or .zip of images (any format Pillow reads)")
-    b.add_argument("--out", help="gallery directory (default: DIR/gallery)")
-    b.add_argument("--member", help="member that embeds the gallery (default: the cloud member)")
-    b.add_argument("--shard-size", type=_count(1), default=4096, help="images per shard file (default 4096)")
-    b.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass; divides --shard-size")
-    b.add_argument("--workers", type=_count(0), default=1, help="image decoding processes (default 1)")
+    b.add_argument("--out", help="faiss: gallery directory (default: DIR/gallery)")
+    store_options(b)
+    embedding_options(b)
+    b.add_argument("--shard-size", type=_count(1), default=4096, help="faiss: images per shard file (default 4096)")
     b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
-                   help="FAISS index: exact flat up to 100k images, IVF above (auto, the default)")
-    b.add_argument("--overwrite", action="store_true", help="discard an existing gallery in --out and start over")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="faiss: exact flat up to 100k images, IVF above (auto, the default)")
+    b.add_argument("--overwrite", action="store_true", help="discard an existing gallery (or collection) and start over")
     s = actions.add_parser("search", help="nearest gallery images of query images")
     s.add_argument("dir", help="family directory (its members are the query models; its config the decoding)")
     s.add_argument("--images", required=True, help="folder or .zip of query images")
-    s.add_argument("--gallery", help="gallery directory (default: DIR/gallery)")
+    s.add_argument("--gallery", help="faiss: gallery directory (default: DIR/gallery)")
+    store_options(s)
     who = s.add_mutually_exclusive_group()
     who.add_argument("--member", help="member that embeds the queries (default: the cloud member)")
     who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime")
     s.add_argument("-k", type=_count(1), default=5, help="neighbours per query (default 5)")
-    s.add_argument("--nprobe", type=_count(1), help="IVF lists to visit (default: the gallery's own)")
+    s.add_argument("--nprobe", type=_count(1), help="IVF lists (faiss) or HNSW ef (milvus) to visit")
     s.add_argument("--show", type=_count(0), default=20, help="queries to print (default 20)")
     s.add_argument("--json", help="write every query's neighbours to this JSON file")
+    for name, help_, needs_images in (("update", "embed images again and replace their rows", True),
+                                      ("migrate", "re-embed into a new collection, then move the alias", True),
+                                      ("adopt", "stamp a collection another tool wrote, once a sample proves it", True),
+                                      ("delete", "remove rows by image name", False)):
+        a = actions.add_parser(name, help=f"milvus: {help_}")
+        a.add_argument("dir", help="family directory")
+        if needs_images:
+            a.add_argument("--images", required=True, help="folder or .zip of images, named as the collection's ids")
+        store_options(a, milvus_only=True)
+        if name == "delete":
+            a.add_argument("--ids", nargs="+", required=True, help="image names to remove")
+        elif name == "adopt":
+            a.add_argument("--member", help="member that embedded the collection (default: the cloud member)")
+            a.add_argument("--sample", type=_count(1), default=64, help="images to re-embed (default 64)")
+        else:
+            embedding_options(a)
     p.set_defaults(handler=_cmd_gallery)
 
 

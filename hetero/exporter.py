@@ -6,8 +6,9 @@ The converters live in `hetero.export` (one module per format) and are reached t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from hetero import formats
+from hetero import formats, runtimes
 from hetero.errors import ExportError
 from hetero.family import ArtifactRecord, FamilyStore, MemberRecord
 from hetero.files import atomic_folder, path_bytes, sha256_path
@@ -64,6 +65,42 @@ def needs_calibration(profile) -> bool:
     return profile.precision == "int8"
 
 
+def runtime_gate(store: FamilyStore, entry: MemberRecord, profile, model):
+    """(accept, labels): accept(file) is None when the file keeps parity on every isolated runtime the
+    profile declares, else says where it does not; labels name every declared runtime.
+
+    The converter's own parity gate covers the runtime in this process; an isolated runtime (an older
+    release devices still run) is checked here, on training images not used for calibration.  A declared
+    runtime with no environment here stops the export: its scheme could not be chosen for it.
+    """
+    from hetero.export.common import keeps_parity, parity
+
+    targets = runtimes.targets(profile)
+    missing = [t for t in targets if t.missing]
+    if missing:
+        raise ExportError(f"profile {profile.name!r} promises to work on {', '.join(t.requirement for t in missing)}, "
+                          f"which cannot be checked here: {missing[0].missing}")
+    isolated = [t for t in targets if t.environment is not None]
+    held = calibration_images(store, entry.input_size, profile.calibration_images)[1::2] if isolated else None
+    spec = formats.get(profile.format)
+
+    def accept(candidate: Path) -> str | None:
+        for target in isolated:
+            try:
+                adapter = target.open(spec, candidate)
+                try:
+                    check = parity(adapter, model, held)
+                finally:
+                    adapter.close()
+            except ExportError as err:  # it cannot load or run the file: that scheme does not hold there
+                return f"on {target.label}: cannot load or run it ({' '.join(str(err).split())[:300]})"
+            if not keeps_parity(check, profile.tolerances.min_cosine):
+                return f"on {target.label}: min cosine {check['min_cosine']:.4f} ({check['images']} images)"
+        return None
+
+    return accept, [t.label for t in targets]
+
+
 def artifact_metadata(store: FamilyStore, entry: MemberRecord, profile) -> dict:
     """What every exported file carries about itself, in its format's own metadata slot."""
     data = store.config().data
@@ -110,11 +147,13 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
 
         calibration = (calibration_images(store, entry.input_size, profile.calibration_images)
                        if calibration is None else resize_to(calibration, entry.input_size))
+    accept, declared = runtime_gate(store, entry, profile, model)
     with atomic_folder(path) as tmp:
         failure = None
         with converter_output(verbose) as output:
             try:
-                done = exporter(model, tmp, profile, metadata, calibration)
+                done = exporter(model, tmp, profile, metadata, calibration, accept)
+                refused = accept(tmp) if tmp.exists() else None  # the final file, on every isolated runtime
             except ExportError:
                 raise
             except Exception as err:  # a converter failing on an op: one clear paragraph, no half-written file
@@ -123,6 +162,9 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
             raise _conversion_failed(failure, member, profile, spec, output, verbose) from failure
         if not tmp.exists():
             raise ExportError(f"the {profile.format} converter wrote nothing for {path}")
+        if refused is not None:
+            raise ExportError(f"member {member!r} for profile {profile.name!r} ({profile.format} {profile.precision}) "
+                              f"does not keep parity {refused}; nothing was written")
         file_bytes = path_bytes(tmp)
         problems += budget_problems(entry, profile, file_bytes)[len(problems):]
         if problems and not allow_over_budget:
@@ -131,7 +173,8 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
     artifact = ArtifactRecord(
         member=member, profile=profile.name, format=profile.format, precision=profile.precision,
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
-        bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems, **done)
+        bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
+        checked_on=declared, **done)
     store.register_artifact(artifact)
     return artifact
 

@@ -100,6 +100,7 @@ class ArtifactRecord(Record):
     over_budget: list[str] = Field(default_factory=list)
     quantization: dict[str, Any] = Field(default_factory=dict)
     minimum_deployment_target: str | None = None
+    checked_on: list[str] = Field(default_factory=list)  # the runtimes (with versions) export held it to
 
     @property
     def key(self) -> tuple[str, str]:

@@ -530,6 +530,13 @@ class Gallery:
             index.hnsw.efSearch = ef_search
         return index.search(queries, k)
 
+    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
+                nprobe: int | None = None) -> list[list[dict]]:
+        """Per query, its k nearest items as {"name", "row", "score"}, best first."""
+        scores, rows = self.search(queries, k, query_space, query, nprobe=nprobe)
+        return [[{"name": self.name(int(r)), "row": int(r), "score": float(s)} for s, r in zip(row_scores, row_ids)
+                 if r >= 0] for row_scores, row_ids in zip(scores, rows)]
+
     def name(self, row: int) -> str:
         shard = bisect.bisect_right(self._starts, row) - 1
         if shard not in self._names:
@@ -595,7 +602,7 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
         if spec is None:
             raise GalleryError(f"--artifact {path}: cannot tell its format from suffix {path.suffix!r}; known: "
                                f"{', '.join(f.suffix for f in formats.FORMATS.values())}")
-        runtime_name = next(iter(spec.runtimes))
+        runtime_name = spec.in_process()[0].name
     try:
         runtime = spec.open(path, runtime_name)
         int(runtime.metadata["input_size"])
@@ -613,13 +620,18 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
                       meta["input_size"], load_size, runtime.embed, background, max_pixels)
 
 
-def search_images(gallery: Gallery | str | Path, images: str | Path, model: QueryModel, k: int = 5,
-                  batch_size: int = 64, nprobe: int | None = None) -> list[dict]:
-    """Embed every image under `images` with `model` and return its k nearest gallery items."""
+def search_images(gallery, images: str | Path, model: QueryModel, k: int = 5, batch_size: int = 64,
+                  nprobe: int | None = None) -> list[dict]:
+    """Embed every image under `images` with `model` and return its k nearest gallery items.
+
+    `gallery` is a FAISS gallery (a Gallery or its directory) or any store with the same `check_space` and
+    `nearest` (a Milvus collection, :class:`hetero.stores.MilvusStore`); the space is checked before any
+    image is read.
+    """
     from hetero.models import resize_to
 
-    gallery = gallery if isinstance(gallery, Gallery) else Gallery(gallery)
-    gallery.check_space(model.space_id, model.label)  # before any image is read
+    gallery = Gallery(gallery) if isinstance(gallery, (str, Path)) else gallery
+    gallery.check_space(model.space_id, model.label)
     entries = list_images(images)
     dataset = _ImageFiles(entries, model.load_size, model.background, model.max_pixels)
     results = []
@@ -629,9 +641,6 @@ def search_images(gallery: Gallery | str | Path, images: str | Path, model: Quer
         if pixels is None:
             continue
         images_ = resize_to(pixels.float().div(255.0), model.input_size).numpy()
-        scores, rows = gallery.search(model.encode(images_), k, model.space_id, model.label, nprobe=nprobe)
-        for name, row_scores, row_ids in zip(names, scores, rows):
-            results.append({"query": name, "results": [
-                {"name": gallery.name(int(r)), "row": int(r), "score": float(s)}
-                for s, r in zip(row_scores, row_ids) if r >= 0]})
+        found = gallery.nearest(model.encode(images_), k, model.space_id, model.label, nprobe)
+        results += [{"query": name, "results": hits} for name, hits in zip(names, found)]
     return results

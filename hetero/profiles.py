@@ -55,6 +55,10 @@ class DeviceProfile:
     opset: int = 17
     minimum_deployment_target: str | None = None
     calibration_images: int = 256
+    # The runtime versions the profile promises to work on (package requirements, e.g. the newest runtime and
+    # the oldest one devices in the field still run).  Export picks a scheme that holds on all of them; verify
+    # checks each.  Empty: the runtime of `verify` in hetero's own environment.
+    runtimes: list[str] = field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -67,9 +71,10 @@ class DeviceProfile:
         if self.precision not in spec.precisions:
             raise ValueError(f"precision: {self.precision!r} cannot be produced by the {self.format} exporter; "
                              f"allowed: {', '.join(spec.precisions)}")
-        if self.verify.runtime not in spec.runtimes:
-            raise ValueError(f"verify: runtime {self.verify.runtime!r} has no adapter for {self.format!r} files; "
-                             f"allowed: {', '.join(spec.runtimes)}")
+        in_process = [r.name for r in spec.in_process()]
+        if self.verify.runtime not in in_process:
+            raise ValueError(f"verify: runtime {self.verify.runtime!r} has no adapter for {self.format!r} files in "
+                             f"this process; allowed: {', '.join(in_process)} (older runtimes go in `runtimes`)")
         if self.batch < 0:
             raise ValueError(f"batch: must be >= 0 (0 = dynamic), got {self.batch}")
         if self.batch == 0 and spec.fixed_batch:
@@ -81,6 +86,13 @@ class DeviceProfile:
             raise ValueError(f"tolerances: min_cosine must be in (0, 1], got {self.tolerances.min_cosine}")
         if not 0 <= self.tolerances.max_top1_drop <= 1:
             raise ValueError(f"tolerances: max_top1_drop must be in [0, 1], got {self.tolerances.max_top1_drop}")
+        for index, text in enumerate(self.runtimes):
+            try:
+                _, runtime_format, _ = formats.parse_requirement(text)
+            except ConfigError as err:
+                raise ValueError(f"runtimes: item {index}: {err}") from None
+            if runtime_format.name != self.format:
+                raise ValueError(f"runtimes: {text!r} runs {runtime_format.name} files, not {self.format}")
         if self.calibration_images < 2:
             raise ValueError(f"calibration_images: must be >= 2, got {self.calibration_images}")
         return self

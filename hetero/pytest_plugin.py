@@ -43,23 +43,28 @@ class CompatSuite(pytest.Collector):
         self.source, self.kind = source, kind
         self._report = None
 
-    def _artifacts(self) -> list[tuple[str, str]]:
-        """(member, profile) of every artifact to verify."""
+    def _runs(self) -> list[tuple[str, str, str]]:
+        """(member, profile, runtime with version) of every verification run, as `hetero verify` plans them."""
+        from hetero.profiles import is_profile_path, load_profile
+        from hetero.verify import planned_runs
+
+        wanted = self.config.getoption("hetero_profile")
+        profiles = {}
         if self.kind == "bundle":
             from hetero.bundle import open_bundle
 
             with open_bundle(self.source) as reference:
-                artifacts = reference.artifacts
+                artifacts, profiles = reference.artifacts, dict(reference.profiles)
         else:
             from hetero.family import FamilyStore
 
             artifacts = FamilyStore.open(self.source).artifacts()
-        wanted = self.config.getoption("hetero_profile")
-        if wanted:
-            from hetero.profiles import is_profile_path, load_profile
-
-            wanted = load_profile(wanted).name if is_profile_path(wanted) else wanted
-        return [a.key for a in artifacts if wanted in (None, a.profile)]
+        if wanted and is_profile_path(wanted):
+            override = load_profile(wanted)
+            wanted, profiles[override.name] = override.name, override
+        chosen = [a for a in artifacts if wanted in (None, a.profile)]
+        plan = planned_runs(chosen, lambda name: profiles[name] if name in profiles else load_profile(name))
+        return [(a.member, a.profile, target.label if target else "?") for a, _, target in plan]
 
     def report(self) -> dict:
         if self._report is None:
@@ -78,14 +83,14 @@ class CompatSuite(pytest.Collector):
         return self._report
 
     def collect(self):
-        artifacts = self._artifacts()
-        if not artifacts:
+        runs = self._runs()
+        if not runs:
             yield CheckItem.from_parent(self, name="artifacts_present", key=None, check="artifacts_present")
             return
-        for member, profile in artifacts:
+        for member, profile, runtime in runs:
             for check in CHECK_NAMES:
-                yield CheckItem.from_parent(self, name=f"{member}@{profile}::{check}", key=(member, profile),
-                                            check=check)
+                yield CheckItem.from_parent(self, name=f"{member}@{profile} on {runtime}::{check}",
+                                            key=(member, profile, runtime), check=check)
 
     def reportinfo(self):
         return self.path, None, f"hetero verify {self.source}"
@@ -105,24 +110,20 @@ class CheckItem(pytest.Item):
             raise CheckFailed(str(err)) from None
         if self.key is None:
             raise CheckFailed(f"{self.parent.source}: no exported artifacts to verify (run `hetero export`)")
-        results = [a for a in report["artifacts"] if (a["member"], a["profile"]) == self.key]
-        if not results:
-            raise CheckFailed(f"no verification result for {self.key[0]}@{self.key[1]}")
-        failures, skips, passes = [], [], []
-        for artifact in results:  # the profile's runtime and any additional runtime of the format
-            check = next((c for c in artifact["checks"] if c["name"] == self.check), None)
-            if check is None:
-                continue
-            line = f"[{artifact['runtime']}] {check['detail']}"
-            {"fail": failures, "skip": skips, "pass": passes}[check["status"]].append(line)
-        if failures:
-            raise CheckFailed("\n".join(failures + skips + passes))
-        if skips and not passes:
-            pytest.skip("; ".join(skips))
+        from hetero.report import check_headline
+
+        artifact = next((a for a in report["artifacts"] if (a["member"], a["profile"], a["runtime"]) == self.key), None)
+        check = next((c for c in artifact["checks"] if c["name"] == self.check), None) if artifact else None
+        if check is None:
+            raise CheckFailed(f"no verification result for {self.key[0]}@{self.key[1]} on {self.key[2]}")
+        if check["status"] == "fail":
+            raise CheckFailed(f"{check_headline(artifact, check)}\n{check['detail']}")
+        if check["status"] == "skip":
+            pytest.skip(check["detail"])
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, CheckFailed):
-            return f"{self.check} failed:\n{excinfo.value}"
+            return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):

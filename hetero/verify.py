@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetero import formats
+from hetero import formats, runtimes
 from hetero.errors import ConfigError, RuntimeUnavailable
 from hetero.evaluate import retrieval_metrics
 from hetero.family import ArtifactRecord, FamilyStore
@@ -57,8 +57,9 @@ class ArtifactResult:
     profile: str
     format: str
     precision: str
-    runtime: str
+    runtime: str  # the runtime and its version, e.g. "tflite-runtime 2.14.0"
     file: str
+    runtime_version: str | None = None
     checks: list[Check] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)  # per query, for the report's histograms
 
@@ -87,10 +88,6 @@ class ArtifactResult:
 
 class _Stop(Exception):
     """Ends an artifact's checks early; its result already says why."""
-
-
-class _NotHere(Exception):
-    """An additional runtime (not the profile's) that is not available on this host: no result at all."""
 
 
 PRECISION_DTYPES = {"fp32": ("FLOAT32",), "fp16": ("FLOAT16",), "int8-weights": ("INT8", "UINT8"),
@@ -126,10 +123,22 @@ def structure_problems(facts: dict, metadata: dict, precision: str, layout: str)
     return problems
 
 
-def runtimes_for(format: str, preferred: str) -> list[str]:
-    """The profile's runtime first, then every other adapter registered for the format."""
-    registered = list(formats.FORMATS[format].runtimes) if format in formats.FORMATS else []
-    return [preferred] + [r for r in registered if r != preferred]
+def planned_runs(artifacts: list[ArtifactRecord], profile_of, every: bool = False) -> list[tuple]:
+    """(artifact, profile or the error loading it, runtime target or None) for every run verification makes.
+
+    Each artifact runs on every runtime its profile declares (resolved here: this process or an isolated
+    environment; a missing one stays in the plan and is reported as skipped), and with `every` on each other
+    runtime of its format available here too.
+    """
+    plan = []
+    for artifact in artifacts:
+        try:
+            profile = profile_of(artifact.profile)
+        except Exception as err:
+            plan.append((artifact, err, None))
+            continue
+        plan += [(artifact, profile, target) for target in runtimes.targets(profile, every)]
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -151,41 +160,32 @@ class _Opened:
     unavailable: str | None  # why it cannot run here
 
 
-def verify_artifact(reference: Reference, artifact: ArtifactRecord, runtime_name: str | None = None,
-                    latency_runs: int = DEFAULT_LATENCY_RUNS) -> ArtifactResult | None:
-    """All checks of one artifact with one runtime (the profile's by default).
-
-    Returns None for an additional runtime (not the profile's) that is not available on this host.
-    """
+def verify_artifact(reference: Reference, artifact: ArtifactRecord, profile, target: runtimes.Target | None,
+                    latency_runs: int = DEFAULT_LATENCY_RUNS) -> ArtifactResult:
+    """All checks of one artifact on one runtime target (`profile` is the error if it could not be loaded)."""
     result = ArtifactResult(artifact.member, artifact.profile, artifact.format, artifact.precision,
-                            runtime_name or "?", artifact.file)
+                            target.label if target else "?", artifact.file, target.version if target else None)
+    opened = None
     try:
-        profile = _profile(result, reference, artifact)
-        extra = runtime_name not in (None, profile.verify.runtime)
-        result.runtime = runtime_name = runtime_name or profile.verify.runtime
+        if isinstance(profile, Exception):
+            raise result.stop("identity", "fail", f"manifest artifact {artifact.file!r}: cannot load its profile "
+                                                  f"{artifact.profile!r}: {profile}",
+                              "not run: the artifact's profile is unknown")
         path, sha = _file_identity(result, reference, artifact)
-        opened = _open(result, reference, artifact, path, runtime_name, extra)
+        opened = _open(result, reference, artifact, path, target)
         _space_identity(result, reference, artifact, opened.metadata, sha)
         size = int(opened.metadata.get("input_size", reference.members[artifact.member].input_size))
         floats = resize_to(reference.query_floats(), size)
-        _structure(result, reference, opened, profile, floats, runtime_name)
-        _numeric(result, reference, artifact, opened, profile, floats, runtime_name, latency_runs)
+        _structure(result, reference, opened, profile, floats, target.label)
+        _numeric(result, reference, artifact, opened, profile, floats, target.label, latency_runs)
         _static_budgets(result, reference.members[artifact.member], profile, path_bytes(path))
         result.checks.sort(key=lambda c: CHECKS.index(c.name))
     except _Stop:
         pass
-    except _NotHere:
-        return None
+    finally:
+        if opened is not None and hasattr(opened.runtime, "close"):
+            opened.runtime.close()  # an isolated runtime's worker process
     return result
-
-
-def _profile(result: ArtifactResult, reference: Reference, artifact: ArtifactRecord):
-    try:
-        return _resolve_profile(artifact.profile, reference)
-    except Exception as err:
-        raise result.stop("identity", "fail", f"manifest artifact {artifact.file!r}: cannot load its profile "
-                                              f"{artifact.profile!r}: {err}",
-                          "not run: the artifact's profile is unknown") from None
 
 
 def _file_identity(result: ArtifactResult, reference: Reference, artifact: ArtifactRecord) -> tuple[Path, str]:
@@ -205,32 +205,30 @@ def _file_identity(result: ArtifactResult, reference: Reference, artifact: Artif
     return path, actual
 
 
-def _open(result: ArtifactResult, reference: Reference, artifact: ArtifactRecord, path: Path, runtime_name: str,
-          extra: bool) -> _Opened:
+def _open(result: ArtifactResult, reference: Reference, artifact: ArtifactRecord, path: Path,
+          target: runtimes.Target) -> _Opened:
     """Open the artifact in its runtime; where it cannot run here, read its structure without running."""
     from hetero.export.common import converter_output
 
     spec = formats.FORMATS.get(artifact.format)
     runtime, unavailable = None, None
-    if spec is None or runtime_name not in spec.runtimes:
-        unavailable = f"this install has no {runtime_name!r} adapter for format {artifact.format!r}"
+    if spec is None:
+        unavailable = f"this install has no {artifact.format!r} format"
     else:
         try:
             with converter_output():  # runtimes announce their delegates on stderr
-                runtime = spec.open(path, runtime_name)
+                runtime = target.open(spec, path)
                 _probe(runtime, reference, artifact)
         except RuntimeUnavailable as err:
             runtime, unavailable = None, str(err)
         except ModuleNotFoundError as err:
             runtime, unavailable = None, f"runtime package {err.name!r} is not installed"
         except Exception as err:
-            raise result.stop("identity", "fail", f"{artifact.file}: cannot open with {runtime_name}: "
-                                                  f"{type(err).__name__}: {str(err).strip()[:300]}",
+            raise result.stop("identity", "fail", f"{artifact.file}: cannot open with {target.label}: "
+                                                  f"{type(err).__name__}: {str(err).strip()[:400]}",
                               "not run: artifact cannot be opened") from None
     if runtime is not None:
         return _Opened(runtime, runtime.metadata, None, None)
-    if extra:
-        raise _NotHere()
     try:
         facts = spec.inspect(path) if spec is not None else None
     except Exception as err:
@@ -321,7 +319,7 @@ def _numeric(result: ArtifactResult, reference: Reference, artifact: ArtifactRec
     except Exception as err:
         for name in ("parity", "retrieval"):
             result.add(name, "fail", f"embedding {len(floats)} images with {runtime_name} failed: "
-                                     f"{type(err).__name__}: {str(err).strip()[:300]}")
+                                     f"{type(err).__name__}: {str(err).strip()[:800]}")
     else:
         _parity_and_retrieval(result, reference, artifact.member, ours, profile.tolerances, runtime_name)
     _latency(result, opened.runtime, floats[:1].numpy(), profile.budgets.target_latency_ms, latency_runs)
@@ -361,18 +359,22 @@ def _parity_and_retrieval(result: ArtifactResult, reference: Reference, member: 
                f"(drop {drop:+.4f}, allowed {tolerance.max_top1_drop}); nearest gallery item unchanged for "
                f"{agreement:.1%}; {bct_note}".rstrip("; "),
                runtime=via_runtime, torch=via_torch, torch_self_gallery=self_gallery, top1_drop=drop,
+               allowed_drop=tolerance.max_top1_drop,
                top1_agreement=agreement, bct_torch=bct_torch, bct_runtime=bct_runtime)
 
 
 def _latency(result: ArtifactResult, runtime, one: np.ndarray, target_ms: float | None, runs: int) -> None:
+    """Median batch-1 latency; an isolated runtime's worker times the runtime alone (no protocol overhead)."""
+    def timed() -> float:
+        started = time.perf_counter()
+        runtime.embed(one)
+        wall = time.perf_counter() - started
+        return getattr(runtime, "last_run_seconds", wall) * 1000
+
     try:
         for _ in range(3):  # warm-up (lazy initialisation, caches)
             runtime.embed(one)
-        times = []
-        for _ in range(max(1, runs)):
-            started = time.perf_counter()
-            runtime.embed(one)
-            times.append((time.perf_counter() - started) * 1000)
+        times = [timed() for _ in range(max(1, runs))]
     except Exception as err:
         result.add("budget_latency", "fail", f"timing batch-1 runs failed: {type(err).__name__}: {err}")
         return
@@ -418,26 +420,18 @@ def run_checks(reference: Reference, latency_runs: int = DEFAULT_LATENCY_RUNS, s
     (older on-device runtimes are a real compatibility risk).
     """
     started = time.perf_counter()
-    results, notes = [], []
-    for artifact in reference.artifacts:
+    results = []
+    for artifact, profile, target in planned_runs(reference.artifacts, lambda n: _resolve_profile(n, reference),
+                                                  all_runtimes):
         try:
-            preferred = _resolve_profile(artifact.profile, reference).verify.runtime
-        except Exception:
-            preferred = None
-        names = runtimes_for(artifact.format, preferred) if preferred and all_runtimes else [preferred]
-        for name in names:
-            try:
-                result = verify_artifact(reference, artifact, name, latency_runs)
-            except Exception as err:  # a bug or an unforeseen artifact problem: report it, go on with the rest
-                result = ArtifactResult(artifact.member, artifact.profile, artifact.format, artifact.precision,
-                                        name or "?", artifact.file)
-                result.stop("identity", "fail", f"verification crashed: {type(err).__name__}: {err}",
-                            "not run: verification crashed")
-            if result is None:
-                notes.append(f"{artifact.file}: additional runtime {name!r} is not available here; not run")
-                continue
-            results.append(result)
-    return build_report(reference, results, notes, strict, time.perf_counter() - started)
+            result = verify_artifact(reference, artifact, profile, target, latency_runs)
+        except Exception as err:  # a bug or an unforeseen artifact problem: report it, go on with the rest
+            result = ArtifactResult(artifact.member, artifact.profile, artifact.format, artifact.precision,
+                                    target.label if target else "?", artifact.file)
+            result.stop("identity", "fail", f"verification crashed: {type(err).__name__}: {err}",
+                        "not run: verification crashed")
+        results.append(result)
+    return build_report(reference, results, [], strict, time.perf_counter() - started)
 
 
 def host_description() -> str:

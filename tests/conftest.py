@@ -53,3 +53,14 @@ def family_copy(tiny_family_dir, tmp_path) -> Path:
     target = tmp_path / "family"
     shutil.copytree(tiny_family_dir, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def runtime_environments():
+    """The isolated runtimes the built-in profiles declare, created from the package registry once and kept
+    in the user's cache between runs (as `hetero runtimes add --profile ...` would)."""
+    from hetero import runtimes
+    from hetero.profiles import all_profiles
+
+    wanted = {r for p in all_profiles() for r in p.runtimes if runtimes.needs_environment(r)}
+    return {requirement: runtimes.ensure(requirement) for requirement in sorted(wanted)}

@@ -96,7 +96,7 @@ def _wait_for_temporary(family: Path, process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_terminated_export_leaves_nothing_and_releases_the_lock(tiny_family_dir, tmp_path):
+def test_a_terminated_export_leaves_nothing_and_releases_the_lock(tiny_family_dir, tmp_path, runtime_environments):
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)
     process = _start_export(family)
@@ -110,7 +110,8 @@ def test_a_terminated_export_leaves_nothing_and_releases_the_lock(tiny_family_di
 
 
 @pytest.mark.slow
-def test_what_a_killed_export_left_is_swept_by_the_next_writer(tiny_family_dir, tmp_path, capsys):
+def test_what_a_killed_export_left_is_swept_by_the_next_writer(tiny_family_dir, tmp_path, capsys,
+                                                              runtime_environments):
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)
     process = _start_export(family)

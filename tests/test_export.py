@@ -40,7 +40,7 @@ def open_runtime(path: Path, format: str, runtime: str):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_family_dir, tmp_path_factory):
+def exported(tiny_family_dir, tmp_path_factory, runtime_environments):
     """One copy of the tiny family with MEMBER exported to every profile whose converter is installed."""
     run_dir = tmp_path_factory.mktemp("exported") / "family"
     shutil.copytree(tiny_family_dir, run_dir)
@@ -154,6 +154,7 @@ def _profile_file(tmp_path: Path, base: str, **changes) -> str:
     import yaml
 
     data = yaml.safe_load(builtin_profile_files()[base].read_text())
+    data.pop("runtimes", None)  # this runtime only: no isolated environment needed
     for dotted, value in changes.items():
         keys = dotted.split("__")
         node = data
@@ -258,7 +259,7 @@ def test_missing_converter_names_the_extra_to_install(family_copy, monkeypatch):
 def test_converter_failing_on_an_op_is_one_paragraph_and_leaves_nothing(family_copy, monkeypatch):
     import hetero.export.onnx as onnx_module
 
-    def broken(model, path, profile, metadata, calibration=None):
+    def broken(model, path, profile, metadata, calibration=None, accept=None):
         path.write_bytes(b"half a model")  # a converter that dies mid-write
         raise RuntimeError("Exporting the operator 'aten::weird_op' to ONNX opset 17 is not supported.\n"
                            "Please open an issue.")
@@ -279,7 +280,7 @@ def test_interrupted_export_leaves_no_artifact_and_keeps_the_previous_one(family
     before = path.read_bytes()
     import hetero.export.onnx as onnx_module
 
-    def interrupted(model, path, profile, metadata, calibration=None):
+    def interrupted(model, path, profile, metadata, calibration=None, accept=None):
         path.write_bytes(b"partial")
         raise KeyboardInterrupt  # Ctrl-C in the middle of a conversion
 
@@ -307,7 +308,8 @@ def test_directory_artifacts_hash_deterministically(tmp_path):
 
 def test_every_builtin_profile_has_a_registered_format():
     for profile in all_profiles():
-        assert profile.format in formats.FORMATS and profile.verify.runtime in formats.get(profile.format).runtimes
+        runtimes = [r.name for r in formats.get(profile.format).in_process()]
+        assert profile.format in formats.FORMATS and profile.verify.runtime in runtimes
     kinds = {(p.format, p.precision) for p in all_profiles()}
     assert {("coreml", "fp16"), ("coreml", "int8-weights"), ("tflite", "fp16"), ("tflite", "int8"),
             ("onnx", "int8"), ("onnx", "fp32")} <= kinds
@@ -340,5 +342,5 @@ def test_the_registry_is_the_one_source_of_suffixes_and_runtimes():
         if module is None:
             continue
         assert callable(getattr(module, spec.exporter)) and callable(getattr(module, spec.metadata_reader))
-        assert all(isinstance(getattr(module, adapter), type) for adapter in spec.runtimes.values())
+        assert all(isinstance(getattr(module, r.adapter), type) for r in spec.runtimes if r.adapter)
     assert formats.for_path("x/model.mlpackage").name == "coreml" and formats.for_path("a.bin") is None

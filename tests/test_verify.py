@@ -237,11 +237,13 @@ def test_junit_has_one_testcase_per_check_with_failures_marked(family, tmp_path)
     cases = root.findall(".//testcase")
     assert len(cases) == 2 * len(CHECKS)
     assert int(root.get("tests")) == len(cases) and int(root.get("failures")) == 1
-    status = {(case.get("classname").split(".")[3], case.get("name")):
+    status = {(case.get("classname").split(".")[3], case.get("name").split(" on ")[0]):
               "fail" if case.find("failure") is not None else "skip" if case.find("skipped") is not None else "pass"
               for case in cases}
     assert status[("edge-a", "identity")] == "fail"
-    assert "sha256" in root.find(".//testcase[@name='identity']/failure").get("message")
+    failure = root.find(".//testcase/failure").get("message")
+    assert failure.startswith("edge-a@server-onnx-fp32 on onnxruntime ") and ": identity FAILED (" in failure
+    assert all(" on onnxruntime " in case.get("name") for case in cases)  # the runtime and its version
     assert {status[("edge-a", c)] for c in CHECKS if c != "identity"} == {"skip"}
     assert {status[("edge-b", c)] for c in CHECKS} == {"pass"}
 
@@ -253,12 +255,12 @@ def test_reports_with_plots(family, tmp_path):
     markdown = tmp_path / "verify.md"
     assert main(["verify", str(family), "--report", str(html), "--latency-runs", "2"]) == 0
     text = html.read_text()
-    assert text.count("<img") == 3 and "data:image/png;base64," in text and "edge-b@server-onnx-fp32" in text
+    assert text.count("<img") == 2 and "data:image/png;base64," in text and "edge-b@server-onnx-fp32" in text
     assert main(["verify", str(family), "--report", str(markdown), "--latency-runs", "2"]) == 0
     plots = sorted(p.name for p in (tmp_path / "verify_plots").iterdir())
-    assert plots == ["cosine.png", "latency.png", "top1.png"]
+    assert plots == ["drop.png", "latency.png"]
     assert all((tmp_path / "verify_plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-    assert "| server-onnx-fp32 | edge-a | onnxruntime |" in markdown.read_text()
+    assert "| server-onnx-fp32 | edge-a | onnxruntime 1." in markdown.read_text()
 
 
 def test_no_artifacts_fails_and_writes_nothing(tiny_family_dir, tmp_path, capsys):
@@ -288,7 +290,8 @@ def test_pytest_plugin_runs_the_suite_only_when_asked(family, tmp_path):
                                   f"--junitxml={junit}"], cwd=work, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 failed, 8 passed, 7 skipped" in done.stdout, done.stdout
-    assert "edge-a@server-onnx-fp32::identity" in done.stdout
+    assert "edge-a@server-onnx-fp32 on onnxruntime " in done.stdout and "::identity" in done.stdout
+    assert "identity FAILED (" in done.stdout
     cases = ET.parse(junit).getroot().findall(".//testcase")
     assert len(cases) == 16
 
@@ -393,25 +396,18 @@ def test_retrieval_fails_on_a_top1_drop_and_a_broken_bct_criterion(family):
     assert_all_pass(checks["edge-b"])
 
 
-def test_all_runtimes_verifies_each_installed_runtime_of_the_format(family, monkeypatch):
-    import dataclasses
-
-    from hetero import formats
-
-    spec = formats.FORMATS["onnx"]
-    monkeypatch.setitem(formats.FORMATS, "onnx", dataclasses.replace(
-        spec, runtimes={**spec.runtimes, "second-runtime": "OnnxRuntimeAdapter"}))
+@pytest.mark.slow
+def test_all_runtimes_adds_every_environment_that_can_open_the_format(family, runtime_environments):
     assert len(run_verify(family, latency_runs=RUNS)["artifacts"]) == 2  # default: the profile's runtime only
     report = run_verify(family, latency_runs=RUNS, all_runtimes=True)
-    assert sorted((a["member"], a["runtime"]) for a in report["artifacts"]) == [
-        ("edge-a", "onnxruntime"), ("edge-a", "second-runtime"), ("edge-b", "onnxruntime"),
-        ("edge-b", "second-runtime")]
-    assert report["passed"]
+    runs = sorted((a["member"], a["runtime"]) for a in report["artifacts"])
+    assert ("edge-a", "onnxruntime 1.17.3") in runs and ("edge-b", "onnxruntime 1.17.3") in runs
+    assert report["passed"], [c["detail"] for a in report["artifacts"] for c in a["checks"] if c["status"] == "fail"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile_name", ["android-litert-fp16", "android-executorch-fp32", "iphone-coreml-fp16"])
-def test_other_formats_verify_through_their_adapters(family, profile_name):
+def test_other_formats_verify_through_their_adapters(family, profile_name, runtime_environments):
     """Each registered format: numeric checks pass where its runtime runs; CoreML on Linux skips them."""
     import platform
 

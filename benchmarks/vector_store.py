@@ -1,0 +1,122 @@
+"""FAISS files against the embedded vector database (Milvus Lite), side by side: ingestion and queries.
+
+    python benchmarks/vector_store.py                      # 100k and 1M synthetic unit vectors, d=128
+    python benchmarks/vector_store.py --quick              # 10k and 100k (a few minutes on 2 cores)
+
+Per size, both stores get the same synthetic gallery (clustered unit vectors, as benchmarks/gallery_search.py
+makes them) and the same queries (other "photos" of gallery items):
+
+- ingestion rows/s: FAISS builds its index as `hetero gallery build` does (exact up to 100k rows, IVF
+  above, `hetero.gallery.make_index`); Milvus Lite takes the rows through the same calls a build makes
+  (`hetero.stores.MilvusStore.upsert`, batches of 1,000, then loading the collection), with the index
+  `hetero gallery build --store milvus` creates for that size;
+- query latency, p50 and p95 over repeated calls, at batch 1 and batch 100, each store through its own
+  search call (FAISS `index.search`; Milvus `MilvusStore.search`, which crosses the client/server API);
+- recall@1 against exact search on the same vectors.
+The latency ratio column is Milvus's p50 over FAISS's at the same size and batch, measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gallery_search import synthetic  # noqa: E402
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(p50, p95) milliseconds of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), float(np.percentile(times, 95))
+
+
+def faiss_store(gallery: np.ndarray):
+    from hetero.gallery import choose_index, make_index
+
+    started = time.perf_counter()
+    kind = choose_index(len(gallery))
+    index, params = make_index(kind, gallery.shape[1], len(gallery), lambda count: gallery[
+        np.linspace(0, len(gallery) - 1, count).astype(int)])
+    index.add(gallery)
+    seconds = time.perf_counter() - started
+
+    def search(queries, k=1):
+        return index.search(queries, k)[1]
+
+    return search, len(gallery) / seconds, f"faiss {kind}" + (f" nprobe {params['nprobe']}" if "nprobe" in params
+                                                              else "")
+
+
+def milvus_store(gallery: np.ndarray, work: Path):
+    from hetero.stores import FLAT_MAX_ROWS, Identity, MilvusStore
+
+    db = MilvusStore(str(work / f"bench-{len(gallery)}.db"), "bench")
+    db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
+    ids = [f"item-{i:07d}" for i in range(len(gallery))]
+    started = time.perf_counter()
+    for begin in range(0, len(gallery), 1000):
+        db.upsert(ids[begin:begin + 1000], gallery[begin:begin + 1000])
+    db.flush()  # seals the rows and builds the index, as `hetero gallery build` does, before the clock stops
+    db.count()
+    seconds = time.perf_counter() - started
+    position = {name: i for i, name in enumerate(ids)}
+
+    def search(queries, k=1):
+        return np.array([[position[name] for name, _ in hits] for hits in db.search(queries, k)])
+
+    kind = "flat" if len(gallery) <= FLAT_MAX_ROWS else "hnsw"
+    return search, len(gallery) / seconds, f"milvus-lite {kind}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--quick", action="store_true", help="10k and 100k")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=500, help="queries for recall@1")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency figure")
+    args = parser.parse_args(argv)
+    sizes = [10_000, 100_000] if args.quick else args.sizes
+
+    import faiss
+
+    print("| rows | store | ingest rows/s | batch-1 p50 / p95 ms | batch-100 p50 / p95 ms | recall@1 | "
+          "p50 vs faiss (b1, b100) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            gallery, queries, _ = synthetic(rows, args.queries, args.dim, "clustered")
+            exact = faiss.IndexFlatIP(args.dim)
+            exact.add(gallery)
+            truth = exact.search(queries, 1)[1][:, 0]
+            results = []
+            for make in (faiss_store, lambda g: milvus_store(g, Path(tmp))):
+                search, rate, label = make(gallery)
+                recall = float((search(queries)[:, 0] == truth).mean())
+                one = timed(lambda: search(queries[:1]), args.repeats)
+                hundred = timed(lambda: search(queries[:100]), max(5, args.repeats // 5))
+                results.append((label, rate, one, hundred, recall))
+            base = results[0]
+            for label, rate, one, hundred, recall in results:
+                print(f"| {rows:,} | {label} | {rate:,.0f} | {one[0]:.2f} / {one[1]:.2f} | {hundred[0]:.2f} / "
+                      f"{hundred[1]:.2f} | {recall:.3f} | {one[0] / base[2][0]:.1f}x, {hundred[0] / base[3][0]:.1f}x |",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Galleries in a vector database (Milvus): build, search, change, adopt and migrate a collection.
+
+Building streams the images in batches: decode, embed with the family's member, write the rows (keyed by
+the image's name).  A build that stops resumes where it stopped: the names already in the collection are
+skipped, and writing a row again replaces it, so no row is ever duplicated.  One builder writes a
+collection at a time (a claim in its properties; Milvus Lite also locks its data directory).
+
+After an incompatible change of family (another space id) the collection refuses its queries; `migrate`
+re-embeds into a new collection and moves the alias searches use only when that collection is complete,
+so a search never sees a half-built one.  A backward-compatible update keeps the space id: its queries
+run on the existing collection, with no re-index.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetero.family import FamilyStore, MemberRecord
+from hetero.gallery import _ImageFiles, _collate, _member, list_images
+from hetero.stores import Identity, MilvusStore, StoreError
+
+COSINE_TO_ADOPT = 0.999
+
+
+def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
+    return Identity(space_id=store.space_id, family=store.name, member=entry.name, dim=entry.dim)
+
+
+def _batches(store: FamilyStore, entry: MemberRecord, entries, batch_size: int, workers: int):
+    """(names, skipped names, embeddings) per batch of `entries`, decoded as the family decodes."""
+    from hetero.data import loader_context
+    from hetero.models import resize_to
+
+    data = store.config().data
+    model = store.load_member(entry.name)
+    dataset = _ImageFiles(entries, store.config().load_size, data.background, data.max_image_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         multiprocessing_context=loader_context(workers))
+    with torch.inference_mode():
+        for names, skipped, pixels in loader:
+            embedded = model(resize_to(pixels.float().div(255.0), model.input_size)).numpy() if pixels is not None \
+                else np.zeros((0, entry.dim), np.float32)
+            yield names, skipped, embedded
+
+
+def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "gallery", *, member: str | None = None,
+          batch_size: int = 256, workers: int = 0, overwrite: bool = False, replace: bool = False,
+          progress: bool = False) -> dict:
+    """Embed every image under `images` into the collection; return what was done (rows/s included).
+
+    A collection of another space, dimension or metric is refused unless `overwrite` (dropped first).
+    Without `replace`, names already in the collection are skipped (a resumed build); with it they are
+    embedded and written again (an update of changed images).
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1 or workers < 0:
+        raise StoreError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
+    entry = _member(store, member)
+    identity = identity_of(store, entry)
+    entries = list_images(images)
+    db = MilvusStore(uri, collection)
+    _prepare(db, identity, overwrite, len(entries))
+    started, written, skipped, kept = time.perf_counter(), 0, [], 0
+    db.claim()
+    try:
+        bar = tqdm(total=len(entries), desc=f"writing {collection}", unit="img", disable=not progress, leave=False)
+        for begin in range(0, len(entries), batch_size * 16):  # resume: ask the store per block of batches
+            block = entries[begin:begin + batch_size * 16]
+            present = set() if replace else db.present([e.name for e in block])
+            todo = [e for e in block if e.name not in present]
+            kept += len(block) - len(todo)
+            for names, unreadable, embedded in _batches(store, entry, todo, batch_size, workers) if todo else ():
+                if names:
+                    db.upsert(names, embedded)
+                written += len(names)
+                skipped += unreadable
+                bar.update(len(names) + len(unreadable))
+            bar.update(len(block) - len(todo))
+            db.claim()  # renew: a claim not renewed for LEASE_SECONDS is another builder's to take
+        bar.close()
+        db.flush()
+    finally:
+        db.release()
+    seconds = time.perf_counter() - started
+    return {"uri": uri, "collection": collection, "space_id": identity.space_id, "member": entry.name,
+            "images": len(entries), "written": written, "already_there": kept, "skipped": skipped,
+            "rows": db.count(), "seconds": round(seconds, 2), "rows_per_s": round(written / seconds, 1) if seconds else 0}
+
+
+def _prepare(db: MilvusStore, identity: Identity, overwrite: bool, rows_hint: int) -> None:
+    if db.exists() and overwrite:
+        db.drop()
+    if not db.exists():
+        db.create(identity, rows_hint)
+        return
+    found = db.identity()
+    if found is None:
+        raise StoreError(f"{db.uri} collection {db.name!r} was not written by hetero (no embedding space in its "
+                         f"properties); adopt it (`hetero gallery adopt`) or use --overwrite or another --collection")
+    differs = [f"{field} {getattr(found, field)!r} (this family: {getattr(identity, field)!r})"
+               for field in ("space_id", "dim", "metric") if getattr(found, field) != getattr(identity, field)]
+    if differs:
+        raise StoreError(f"{db.uri} collection {db.name!r} holds another gallery: {'; '.join(differs)}. Use "
+                         f"--overwrite to replace it, another --collection, or `hetero gallery migrate`")
+
+
+def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> int:
+    """Remove rows by image name; return how many of them were there."""
+    db = MilvusStore(uri, collection)
+    db.check_space(store.space_id, f"family {store.name!r}")
+    there = db.present(ids)
+    db.delete(sorted(there))
+    return len(there)
+
+
+def search(uri: str, collection: str, queries: np.ndarray, k: int, query_space: str | None, label: str,
+           ef: int | None = None) -> list[list[tuple[str, float]]]:
+    db = MilvusStore(uri, collection)
+    db.check_space(query_space, label)  # before any query is sent
+    return db.search(queries, k, ef)
+
+
+def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, member: str | None = None,
+          sample: int = 64) -> dict:
+    """Stamp a collection another tool wrote with the family's space, once a sample proves it.
+
+    Up to `sample` of the listed images (named as in the collection) are embedded again with the member;
+    every stored vector must match its re-embedding at cosine >= 0.999, else nothing is stamped and the
+    error says how far off they are.
+    """
+    entry = _member(store, member)
+    db = MilvusStore(uri, collection)
+    if not db.exists():
+        raise StoreError(f"{uri}: no collection {collection!r} to adopt")
+    _, _, dim = db.fields()
+    if dim != entry.dim:
+        raise StoreError(f"{uri} collection {collection!r} holds {dim}-d vectors; member {entry.name!r} embeds into "
+                         f"{entry.dim} dimensions: these cannot be the same space")
+    entries = list_images(images)
+    stored = db.vectors([e.name for e in entries])
+    chosen = [e for e in entries if e.name in stored]
+    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, min(sample, len(chosen))).round().astype(int)] \
+        if chosen else []
+    if not chosen:
+        raise StoreError(f"none of the {len(entries)} images under {images} is in {collection!r} by name; adopt needs "
+                         f"images named as the collection's ids")
+    names, ours = [], []
+    for batch_names, _, embedded in _batches(store, entry, chosen, 64, 0):
+        names += batch_names
+        ours.append(embedded)
+    ours = np.concatenate(ours)
+    theirs = np.stack([stored[n] for n in names])
+    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
+    if cosine.min() < COSINE_TO_ADOPT:
+        worst = names[int(cosine.argmin())]
+        raise StoreError(
+            f"{collection!r} is not in the space of {store.name!r} / {entry.name!r}: over {len(names)} re-embedded "
+            f"images the cosine to the stored vectors is min {cosine.min():.4f} ({worst}), mean {cosine.mean():.4f}, "
+            f"needed >= {COSINE_TO_ADOPT}. Tried: decode as RGB, composite transparency onto "
+            f"{store.config().data.background}, resize to {store.config().load_size} px then {entry.input_size} px, "
+            f"normalise with mean {np.round(entry.mean, 4).tolist()} / std {np.round(entry.std, 4).tolist()} inside "
+            f"the member. Different preprocessing or another model is the usual cause; nothing was stamped.")
+    db.stamp(identity_of(store, entry))
+    return {"collection": collection, "checked": len(names), "min_cosine": float(cosine.min()),
+            "space_id": store.space_id}
+
+
+def migrate(store: FamilyStore, images: str | Path, uri: str, alias: str = "gallery", **options) -> dict:
+    """Re-embed the gallery with this family into a new collection, then move `alias` to it.
+
+    Searches go through the alias, so they see the old collection until the new one is complete; a
+    migration that stops resumes into the same new collection.  The old collection is kept.
+    """
+    target = f"{alias}_{store.space_id.replace('-', '_')}"
+    record = build(store, images, uri, target, **options)
+    db = MilvusStore(uri, target)
+    if db.count() < record["images"] - len(record["skipped"]):
+        raise StoreError(f"{uri} collection {target!r} is incomplete ({db.count()} rows); run migrate again")
+    previous = MilvusStore(uri, alias).collection if MilvusStore(uri, alias).exists() else None
+    db.point_alias(alias)
+    return {**record, "alias": alias, "collection": target, "previous": previous}

@@ -1,0 +1,266 @@
+"""Galleries in a vector database: Milvus, embedded (Milvus Lite, a local path) or a server, one client API.
+
+`--uri runs/omniglot/gallery.db` runs Milvus Lite inside the process (no server; what the tests use);
+`--uri http://host:19530` talks to a standalone or distributed Milvus, or to `milvus-lite server`, with the
+same pymilvus client: moving from a laptop to a cluster changes the URI, not the code.
+
+The collection carries its embedding space in its own properties (space id, family, member, dimension,
+metric), so a search from another space is refused before any query is sent, whoever wrote the
+collection; one written by another tool is refused until `hetero gallery adopt` proves its space.  Rows
+are keyed by the image's name: writing a row again replaces it, so a resumed ingestion never duplicates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hetero.errors import ManifestError
+
+FORMAT = "hetero-gallery/1"
+PREFIX = "hetero."
+ID, VECTOR = "id", "vector"
+MAX_ID_LENGTH = 2048
+METRIC = "IP"  # unit vectors: inner product is the cosine
+# A builder's claim on a collection expires when it has not been renewed for this long (a crashed builder).
+LEASE_SECONDS = 600
+# Index by size, from benchmarks/vector_store.py: exact search up to 100k rows, HNSW above.
+FLAT_MAX_ROWS = 100_000
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF = 32, 80, 64
+
+
+class StoreError(ManifestError):
+    """A vector store that cannot be reached or used as asked, with a message for people."""
+
+
+class StoreSpaceMismatch(StoreError):
+    """A collection from another embedding space, or one that does not say which."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a collection's vectors are: the space, the model that embedded them, their shape."""
+
+    space_id: str
+    family: str
+    member: str
+    dim: int
+    metric: str = METRIC
+    format: str = FORMAT
+
+    def properties(self) -> dict[str, str]:
+        return {PREFIX + key: str(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_properties(cls, properties: dict) -> "Identity | None":
+        values = {key[len(PREFIX):]: value for key, value in (properties or {}).items() if key.startswith(PREFIX)}
+        try:
+            return cls(space_id=values["space_id"], family=values["family"], member=values["member"],
+                       dim=int(values["dim"]), metric=values.get("metric", METRIC), format=values.get("format", FORMAT))
+        except (KeyError, ValueError):
+            return None
+
+
+def is_embedded(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+
+
+class MilvusStore:
+    """One collection (or alias) in Milvus; every call names the URI and collection in its errors."""
+
+    def __init__(self, uri: str, collection: str, timeout: float = 20):
+        self.uri, self.name, self.timeout = str(uri), collection, timeout
+        self.client = self._connect()
+        self._loaded: str | None = None
+
+    def _connect(self):
+        import logging
+
+        # pymilvus logs every failed call with a traceback (a missing alias included), and Milvus Lite's
+        # in-process server logs the calls it does not implement: our errors say what matters.
+        for name in ("pymilvus", "grpc._server", "milvus_lite"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise StoreError("galleries in Milvus need pymilvus and milvus-lite: pip install pymilvus milvus-lite") \
+                from None
+        if is_embedded(self.uri):
+            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return MilvusClient(uri=self.uri, timeout=self.timeout)
+        except Exception as err:  # pymilvus raises its own MilvusException, and grpc its errors
+            raise StoreError(f"--uri {self.uri}: cannot reach a Milvus {'database' if is_embedded(self.uri) else 'server'}"
+                             f" there ({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as err:
+            raise StoreError(f"{self.uri} collection {self.name!r}: {what} failed ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:300]})") from None
+
+    # -- the collection and its identity
+
+    @property
+    def collection(self) -> str:
+        """The collection `name` is, or the one it is an alias of."""
+        if self.name in self._aliases():
+            return self._call("reading the alias", self.client.describe_alias, self.name)["collection_name"]
+        return self.name
+
+    def _aliases(self) -> list[str]:
+        found = self._call("listing aliases", self.client.list_aliases)
+        return list(found.get("aliases", []) if isinstance(found, dict) else found)
+
+    def _load(self) -> str:
+        """The collection, loaded for reading (a collection opened anew starts released); resolved once."""
+        if not self._loaded:
+            self._loaded = self.collection
+            self._call("loading it", self.client.load_collection, self._loaded)
+        return self._loaded
+
+    def flush(self) -> None:
+        """Seal what was written (Milvus then searches it through its index, not row by row)."""
+        self._call("flushing it", self.client.flush, self.collection)
+
+    def exists(self) -> bool:
+        return bool(self._call("listing collections", self.client.has_collection, self.collection))
+
+    def properties(self) -> dict:
+        return self._call("describing it", self.client.describe_collection, self.collection).get("properties") or {}
+
+    def identity(self) -> Identity | None:
+        return Identity.from_properties(self.properties())
+
+    def check_space(self, query_space: str | None, query: str) -> Identity:
+        """The collection's identity, after refusing a query from another space (before any query is sent)."""
+        if not self.exists():
+            raise StoreError(f"{self.uri}: no collection or alias {self.name!r}; build one with `hetero gallery "
+                             f"build --store milvus`")
+        identity = self.identity()
+        if identity is None:
+            raise StoreSpaceMismatch(
+                f"{self.uri} collection {self.name!r} does not say which embedding space its vectors are in (it was "
+                f"not written by hetero); prove it with `hetero gallery adopt`, which re-embeds a sample first")
+        if identity.space_id != query_space:
+            raise StoreSpaceMismatch(
+                f"{query} embeds into space {query_space!r} but {self.uri} collection {self.name!r} holds space "
+                f"{identity.space_id!r} (family {identity.family!r}, member {identity.member!r}); their vectors are "
+                f"not comparable. Query with a model of that family, or migrate the gallery "
+                f"(`hetero gallery migrate`).")
+        return identity
+
+    def create(self, identity: Identity, rows_hint: int = 0) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+        schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=identity.dim)
+        index = self.client.prepare_index_params()
+        if rows_hint > FLAT_MAX_ROWS:
+            index.add_index(field_name=VECTOR, index_type="HNSW", metric_type=identity.metric,
+                            params={"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION})
+        else:
+            index.add_index(field_name=VECTOR, index_type="FLAT", metric_type=identity.metric)
+        self._call("creating it", self.client.create_collection, self.collection, schema=schema, index_params=index,
+                   properties=identity.properties())
+
+    def stamp(self, identity: Identity) -> None:
+        self._call("writing its properties", self.client.alter_collection_properties, self.collection,
+                   properties=identity.properties())
+
+    def drop(self) -> None:
+        self._call("dropping it", self.client.drop_collection, self.collection)
+
+    def fields(self) -> tuple[str, str, int]:
+        """(id field, vector field, dimension) of any collection, hetero's or another tool's."""
+        described = self._call("describing it", self.client.describe_collection, self.collection)
+        primary = next((f["name"] for f in described["fields"] if f.get("is_primary")), None)
+        vector = next(((f["name"], int(f.get("params", {}).get("dim", 0))) for f in described["fields"]
+                       if getattr(f.get("type"), "name", str(f.get("type"))) == "FLOAT_VECTOR"), None)
+        if primary is None or vector is None:
+            raise StoreError(f"{self.uri} collection {self.name!r} has no primary key or no float vector field")
+        return primary, vector[0], vector[1]
+
+    # -- rows
+
+    def count(self) -> int:
+        answer = self._call("counting rows", self.client.query, self._load(), filter="", output_fields=["count(*)"])
+        return int(answer[0]["count(*)"])
+
+    def present(self, ids: list[str]) -> set[str]:
+        """Which of `ids` the collection already holds (a resumed build skips them)."""
+        if not ids:
+            return set()
+        found = self._call("reading rows", self.client.get, self._load(), ids=list(ids), output_fields=[ID])
+        return {row[ID] for row in found}
+
+    def vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
+        primary, vector, _ = self.fields()
+        found = self._call("reading rows", self.client.get, self._load(), ids=list(ids),
+                           output_fields=[primary, vector])
+        return {row[primary]: np.asarray(row[vector], dtype=np.float32) for row in found}
+
+    def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
+        long = [i for i in ids if len(i.encode()) > MAX_ID_LENGTH]
+        if long:
+            raise StoreError(f"image name {long[0][:80]!r}... is longer than {MAX_ID_LENGTH} bytes, the key limit")
+        rows = [{ID: name, VECTOR: vector.tolist()} for name, vector in zip(ids, np.asarray(vectors, np.float32))]
+        self._call("writing rows", self.client.upsert, self.collection, rows)
+
+    def delete(self, ids: list[str]) -> None:
+        self._call("deleting rows", self.client.delete, self.collection, ids=list(ids))
+
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> list[list[tuple[str, float]]]:
+        """Per query, (id, score) of its k nearest rows, best first."""
+        params = {"metric_type": METRIC, "params": {"ef": max(ef or HNSW_EF, k)}}
+        answer = self._call("searching", self.client.search, self._load(), data=np.asarray(queries, np.float32).tolist(),
+                            limit=k, search_params=params, output_fields=[ID])
+        return [[(hit["id"], float(hit["distance"])) for hit in hits] for hits in answer]
+
+    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
+                ef: int | None = None) -> list[list[dict]]:
+        """Per query, its k nearest rows as {"name", "score"}, best first (`hetero gallery search`)."""
+        self.check_space(query_space, query)
+        return [[{"name": name, "score": score} for name, score in hits] for hits in self.search(queries, k, ef)]
+
+    # -- writers and aliases
+
+    def claim(self) -> None:
+        """Record this process as the collection's one builder; refuse while another one's claim is fresh."""
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "renewed": time.time()}
+        holder = self.properties().get(PREFIX + "writer")
+        if holder:
+            other = json.loads(holder)
+            if (other["pid"], other["host"]) != (mine["pid"], mine["host"]) and \
+                    time.time() - other["renewed"] < LEASE_SECONDS:
+                raise StoreError(f"{self.uri} collection {self.name!r} is being written by another builder (pid "
+                                 f"{other['pid']} on {other['host']}, last seen {time.time() - other['renewed']:.0f} s "
+                                 f"ago); wait for it, or use another --collection")
+        self._call("claiming it", self.client.alter_collection_properties, self.collection,
+                   properties={PREFIX + "writer": json.dumps(mine)})
+
+    def release(self) -> None:
+        self._call("releasing it", self.client.drop_collection_properties, self.collection,
+                   property_keys=[PREFIX + "writer"])
+
+    def point_alias(self, alias: str) -> None:
+        """Make `alias` name this collection (created, or moved in one step from the collection it named)."""
+        if alias in self._aliases():
+            self._call("moving the alias", self.client.alter_alias, self.collection, alias)
+        else:
+            self._call("creating the alias", self.client.create_alias, self.collection, alias)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
