@@ -34,12 +34,13 @@ def export_onnx(model: torch.nn.Module, path: Path, profile, metadata: dict, cal
         quantization = _quantize_int8(model, path, profile, metadata, need_calibration(calibration, profile), accept)
     else:
         quantization = {"scheme": "none"}
-    quantization["ir_version"] = _finish(path, {**metadata, "quantization": quantization})
+    _finish(path, {**metadata, "quantization": quantization})  # records the IR version in `quantization` too
     return {"quantization": quantization}
 
 
 def _finish(path: Path, metadata: dict) -> int:
-    """Embed the metadata and lower the IR version to the oldest the opsets allow; return that version."""
+    """Lower the IR version to the oldest the opsets allow, record it in metadata["quantization"], and embed
+    the metadata; return that version."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -50,6 +51,7 @@ def _finish(path: Path, metadata: dict) -> int:
     proto.opset_import.extend(kept)
     defaults = [o for o in kept if o.domain in ("", "ai.onnx")]
     proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(defaults))
+    metadata["quantization"]["ir_version"] = int(proto.ir_version)
     del proto.metadata_props[:]
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
     onnx.checker.check_model(proto)

@@ -497,7 +497,7 @@ def _gallery_verbs(verbs) -> None:
     who.add_argument("--member", help="member that embeds the queries (default: the cloud member)")
     who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime")
     s.add_argument("-k", type=_count(1), default=5, help="neighbours per query (default 5)")
-    s.add_argument("--nprobe", type=_count(1), help="IVF lists (faiss) or HNSW ef (milvus) to visit")
+    s.add_argument("--nprobe", type=_count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=_count(0), default=20, help="queries to print (default 20)")
     s.add_argument("--json", help="write every query's neighbours to this JSON file")
     for name, help_, needs_images in (("update", "embed images again and replace their rows", True),

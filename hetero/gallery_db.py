@@ -118,10 +118,10 @@ def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> int
 
 
 def search(uri: str, collection: str, queries: np.ndarray, k: int, query_space: str | None, label: str,
-           ef: int | None = None) -> list[list[tuple[str, float]]]:
+           nprobe: int | None = None) -> list[list[tuple[str, float]]]:
     db = MilvusStore(uri, collection)
     db.check_space(query_space, label)  # before any query is sent
-    return db.search(queries, k, ef)
+    return db.search(queries, k, nprobe)
 
 
 def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, member: str | None = None,
