@@ -231,6 +231,13 @@ def test_unknown_profile_suggests_the_closest():
     ({"precison": "fp16"}, ["precison"]),
     ({"precision": "int4"}, ["precision", "int4"]),
     ({"layout": "NWHC"}, ["layout"]),
+    # What no exporter or runtime can do is refused when the profile is loaded (the format registry decides):
+    ({"format": "executorch", "precision": "int8", "verify": {"runtime": "executorch"}, "runtimes": []},
+     ["precision: 'int8' cannot be produced by the executorch exporter; allowed: fp32"]),
+    ({"verify": {"runtime": "tflite_runtime"}}, ["verify: runtime 'tflite_runtime' has no adapter for 'tflite' files"]),
+    ({"batch": 0}, ["batch: the tflite exporter needs a fixed batch size"]),
+    ({"format": "coreml", "precision": "int8", "runtimes": []},
+     ["precision: 'int8' cannot be produced by the coreml exporter"]),
 ])
 def test_profile_file_with_a_wrong_field_names_file_and_field(tmp_path, change, words):
     import yaml
@@ -314,26 +321,6 @@ def test_every_builtin_profile_has_a_registered_format():
     assert {("coreml", "fp16"), ("coreml", "int8-weights"), ("tflite", "fp16"), ("tflite", "int8"),
             ("onnx", "int8"), ("onnx", "fp32")} <= kinds
     assert load_profile("iphone-coreml-fp16").minimum_deployment_target
-
-
-@pytest.mark.parametrize("change, words", [
-    ({"format": "executorch", "precision": "int8", "verify": {"runtime": "executorch"}},
-     "precision: 'int8' cannot be produced by the executorch exporter; allowed: fp32"),
-    ({"verify": {"runtime": "tflite_runtime"}}, "verify: runtime 'tflite_runtime' has no adapter for 'tflite' files"),
-    ({"batch": 0}, "batch: the tflite exporter needs a fixed batch size"),
-    ({"format": "coreml", "precision": "int8"}, "precision: 'int8' cannot be produced by the coreml exporter"),
-])
-def test_a_profile_asking_for_what_no_exporter_does_is_refused_when_loaded(tmp_path, change, words):
-    """The format registry decides: what the profile loader accepts, the exporter and a runtime can do."""
-    import yaml
-
-    data = yaml.safe_load(builtin_profile_files()["android-litert-int8"].read_text())
-    data.update(change)
-    path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError) as err:
-        load_profile(str(path))
-    assert words in str(err.value) and str(path) in str(err.value)
 
 
 def test_the_registry_is_the_one_source_of_suffixes_and_runtimes():

@@ -20,11 +20,12 @@ def S(path: Path) -> FamilyStore:
     return FamilyStore.open(path)
 
 
-def set_space_id(family_dir: Path, space_id: str) -> None:
+def set_space_id(family_dir: Path, space_id: str) -> FamilyStore:
     """Pretend the family is another one (or has a retrained cloud member)."""
     store = S(family_dir)
     store.manifest.space_id = space_id
     store.save()
+    return store
 
 
 def export(family_dir: Path, member: str, profile: str):

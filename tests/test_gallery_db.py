@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,20 +17,9 @@ pytest.importorskip("milvus_lite")
 from hetero import gallery as G  # noqa: E402
 from hetero import gallery_db  # noqa: E402
 from hetero.cli import main  # noqa: E402
-from hetero.family import FamilyStore  # noqa: E402
 from hetero.stores import PREFIX, MilvusStore, StoreError, StoreSpaceMismatch  # noqa: E402
-from tests.test_gallery import gallery_images  # noqa: F401  (fixture)
-
-
-def S(path: Path) -> FamilyStore:
-    return FamilyStore.open(path)
-
-
-def with_space(family: Path, space_id: str) -> FamilyStore:
-    store = S(family)
-    store.manifest.space_id = space_id
-    store.save()
-    return store
+from tests.test_gallery import S, gallery_images  # noqa: F401  (fixture)
+from tests.test_gallery import set_space_id as with_space  # noqa: E402
 
 
 def top_names(results: list[dict]) -> list[list[str]]:
