@@ -487,7 +487,8 @@ def _gallery_verbs(verbs) -> None:
     b.add_argument("--shard-size", type=_count(1), default=4096, help="faiss: images per shard file (default 4096)")
     b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
                    help="faiss: exact flat up to 100k images, IVF above (auto, the default)")
-    b.add_argument("--overwrite", action="store_true", help="discard an existing gallery (or collection) and start over")
+    b.add_argument("--overwrite", action="store_true",
+                   help="discard an existing gallery (or collection) and start over")
     s = actions.add_parser("search", help="nearest gallery images of query images")
     s.add_argument("dir", help="family directory (its members are the query models; its config the decoding)")
     s.add_argument("--images", required=True, help="folder or .zip of query images")

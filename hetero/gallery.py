@@ -486,7 +486,8 @@ class Gallery:
             problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors()[:5])
             raise GalleryError(f"{path}: not a hetero gallery record: {problems}") from None
         if sum(s.rows for s in checked.shards) != checked.rows:
-            raise GalleryError(f"{path}: its shards hold {sum(s.rows for s in checked.shards)} rows, not {checked.rows}")
+            raise GalleryError(f"{path}: its shards hold {sum(s.rows for s in checked.shards)} rows, not "
+                               f"{checked.rows}")
         self.space_id, self.dim, self.rows = checked.space_id, checked.dim, checked.rows
         self._starts = list(np.cumsum([0] + [s.rows for s in checked.shards])[:-1])
         self._names: dict[int, list[str]] = {}

@@ -88,7 +88,8 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
     seconds = time.perf_counter() - started
     return {"uri": uri, "collection": collection, "space_id": identity.space_id, "member": entry.name,
             "images": len(entries), "written": written, "already_there": kept, "skipped": skipped,
-            "rows": db.count(), "seconds": round(seconds, 2), "rows_per_s": round(written / seconds, 1) if seconds else 0}
+            "rows": db.count(), "seconds": round(seconds, 2),
+            "rows_per_s": round(written / seconds, 1) if seconds else 0}
 
 
 def _prepare(db: MilvusStore, identity: Identity, overwrite: bool, rows_hint: int) -> None:

@@ -129,8 +129,8 @@ def find(requirement) -> Environment | None:
     from packaging.version import Version
 
     name = canonicalize_name(requirement.name)
-    matching = [e for e in environments() if e.distribution == name and requirement.specifier.contains(e.version,
-                                                                                                          prereleases=True)]
+    matching = [e for e in environments()
+                if e.distribution == name and requirement.specifier.contains(e.version, prereleases=True)]
     return max(matching, key=lambda e: Version(e.version), default=None)
 
 
@@ -161,8 +161,8 @@ def add(text: str, python: str | None = None) -> Environment:
             interpreter = work / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
             pip = [interpreter, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
             _run([*pip, str(requirement), *runtime.needs], f"pip install {requirement}")
-            version = _run([interpreter, "-c", f"from importlib.metadata import version; "
-                                               f"print(version({runtime.distribution!r}))"], "reading the version").strip()
+            ask = f"from importlib.metadata import version; print(version({runtime.distribution!r}))"
+            version = _run([interpreter, "-c", ask], "reading the version").strip()
             below = runtime.numpy2_from
             if below and Version(version) < Version(below):
                 _run([*pip, "numpy<2"], f"pip install numpy<2 (for {runtime.distribution} {version})")

@@ -97,8 +97,9 @@ class MilvusStore:
         try:
             return MilvusClient(uri=self.uri, timeout=self.timeout)
         except Exception as err:  # pymilvus raises its own MilvusException, and grpc its errors
-            raise StoreError(f"--uri {self.uri}: cannot reach a Milvus {'database' if is_embedded(self.uri) else 'server'}"
-                             f" there ({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+            kind = "database" if is_embedded(self.uri) else "server"
+            raise StoreError(f"--uri {self.uri}: cannot reach a Milvus {kind} there ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:300]})") from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -225,8 +226,9 @@ class MilvusStore:
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> list[list[tuple[str, float]]]:
         """Per query, (id, score) of its k nearest rows, best first (`nprobe`: IVF lists to visit)."""
         params = {"metric_type": METRIC, "params": {"nprobe": nprobe or IVF_NPROBE}}
-        answer = self._call("searching", self.client.search, self._load(), data=np.asarray(queries, np.float32).tolist(),
-                            limit=k, search_params=params, output_fields=[ID])
+        data = np.asarray(queries, np.float32).tolist()
+        answer = self._call("searching", self.client.search, self._load(), data=data, limit=k, search_params=params,
+                            output_fields=[ID])
         return [[(hit["id"], float(hit["distance"])) for hit in hits] for hits in answer]
 
     def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",

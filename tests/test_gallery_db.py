@@ -123,8 +123,8 @@ def test_a_collection_another_tool_wrote_is_refused_until_adopted(tiny_family_di
     assert MilvusStore(uri, "theirs").identity().space_id == store.space_id
 
 
-def test_migrate_builds_a_new_collection_then_moves_the_alias(tiny_family_dir, family_copy, gallery_images,  # noqa: F811
-                                                              tmp_path, monkeypatch):
+def test_migrate_builds_a_new_collection_then_moves_the_alias(tiny_family_dir, family_copy,
+                                                              gallery_images, tmp_path, monkeypatch):  # noqa: F811
     uri = str(tmp_path / "g.db")
     old, new = S(tiny_family_dir), with_space(family_copy, "hs-00000000000000aa")
     first = gallery_db.migrate(old, gallery_images, uri, "gallery", batch_size=8)
