@@ -38,11 +38,14 @@ def train_family(config_path: str, out: str, *, resume: bool = False, overwrite:
 
 
 def evaluate_family(store) -> dict:
-    from hetero.evaluate import evaluate, format_backward, format_edges, format_report
+    from hetero.evaluate import evaluate, format_backward, format_edges, format_label_free, format_report
 
     report = evaluate(store)
-    console.print(format_report(report))
-    console.print(format_edges(report))
+    if "matrix" in report:
+        console.print(format_report(report))
+        console.print(format_edges(report))
+    if report.get("label_free"):
+        console.print(format_label_free(report))
     if "backward" in report:
         console.print(format_backward(report))
     if report["skipped_images"]:
@@ -225,6 +228,14 @@ def _cmd_gallery(args) -> int:
     store = _open(args.dir)
     if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") == "milvus":
         return _cmd_gallery_db(args, store)
+    if args.action == "import":
+        record = gallery.import_gallery(store, args.vectors, args.images, args.out, ids=args.ids, member=args.member,
+                                        sample=args.sample, index=args.index, overwrite=args.overwrite)
+        proof = record["proof"]
+        console.print(f"imported {record['rows']} vectors into {escape(str(args.out))}: {proof['checked']} re-embedded "
+                      f"images match their stored vectors (min cosine {proof['min_cosine']:.6f}); stamped with space "
+                      f"{record['space_id']}, {record['index']['kind']} index")
+        return 0
     if args.action == "build":
         record = gallery.build_gallery(store, args.images, args.out, member=args.member, shard_size=args.shard_size,
                                        batch_size=args.batch_size, workers=args.workers, index=args.index,
@@ -461,7 +472,8 @@ def _gallery_verbs(verbs) -> None:
                                      "embedding space.  On a Milvus collection: `update` re-embeds images, "
                                      "`delete` removes rows by name, `adopt` stamps a collection another tool "
                                      "wrote once a sample proves its space, `migrate` re-embeds into a new "
-                                     "collection and moves an alias to it when complete.")
+                                     "collection and moves an alias to it when complete.  `import` makes a FAISS "
+                                     "gallery of vectors you already have, once a sample proves their space.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def store_options(a, milvus_only: bool = False):
@@ -501,6 +513,18 @@ def _gallery_verbs(verbs) -> None:
     s.add_argument("--nprobe", type=_count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=_count(0), default=20, help="queries to print (default 20)")
     s.add_argument("--json", help="write every query's neighbours to this JSON file")
+    i = actions.add_parser("import", help="a FAISS gallery from vectors you already have, once a sample proves "
+                                          "their space")
+    i.add_argument("dir", help="family directory (its cloud, or --member, re-embeds the sample)")
+    i.add_argument("--vectors", required=True, help=".npy, .safetensors (tensor 'embeddings') or .parquet (columns "
+                                                    "'id', 'embedding')")
+    i.add_argument("--ids", help="item ids, one per line in row order (needed for .npy)")
+    i.add_argument("--images", required=True, help="folder or .zip of the listed images, named as their ids")
+    i.add_argument("--out", required=True, help="gallery directory to write")
+    i.add_argument("--member", help="member that embedded the vectors (default: the cloud member)")
+    i.add_argument("--sample", type=_count(1), default=64, help="images to re-embed (default 64)")
+    i.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto", help="as for build")
+    i.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     for name, help_, needs_images in (("update", "embed images again and replace their rows", True),
                                       ("migrate", "re-embed into a new collection, then move the alias", True),
                                       ("adopt", "stamp a collection another tool wrote, once a sample proves it", True),

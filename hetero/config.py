@@ -57,15 +57,30 @@ def check_name(value: str, what: str = "name") -> str:
     return value
 
 
+DEFAULT_INPUT_SIZE = 48
+RGB3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
 @dataclass(config=STRICT)
 class MemberConfig:
     name: str
-    arch: str
+    # An architecture of the registry, timm/<name> or torchvision/<name>; for an external cloud, the
+    # architecture its `weights` belong to (not needed with `model`).
+    arch: str | None = None
     role: Literal["cloud", "edge"] = "edge"
     width: float = 1.0
     depth: float = 1.0
-    input_size: int = 48
+    input_size: int | None = None  # default 48; an external cloud's file may state it
     embedding_dim: int | None = None  # optional; when given it must equal the family's one dimension
+    # An external cloud: an existing model file (.onnx, TorchScript .pt, torch.export .pt2), frozen.
+    model: str | None = None
+    # safetensors weights: a library backbone's starting point, or with `frozen` the external cloud itself.
+    weights: str | None = None
+    frozen: bool = False  # a cloud that is never trained (implied by `model`)
+    # An external cloud's preprocessing, applied to [0, 1] RGB images before its model (else the file's own).
+    mean: RGB3 | None = None
+    std: RGB3 | None = None
+    colour_order: Literal["RGB", "BGR"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -74,10 +89,54 @@ class MemberConfig:
 
     @field_validator("arch")
     @classmethod
-    def _arch_registered(cls, value: str) -> str:
-        from hetero.models import ARCHITECTURES
+    def _arch_registered(cls, value: str | None) -> str | None:
+        from hetero.models import ARCHITECTURES, LIBRARY_PREFIXES, architecture_known, library_models
 
-        return _known(value, ARCHITECTURES, "architecture")
+        if value is None or architecture_known(value):
+            return value
+        prefix = next((p for p in LIBRARY_PREFIXES if value.startswith(p)), None)
+        if prefix is not None:
+            library, name = prefix.rstrip("/"), value[len(prefix):]
+            offered = library_models(prefix)
+            if not offered:
+                raise ValueError(f"{value!r} needs {library}, which is not installed (pip install {library})")
+            hint = difflib.get_close_matches(name, offered, n=3)
+            raise ValueError(f"{library} has no model {name!r}"
+                             f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; {len(offered)} models offered")
+        return _known(value, ARCHITECTURES, "architecture (or timm/<name>, torchvision/<name>)")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value):
+        if value is not None and not all(v > 0 for v in value):
+            raise ValueError(f"every std must be > 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.model and self.role != "cloud":
+            raise ValueError("model: only the cloud may be an external model file; edge members are trained")
+        if self.frozen and self.role != "cloud":
+            raise ValueError("frozen: only the cloud may be frozen; edge members are trained")
+        if self.frozen and not (self.model or self.weights):
+            raise ValueError("frozen: a frozen cloud needs its `weights` (with arch) or a `model` file")
+        if not self.model and not self.arch:
+            raise ValueError("arch: required key is missing (or give `model` for an external cloud)")
+        if self.model and self.arch and not self.model.endswith(".safetensors"):
+            raise ValueError(f"arch: not used with model {self.model!r}, which holds its own architecture")
+        if not self.external:
+            if self.input_size is None:
+                self.input_size = DEFAULT_INPUT_SIZE
+            for key in ("mean", "std", "colour_order"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only for an external cloud (a trained member learns its input "
+                                     f"normalisation from the data)")
+        return self
+
+    @property
+    def external(self) -> bool:
+        """A frozen model the user brings: never trained, its own preprocessing."""
+        return bool(self.model) or self.frozen
 
     @field_validator("width", "depth")
     @classmethod
@@ -88,8 +147,8 @@ class MemberConfig:
 
     @field_validator("input_size")
     @classmethod
-    def _input_size(cls, value: int) -> int:
-        if not 16 <= value <= 1024:
+    def _input_size(cls, value: int | None) -> int | None:
+        if value is not None and not 16 <= value <= 1024:
             raise ValueError(f"must be between 16 and 1024 pixels, got {value}")
         return value
 
@@ -144,9 +203,39 @@ class FamilyConfig:
 
 
 @dataclass(config=STRICT)
-class DataConfig:
-    source: Literal["procedural", "omniglot", "imagefolder"] = "procedural"
+class EvalDataConfig:
+    """A labeled held-out set for a family trained on unlabeled images: its classes are the test classes.
+
+    The same sources as `data`; `test_groups` or `test_fraction` pick the held-out classes as for `data`
+    (Omniglot: the standard test alphabets), and `test_fraction: 1.0` takes every class of the set.
+    """
+
+    source: Literal["procedural", "omniglot", "imagefolder"]
     path: str | None = None
+    test_groups: list[str] | None = None
+    test_fraction: float = 1.0
+    split_seed: int = 0
+    num_classes: int = 200
+    samples_per_class: int = 12
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.source != "procedural" and not self.path:
+            raise ValueError(f"path: eval source {self.source!r} needs a path (a folder or a .zip)")
+        if not 0 < self.test_fraction <= 1:
+            raise ValueError(f"test_fraction: must be in (0, 1], got {self.test_fraction}")
+        return self
+
+
+@dataclass(config=STRICT)
+class DataConfig:
+    # unlabeled: any folder or zip of images, no class structure; split by image into train and held-out.
+    source: Literal["procedural", "omniglot", "imagefolder", "unlabeled"] = "procedural"
+    path: str | None = None
+    # unlabeled data: the share of images held out for the label-free figures.
+    held_out_fraction: float = 0.1
+    # A labeled held-out set to evaluate a family trained on unlabeled images (the compatibility matrix).
+    eval: EvalDataConfig | None = None
     # Open-set split: test classes never appear in training.  Either whole top-level groups
     # (Omniglot alphabets, or the first folder level of an ImageFolder tree) or a random fraction.
     test_groups: list[str] | None = None
@@ -175,10 +264,15 @@ class DataConfig:
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.source in ("omniglot", "imagefolder") and not self.path:
+        if self.source in ("omniglot", "imagefolder", "unlabeled") and not self.path:
             raise ValueError(f"path: data source {self.source!r} needs a path (a folder or a .zip)")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction: must be in (0, 1), got {self.held_out_fraction}")
+        if self.eval is not None and self.source != "unlabeled":
+            raise ValueError("eval: a labeled eval set is for `source: unlabeled`; labeled data holds its own "
+                             "test classes")
         if self.num_classes < 4:
             raise ValueError(f"num_classes: must be >= 4, got {self.num_classes}")
         if self.samples_per_class < 2:
@@ -186,6 +280,24 @@ class DataConfig:
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size: must be between 16 and 1024 pixels, got {self.image_size}")
         return self
+
+
+@dataclass(config=STRICT)
+class AdapterConfig:
+    """compat: adapter, the post-hoc baseline: a map from each independently trained edge's space into the
+    cloud's, fitted on training images without labels and exported inside the edge's graph."""
+
+    kind: Literal["procrustes", "affine"] = "procrustes"
+    rank: Positive | None = None  # affine: a low-rank map (None: full rank)
+
+
+@dataclass(config=STRICT)
+class TeacherCacheConfig:
+    """The cloud's embeddings of `views` augmented views (and matching inputs) per training image, computed
+    once and read by the edge phase instead of running the cloud on every batch."""
+
+    views: Positive = 8
+    dir: str | None = None  # default: teacher_cache/ in the family directory; share one between runs here
 
 
 @dataclass(config=STRICT)
@@ -202,7 +314,10 @@ class TrainConfig:
     seed: Annotated[int, Field(ge=0)] = 0
     # How members are coupled.  none: independent members, each with its own classifier (the baseline).
     # shared: one shared normalised-softmax classifier plus the cross-model terms in `losses`.
-    compat: Literal["none", "shared"] = "shared"
+    # adapter: independent members as with none, then a fitted map into the cloud's space (see AdapterConfig).
+    compat: Literal["none", "shared", "adapter"] = "shared"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    teacher_cache: TeacherCacheConfig | None = None
     # sequential (default): the cloud and the shared head first, then frozen while the edge members learn
     # against them (BCT's influence loss plus the cross-model terms); joint: every member learns together.
     # Measured on Omniglot and procedural data, sequential aligned the edges better at a lower cost per epoch
@@ -253,8 +368,12 @@ class TrainConfig:
         if self.mode == "backward" and not self.previous:
             raise ValueError("previous: mode 'backward' needs the directory of the earlier family it stays "
                              "compatible with")
-        if self.mode == "backward" and self.compat == "none":
-            raise ValueError("compat: mode 'backward' trains against the earlier cloud, so compat 'none' cannot apply")
+        if self.mode == "backward" and self.compat in ("none", "adapter"):
+            raise ValueError(f"compat: mode 'backward' trains against the earlier cloud, so compat {self.compat!r} "
+                             f"cannot apply")
+        if self.teacher_cache is not None and (self.mode != "sequential" or self.compat != "shared"):
+            raise ValueError("teacher_cache: the cloud's embeddings are cached for an edge phase against a frozen "
+                             "cloud: mode 'sequential' with compat 'shared'")
         if self.edge_epochs is not None and self.mode != "sequential":
             raise ValueError(f"edge_epochs: only used in mode 'sequential' (mode is {self.mode!r})")
         if self.compat == "shared" and self.edge_classification == 0 and not any(self.losses.values()):
@@ -281,9 +400,28 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    @model_validator(mode="after")
+    def _across_sections(self):
+        cloud = self.family.cloud
+        if self.data.source == "unlabeled":
+            if not cloud.external:
+                raise ValueError(f"family.members: unlabeled data has no classes to train a cloud on; make "
+                                 f"{cloud.name!r} an external cloud (model: FILE, or frozen: true with weights)")
+            needs_labels = [n for n, w in self.train.losses.items() if w > 0 and n == "contrastive"]
+            if needs_labels:
+                raise ValueError(f"train.losses: {needs_labels[0]!r} needs labels, which unlabeled data does not "
+                                 f"have; set it to 0 (regression and relational learn from the cloud alone)")
+            if self.train.compat != "shared":
+                raise ValueError(f"train.compat: {self.train.compat!r} trains members on labels; unlabeled data "
+                                 f"trains edges from the cloud alone (compat: shared)")
+        if cloud.external and self.train.mode != "sequential":
+            raise ValueError(f"train.mode: {self.train.mode!r} trains the cloud too, but {cloud.name!r} is external "
+                             f"(frozen); use 'sequential', whose edge phase is all there is to train")
+        return self
+
     @property
     def load_size(self) -> int:
-        return self.data.image_size or max(m.input_size for m in self.family.members)
+        return self.data.image_size or max(m.input_size or DEFAULT_INPUT_SIZE for m in self.family.members)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -428,6 +566,13 @@ def load_config(path: str | Path) -> Config:
     config = parse_config(read_yaml(path), str(path))
     config.data.path = _relative_to(path, config.data.path)
     config.train.previous = _relative_to(path, config.train.previous)
+    if config.data.eval is not None:
+        config.data.eval.path = _relative_to(path, config.data.eval.path)
+    if config.train.teacher_cache is not None:
+        config.train.teacher_cache.dir = _relative_to(path, config.train.teacher_cache.dir)
+    for member in config.family.members:
+        member.model = _relative_to(path, member.model)
+        member.weights = _relative_to(path, member.weights)
     return config
 
 

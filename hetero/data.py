@@ -69,6 +69,10 @@ class Split:
     test: ImageSet
     gallery_index: torch.Tensor  # rows of `test` embedded by the gallery member
     query_index: torch.Tensor  # rows of `test` embedded by the query member
+    # Unlabeled data: images held out of training for the label-free figures.  Without a labeled eval set,
+    # `test` is these images too, each its own class and both gallery and query (self-retrieval).
+    held_out: ImageSet | None = None
+    labeled: bool = True  # whether `test` has real classes (a compatibility matrix means something)
 
     @property
     def skipped(self) -> list[str]:
@@ -180,9 +184,12 @@ def _unreadable(err: Exception):
     return reader
 
 
+UNLABELED = "unlabeled"
+
+
 def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, background=DEFAULT_BACKGROUND,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
-    """Read every image below `root`; an image's class is its folder path.
+                    max_pixels: int = DEFAULT_MAX_PIXELS, labeled: bool = True) -> ImageSet:
+    """Read every image below `root`; an image's class is its folder path (unlabeled: one class for all).
 
     Unreadable files are skipped with a warning naming them.  With `strip_top_level`, the first folder
     level (a zip's own top folder, e.g. images_background_small1/) is dropped from class names, and images
@@ -194,11 +201,12 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, 
         parts = PurePosixPath(rel).parts
         if strip_top_level and len(parts) > 2:
             parts = parts[1:]
-        if len(parts) < 2:
+        if len(parts) < 2 and labeled:
             continue  # images at the top level have no class folder
         by_key.setdefault("/".join(parts), (rel, reader))
     if not by_key:
-        raise DataError(f"{root}: found no images ({', '.join(IMG_EXTENSIONS)}) in class folders")
+        where = "in class folders" if labeled else "anywhere below it"
+        raise DataError(f"{root}: found no images ({', '.join(IMG_EXTENSIONS)}) {where}")
 
     images, labels, names, skipped = [], [], [], []
     class_ids: dict[str, int] = {}
@@ -210,7 +218,7 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, 
             log.warning("skipping unreadable image %s: %s", f"{root}/{rel}", err)
             skipped.append(f"{root}/{rel}")
             continue
-        class_name = str(PurePosixPath(key).parent)
+        class_name = str(PurePosixPath(key).parent) if labeled else UNLABELED
         labels.append(class_ids.setdefault(class_name, len(class_ids)))
         images.append(torch.from_numpy(pixels).permute(2, 0, 1))
         names.append(key)
@@ -259,7 +267,8 @@ def _group(class_name: str) -> str:
     return class_name.split("/")[0]
 
 
-def split_open_set(data: ImageSet, test_groups: list[str] | None, test_fraction: float, seed: int) -> Split:
+def split_open_set(data: ImageSet, test_groups: list[str] | None, test_fraction: float, seed: int,
+                   need_train: bool = True) -> Split:
     """Split classes into train and test (disjoint), and test images into gallery and queries.
 
     Per test class, the first half of its images (in file order; Omniglot drawers 1-10) form the gallery
@@ -275,7 +284,7 @@ def split_open_set(data: ImageSet, test_groups: list[str] | None, test_fraction:
         order = torch.randperm(len(data.class_names), generator=torch.Generator().manual_seed(seed))
         test_classes = set(order[: max(2, round(test_fraction * len(order)))].tolist())
     in_test = torch.tensor([int(label) in test_classes for label in data.labels])
-    if in_test.all() or not in_test.any():
+    if (in_test.all() and need_train) or not in_test.any():
         raise DataError("the open-set split left no training or no test classes; check test_groups/test_fraction")
     train, test = data.subset(torch.nonzero(~in_test).flatten()), data.subset(torch.nonzero(in_test).flatten())
 
@@ -294,7 +303,9 @@ def split_open_set(data: ImageSet, test_groups: list[str] | None, test_fraction:
 
 
 def load_split(data_cfg, load_size: int) -> Split:
-    """Read (or generate) the configured dataset and split it open-set."""
+    """Read (or generate) the configured dataset and split it open-set (unlabeled data: by image)."""
+    if data_cfg.source == "unlabeled":
+        return _unlabeled_split(data_cfg, load_size)
     if data_cfg.source == "procedural":
         data = procedural_glyphs(data_cfg.num_classes, data_cfg.samples_per_class, load_size, data_cfg.split_seed)
         return split_open_set(data, None, data_cfg.test_fraction, data_cfg.split_seed)
@@ -312,6 +323,46 @@ def load_split(data_cfg, load_size: int) -> Split:
     return split
 
 
+def _unlabeled_split(data_cfg, load_size: int) -> Split:
+    """Images split by image into train and held-out; `test` is the labeled eval set when one is given."""
+    path = Path(data_cfg.path)
+    if not path.exists():
+        raise DataError(f"data.path: {path} does not exist")
+    data = read_image_tree(path, load_size, background=data_cfg.background, max_pixels=data_cfg.max_image_pixels,
+                           labeled=False)
+    if len(data) < 4:
+        raise DataError(f"data.path: {path} holds {len(data)} readable image(s); unlabeled training needs at least 4")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(data_cfg.split_seed))
+    held = max(2, round(data_cfg.held_out_fraction * len(data)))
+    held_out, train = data.subset(order[:held].sort().values), data.subset(order[held:].sort().values)
+    if data_cfg.eval is not None:
+        labeled = load_eval_split(data_cfg, load_size)
+        return Split(train, labeled.test, labeled.gallery_index, labeled.query_index, held_out, labeled=True)
+    own = ImageSet(held_out.images, torch.arange(len(held_out)), list(held_out.names), held_out.names)
+    everything = torch.arange(len(held_out))
+    return Split(train, own, everything, everything, held_out, labeled=False)
+
+
+def load_eval_split(data_cfg, load_size: int) -> Split:
+    """The labeled eval set of unlabeled data: its held-out classes (all of them at test_fraction 1.0)."""
+    cfg = data_cfg.eval
+    if cfg.source == "procedural":
+        data = procedural_glyphs(cfg.num_classes, cfg.samples_per_class, load_size, cfg.split_seed)
+    else:
+        if not Path(cfg.path).exists():
+            raise DataError(f"data.eval.path: {cfg.path} does not exist")
+        data = read_image_tree(cfg.path, load_size, strip_top_level=cfg.source == "omniglot",
+                               background=data_cfg.background, max_pixels=data_cfg.max_image_pixels)
+    groups = cfg.test_groups
+    if cfg.source == "omniglot" and groups is None:
+        groups = OMNIGLOT_TEST_ALPHABETS
+    if groups is None and cfg.test_fraction >= 1:
+        groups = sorted({_group(c) for c in data.class_names})
+    split = split_open_set(data, groups, cfg.test_fraction, cfg.split_seed, need_train=False)
+    split.test.skipped = []
+    return split
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -323,13 +374,18 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return [round(v, 6) for v in mean.tolist()], [round(v, 6) for v in std.tolist()]
 
 
+def border_fill(images: torch.Tensor) -> list[int]:
+    """The median colour of the images' top and bottom rows: what an affine warp fills uncovered pixels with."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :]], dim=-1)
+    return [int(v) for v in border.float().median(dim=-1).values.median(dim=0).values.tolist()]
+
+
 class TrainImages(torch.utils.data.Dataset):
     """Augmented float images in [0, 1]; one augmentation per image, shared by every member."""
 
     def __init__(self, data: ImageSet, affine: bool = True, hflip: bool = False):
         self.data = data
-        border = torch.cat([data.images[..., 0, :], data.images[..., -1, :]], dim=-1)
-        fill = [int(v) for v in border.float().median(dim=-1).values.median(dim=0).values.tolist()]
+        fill = border_fill(data.images)
         steps: list = []
         if affine:
             steps.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=8, fill=fill))

@@ -55,6 +55,25 @@ def compatibility_matrix(embeddings: dict[str, torch.Tensor], labels: torch.Tens
     }
 
 
+def label_free_figures(query: torch.Tensor, cloud: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """How far an edge member's queries behave like the cloud's own, on held-out images without labels.
+
+    The gallery is the cloud's embeddings of the held-out images; each image's own row is excluded from its
+    search.  agreement: the edge query's top-1 is the cloud query's top-1; recall_at_k: the share of the
+    cloud's k nearest neighbours the edge query finds among its own k; cosine: edge and cloud embeddings of
+    the same image (mean and 5th percentile).
+    """
+    k = min(k, len(cloud) - 1)
+    own = torch.eye(len(cloud), dtype=torch.bool)
+    via_edge = (query @ cloud.T).masked_fill(own, -2.0).topk(k, dim=1).indices
+    via_cloud = (cloud @ cloud.T).masked_fill(own, -2.0).topk(k, dim=1).indices
+    shared = (via_edge[:, :, None] == via_cloud[:, None, :]).any(dim=2).float().sum(dim=1)
+    cosine = (query * cloud).sum(dim=1)
+    return {"agreement_top1": (via_edge[:, 0] == via_cloud[:, 0]).float().mean().item(),
+            f"recall_at_{k}": (shared / k).mean().item(), "cosine_mean": cosine.mean().item(),
+            "cosine_p05": cosine.quantile(0.05).item(), "images": len(cloud)}
+
+
 def summarise(matrix: dict, cloud: str, edges: list[str], flops_ratio: dict[str, float]) -> dict[str, dict]:
     """Per edge member: ratio of M[edge][cloud] to the paragon and the BCT criterion."""
     paragon = matrix[cloud][cloud]["top1"]
@@ -75,13 +94,25 @@ def evaluate(store: FamilyStore) -> dict:
     with store.lock("eval"):
         store.reload()
         split = store.split()
+        models = {m.name: store.load_member(m.name) for m in store.members}
+        cloud = store.cloud.name
+        label_free = None
+        if split.held_out is not None:  # unlabeled data: the held-out images, against the cloud's own answers
+            held = split.held_out.floats()
+            reference = embed_images(models[cloud], held)
+            label_free = {m.name: label_free_figures(embed_images(models[m.name], held), reference)
+                          for m in store.edges}
+        if not split.labeled:
+            report = {"family": store.name, "space_id": store.space_id, "cloud": cloud, "labeled": False,
+                      "label_free": label_free, "skipped_images": store.manifest.data.skipped_images}
+            store.write_json("report.json", report)
+            return report
         images = split.test.floats()
-        embeddings = {m.name: embed_images(store.load_member(m.name), images) for m in store.members}
+        embeddings = {name: embed_images(model, images) for name, model in models.items()}
         previous = store.manifest.previous
         if previous:  # a backward update: the old cloud's gallery is the one in service
             embeddings[OLD + previous.cloud] = embed_images(store.load_previous_cloud(), images)
         matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
-        cloud = store.cloud.name
         report = {
             "family": store.name, "space_id": store.space_id, "compat": store.manifest.compat,
             "queries": len(split.query_index), "gallery": len(split.gallery_index),
@@ -92,6 +123,8 @@ def evaluate(store: FamilyStore) -> dict:
                                {m.name: m.flops_vs_cloud for m in store.members}),
             "skipped_images": store.manifest.data.skipped_images,
         }
+        if label_free is not None:
+            report["label_free"] = label_free
         if previous:
             report["backward"] = backward_summary(embeddings, split, cloud, OLD + previous.cloud, matrix)
         store.write_json("report.json", report)
@@ -149,6 +182,24 @@ def format_edges(report: dict) -> "rich.table.Table":  # noqa: F821
         table.add_row(edge, f"1/{1 / row['flops_vs_cloud']:.1f}", f"{row['edge_vs_cloud_top1']:.3f}",
                       f"{row['edge_vs_edge_top1']:.3f}", f"{row['ratio_to_paragon']:.3f}",
                       "pass" if row["bct_criterion"] else "FAIL")
+    return table
+
+
+def format_label_free(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = report["label_free"]
+    images = next(iter(rows.values()))["images"] if rows else 0
+    table = Table(title=f"Without labels: edge queries against the {report['cloud']} gallery of {images} held-out "
+                        f"images (each image's own row excluded)")
+    recall = next((k for k in next(iter(rows.values()), {}) if k.startswith("recall_at_")), "recall_at_10")
+    for column in ("edge", "top-1 agrees with the cloud's", f"recall@{recall.rsplit('_', 1)[1]} of the cloud's "
+                   f"neighbours", "cosine to the cloud (mean)", "cosine, 5th percentile"):
+        table.add_column(escape(column), justify="right")
+    for edge, row in rows.items():
+        table.add_row(edge, f"{row['agreement_top1']:.3f}", f"{row[recall]:.3f}", f"{row['cosine_mean']:.4f}",
+                      f"{row['cosine_p05']:.4f}")
     return table
 
 

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hetero.config import Config, check_name, config_yaml, load_config, unknown_message
 from hetero.errors import ConfigError, ManifestError
-from hetero.files import DirectoryLock, atomic_path, atomic_write_json, atomic_write_text, resolve_inside, sha256_file
+from hetero.files import (DirectoryLock, atomic_path, atomic_write_json, atomic_write_text, resolve_inside, sha256_file,
+                          tensors_digest)
 
 log = logging.getLogger("hetero.family")
 
@@ -60,9 +61,10 @@ class FileRecord(Record):
 
 class MemberRecord(Record):
     name: str
-    kind: Literal["trained"] = "trained"
+    # external: a frozen model the user brought (its file copied to `checkpoint`), with its own preprocessing.
+    kind: Literal["trained", "external"] = "trained"
     role: Literal["cloud", "edge"]
-    arch: str
+    arch: str  # for an external model file: its format (onnx, torchscript, torch.export)
     width: float = Field(gt=0)
     depth: float = Field(gt=0)
     input_size: int = Field(ge=16, le=1024)
@@ -73,6 +75,10 @@ class MemberRecord(Record):
     flops: int = Field(ge=0)
     flops_vs_cloud: float = Field(ge=0)
     checkpoint: FileRecord
+    colour_order: Literal["RGB", "BGR"] = "RGB"
+    fingerprint: str | None = None  # an external model's sha256 (bytes, or tensors for weights)
+    # compat: adapter: the map from this member's own space into the cloud's, applied inside its graph
+    adapter: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
@@ -128,6 +134,7 @@ class TrainingRecord(Record):
     amp_bf16: bool | None = None
     channels_last: bool | None = None
     history: list[EpochRecord] = Field(default_factory=list)
+    teacher_cache: dict[str, Any] | None = None  # where the edge phase's cloud answers came from, and their cost
 
 
 class PreviousRecord(Record):
@@ -154,7 +161,7 @@ class Manifest(Record):
     version: int = Field(ge=1)
     embedding_dim: int = Field(ge=2, le=4096)
     space_id: str = Field(pattern=r"^hs-[0-9a-f]{16}$")
-    compat: Literal["none", "shared"]
+    compat: Literal["none", "shared", "adapter"]
     mode: Literal["joint", "sequential", "backward"]
     members: list[MemberRecord] = Field(min_length=2)
     data: DataRecord
@@ -191,19 +198,6 @@ def space_id(family_name: str, version: int, dim: int, cloud_digest: str) -> str
     """Fingerprint of one embedding space: the family and the cloud weights that define it."""
     key = f"{family_name}|{version}|{dim}|{cloud_digest}"
     return "hs-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def tensors_digest(tensors: dict) -> str:
-    """sha256 of named tensors (names, dtypes, shapes, values), whatever their order or file layout."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_weights(path: Path, tensors: dict, metadata: dict) -> None:
@@ -363,13 +357,19 @@ class FamilyStore:
         return self._load(previous.member, self.checked_file(previous.checkpoint, "the earlier family's cloud"))
 
     def _load(self, record: MemberRecord, path: Path):
-        from hetero.models import ARCHITECTURES, Embedder
+        from hetero.models import Embedder, architecture_known
 
-        if record.arch not in ARCHITECTURES:
+        if record.kind == "external":
+            return self._load_external(record, path)
+        if not architecture_known(record.arch):
             raise ManifestError(f"{self.root / MANIFEST}: member {record.name!r} names architecture "
                                 f"{record.arch!r}, which this hetero does not have")
         model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
                          record.std)
+        if record.adapter is not None:
+            from hetero.models import add_adapter
+
+            add_adapter(model)
         tensors, _ = read_weights(path, f"checkpoint of member {record.name!r}")
         expected = model.state_dict()
         for key in sorted(set(expected) | set(tensors)):
@@ -381,6 +381,17 @@ class FamilyStore:
                     f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
         model.load_state_dict(tensors)
         return model.eval()
+
+    def _load_external(self, record: MemberRecord, path: Path):
+        from hetero.external import EXTERNAL_KINDS, ExternalCloud, Preprocessing
+
+        kind = record.arch if record.arch in EXTERNAL_KINDS else "weights"
+        model = ExternalCloud(path, kind, Preprocessing(record.input_size, tuple(record.mean), tuple(record.std),
+                                                        record.colour_order),
+                              arch=None if kind != "weights" else record.arch)
+        if model.dim != record.dim:
+            raise ManifestError(f"{path}: returns {model.dim}-d vectors, the manifest says {record.dim}")
+        return model
 
     # -- config and data
 

@@ -19,10 +19,8 @@ import numpy as np
 import torch
 
 from hetero.family import FamilyStore, MemberRecord
-from hetero.gallery import _ImageFiles, _collate, _member, list_images
+from hetero.gallery import GalleryError, _ImageFiles, _collate, _member, list_images, prove_space
 from hetero.stores import Identity, MilvusStore, StoreError
-
-COSINE_TO_ADOPT = 0.999
 
 
 def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
@@ -143,30 +141,12 @@ def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, 
                          f"{entry.dim} dimensions: these cannot be the same space")
     entries = list_images(images)
     stored = db.vectors([e.name for e in entries])
-    chosen = [e for e in entries if e.name in stored]
-    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, min(sample, len(chosen))).round().astype(int)] \
-        if chosen else []
-    if not chosen:
-        raise StoreError(f"none of the {len(entries)} images under {images} is in {collection!r} by name; adopt needs "
-                         f"images named as the collection's ids")
-    names, ours = [], []
-    for batch_names, _, embedded in _batches(store, entry, chosen, 64, 0):
-        names += batch_names
-        ours.append(embedded)
-    ours = np.concatenate(ours)
-    theirs = np.stack([stored[n] for n in names])
-    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
-    if cosine.min() < COSINE_TO_ADOPT:
-        worst = names[int(cosine.argmin())]
-        raise StoreError(
-            f"{collection!r} is not in the space of {store.name!r} / {entry.name!r}: over {len(names)} re-embedded "
-            f"images the cosine to the stored vectors is min {cosine.min():.4f} ({worst}), mean {cosine.mean():.4f}, "
-            f"needed >= {COSINE_TO_ADOPT}. Tried: decode as RGB, composite transparency onto "
-            f"{store.config().data.background}, resize to {store.config().load_size} px then {entry.input_size} px, "
-            f"normalise with mean {np.round(entry.mean, 4).tolist()} / std {np.round(entry.std, 4).tolist()} inside "
-            f"the member. Different preprocessing or another model is the usual cause; nothing was stamped.")
+    try:
+        proof = prove_space(store, entry, stored, images, sample)
+    except GalleryError as err:
+        raise StoreError(f"{collection!r}: {err}") from None
     db.stamp(identity_of(store, entry))
-    return {"collection": collection, "checked": len(names), "min_cosine": float(cosine.min()),
+    return {"collection": collection, "checked": proof["checked"], "min_cosine": proof["min_cosine"],
             "space_id": store.space_id}
 
 

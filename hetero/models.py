@@ -1,7 +1,9 @@
 """One registry of architectures, and the embedding member every family is made of.
 
 An architecture builder takes width and depth multipliers and returns a backbone (image -> feature map
-channels).  :class:`Embedder` wraps any backbone with the embedding contract: RGB floats in [0, 1] at the
+channels).  Besides hetero's own scalable CNNs, any image backbone of timm (``timm/<name>``) or torchvision
+(``torchvision/<name>``) is a registered architecture: built without its classifier, at its own width and
+depth, optionally from a local safetensors file (nothing is downloaded; hub weights are the user's to fetch).  :class:`Embedder` wraps any backbone with the embedding contract: RGB floats in [0, 1] at the
 member's input size in, an L2-normalised float32 vector of the family dimension out, with the input
 normalisation inside the graph so exported files carry it too.
 """
@@ -71,27 +73,126 @@ def relu_mobilenet(width: float, depth: float) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), last
 
 
+LIBRARY_PREFIXES = ("timm/", "torchvision/")
+# The attribute holding a torchvision classifier, per model family; replaced by Identity to get pooled features.
+TORCHVISION_HEADS = ("fc", "classifier", "heads", "head")
+
+
+def is_library_arch(arch: str) -> bool:
+    return arch.startswith(LIBRARY_PREFIXES)
+
+
+def library_models(prefix: str) -> list[str]:
+    """The model names a library offers under `prefix` ("timm/" or "torchvision/")."""
+    if prefix == "timm/":
+        try:
+            import timm
+        except ImportError:
+            return []
+        return timm.list_models()
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def architecture_known(arch: str) -> bool:
+    if arch in ARCHITECTURES:
+        return True
+    prefix = next((p for p in LIBRARY_PREFIXES if arch.startswith(p)), None)
+    return prefix is not None and arch[len(prefix):] in library_models(prefix)
+
+
+def library_backbone(arch: str) -> tuple[nn.Module, int]:
+    """A timm or torchvision model without its classifier (pooled features out), and its feature width."""
+    prefix, name = arch.split("/", 1)
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise KeyError(f"architecture {arch!r} needs timm: pip install timm") from None
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        head = next((h for h in TORCHVISION_HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
+        if head is None:
+            raise KeyError(f"architecture {arch!r}: no classifier attribute ({', '.join(TORCHVISION_HEADS)}) to "
+                           f"remove")
+        setattr(model, head, nn.Identity())
+    # The pooled width, as run: some models add a head layer after `num_features` (MobileNetV3's 1024).
+    model.eval()
+    side = 224 if "vit" in name else 64
+    with torch.no_grad():
+        features = model(torch.zeros(1, 3, side, side))
+    return model, int(features.flatten(1).shape[1])
+
+
+def load_backbone_weights(backbone: nn.Module, path, arch: str) -> None:
+    """Initialise a library backbone from a local safetensors file; classifier weights in it are ignored.
+
+    A file for another architecture is refused naming the first key that does not fit.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    expected = backbone.state_dict()
+    classifier = tuple(f"{h}." for h in TORCHVISION_HEADS)
+    extra = [k for k in tensors if k not in expected and not k.startswith(classifier)]
+    for key in sorted(set(expected) | set(extra)):
+        if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: does not fit {arch}: first mismatched key {key!r} "
+                f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
+                f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+    backbone.load_state_dict({k: tensors[k] for k in expected})
+
+
+def build_backbone(arch: str, width: float, depth: float) -> tuple[nn.Module, int]:
+    if is_library_arch(arch):
+        if (width, depth) != (1.0, 1.0):
+            raise KeyError(f"architecture {arch!r} comes at its own width and depth: leave width and depth at 1.0 "
+                           f"(got {width}, {depth}) and pick a smaller model of its family instead")
+        return library_backbone(arch)
+    if arch not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}, or "
+                       f"timm/<name>, torchvision/<name>")
+    return ARCHITECTURES[arch](width, depth)
+
+
 class Embedder(nn.Module):
     """Backbone + pooling + projection + L2 normalisation, with the input normalisation inside."""
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
-        if arch not in ARCHITECTURES:
-            raise KeyError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}")
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
-        self.backbone, channels = ARCHITECTURES[arch](width, depth)
+        self.backbone, channels = build_backbone(arch, width, depth)
         self.project = nn.Linear(channels, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.adapter: nn.Linear | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
         x = self.backbone(x)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        x = self.bn(self.project(x))
-        return F.normalize(x, dim=1)
+        if x.dim() == 4:  # a feature map (library backbones pool themselves)
+            x = F.adaptive_avg_pool2d(x, 1)
+        x = torch.flatten(x, 1)
+        x = F.normalize(self.bn(self.project(x)), dim=1)
+        if self.adapter is not None:  # compat: adapter, a fitted map into the cloud's space
+            x = F.normalize(self.adapter(x), dim=1)
+        return x
+
+
+def add_adapter(model: Embedder, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Embedder:
+    """Give a member the linear map (then L2 normalisation) of compat: adapter, part of its exported graph."""
+    model.adapter = nn.Linear(model.dim, model.dim, bias=True)
+    with torch.no_grad():
+        model.adapter.weight.copy_(weight if weight is not None else torch.eye(model.dim))
+        model.adapter.bias.copy_(bias if bias is not None else torch.zeros(model.dim))
+    return model
 
 
 def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -119,7 +220,11 @@ def count_flops(model: Embedder) -> int:
 
 
 def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
-    return Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)
+    """A trainable member from its config; a library backbone starts from `weights` when given."""
+    model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)
+    if getattr(member_cfg, "weights", None):
+        load_backbone_weights(model.backbone, member_cfg.weights, member_cfg.arch)
+    return model
 
 
 @torch.no_grad()

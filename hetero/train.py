@@ -31,14 +31,18 @@ from tqdm import tqdm
 
 from hetero import distributed
 from hetero.config import Config
-from hetero.data import TrainImages, channel_stats, load_split, loader_context
+from hetero.data import TrainImages, border_fill, channel_stats, load_split, loader_context
 from hetero.errors import ConfigError, ManifestError
 from hetero.family import (TRAIN_STATE, DataRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
                            PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
                            save_weights, space_id, tensors_digest, write_config, writing)
-from hetero.files import sha256_file
+from hetero.files import atomic_path, sha256_file
 from hetero.losses import SharedClassifier, build_cross_model_losses
-from hetero.models import Embedder, build_member, count_flops, count_params, embed_images, resize_to
+from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
+                             open_external)
+from hetero.adapters import fit_adapter
+from hetero.models import Embedder, add_adapter, build_member, count_flops, count_params, embed_images, resize_to
+from hetero.teacher_cache import CachedViews, TeacherCache
 
 log = logging.getLogger("hetero.train")
 
@@ -50,15 +54,19 @@ class Family(torch.nn.Module):
         super().__init__()
         fam, train = config.family, config.train
         self.cloud_name = fam.cloud.name
+        # An external cloud is frozen and not part of the trained modules (nor of the training state).
+        self.external: tuple[ExternalCloud, str] | None = open_cloud(fam) if fam.cloud.external else None
         # Each part starts from its own seed, so a cloud starts (and in sequential mode, ends) the same
         # whatever edge members sit beside it: recipes that differ in the edges share their cloud.
         self.members = torch.nn.ModuleDict({
             m.name: _seeded(train.seed, f"member:{m.name}", lambda m=m: build_member(m, fam.embedding_dim, mean, std))
-            for m in fam.members})
+            for m in fam.members if not m.external})
         head = lambda: SharedClassifier(num_classes, fam.embedding_dim, train.classifier, train.margin, train.scale)  # noqa: E731
-        names = [m.name for m in fam.members] if train.compat == "none" else ["shared"]
-        self.heads = torch.nn.ModuleDict({name: _seeded(train.seed, f"head:{name}", head) for name in names})
-        self.cross = build_cross_model_losses(train.losses) if train.compat != "none" else {}
+        names = [m.name for m in fam.members] if train.compat in ("none", "adapter") else ["shared"]
+        # Unlabeled data has no classes: the edges learn from the cloud alone, through the label-free terms.
+        self.heads = torch.nn.ModuleDict(
+            {name: _seeded(train.seed, f"head:{name}", head) for name in names} if num_classes else {})
+        self.cross = build_cross_model_losses(train.losses) if train.compat == "shared" else {}
         # backward mode: the earlier family's cloud, frozen; every new member's embeddings answer to it.
         self.previous: Embedder | None = None
         self.amp = False  # members compute in bfloat16 autocast; the losses always in float32
@@ -70,19 +78,47 @@ class Family(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
                 edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
-                mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                mixed_matching: float = 0.0, cached: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one batch (family_loss), as a method so that DistributedDataParallel can wrap it."""
-        return family_loss(self, trained, images, labels, detach_cloud, edge_classification, mixed, mixed_matching)
+        return family_loss(self, trained, images, labels, detach_cloud, edge_classification, mixed, mixed_matching,
+                           cached)
 
-    def head(self, member: str) -> SharedClassifier:
+    def head(self, member: str) -> SharedClassifier | None:
+        if not self.heads:
+            return None
         return self.heads["shared"] if "shared" in self.heads else self.heads[member]
 
     @property
-    def cloud(self) -> Embedder:
-        return self.members[self.cloud_name]
+    def cloud(self) -> Embedder | ExternalCloud:
+        return self.external[0] if self.external is not None else self.members[self.cloud_name]
 
     def edge_names(self) -> list[str]:
         return [n for n in self.members if n != self.cloud_name]
+
+
+def resolve_external_input_size(config: Config) -> None:
+    """Fill an external cloud's input size from its file, so the load size (and the saved config) know it."""
+    cloud = config.family.cloud
+    if cloud.external and cloud.input_size is None:
+        path = Path(cloud.model or cloud.weights)
+        if not path.is_file():
+            raise ConfigError(f"{path}: external model file not found (family.members, {cloud.name!r})")
+        stated = file_metadata(path, model_format(path, cloud.arch)).get("input_size")
+        if not stated:
+            raise ConfigError(f"{path}: the file does not state its input size; give input_size on member "
+                              f"{cloud.name!r}")
+        cloud.input_size = int(stated)
+
+
+def open_cloud(fam) -> tuple[ExternalCloud, str]:
+    """The external cloud of a family config and its fingerprint; its dimension must be the family's."""
+    cfg = fam.cloud
+    model, fingerprint = open_external(cfg.model or cfg.weights, cfg.arch, cfg.input_size, cfg.mean, cfg.std,
+                                       cfg.colour_order)
+    if model.dim != fam.embedding_dim:
+        raise ConfigError(f"family.embedding_dim: {fam.embedding_dim}, but the external cloud {cfg.name!r} "
+                          f"({model.path}) returns {model.dim}-d vectors; set embedding_dim: {model.dim}")
+    return model, fingerprint
 
 
 def _seeded(seed: int, part: str, build):
@@ -104,6 +140,8 @@ def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
     epochs = config.train.epochs
     if config.train.mode == "backward":
         return [(list(family.members), epochs)]
+    if config.train.mode == "sequential" and family.external is not None:  # nothing to train but the edges
+        return [(family.edge_names(), config.train.edge_epochs or epochs)]
     if config.train.mode == "sequential":
         return [([family.cloud_name], epochs), (family.edge_names(), config.train.edge_epochs or epochs)]
     return [(list(family.members), epochs)]
@@ -145,17 +183,20 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels: torch.Tensor,
                 detach_cloud: bool, edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
-                mixed_matching: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                mixed_matching: float = 0.0, cached: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch for the members being trained; the reference embedding is computed once.
 
     The reference is the cloud member's embedding, or in backward mode the earlier family's frozen cloud's,
     against which the new cloud is a query like the edge members.  The classification loss is a mean over
     this rank's images (DDP averages it over ranks); the cross-model terms, some of which compare every
     pair of the batch, see the global batch (gathered; alone a no-op).  `mixed` holds images made from the
-    batch (see matching_inputs) for the label-free terms, weighted by `mixed_matching`.
+    batch (see matching_inputs) for the label-free terms, weighted by `mixed_matching`.  `cached` holds the
+    frozen cloud's embeddings of `images` and `mixed` read from the teacher cache (the cloud is not run).
     """
     cloud_emb = None
-    if family.previous is not None:
+    if cached is not None:
+        reference = cached[0]
+    elif family.previous is not None:
         with torch.no_grad():
             reference = family.embed(family.previous, images)
     else:
@@ -171,7 +212,8 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
         member = family.members[name]
         is_reference = name == family.cloud_name and cloud_emb is not None
         emb = cloud_emb if is_reference else family.embed(member, images)
-        loss = family.head(name)(emb, None, labels)
+        head = family.head(name)
+        loss = head(emb, None, labels) if head is not None else torch.zeros((), device=images.device)
         parts[f"{name}/cls"] = loss.item()
         if name != family.cloud_name and "shared" in family.heads:
             # Independent members (compat: none) have only their own classifier to learn from: never weighed.
@@ -184,7 +226,8 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
                 loss = loss + weight * value
         total = total + loss
     if mixed is not None and mixed_matching > 0 and family.cross:
-        total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts)
+        total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts,
+                                                               cached[1] if cached is not None else None)
     return total, parts
 
 
@@ -237,7 +280,8 @@ def matching_inputs(images: torch.Tensor, kinds: list[str]) -> torch.Tensor:
 MIXERS = {"mixup": mixup, "cutmix": cutmix}
 
 
-def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict) -> torch.Tensor:
+def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict,
+                          cached: torch.Tensor | None = None) -> torch.Tensor:
     """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixed images.
 
     Mixed images (see matching_inputs) lie off the training images, where a student that only matched the
@@ -249,7 +293,7 @@ def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tenso
         return total
     reference_model = family.previous if family.previous is not None else family.cloud
     with torch.no_grad():
-        reference = distributed.gather_with_grad(family.embed(reference_model, mixed))
+        reference = distributed.gather_with_grad(cached if cached is not None else family.embed(reference_model, mixed))
     for name in queries:
         member = family.members[name]
         emb = distributed.gather_with_grad(family.embed(member, mixed))
@@ -323,15 +367,16 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     only in the edge phase start it from one cloud phase); the caller vouches that they are shared.
     """
     distributed.init_from_env()
+    resolve_external_input_size(config)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; give a directory for the family")
     with new_directory(out), writing(out, "train"):
         distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
         split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written
+        run = _Run(config, out, split, progress)  # and so does a cloud file that cannot serve this family
         if distributed.is_main():
             write_config(out, config)
-        run = _Run(config, out, split, progress)
         if resume or start_from:  # every rank loads the same state
             state = out / TRAIN_STATE if resume else Path(start_from)
             run.done, run.history = _load_state(state, run.family, run.optimizer)
@@ -339,8 +384,10 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                 log.info("resuming %s after epoch %d", out, run.done)
         for phase, (trained, epochs) in enumerate(run.phases):
             run.train_phase(phase, trained, epochs, callbacks)
+        if config.train.compat == "adapter":
+            run.adapters = fit_adapters(run.family, split.train, config.train.adapter)
         if distributed.is_main():
-            write_family(config, out, run.family.cpu(), split, run.history, run.previous, run.facts())
+            write_family(config, out, run.family.cpu(), split, run.history, run.previous, run.facts(), run.adapters)
         distributed.barrier()
     return FamilyStore.open(out)
 
@@ -353,21 +400,29 @@ class _Run:
         self.config, self.out, self.split, self.progress = config, out, split, progress
         self.train_cfg = train_cfg = config.train
         mean, std = channel_stats(split.train.images)
-        self.family = Family(config, len(split.train.class_names), mean, std)
+        classes = len(split.train.class_names) if config.data.source != "unlabeled" else 0
+        self.family = Family(config, classes, mean, std)
         self.previous = None
         if train_cfg.mode == "backward":
             self.previous = read_previous(config)
             self.family.previous = self.previous["cloud"]
             _prototypes_from(self.family, self.family.previous, split.train)
+        elif self.family.external is not None and classes and train_cfg.compat == "shared":
+            _prototypes_from(self.family, self.family.cloud, split.train)  # the external cloud's class means
         if distributed.world_size() > 1:
             distributed.convert_batchnorm(self.family)  # statistics of the global batch, as in one process
         self.device = distributed.device()
         self.amp, self.channels_last = _accelerations(train_cfg, self.device)
         self.family.amp = self.amp
         self.family.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if self.family.external is not None:
+            self.family.cloud.to(self.device)
         self.optimizer = torch.optim.AdamW(self.family.parameters(), lr=train_cfg.lr,
                                            weight_decay=train_cfg.weight_decay)
         self.dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
+        self.cached: CachedViews | None = None  # the edge phase's items when it reads a teacher cache
+        self.cache_build: dict | None = None
+        self.adapters: dict[str, dict] = {}
         self.batch_size = _global_batch_size(train_cfg, len(self.dataset))
         self.steps_per_epoch = len(self.epoch_loader())
         self.phases = _phases(config, self.family)
@@ -377,17 +432,44 @@ class _Run:
 
     def facts(self) -> dict:
         return {"device": self.device.type, "processes": distributed.world_size(), "amp_bf16": self.amp,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "teacher_cache": self.cache_build}
 
     def epoch_loader(self):
         # A new sampler per epoch: MPerClassSampler reshuffles its own state in place, which would make a
         # resumed run draw other batches than an uninterrupted one.  Every rank loads the same global batch
         # (same seeds, so the same augmentation whatever the world size) and trains on its own slice of it.
-        sampler = MPerClassSampler(self.split.train.labels, self.train_cfg.samples_per_class,
-                                   batch_size=self.batch_size, length_before_new_iter=len(self.dataset))
+        if self.config.data.source == "unlabeled":  # no classes to balance: a seeded shuffle (seeded per epoch)
+            sampler = torch.utils.data.RandomSampler(self.dataset, generator=torch.Generator().manual_seed(
+                torch.initial_seed() % 2**63))
+        else:
+            sampler = MPerClassSampler(self.split.train.labels, self.train_cfg.samples_per_class,
+                                       batch_size=self.batch_size, length_before_new_iter=len(self.dataset))
         workers = self.train_cfg.workers
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+        dataset = self.cached if self.cached is not None else self.dataset
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                                            num_workers=workers, multiprocessing_context=loader_context(workers))
+
+    def open_teacher_cache(self) -> None:
+        """Build (or resume, or reuse) the frozen cloud's cache for the edge phase, and read it from now on."""
+        settings, data_cfg = self.train_cfg.teacher_cache, self.config.data
+        root = Path(settings.dir) if settings.dir else self.out / "teacher_cache"
+        family = self.family
+        identity = (f"external:{family.external[1]}:{family.cloud.preprocessing}" if family.external is not None
+                    else f"tensors:{tensors_digest(family.cloud.state_dict())}")
+        train_images = self.split.train
+        plan = TeacherCache.plan_for(identity, train_images.names, settings.views, self.train_cfg.seed,
+                                     self.config.load_size, data_cfg.augment_affine, data_cfg.augment_hflip,
+                                     self.train_cfg.matching_inputs if self.train_cfg.mixed_matching > 0 else [])
+        fill = border_fill(train_images.images)
+
+        def build():
+            cache = TeacherCache.open_or_create(root, plan)
+            built = cache.build(family.cloud, train_images.images, fill, progress=self.progress)
+            log.info("teacher cache %s: %s", root, built)
+            self.cache_build = {"dir": str(root), "views": settings.views, **built}
+
+        distributed.on_main_then_share(build)
+        self.cached = CachedViews(TeacherCache.open_or_create(root, plan), train_images, fill)
 
     def train_phase(self, phase: int, trained: list[str], epochs: int, callbacks: Sequence[Callback]) -> None:
         family = self.family
@@ -395,10 +477,13 @@ class _Run:
             member.requires_grad_(name in trained)
         for name, head in family.heads.items():
             head.requires_grad_(name == "shared" or name in trained)
-        if family.cloud_name not in trained or family.previous is not None:
+        if (family.cloud_name not in trained or family.previous is not None) and family.heads:
             family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
         model = distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
         first = sum(e for _, e in self.phases[:phase])
+        frozen_cloud = family.cloud_name not in trained and family.previous is None
+        if self.train_cfg.teacher_cache is not None and frozen_cloud and self.done < first + epochs:
+            self.open_teacher_cache()
         for phase_epoch in range(epochs):
             epoch = first + phase_epoch + 1
             if epoch <= self.done:
@@ -424,24 +509,55 @@ class _Run:
         warmup = max(1, int(train_cfg.warmup_epochs * self.steps_per_epoch))
         bar = tqdm(self.epoch_loader(), desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
                    disable=True if self.progress is False or not distributed.is_main() else None)
+        if self.cached is not None:
+            self.cached.set_epoch(epoch)
         totals = []
-        for step, (images, labels) in enumerate(bar):
+        for step, batch in enumerate(bar):
             factor = _lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
             for group in self.optimizer.param_groups:
                 group["lr"] = train_cfg.lr * factor
-            # Mixed on the global batch, before slicing, so N processes mix as one would.
-            mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
-            images, labels, mixed = (t.to(self.device) for t in distributed.local_slice(images, labels, mixed))
+            if self.cached is not None:  # views, their matching inputs and the cloud's answers, from the cache
+                index, labels, reference, mixed_reference, params, partners, partner_params = batch
+                images, mixed = self.cached.images(index, params, partners, partner_params)
+                images, labels, mixed, reference, mixed_reference = distributed.local_slice(
+                    images, labels, mixed, reference, mixed_reference)
+                cached = (reference.to(self.device), mixed_reference.to(self.device))
+            else:
+                images, labels = batch
+                # Mixed on the global batch, before slicing, so N processes mix as one would.
+                mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
+                images, labels, mixed = distributed.local_slice(images, labels, mixed)
+                cached = None
+            images, labels, mixed = (t.to(self.device) for t in (images, labels, mixed))
             if self.channels_last:
                 images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
             loss, _ = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
-                            train_cfg.mixed_matching)
+                            train_cfg.mixed_matching, cached)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             totals.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         return distributed.mean_across_ranks(float(np.mean(totals)))
+
+
+@torch.no_grad()
+def fit_adapters(family: Family, images, settings) -> dict[str, dict]:
+    """compat: adapter: fit each edge's map into the cloud's space on the training images (labels unused)."""
+    floats = images.floats()
+    cloud = embed_images(family.cloud.cpu(), floats)
+    fitted = {}
+    for name in family.edge_names():
+        member = family.members[name].cpu()
+        own = embed_images(member, floats)
+        weight, bias = fit_adapter(own, cloud, settings.kind, settings.rank)
+        add_adapter(member, weight, bias)
+        mapped = embed_images(member, floats)
+        fitted[name] = {"kind": settings.kind, "rank": settings.rank, "images": len(floats),
+                        "cosine_before": round((own * cloud).sum(1).mean().item(), 4),
+                        "cosine_after": round((mapped * cloud).sum(1).mean().item(), 4)}
+        log.info("adapter for %s: %s", name, fitted[name])
+    return fitted
 
 
 def read_previous(config: Config) -> dict:
@@ -471,22 +587,31 @@ def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
 
 
 def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None,
-                 run: dict | None = None) -> Manifest:
+                 run: dict | None = None, adapters: dict | None = None) -> Manifest:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
     files = {}
     for cfg in fam.members:
+        if cfg.external:
+            files[cfg.name] = _copy_external(out, cfg, family.cloud)
+            continue
         path = out / "checkpoints" / f"{cfg.name}.safetensors"
         save_weights(path, family.members[cfg.name].state_dict(), {"member": cfg.name, "family": fam.name})
         files[cfg.name] = FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
-    cloud_flops = count_flops(family.cloud)
-    members = [_member_record(cfg, family.members[cfg.name], fam.embedding_dim, cloud_flops, files[cfg.name])
-               for cfg in fam.members]
-    cloud_digest = tensors_digest(family.cloud.state_dict())
+    cloud_flops = _flops(family.cloud)
+    members = [_member_record(cfg, family.cloud if cfg.external else family.members[cfg.name], fam.embedding_dim,
+                              cloud_flops, files[cfg.name]) for cfg in fam.members]
+    for member in members:
+        member.adapter = (adapters or {}).get(member.name)
+    if family.external is not None:
+        cloud = family.cloud
+        members[[m.name for m in members].index(fam.cloud.name)].fingerprint = family.external[1]
+        own_space = external_space_id(family.external[1], cloud.preprocessing, fam.embedding_dim)
+    else:
+        own_space = space_id(fam.name, fam.version, fam.embedding_dim, tensors_digest(family.cloud.state_dict()))
     manifest = Manifest(
         family=fam.name, version=fam.version, embedding_dim=fam.embedding_dim,
-        space_id=previous["store"].space_id if previous else space_id(fam.name, fam.version, fam.embedding_dim,
-                                                                     cloud_digest),
+        space_id=previous["store"].space_id if previous else own_space,
         compat=config.train.compat, mode=config.train.mode, members=members,
         data=DataRecord(train_images=len(split.train), train_classes=len(split.train.class_names),
                         test_images=len(split.test), test_classes=len(split.test.class_names),
@@ -498,12 +623,40 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
     return manifest
 
 
-def _member_record(cfg, member: Embedder, dim: int, cloud_flops: int, checkpoint: FileRecord) -> MemberRecord:
-    flops = count_flops(member)
+def _member_record(cfg, member: Embedder | ExternalCloud, dim: int, cloud_flops: int, checkpoint: FileRecord
+                   ) -> MemberRecord:
+    flops = _flops(member)
+    external = isinstance(member, ExternalCloud)
     return MemberRecord(
-        name=cfg.name, role=cfg.role, arch=cfg.arch, width=cfg.width, depth=cfg.depth, input_size=cfg.input_size,
-        dim=dim, mean=member.mean.flatten().tolist(), std=member.std.flatten().tolist(), params=count_params(member),
-        flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4), checkpoint=checkpoint)
+        name=cfg.name, kind="external" if external else "trained", role=cfg.role,
+        arch=(member.arch or member.kind) if external else cfg.arch, width=cfg.width, depth=cfg.depth,
+        input_size=member.input_size, dim=dim, mean=member.mean.flatten().tolist(), std=member.std.flatten().tolist(),
+        params=_params(member), flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4) if cloud_flops else 0.0,
+        checkpoint=checkpoint, colour_order=member.preprocessing.colour_order if external else "RGB")
+
+
+def _flops(member) -> int:
+    if isinstance(member, ExternalCloud) and member.kind == "onnx":
+        return count_onnx_flops(member.path, member.input_size)
+    return count_flops(member)
+
+
+def _params(member) -> int:
+    if isinstance(member, ExternalCloud) and member.kind == "onnx":
+        import onnx
+
+        return int(sum(np.prod(t.dims) for t in onnx.load(str(member.path)).graph.initializer))
+    return count_params(member)
+
+
+def _copy_external(out: Path, cfg, cloud: ExternalCloud) -> FileRecord:
+    """A copy of the external model in the family: evaluating and exporting never read outside it."""
+    import shutil
+
+    path = out / "checkpoints" / f"{cfg.name}{cloud.path.suffix.lower()}"
+    with atomic_path(path) as tmp:
+        shutil.copyfile(cloud.path, tmp)
+    return FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
 
 
 def _previous_record(out: Path, previous: dict) -> PreviousRecord:

@@ -89,8 +89,9 @@ def _start_export(family: Path) -> subprocess.Popen:
 
 
 def _wait_for_temporary(family: Path, process: subprocess.Popen) -> None:
+    """Until the converter writes its temporary file (the lock record's own brief temporary does not count)."""
     deadline = time.time() + 120
-    while not list(family.rglob(".hetero-tmp.*")):
+    while not list((family / "exports").rglob(".hetero-tmp.*")):
         assert process.poll() is None and time.time() < deadline, "the export ended before it could be stopped"
         time.sleep(0.02)
 

@@ -255,3 +255,48 @@ def test_two_process_build_equals_one_process(tiny_family_dir, gallery_images, t
     one, two = G.Gallery(tmp_path / "one"), G.Gallery(tmp_path / "two")
     assert np.array_equal(one.embeddings(), two.embeddings()) and one.names() == two.names()
     assert one.record["index"]["sha256"] == two.record["index"]["sha256"]
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+
+def test_import_stamps_vectors_only_once_a_sample_proves_their_space(tiny_family_dir, gallery_images, tmp_path):
+    """Vectors the user already has (npy + ids, safetensors, parquet) become a searchable gallery of the family's
+    space; another member's vectors, wrongly preprocessed ones, or ones of another dimension are refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    names, embeddings = _in_memory_embeddings(tiny_family_dir, gallery_images, 64)
+    vectors = embeddings.numpy()
+    np.save(tmp_path / "v.npy", vectors)
+    (tmp_path / "ids.txt").write_text("\n".join(names) + "\n")
+    save_file({"embeddings": vectors}, str(tmp_path / "v.safetensors"), metadata={"ids": json.dumps(names)})
+    pq.write_table(pa.table({"id": names, "embedding": [list(map(float, v)) for v in vectors]}), tmp_path / "v.parquet")
+    store = S(tiny_family_dir)
+    built = G.build_gallery(store, gallery_images, tmp_path / "built", progress=False)
+    queries = G.open_query_model(store, "edge-a")
+    expected = G.search_images(tmp_path / "built", gallery_images, queries, k=3)
+    for source, ids in (("v.npy", tmp_path / "ids.txt"), ("v.safetensors", None), ("v.parquet", None)):
+        out = tmp_path / f"imported-{source}"
+        record = G.import_gallery(store, tmp_path / source, gallery_images, out, ids=ids, sample=8)
+        assert record["space_id"] == built["space_id"] and record["rows"] == len(names)
+        assert record["proof"]["checked"] == 8 and record["proof"]["min_cosine"] > 0.9999
+        found = G.search_images(out, gallery_images, queries, k=3)
+        assert [[h["name"] for h in q["results"]] for q in found] == [[h["name"] for h in q["results"]]
+                                                                         for q in expected]
+
+    edge_vectors = _in_memory_embeddings(tiny_family_dir, gallery_images, 64)[1].numpy()[:, ::-1].copy()
+    np.save(tmp_path / "other.npy", edge_vectors)
+    with pytest.raises(G.GalleryError, match=r"cosine to the stored vectors is min .* needed >= 0.999.*Tried: decode "
+                                             r"as RGB.*nothing was stamped"):
+        G.import_gallery(store, tmp_path / "other.npy", gallery_images, tmp_path / "refused", ids=tmp_path / "ids.txt")
+    assert not (tmp_path / "refused" / G.GALLERY).exists()
+    np.save(tmp_path / "narrow.npy", vectors[:, :16])
+    with pytest.raises(G.GalleryError, match="16-d vectors; member 'cloud' embeds into 32"):
+        G.import_gallery(store, tmp_path / "narrow.npy", gallery_images, tmp_path / "narrow", ids=tmp_path / "ids.txt")
+    with pytest.raises(G.GalleryError, match=r"no item ids; give --ids"):
+        G.import_gallery(store, tmp_path / "v.npy", gallery_images, tmp_path / "no-ids")
+    (tmp_path / "short.txt").write_text("\n".join(names[:-1]))
+    with pytest.raises(G.GalleryError, match=f"{len(names)} vectors but {len(names) - 1} ids"):
+        G.import_gallery(store, tmp_path / "v.npy", gallery_images, tmp_path / "short", ids=tmp_path / "short.txt")

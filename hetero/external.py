@@ -1,0 +1,303 @@
+"""External clouds: an embedding model the user already has, frozen, as a family's cloud member.
+
+The model is a file: ONNX (run in onnxruntime), TorchScript, a ``torch.export`` program (.pt2), or a timm /
+torchvision architecture with a safetensors weights file.  :class:`ExternalCloud` wraps any of them with
+the embedding contract (RGB floats in [0, 1] at the input size in, an L2-normalised float32 vector out): it
+applies the configured preprocessing (mean/std, colour order) before the model and the L2 normalisation
+after it.  It is never trained.
+
+The space id of an external cloud is a fingerprint of the model (its bytes; for weights, the tensors), the
+preprocessing and the output dimension, and nothing else: a gallery embedded with that file, and every family
+trained against it, share it; another file or other preprocessing gives another id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.errors import ConfigError
+
+# How a file is read, by suffix; `weights` files need an `arch`.
+FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript",
+           ".pt2": "torch.export", ".safetensors": "weights"}
+EXTERNAL_KINDS = ("onnx", "torchscript", "torch.export")  # model files; `weights` go with an architecture
+RESIZE_RULE = "bicubic to the load size, then bilinear (antialiased) to input_size"
+# Metadata key hetero writes into its own exported files (export/common.py writes the same key).
+HETERO_METADATA = "hetero"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the wrapper does to [0, 1] RGB images before the model sees them."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    colour_order: str = "RGB"
+    layout: str = "NCHW"
+    resize: str = RESIZE_RULE
+
+
+def model_format(path: Path, arch: str | None) -> str:
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"{path}: cannot tell the model format from suffix {path.suffix!r}; known: "
+                          f"{', '.join(f'{s} ({k})' for s, k in FORMATS.items())}")
+    if kind == "weights" and not arch:
+        raise ConfigError(f"{path}: a weights file needs the architecture it belongs to (arch: timm/<name> or "
+                          f"torchvision/<name>)")
+    return kind
+
+
+def file_metadata(path: Path, kind: str) -> dict:
+    """Preprocessing a model file states about itself (hetero's own exports state all of it)."""
+    if kind != "onnx":
+        return {}
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    found: dict = {}
+    if HETERO_METADATA in props:
+        try:
+            meta = json.loads(props[HETERO_METADATA])
+        except ValueError:
+            meta = {}
+        if isinstance(meta, dict) and "input_size" in meta:
+            # hetero's files carry their normalisation inside the graph: they take [0, 1] RGB as they are.
+            found = {"input_size": int(meta["input_size"]), "mean": [0.0] * 3, "std": [1.0] * 3,
+                     "colour_order": meta.get("preprocessing", {}).get("colour_order", "RGB")}
+    for key in ("mean", "std"):  # other tools' plain metadata, e.g. "mean": "[0.485, 0.456, 0.406]"
+        if key in props and key not in found:
+            try:
+                found[key] = [float(v) for v in json.loads(props[key])]
+            except (ValueError, TypeError):
+                pass
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if "input_size" not in found and len(shape) == 4:
+        sides = [s for s in (shape[1:3] if shape[-1] == 3 else shape[2:4]) if s > 0]
+        if len(sides) == 2 and sides[0] == sides[1]:
+            found["input_size"] = sides[0]
+    return found
+
+
+def fingerprint(path: Path, kind: str) -> str:
+    """sha256 of the model: the file's bytes, or for weights the tensors (whatever their order in the file).
+
+    ONNX metadata is left out, so stamping a file with descriptive metadata keeps its id.
+    """
+    if kind == "weights":
+        from safetensors.torch import load_file
+
+        from hetero.files import tensors_digest
+
+        return tensors_digest(load_file(str(path)))
+    if kind == "onnx":
+        import onnx
+
+        proto = onnx.load(str(path))
+        del proto.metadata_props[:]
+        return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def external_space_id(model_fingerprint: str, preprocessing: Preprocessing, dim: int) -> str:
+    key = json.dumps({"model": model_fingerprint, "preprocessing": asdict(preprocessing), "dim": dim},
+                     sort_keys=True)
+    return "hs-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class _OnnxModel:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        shape = self.session.get_inputs()[0].shape
+        self.nhwc = len(shape) == 4 and shape[-1] == 3 and shape[1] != 3
+        batch = shape[0] if shape else None
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 2, 3, 1) if self.nhwc else images
+        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        if self.fixed_batch is None or len(x) == self.fixed_batch:
+            return torch.from_numpy(self.session.run(None, {self.input: x})[0])
+        outputs = []  # a file exported at a fixed batch: feed it that batch, padding the last one
+        for begin in range(0, len(x), self.fixed_batch):
+            chunk = x[begin:begin + self.fixed_batch]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - len(chunk), 0)])
+            outputs.append(self.session.run(None, {self.input: padded})[0][:len(chunk)])
+        return torch.from_numpy(np.concatenate(outputs))
+
+
+def _load_model(path: Path, kind: str, arch: str | None):
+    """A callable (float tensor -> tensor) for the file, or ConfigError saying why it does not load."""
+    try:
+        if kind == "onnx":
+            return _OnnxModel(path)
+        if kind == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        if kind == "torch.export":
+            return torch.export.load(str(path)).module()
+        return _weights_model(path, arch)
+    except ConfigError:
+        raise
+    except Exception as err:  # each loader has its own exceptions; all mean the same to the user
+        raise ConfigError(f"{path}: cannot be loaded as {kind} ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:300]})") from None
+
+
+def _weights_model(path: Path, arch: str) -> nn.Module:
+    """A timm/torchvision model whose classifier size (or absence) is read from the weights file."""
+    from safetensors.torch import load_file
+
+    from hetero.models import TORCHVISION_HEADS, is_library_arch
+
+    if not is_library_arch(arch):
+        raise ConfigError(f"{path}: a weights file needs arch timm/<name> or torchvision/<name>, got {arch!r}")
+    tensors = load_file(str(path))
+    prefix, name = arch.split("/", 1)
+    if prefix == "timm":
+        import timm
+
+        head = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier", "fc")
+        classes = tensors[f"{head}.weight"].shape[0] if f"{head}.weight" in tensors else 0
+        model = timm.create_model(name, pretrained=False, num_classes=classes)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        head = next((h for h in TORCHVISION_HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
+        last = [k for k in tensors if head and k.startswith(f"{head}.") and k.endswith(".weight")]
+        if last:
+            classes = tensors[sorted(last)[-1]].shape[0]
+            model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+        elif head:
+            setattr(model, head, nn.Identity())
+    expected = model.state_dict()
+    for key in sorted(set(expected) | set(tensors)):
+        if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
+            raise ConfigError(
+                f"{path}: does not fit {arch}: first mismatched key {key!r} "
+                f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
+                f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+class ExternalCloud(nn.Module):
+    """A frozen external model with the embedding contract; `dim` is read from the model itself."""
+
+    kind_of_member = "external"
+
+    def __init__(self, path: str | Path, kind: str, preprocessing: Preprocessing, arch: str | None = None):
+        super().__init__()
+        self.path, self.kind, self.arch, self.preprocessing = Path(path), kind, arch, preprocessing
+        self.input_size = preprocessing.input_size
+        self.model = _load_model(self.path, kind, arch)
+        if isinstance(self.model, nn.Module):
+            for parameter in self.model.parameters():  # ScriptModules have no requires_grad_()
+                parameter.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.dim = self._output_dim()
+
+    def _output_dim(self) -> int:
+        probe = torch.rand(2, 3, self.input_size, self.input_size, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                out = self._raw(probe)
+        except Exception as err:
+            raise ConfigError(f"{self.path}: does not run on a batch of 2 RGB images of {self.input_size} px "
+                              f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); check input_size and "
+                              f"that the model takes a dynamic batch") from None
+        if isinstance(out, (tuple, list)) or not isinstance(out, torch.Tensor):
+            raise ConfigError(f"{self.path}: returns {type(out).__name__}, not one embedding tensor; an embedding "
+                              f"model returns one vector per image")
+        shape = tuple(out.shape)
+        if len(shape) == 4 and shape[2:] == (1, 1):
+            shape = shape[:2]
+        if len(shape) != 2 or shape[0] != 2:
+            raise ConfigError(f"{self.path}: returns shape {tuple(out.shape)} for 2 images; an embedding model "
+                              f"returns one vector per image (batch x dim)")
+        return int(shape[1])
+
+    def _raw(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        if self.preprocessing.colour_order == "BGR":
+            x = x.flip(1)
+        return self.model(x)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self._raw(images.float()).float()
+        return F.normalize(out.flatten(1), dim=1)
+
+    def train(self, mode: bool = True):
+        # Frozen, always in inference mode (a user's batch statistics never change), and without recursing:
+        # a torch.export program refuses train() and eval() alike, and was exported in inference mode.
+        self.training = False
+        if isinstance(self.model, nn.Module) and self.kind != "torch.export":
+            self.model.eval()
+        return self
+
+
+def open_external(path: str | Path, arch: str | None, input_size: int | None, mean, std, colour_order: str
+                  ) -> tuple[ExternalCloud, str]:
+    """(the wrapped model, its space fingerprint) from a member's settings and the file's own metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: external model file not found")
+    kind = model_format(path, arch)
+    stated = file_metadata(path, kind)
+    size = input_size or stated.get("input_size")
+    if not size:
+        raise ConfigError(f"{path}: the file does not state its input size; give input_size on the member")
+    preprocessing = Preprocessing(int(size), tuple(mean or stated.get("mean") or (0.0, 0.0, 0.0)),
+                                  tuple(std or stated.get("std") or (1.0, 1.0, 1.0)),
+                                  colour_order or stated.get("colour_order", "RGB"))
+    model = ExternalCloud(path, kind, preprocessing, arch)
+    return model, fingerprint(path, kind)
+
+
+def count_onnx_flops(path: Path, input_size: int) -> int:
+    """FLOPs of one image through an ONNX graph: Conv, Gemm and MatMul (a multiply-add is 2 FLOPs)."""
+    import onnx
+    from onnx import shape_inference
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    first = graph.input[0].type.tensor_type.shape.dim
+    nhwc = len(first) == 4 and first[-1].dim_value == 3 and first[1].dim_value != 3
+    sizes = [1, input_size, input_size, 3] if nhwc else [1, 3, input_size, input_size]
+    for dim, value in zip(first, sizes):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    inferred = shape_inference.infer_shapes(proto).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.value_info) + list(inferred.output) + list(inferred.input)}
+    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+    total = 0
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.output[0] in shapes:
+            weight, out = shapes.get(node.input[1], []), shapes[node.output[0]]
+            if len(weight) == 4 and len(out) == 4:
+                total += 2 * int(np.prod(out[1:])) * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and shapes.get(node.input[0]) and node.output[0] in shapes:
+            inner = shapes[node.input[0]][-1]  # A is rows x K in both
+            total += 2 * int(np.prod(shapes[node.output[0]][1:] or [0])) * int(inner)
+    return total
