@@ -122,8 +122,6 @@ def train_row(config: dict, out: Path) -> FamilyStore:
 
 def adapter_rows(store: FamilyStore, report: dict, rank: int) -> list[dict]:
     """The adapter family's Procrustes row, and an affine map of rank `rank` fitted to the same edges."""
-    import torch
-
     from hetero.adapters import fit_affine
     from hetero.models import add_adapter, embed_images
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hetero.config import Config, check_name, config_yaml, load_config, unknown_message
 from hetero.errors import ConfigError, ManifestError
 from hetero.files import (DirectoryLock, atomic_path, atomic_write_json, atomic_write_text, resolve_inside, sha256_file,
-                          tensors_digest)
+                          tensors_digest)  # noqa: F401 -- tensors_digest: the space id's fingerprint, offered here
 
 log = logging.getLogger("hetero.family")
 

@@ -10,13 +10,13 @@ cloud's answers instead of running the cloud.  A directory holds::
     shards/shard-00000.safetensors      "params" [n, K, 14], "view" [n, K, D], "matching" [n, K, D]
 
 Shards are written atomically one by one and a build resumes after the last finished one.  A cache made by
-another cloud (or for other images, views or augmentation) is refused: its plan differs.
+another cloud (or for other images, views or augmentation) is refused: its plan differs.  Training reads the
+shards into memory (images x views x dim x 8 bytes: 22 MB for Omniglot's 2,720 images, 8 views, 128-d).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -26,8 +26,6 @@ from tqdm import tqdm
 
 from hetero.errors import ManifestError
 from hetero.files import atomic_write_json, resolve_inside
-
-log = logging.getLogger("hetero.teacher_cache")
 
 PLAN = "cache.json"
 FORMAT = "hetero-teacher-cache/1"

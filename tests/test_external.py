@@ -112,7 +112,7 @@ def test_the_space_id_is_the_files_and_preprocessing_fingerprint_shared_by_every
 
 
 def test_a_gallery_built_with_the_external_cloud_refuses_another_clouds_queries(byo_family, tiny_family_dir, tmp_path):
-    from hetero.gallery import GalleryError, build_gallery, open_query_model, search_images
+    from hetero.gallery import build_gallery, open_query_model, search_images
 
     images = tmp_path / "gallery"
     images.mkdir()
@@ -402,3 +402,44 @@ def test_procrustes_and_affine_fits_recover_known_maps():
     weight, bias = fit_affine(source, source @ low_rank + 0.5, rank=3, ridge=1e-8)
     assert torch.allclose(source @ weight.T + bias, source @ low_rank + 0.5, atol=1e-3)
     assert torch.linalg.matrix_rank(weight) == 3
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_evaluates_without_labels_and_imports_a_gallery(byo_family, onnx_cloud, unlabeled_images, tmp_path,
+                                                                capsys):
+    from hetero.cli import main
+
+    family = tmp_path / "family"
+    shutil.copytree(byo_family, family)
+    config = byo_config(onnx_cloud, unlabeled_images)
+    del config["data"]["eval"]  # no labels at all: label-free figures only
+    config["family"]["members"][0]["input_size"] = 32
+    (family / "config.yaml").write_text(json.dumps(config))
+    assert main(["eval", str(family)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Without labels" in out and "top-1 agrees with the cloud's" in out and "Compatibility matrix" not in out
+    report = json.loads((family / "report.json").read_text())
+    assert report["labeled"] is False and set(report["label_free"]) == {"edge-a", "edge-b"}
+
+    # The cloud's own vectors of some images, as another tool would have written them: imported and stamped.
+    store = FamilyStore.open(family)
+    names = sorted(p.relative_to(unlabeled_images).as_posix() for p in unlabeled_images.rglob("*.png"))[:20]
+    from hetero.data import decode_image
+
+    pixels = torch.stack([torch.from_numpy(decode_image((unlabeled_images / n).read_bytes(), 32)).permute(2, 0, 1)
+                          for n in names])
+    np.save(tmp_path / "ours.npy", embed_images(store.load_member("cloud"), pixels.float() / 255).numpy())
+    (tmp_path / "ids.txt").write_text("\n".join(names))
+    assert main(["gallery", "import", str(family), "--vectors", str(tmp_path / "ours.npy"), "--ids",
+                 str(tmp_path / "ids.txt"), "--images", str(unlabeled_images), "--out", str(tmp_path / "g"),
+                 "--sample", "5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "imported 20 vectors" in out and "5 re-embedded images match" in out and store.space_id in out
+    assert main(["gallery", "import", str(family), "--vectors", str(tmp_path / "ours.npy"), "--images",
+                 str(unlabeled_images), "--out", str(tmp_path / "g2")]) == 2
+    assert "no item ids; give --ids" in " ".join(capsys.readouterr().out.split())
+    # The external cloud is the user's own model: export refuses it and says to export the edges.
+    assert main(["export", str(family), "--profile", "server-onnx-fp32", "--member", "cloud"]) == 2
+    assert "is the external cloud" in " ".join(capsys.readouterr().out.split())
