@@ -30,17 +30,17 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from tqdm import tqdm
 
 from hetero import distributed
+from hetero.adapters import fit_adapter
 from hetero.config import Config
 from hetero.data import TrainImages, border_fill, channel_stats, load_split, loader_context
 from hetero.errors import ConfigError, ManifestError
+from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
+                             open_external)
 from hetero.family import (TRAIN_STATE, DataRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
                            PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
                            save_weights, space_id, tensors_digest, write_config, writing)
 from hetero.files import atomic_path, sha256_file
 from hetero.losses import SharedClassifier, build_cross_model_losses
-from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
-                             open_external)
-from hetero.adapters import fit_adapter
 from hetero.models import Embedder, add_adapter, build_member, count_flops, count_params, embed_images, resize_to
 from hetero.teacher_cache import CachedViews, TeacherCache
 
