@@ -419,7 +419,8 @@ def test_the_cli_evaluates_without_labels_and_imports_a_gallery(byo_family, onnx
     (family / "config.yaml").write_text(json.dumps(config))
     assert main(["eval", str(family)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "Without labels" in out and "top-1 agrees with the cloud's" in out and "Compatibility matrix" not in out
+    # (rich wraps the column headers to the terminal's width: check the title and the rows, not the headers)
+    assert "Without labels" in out and "edge-a" in out and "Compatibility matrix" not in out
     report = json.loads((family / "report.json").read_text())
     assert report["labeled"] is False and set(report["label_free"]) == {"edge-a", "edge-b"}
 
