@@ -247,6 +247,10 @@ class DataConfig:
     image_size: int | None = None  # load resolution; defaults to the largest member input size
     augment_affine: bool = True
     augment_hflip: bool = False
+    # Augment a whole batch in one warp (hetero.data.augment) instead of image by image through torchvision:
+    # the same ranges, other random draws; a fifth of an Omniglot training step was the per-image path
+    # (benchmarks/train_profile.py).
+    augment_batched: bool = True
     # Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited onto this RGB colour
     # in training, evaluation and galleries alike, and the exported metadata says so: what a file stores
     # under a fully transparent pixel differs from tool to tool and must not reach the model.
@@ -351,6 +355,9 @@ class TrainConfig:
     # channels-last on a CUDA GPU.  Losses are always computed in fp32.
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: Literal["auto", "off", "on"] = "auto"
+    # torch.compile (inductor) for every trained member's forward and backward; the first steps of each
+    # phase pay the compilation (benchmarks/time_to_quality.py measures what it returns).
+    compile: bool = False
 
     @field_validator("losses")
     @classmethod

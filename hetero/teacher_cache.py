@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hetero.data import AFFINE, augment
 from hetero.errors import ManifestError
 from hetero.files import atomic_write_json, resolve_inside
 
@@ -33,7 +34,6 @@ SHARD_IMAGES = 512
 # Per (image, view): angle, dx, dy, scale, shear, hflip | partner, mixer (0 mixup, 1 cutmix, -1 none), mixup
 # ratio, cutmix box (top, left, height, width as fractions) | dihedral (0-7, -1 none).  Floats throughout.
 PARAMS = 14
-AFFINE = dict(degrees=10.0, translate=0.08, scale=(0.9, 1.1), shear=8.0)  # as data.TrainImages draws them
 
 
 def _generator(seed: int, image: int, view: int) -> torch.Generator:
@@ -64,33 +64,6 @@ def draw_params(seed: int, image: int, view: int, images: int, affine: bool, hfl
     if "dihedral" in kinds:
         p[13] = float(torch.randint(0, 8, (), generator=g))
     return p
-
-
-def augment(images: torch.Tensor, params: torch.Tensor, fill: list[int]) -> torch.Tensor:
-    """uint8 NCHW images under per-image affine/flip parameters (`params[:, :6]`), as floats in [0, 1].
-
-    The same inverse matrix and nearest sampling as torchvision's affine on tensors, for a whole batch in one
-    grid_sample (per image, as the uncached path does it, this was most of the cached step's time).
-    """
-    from torchvision.transforms.functional import _get_inverse_affine_matrix
-
-    n, _, h, w = images.shape
-    size = images.shape[-1]
-    theta = torch.tensor([_get_inverse_affine_matrix([0.0, 0.0], float(p[0]), [round(float(p[1]) * size),
-                                                     round(float(p[2]) * size)], float(p[3]), [float(p[4]), 0.0])
-                          for p in params], dtype=torch.float32).view(n, 2, 3)
-    base = torch.ones(h, w, 3)
-    base[..., 0] = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w)
-    base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
-    x = torch.cat([images.float(), torch.ones(n, 1, h, w)], dim=1)
-    x = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    out, covered = x[:, :-1], x[:, -1:] >= 0.5
-    out = torch.where(covered, out, torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1))
-    flip = params[:, 5] > 0.5
-    out[flip] = out[flip].flip(-1)
-    return out.div(255.0)
 
 
 def matching_images(views: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

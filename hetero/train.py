@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from hetero import distributed
@@ -194,16 +195,23 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
     frozen cloud's embeddings of `images` and `mixed` read from the teacher cache (the cloud is not run).
     """
     cloud_emb = None
+    mixing = mixed is not None and mixed_matching > 0 and bool(family.cross)
+    mixed_reference = cached[1] if cached is not None else None
     if cached is not None:
         reference = cached[0]
     elif family.previous is not None:
-        with torch.no_grad():
+        with torch.no_grad(), record_function("reference forward"):
             reference = family.embed(family.previous, images)
+    elif family.cloud_name not in trained:
+        # A frozen cloud in eval mode embeds each image on its own: the batch and its matching inputs go
+        # through it in one forward (fewer, larger convolutions; the same embeddings).
+        with torch.no_grad(), record_function("cloud forward (targets)"):
+            both = family.embed(family.cloud, torch.cat([images, mixed]) if mixing else images)
+        reference, mixed_reference = (both[:len(images)], both[len(images):]) if mixing else (both, None)
     else:
-        cloud_trained = family.cloud_name in trained
-        with torch.set_grad_enabled(cloud_trained):
+        with record_function("cloud forward"):
             cloud_emb = family.embed(family.cloud, images)
-        reference = cloud_emb.detach() if detach_cloud or not cloud_trained else cloud_emb
+        reference = cloud_emb.detach() if detach_cloud else cloud_emb
     if family.cross:
         reference, all_labels = distributed.gather_with_grad(reference), distributed.gather_with_grad(labels)
     total = torch.zeros((), device=images.device)
@@ -211,23 +219,27 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
     for name in trained:
         member = family.members[name]
         is_reference = name == family.cloud_name and cloud_emb is not None
-        emb = cloud_emb if is_reference else family.embed(member, images)
-        head = family.head(name)
-        loss = head(emb, None, labels) if head is not None else torch.zeros((), device=images.device)
-        parts[f"{name}/cls"] = loss.item()
-        if name != family.cloud_name and "shared" in family.heads:
-            # Independent members (compat: none) have only their own classifier to learn from: never weighed.
-            loss = loss * edge_classification
-        if not is_reference:
-            all_emb = distributed.gather_with_grad(emb) if family.cross else emb
-            for term, (weight, fn) in family.cross.items():
-                value = fn(all_emb, reference, all_labels)
-                parts[f"{name}/{term}"] = value.item()
-                loss = loss + weight * value
+        if is_reference:
+            emb = cloud_emb
+        else:
+            with record_function(f"{name} forward"):
+                emb = family.embed(member, images)
+        with record_function(f"{name} loss terms"):
+            head = family.head(name)
+            loss = head(emb, None, labels) if head is not None else torch.zeros((), device=images.device)
+            parts[f"{name}/cls"] = loss.item()
+            if name != family.cloud_name and "shared" in family.heads:
+                # Independent members (compat: none) have only their own classifier to learn from: never weighed.
+                loss = loss * edge_classification
+            if not is_reference:
+                all_emb = distributed.gather_with_grad(emb) if family.cross else emb
+                for term, (weight, fn) in family.cross.items():
+                    value = fn(all_emb, reference, all_labels)
+                    parts[f"{name}/{term}"] = value.item()
+                    loss = loss + weight * value
         total = total + loss
-    if mixed is not None and mixed_matching > 0 and family.cross:
-        total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts,
-                                                               cached[1] if cached is not None else None)
+    if mixing:
+        total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts, mixed_reference)
     return total, parts
 
 
@@ -281,27 +293,31 @@ MIXERS = {"mixup": mixup, "cutmix": cutmix}
 
 
 def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tensor, parts: dict,
-                          cached: torch.Tensor | None = None) -> torch.Tensor:
+                          reference: torch.Tensor | None = None) -> torch.Tensor:
     """Function matching (Beyer et al., 2022): the label-free cross-model terms on mixed images.
 
     Mixed images (see matching_inputs) lie off the training images, where a student that only matched the
     reference on real images would drift; matching there is what carries over to unseen classes.
+    `reference` holds the reference's embeddings of `mixed` when already computed (cache, batched forward).
     """
     queries = [name for name in trained if name != family.cloud_name or family.previous is not None]
     total = torch.zeros((), device=mixed.device)
     if not queries:  # the cloud phase: no student yet
         return total
     reference_model = family.previous if family.previous is not None else family.cloud
-    with torch.no_grad():
-        reference = distributed.gather_with_grad(cached if cached is not None else family.embed(reference_model, mixed))
+    with torch.no_grad(), record_function("reference forward (matching inputs)"):
+        reference = distributed.gather_with_grad(reference if reference is not None
+                                                 else family.embed(reference_model, mixed))
     for name in queries:
         member = family.members[name]
-        emb = distributed.gather_with_grad(family.embed(member, mixed))
-        for term, (weight, fn) in family.cross.items():
-            if not fn.uses_labels:
-                value = fn(emb, reference, None)
-                parts[f"{name}/mixed-{term}"] = value.item()
-                total = total + weight * value
+        with record_function(f"{name} forward"):
+            emb = distributed.gather_with_grad(family.embed(member, mixed))
+        with record_function(f"{name} loss terms"):
+            for term, (weight, fn) in family.cross.items():
+                if not fn.uses_labels:
+                    value = fn(emb, reference, None)
+                    parts[f"{name}/mixed-{term}"] = value.item()
+                    total = total + weight * value
     return total
 
 
@@ -415,11 +431,15 @@ class _Run:
         self.amp, self.channels_last = _accelerations(train_cfg, self.device)
         self.family.amp = self.amp
         self.family.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if train_cfg.compile:
+            for member in self.family.members.values():
+                member.compile()  # in place: the state dict keeps its keys
         if self.family.external is not None:
             self.family.cloud.to(self.device)
         self.optimizer = torch.optim.AdamW(self.family.parameters(), lr=train_cfg.lr,
                                            weight_decay=train_cfg.weight_decay)
-        self.dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
+        self.dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip,
+                                   config.data.augment_batched)
         self.cached: CachedViews | None = None  # the edge phase's items when it reads a teacher cache
         self.cache_build: dict | None = None
         self.adapters: dict[str, dict] = {}
@@ -446,8 +466,10 @@ class _Run:
                                        batch_size=self.batch_size, length_before_new_iter=len(self.dataset))
         workers = self.train_cfg.workers
         dataset = self.cached if self.cached is not None else self.dataset
+        collate = None if self.cached is not None else self.dataset.collate
         return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=workers, multiprocessing_context=loader_context(workers))
+                                           collate_fn=collate, num_workers=workers,
+                                           multiprocessing_context=loader_context(workers))
 
     def open_teacher_cache(self) -> None:
         """Build (or resume, or reuse) the frozen cloud's cache for the edge phase, and read it from now on."""
@@ -471,7 +493,8 @@ class _Run:
         distributed.on_main_then_share(build)
         self.cached = CachedViews(TeacherCache.open_or_create(root, plan), train_images, fill)
 
-    def train_phase(self, phase: int, trained: list[str], epochs: int, callbacks: Sequence[Callback]) -> None:
+    def enter_phase(self, phase: int, trained: list[str]):
+        """Freeze what this phase does not train; the module to call for a batch's loss."""
         family = self.family
         for name, member in family.members.items():
             member.requires_grad_(name in trained)
@@ -479,11 +502,17 @@ class _Run:
             head.requires_grad_(name == "shared" or name in trained)
         if (family.cloud_name not in trained or family.previous is not None) and family.heads:
             family.head(family.cloud_name).requires_grad_(False)  # frozen shared head: BCT's influence loss
-        model = distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
+        epochs = self.phases[phase][1]
         first = sum(e for _, e in self.phases[:phase])
         frozen_cloud = family.cloud_name not in trained and family.previous is None
         if self.train_cfg.teacher_cache is not None and frozen_cloud and self.done < first + epochs:
             self.open_teacher_cache()
+        return distributed.wrap_ddp(family)  # per phase: DDP syncs the parameters that require grad now
+
+    def train_phase(self, phase: int, trained: list[str], epochs: int, callbacks: Sequence[Callback]) -> None:
+        family = self.family
+        model = self.enter_phase(phase, trained)
+        first = sum(e for _, e in self.phases[:phase])
         for phase_epoch in range(epochs):
             epoch = first + phase_epoch + 1
             if epoch <= self.done:
@@ -499,46 +528,60 @@ class _Run:
                 callback(EpochEnd(epoch, self.total_epochs, phase, phase_epoch == epochs - 1, loss, self.out))
 
     def train_epoch(self, model, trained: list[str], epoch: int, phase_epoch: int, epochs: int) -> float:
-        train_cfg, family = self.train_cfg, self.family
-        _seed_everything(train_cfg.seed, epoch)
+        train_cfg = self.train_cfg
+        self.start_epoch(trained, epoch)
+        warmup = max(1, int(train_cfg.warmup_epochs * self.steps_per_epoch))
+        bar = tqdm(self.epoch_loader(), desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
+                   disable=True if self.progress is False or not distributed.is_main() else None)
+        totals = []
+        for step, batch in enumerate(bar):
+            factor = _lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
+            totals.append(self.train_step(model, trained, batch, train_cfg.lr * factor))
+            bar.set_postfix(loss=f"{totals[-1]:.3f}")
+        return distributed.mean_across_ranks(float(np.mean(totals)))
+
+    def start_epoch(self, trained: list[str], epoch: int) -> None:
+        """Seed the epoch and put every member in the mode this phase trains it in."""
+        family = self.family
+        _seed_everything(self.train_cfg.seed, epoch)
         family.train()
         for name, member in family.members.items():
             member.train(name in trained)
         if family.previous is not None:
             family.previous.eval()
-        warmup = max(1, int(train_cfg.warmup_epochs * self.steps_per_epoch))
-        bar = tqdm(self.epoch_loader(), desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
-                   disable=True if self.progress is False or not distributed.is_main() else None)
         if self.cached is not None:
             self.cached.set_epoch(epoch)
-        totals = []
-        for step, batch in enumerate(bar):
-            factor = _lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
-            for group in self.optimizer.param_groups:
-                group["lr"] = train_cfg.lr * factor
-            if self.cached is not None:  # views, their matching inputs and the cloud's answers, from the cache
-                index, labels, reference, mixed_reference, params, partners, partner_params = batch
-                images, mixed = self.cached.images(index, params, partners, partner_params)
-                images, labels, mixed, reference, mixed_reference = distributed.local_slice(
-                    images, labels, mixed, reference, mixed_reference)
-                cached = (reference.to(self.device), mixed_reference.to(self.device))
-            else:
-                images, labels = batch
-                # Mixed on the global batch, before slicing, so N processes mix as one would.
-                mixed = matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else images
-                images, labels, mixed = distributed.local_slice(images, labels, mixed)
-                cached = None
-            images, labels, mixed = (t.to(self.device) for t in (images, labels, mixed))
-            if self.channels_last:
-                images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
-            loss, _ = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
-                            train_cfg.mixed_matching, cached)
-            self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, model, trained: list[str], batch, lr: float) -> float:
+        """One optimiser step on a loader batch at learning rate `lr`; the batch's loss."""
+        train_cfg = self.train_cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.cached is not None:  # views, their matching inputs and the cloud's answers, from the cache
+            index, labels, reference, mixed_reference, params, partners, partner_params = batch
+            images, mixed = self.cached.images(index, params, partners, partner_params)
+            images, labels, mixed, reference, mixed_reference = distributed.local_slice(
+                images, labels, mixed, reference, mixed_reference)
+            cached = (reference.to(self.device), mixed_reference.to(self.device))
+        else:
+            images, labels = batch
+            # Mixed on the global batch, before slicing, so N processes mix as one would.
+            with record_function("matching inputs"):
+                mixed = (matching_inputs(images, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0
+                         else images)
+            images, labels, mixed = distributed.local_slice(images, labels, mixed)
+            cached = None
+        images, labels, mixed = (t.to(self.device) for t in (images, labels, mixed))
+        if self.channels_last:
+            images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
+        loss, _ = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
+                        train_cfg.mixed_matching, cached)
+        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
             loss.backward()
+        with record_function("optimizer"):
             self.optimizer.step()
-            totals.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        return distributed.mean_across_ranks(float(np.mean(totals)))
+        return loss.item()
 
 
 @torch.no_grad()

@@ -225,3 +225,64 @@ def test_compatibility_loss_makes_edge_queries_work_against_the_cloud_gallery(tm
 def test_split_used_for_training_excludes_test_classes():
     split = load_split(small_config().data, 32)
     assert not set(split.train.class_names) & set(split.test.class_names)
+
+
+def test_a_frozen_cloud_embeds_batch_and_matching_inputs_in_one_forward_with_the_same_loss():
+    # The edge phase runs the frozen cloud once on images + matching inputs; the loss must equal the one
+    # computed from the cloud's separate embeddings of each (handed in as a teacher cache would).
+    config = small_config()
+    family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 8
+    family.members["cloud"].eval()
+    mixed = mixup(images)
+    with torch.no_grad():
+        separate = (family.embed(family.cloud, images), family.embed(family.cloud, mixed))
+    batched, parts = family_loss(family, ["edge-a", "edge-b"], images, labels, True, 0.0, mixed, 1.0)
+    given, given_parts = family_loss(family, ["edge-a", "edge-b"], images, labels, True, 0.0, mixed, 1.0, separate)
+    assert batched.item() == pytest.approx(given.item(), rel=1e-5)
+    assert parts.keys() == given_parts.keys() and "edge-b/mixed-regression" in parts
+
+
+def test_batched_augmentation_draws_within_the_ranges_and_is_seeded():
+    from hetero.data import AFFINE, TrainImages, random_affine_params
+
+    params = random_affine_params(4000, affine=True, hflip=True)
+    bounds = [AFFINE["degrees"], AFFINE["translate"], AFFINE["translate"], None, AFFINE["shear"]]
+    for column, bound in enumerate(bounds):
+        if bound is not None:
+            assert params[:, column].abs().max() <= bound and params[:, column].abs().max() > 0.9 * bound
+    assert AFFINE["scale"][0] <= params[:, 3].min() and params[:, 3].max() <= AFFINE["scale"][1]
+    assert 0.45 < params[:, 5].mean() < 0.55
+    assert (random_affine_params(5, affine=False, hflip=False) == torch.tensor([0, 0, 0, 1.0, 0, 0])).all()
+
+    split = load_split(small_config().data, 32)
+    dataset = TrainImages(split.train, batched=True)
+    items = [dataset[i] for i in range(8)]
+    assert items[0][0].dtype == torch.uint8  # the warp happens in collate, for the whole batch at once
+    torch.manual_seed(3)
+    first, labels = dataset.collate(items)
+    torch.manual_seed(3)
+    again, _ = dataset.collate(items)
+    assert first.dtype == torch.float32 and first.shape == (8, 3, 32, 32) and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, again) and torch.equal(labels, split.train.labels[:8])
+    assert not torch.equal(first, split.train.images[:8].float() / 255)  # augmented, not passed through
+
+
+def test_the_profile_splits_a_step_into_each_members_forward_backward_and_the_data(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from train_profile import profile_phase
+
+    from hetero.train import _Run
+
+    config = small_config(matching_inputs=["mixup", "dihedral"])
+    run = _Run(config, tmp_path, load_split(config.data, config.load_size), progress=False)
+    parts, profiled, _ = profile_phase(run, 1, ["edge-a", "edge-b"], steps=2, warmup=1)
+    for part in ("edge-a forward", "edge-b forward", "edge-a backward (of its forward)",
+                 "edge-b backward (of its forward)", "cloud forward (targets)", "decode + augment (loader)",
+                 "matching inputs", "optimizer"):
+        assert parts[part] > 0, part
+    assert "cloud backward (of its forward)" not in parts  # a frozen cloud has no backward pass
+    assert sum(parts.values()) <= profiled * 1.05
