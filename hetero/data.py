@@ -380,6 +380,18 @@ def border_fill(images: torch.Tensor) -> list[int]:
     return [int(v) for v in border.float().median(dim=-1).values.median(dim=0).values.tolist()]
 
 
+def calibration_split(train: ImageSet, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows trained on, rows held out) of a training set: per class, the last `fraction` of its images (in
+    file order, at least one kept for training) are held out for calibrating multi-exit members."""
+    keep, held = [], []
+    for label in torch.unique(train.labels).tolist():
+        rows = torch.nonzero(train.labels == label).flatten()
+        out = min(math.ceil(fraction * len(rows)), len(rows) - 1)
+        keep.append(rows[:len(rows) - out])
+        held.append(rows[len(rows) - out:])
+    return torch.cat(keep), torch.cat(held)
+
+
 class TrainImages(torch.utils.data.Dataset):
     """Augmented float images in [0, 1]; one augmentation per image, shared by every member."""
 
