@@ -20,7 +20,7 @@ mean FLOPs on the test queries (106 unseen characters).  The goals are then read
   the point halfway from edge-m's top-1 to the cloud's;
 - the exit machinery's FLOPs (earlier heads, anchors): under 5% of the last exit's.
 
-    python benchmarks/early_exit.py --quick     # 6 edge epochs, 4 cached views (~10 min on 2 busy cores)
+    python benchmarks/early_exit.py --quick     # 3 edge epochs, 4 cached views (~45 min on 2 busy cores)
     python benchmarks/early_exit.py             # 60 edge epochs, 8 views (the README recipe's length)
 """
 from __future__ import annotations
@@ -124,13 +124,15 @@ def main() -> None:
     parser.add_argument("--cloud", default="/work/main/runs/byo/cloud.onnx", help="the frozen ONNX cloud")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "early_exit"), help="family directory (kept)")
-    parser.add_argument("--epochs", type=int, help="edge epochs (default 60; --quick 6)")
+    parser.add_argument("--epochs", type=int, help="edge epochs (default 60; --quick 3)")
     parser.add_argument("--views", type=int, help="teacher cache views per image (default 8; --quick 4)")
     parser.add_argument("--cache-dir", help="teacher cache directory to share between runs")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="evaluate the family already in --out")
+    parser.add_argument("--start-from", help="a training state of this same config whose finished epochs this run "
+                                             "shares (e.g. the first epoch of a longer run: warm-up, identical)")
     args = parser.parse_args()
-    epochs = args.epochs or (6 if args.quick else 60)
+    epochs = args.epochs or (3 if args.quick else 60)
     views = args.views or (4 if args.quick else 8)
     out = Path(args.out)
     started = time.perf_counter()
@@ -138,7 +140,7 @@ def main() -> None:
         store = FamilyStore.open(out)
     else:
         config = parse_config(family_config(args.cloud, args.data, epochs, views, args.cache_dir), "early_exit")
-        store = train(config, out, overwrite=True, progress=False)
+        store = train(config, out, overwrite=True, progress=False, start_from=args.start_from)
     trained = time.perf_counter() - started
     report = evaluate(store)
     top1 = {name: report["matrix"][name]["cloud"]["top1"] for name in report["matrix"]}
