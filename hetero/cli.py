@@ -38,7 +38,8 @@ def train_family(config_path: str, out: str, *, resume: bool = False, overwrite:
 
 
 def evaluate_family(store) -> dict:
-    from hetero.evaluate import evaluate, format_backward, format_edges, format_label_free, format_report
+    from hetero.evaluate import (evaluate, format_backward, format_early_exit, format_edges, format_label_free,
+                                 format_report)
 
     report = evaluate(store)
     if "matrix" in report:
@@ -48,6 +49,8 @@ def evaluate_family(store) -> dict:
         console.print(format_label_free(report))
     if "backward" in report:
         console.print(format_backward(report))
+    if report.get("early_exit"):
+        console.print(format_early_exit(report))
     if report["skipped_images"]:
         console.print(f"{len(report['skipped_images'])} unreadable image(s) were skipped (listed in report.json)")
     return report
@@ -165,6 +168,36 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     evaluate_family(_open(args.dir))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from hetero.errors import CalibrationError
+    from hetero.exits import calibrate
+
+    store = _open(args.dir)
+    member = args.member
+    if member is None:
+        multi = [m.name for m in store.members if m.kind == "multi-exit"]
+        if len(multi) != 1:
+            raise CalibrationError(f"calibrate: give --member; {store.name!r} has {len(multi)} multi-exit members"
+                                   f"{': ' + ', '.join(multi) if multi else ''}")
+        member = multi[0]
+    thresholds = None
+    if args.thresholds is not None:
+        try:
+            thresholds = [float(t) for t in args.thresholds.split(",")]
+        except ValueError:
+            raise CalibrationError(f"--thresholds {args.thresholds!r}: give numbers separated by commas") from None
+    rule = calibrate(store, member, args.top1_loss, args.mean_mflops, args.escalate, thresholds)
+    found = rule["calibration"]
+    above = rule["escalate_above"]
+    cloud = "" if above is None else f"; to the cloud above {above:.4f}"
+    console.print(f"{escape(member)}: thresholds {', '.join(f'{t:.4f}' for t in rule['thresholds'])}{cloud}"
+                  f" on {found['images']} held-out training images: top-1 {found['top1']:.3f} (last exit "
+                  f"{found['top1_last_exit']:.3f}), mean {found['mean_mflops']:.2f} MFLOPs, shares per exit "
+                  f"{', '.join(f'{s:.2f}' for s in found['shares'])}, escalated {found['escalated']:.2f}",
+                  highlight=False)
     return 0
 
 
@@ -418,6 +451,21 @@ def _stage_verbs(verbs) -> None:
                                      "training; write DIR/report.json.")
     p.add_argument("dir", help="family directory written by `hetero train`")
     p.set_defaults(handler=_cmd_eval)
+
+    p = verbs.add_parser("calibrate", help="pick a multi-exit member's exit thresholds",
+                         description="Pick the entropy thresholds of a multi-exit member on the training images held "
+                                     "out of training (train.early_exit.held_out; never test classes) for a target: "
+                                     "a top-1 loss budget against its last exit, or a mean FLOPs budget; optionally "
+                                     "send the least sure share of queries to the cloud. Stored in the manifest and "
+                                     "carried by later exports.")
+    p.add_argument("dir", help="family directory written by `hetero train`")
+    p.add_argument("--member", help="the multi-exit member (default: the only one)")
+    p.add_argument("--top1-loss", type=float, help="top-1 given up against the last exit, as a fraction (0.005)")
+    p.add_argument("--mean-mflops", type=float, help="mean MFLOPs per query on the edge")
+    p.add_argument("--escalate", type=float, default=0.0, help="share of queries the last edge exit sends to the "
+                                                               "cloud (the least sure ones), e.g. 0.1")
+    p.add_argument("--thresholds", help="explicit thresholds, comma-separated, one per exit before the last")
+    p.set_defaults(handler=_cmd_calibrate)
 
     p = verbs.add_parser("export", help="export members per device profile",
                          description="Convert members to the format of a device profile and register the files in "

@@ -81,6 +81,9 @@ class MemberConfig:
     mean: RGB3 | None = None
     std: RGB3 | None = None
     colour_order: Literal["RGB", "BGR"] | None = None
+    # A multi-exit edge member: an exit (a head emitting the family embedding) after each of these stages
+    # (1-based; the last stage is always an exit), or `auto` for one per stage.  hetero's own archs only.
+    exits: list[int] | Literal["auto"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -122,6 +125,8 @@ class MemberConfig:
             raise ValueError("frozen: a frozen cloud needs its `weights` (with arch) or a `model` file")
         if not self.model and not self.arch:
             raise ValueError("arch: required key is missing (or give `model` for an external cloud)")
+        if self.exits is not None:
+            self._check_exits()
         if self.model and self.arch and not self.model.endswith(".safetensors"):
             raise ValueError(f"arch: not used with model {self.model!r}, which holds its own architecture")
         if not self.external:
@@ -132,6 +137,19 @@ class MemberConfig:
                     raise ValueError(f"{key}: only for an external cloud (a trained member learns its input "
                                      f"normalisation from the data)")
         return self
+
+    def _check_exits(self) -> None:
+        from hetero.models import resolve_exits, stage_count
+
+        if self.role != "edge":
+            raise ValueError("exits: only an edge member can have exits (the cloud embeds the gallery in full)")
+        stages = stage_count(self.arch)
+        if stages is None:
+            raise ValueError(f"exits: multi-exit members need one of hetero's own architectures (resnet, mobilenet), "
+                             f"whose stages are known; {self.arch!r} is a library backbone")
+        if self.exits != "auto" and not self.exits:
+            raise ValueError("exits: give at least one stage index, or `auto`")
+        resolve_exits(self.exits, stages, self.arch)
 
     @property
     def external(self) -> bool:
@@ -305,6 +323,20 @@ class TeacherCacheConfig:
 
 
 @dataclass(config=STRICT)
+class EarlyExitConfig:
+    """Training and calibration of multi-exit members (members with `exits`)."""
+
+    # Share of each training class's images (the last ones in file order) kept out of training for every
+    # member, for `hetero calibrate` to pick the exit thresholds on: training classes, never test classes.
+    held_out: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Weight of deeper-teaches-shallower: each earlier exit regresses onto the last exit's (detached) embedding.
+    self_distillation: NonNegative = 0.0
+    # Anchors of the entropy rule for unlabeled data (k-means centres of the cloud's training embeddings);
+    # labeled families use the shared classifier's prototypes.
+    anchors: Annotated[int, Field(ge=2, le=4096)] = 64
+
+
+@dataclass(config=STRICT)
 class TrainConfig:
     epochs: Positive = 10
     # Epochs of the edge phase in sequential mode (the cloud phase has `epochs`); default: `epochs`.
@@ -358,6 +390,8 @@ class TrainConfig:
     # torch.compile (inductor) for every trained member's forward and backward; the first steps of each
     # phase pay the compilation (benchmarks/time_to_quality.py measures what it returns).
     compile: bool = False
+    # Multi-exit members: held-out calibration images, self-distillation, anchors (defaults when omitted).
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
 
     @field_validator("losses")
     @classmethod
@@ -421,6 +455,10 @@ class Config:
             if self.train.compat != "shared":
                 raise ValueError(f"train.compat: {self.train.compat!r} trains members on labels; unlabeled data "
                                  f"trains edges from the cloud alone (compat: shared)")
+        multi_exit = [m.name for m in self.family.members if m.exits is not None]
+        if multi_exit and self.train.compat != "shared":
+            raise ValueError(f"train.compat: multi-exit member {multi_exit[0]!r} trains every exit against the "
+                             f"cloud; compat {self.train.compat!r} does not (use 'shared')")
         if cloud.external and self.train.mode != "sequential":
             raise ValueError(f"train.mode: {self.train.mode!r} trains the cloud too, but {cloud.name!r} is external "
                              f"(frozen); use 'sequential', whose edge phase is all there is to train")

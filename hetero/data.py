@@ -380,6 +380,18 @@ def border_fill(images: torch.Tensor) -> list[int]:
     return [int(v) for v in border.float().median(dim=-1).values.median(dim=0).values.tolist()]
 
 
+def calibration_split(train: ImageSet, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows trained on, rows held out) of a training set: per class, the last `fraction` of its images (in
+    file order, at least one kept for training) are held out for calibrating multi-exit members."""
+    keep, held = [], []
+    for label in torch.unique(train.labels).tolist():
+        rows = torch.nonzero(train.labels == label).flatten()
+        out = min(math.ceil(fraction * len(rows)), len(rows) - 1)
+        keep.append(rows[:len(rows) - out])
+        held.append(rows[len(rows) - out:])
+    return torch.cat(keep), torch.cat(held)
+
+
 AFFINE = dict(degrees=10.0, translate=0.08, scale=(0.9, 1.1), shear=8.0)  # the training augmentation's ranges
 
 
@@ -423,7 +435,6 @@ def augment(images: torch.Tensor, params: torch.Tensor, fill: list[int]) -> torc
     flip = params[:, 5] > 0.5
     out[flip] = out[flip].flip(-1)
     return out.div(255.0)
-
 
 
 class TrainImages(torch.utils.data.Dataset):

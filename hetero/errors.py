@@ -34,3 +34,8 @@ class RuntimeUnavailable(ExportError):
 
     Verification reports the numeric checks as skipped with this reason, never as passed.
     """
+
+
+class CalibrationError(HeteroError):
+    """An early-exit rule that cannot be calibrated or applied as asked (an unmeetable target, thresholds
+    that stop nothing)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from hetero.exits import apply_rule, correct_per_exit, exit_embeddings, exit_entropies, rule_figures
 from hetero.family import CompatibilityRecord, FamilyStore
 from hetero.models import embed_images
 
@@ -109,6 +110,10 @@ def evaluate(store: FamilyStore) -> dict:
             return report
         images = split.test.floats()
         embeddings = {name: embed_images(model, images) for name, model in models.items()}
+        exits = {m.name: exit_embeddings(models[m.name], images) for m in store.members if m.kind == "multi-exit"}
+        for entry in store.members:  # each earlier exit is a row of its own: name@stage (the last is the member)
+            for stage, exit_embedding in zip([e.stage for e in entry.exits or []][:-1], exits.get(entry.name, [])):
+                embeddings[f"{entry.name}@{stage}"] = exit_embedding
         previous = store.manifest.previous
         if previous:  # a backward update: the old cloud's gallery is the one in service
             embeddings[OLD + previous.cloud] = embed_images(store.load_previous_cloud(), images)
@@ -125,12 +130,35 @@ def evaluate(store: FamilyStore) -> dict:
         }
         if label_free is not None:
             report["label_free"] = label_free
+        if exits:
+            report["early_exit"] = {name: early_exit_summary(store.member(name), models[name], found, embeddings[cloud],
+                                                             split) for name, found in exits.items()}
         if previous:
             report["backward"] = backward_summary(embeddings, split, cloud, OLD + previous.cloud, matrix)
         store.write_json("report.json", report)
         store.record_compatibility(CompatibilityRecord(matrix=matrix, edges=report["edges"],
                                                        backward=report.get("backward")))
     return report
+
+
+def early_exit_summary(entry, model, exits: torch.Tensor, cloud: torch.Tensor, split) -> dict:
+    """Per exit: top-1 against the cloud gallery and FLOPs; with a calibrated rule, what it does on the test
+    queries (top-1, mean edge FLOPs, shares per exit, share escalated, the system's top-1 with the cloud)."""
+    q, g, labels = split.query_index, split.gallery_index, split.test.labels
+    correct = correct_per_exit(exits[:, q], cloud[g], labels[q], labels[g])
+    flops = [e.flops for e in entry.exits]
+    summary = {"exits": [{"stage": e.stage, "flops": e.flops, "flops_vs_cloud": e.flops_vs_cloud,
+                          "top1_vs_cloud": correct[k].float().mean().item()} for k, e in enumerate(entry.exits)],
+               "rule": None}
+    rule = (entry.early_exit or {}).get("rule")
+    if rule is not None:
+        entropies = exit_entropies(model, exits[:, q])
+        cloud_correct = top1_correct(cloud[q], labels[q], cloud[g], labels[g])
+        chosen = apply_rule(entropies, rule["thresholds"], rule["escalate_above"])
+        summary["rule"] = {**rule_figures(chosen, correct, flops, cloud_correct),
+                           "thresholds": rule["thresholds"], "escalate_above": rule["escalate_above"],
+                           "cloud_top1": cloud_correct.float().mean().item()}
+    return summary
 
 
 OLD = "old:"  # prefix of the earlier family's cloud in a backward update's matrix
@@ -214,4 +242,25 @@ def format_backward(report: dict) -> "rich.table.Table":  # noqa: F821
     table.add_row(f"{row['new_vs_old_top1']:.3f}", f"{row['old_vs_old_top1']:.3f}",
                   "pass" if row["bct_criterion"] else "FAIL", f"{row['negative_flip_rate']:.3f}",
                   f"{row['negative_flip_rate_reindexed']:.3f}")
+    return table
+
+
+def format_early_exit(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"Multi-exit members against the {report['cloud']} gallery (the rule: `hetero calibrate`)")
+    for column in ("member", "answered by", "MFLOPs", "top-1 vs cloud", "share of queries"):
+        table.add_column(escape(column), justify="right")
+    for name, summary in report["early_exit"].items():
+        rule = summary["rule"]
+        for k, row in enumerate(summary["exits"]):
+            share = f"{rule['shares'][k]:.3f}" if rule else "-"
+            table.add_row(name, f"exit at stage {row['stage']}", f"{row['flops'] / 1e6:.2f}",
+                          f"{row['top1_vs_cloud']:.3f}", share)
+        if rule:
+            table.add_row(name, "the rule (edge only)", f"{rule['mean_flops'] / 1e6:.2f} (mean)",
+                          f"{rule['top1_edge']:.3f}", "")
+            table.add_row(name, "escalated to the cloud", "", "", f"{rule['escalated']:.3f}")
+            table.add_row(name, "the rule with the cloud", "", f"{rule['top1_system']:.3f}", "")
     return table

@@ -138,8 +138,12 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
     if problems and not allow_over_budget:
         raise ExportError(f"member {member!r} exceeds the budgets of profile {profile.name!r}: "
                           f"{'; '.join(problems)}. Use --allow-over-budget to export anyway (it is recorded).")
-    check_converter(profile)
     spec = formats.get(profile.format)
+    if entry.kind == "multi-exit" and spec.exit_chain is None:
+        spec.exit_chain_function(profile.name)  # no chained export for this format: says which formats have one
+    check_converter(profile)
+    if entry.kind == "multi-exit":
+        return _export_exit_chain(store, entry, profile, spec, problems)
     exporter = spec.export_function()
     model = store.load_member(member)
     metadata = artifact_metadata(store, entry, profile)
@@ -178,6 +182,47 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
         bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
         checked_on=declared, **done)
+    store.register_artifact(artifact)
+    return artifact
+
+
+def exit_metadata(entry: MemberRecord) -> dict:
+    """What a device needs to run a multi-exit chain: per exit its stage and FLOPs, the anchors' origin and
+    temperatures, and the calibrated rule (thresholds, escalation), or None before `hetero calibrate`."""
+    early = entry.early_exit or {}
+    return {"exits": [e.model_dump() for e in entry.exits], "anchors": early.get("anchors"),
+            "temperatures": early.get("temperatures"), "rule": early.get("rule")}
+
+
+def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, problems: list[str]) -> ArtifactRecord:
+    """A multi-exit member as chained stage graphs plus an all-exits graph, in one folder (see the format's
+    exit_chain exporter); checked for parity exit by exit before it is registered."""
+    import torch
+
+    from hetero.export.common import cosine_rows
+
+    exporter = spec.exit_chain_function(profile.name)
+    model = store.load_member(entry.name)
+    metadata = {**artifact_metadata(store, entry, profile), "early_exit": exit_metadata(entry)}
+    path = store.path(f"exports/{profile.name}/{entry.name}.exits", "export path")
+    started = time.perf_counter()
+    with atomic_folder(path) as tmp:
+        done = exporter(model, tmp, profile, metadata)
+        images = calibration_images(store, entry.input_size, 32)
+        with torch.no_grad():
+            reference = torch.stack(model.forward_exits(images), dim=1).numpy()
+        ours = spec.open_exit_chain(tmp).exits(images.numpy())[0]
+        low = min(float(cosine_rows(ours[:, k], reference[:, k]).min()) for k in range(reference.shape[1]))
+        if low < profile.tolerances.min_cosine:
+            raise ExportError(f"member {entry.name!r} for profile {profile.name!r} ({profile.format} "
+                              f"{profile.precision}): an exit's cosine to torch falls to {low:.4f} (tolerance "
+                              f"{profile.tolerances.min_cosine}); nothing was written")
+        file_bytes = path_bytes(tmp)
+    artifact = ArtifactRecord(
+        member=entry.name, profile=profile.name, format=profile.format, precision=profile.precision,
+        layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
+        bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
+        checked_on=["onnxruntime"], **done)
     store.register_artifact(artifact)
     return artifact
 

@@ -59,10 +59,20 @@ class FileRecord(Record):
     sha256: str = SHA256
 
 
+class ExitRecord(Record):
+    """One exit of a multi-exit member: after which stage, and the FLOPs of one image up to it (cumulative:
+    the trunk so far, every head and entropy on the way, this exit's included)."""
+
+    stage: int = Field(ge=1)
+    flops: int = Field(ge=0)
+    flops_vs_cloud: float = Field(ge=0)
+
+
 class MemberRecord(Record):
     name: str
     # external: a frozen model the user brought (its file copied to `checkpoint`), with its own preprocessing.
-    kind: Literal["trained", "external"] = "trained"
+    # multi-exit: one trunk with an exit after several stages (`exits`), each emitting the family embedding.
+    kind: Literal["trained", "external", "multi-exit"] = "trained"
     role: Literal["cloud", "edge"]
     arch: str  # for an external model file: its format (onnx, torchscript, torch.export)
     width: float = Field(gt=0)
@@ -79,11 +89,21 @@ class MemberRecord(Record):
     fingerprint: str | None = None  # an external model's sha256 (bytes, or tensors for weights)
     # compat: adapter: the map from this member's own space into the cloud's, applied inside its graph
     adapter: dict[str, Any] | None = None
+    exits: list[ExitRecord] | None = None  # multi-exit members, shallowest first; the last is the member itself
+    # multi-exit members: the entropy rule's anchors and temperatures, and the thresholds `hetero calibrate` set
+    early_exit: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
     def _plain(cls, value: str) -> str:
         return check_name(value, "member name")
+
+    @model_validator(mode="after")
+    def _exits_for_multi_exit(self):
+        if (self.kind == "multi-exit") != bool(self.exits):
+            raise ValueError(f"exits: a multi-exit member has exits and only it (member {self.name!r}, kind "
+                             f"{self.kind!r})")
+        return self
 
     @field_validator("std")
     @classmethod
@@ -357,15 +377,20 @@ class FamilyStore:
         return self._load(previous.member, self.checked_file(previous.checkpoint, "the earlier family's cloud"))
 
     def _load(self, record: MemberRecord, path: Path):
-        from hetero.models import Embedder, architecture_known
+        from hetero.models import Embedder, MultiExitEmbedder, architecture_known
 
         if record.kind == "external":
             return self._load_external(record, path)
         if not architecture_known(record.arch):
             raise ManifestError(f"{self.root / MANIFEST}: member {record.name!r} names architecture "
                                 f"{record.arch!r}, which this hetero does not have")
-        model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
-                         record.std)
+        if record.kind == "multi-exit":
+            model = MultiExitEmbedder(record.arch, record.width, record.depth, record.dim, record.input_size,
+                                      [e.stage for e in record.exits], record.mean, record.std,
+                                      int((record.early_exit or {}).get("anchors", {}).get("count", 64)))
+        else:
+            model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
+                             record.std)
         if record.adapter is not None:
             from hetero.models import add_adapter
 
@@ -429,6 +454,13 @@ class FamilyStore:
         """Add (or replace, per member and profile) an artifact record; written at once."""
         self.reload()  # register against the newest manifest
         self.manifest.artifacts = [a for a in self.manifest.artifacts if a.key != artifact.key] + [artifact]
+        self.save()
+
+    def record_exit_rule(self, member: str, rule: dict) -> None:
+        """Store a multi-exit member's calibrated rule (thresholds, target, what calibration measured)."""
+        self.reload()
+        record = self.member(member)
+        record.early_exit = {**(record.early_exit or {}), "rule": rule}
         self.save()
 
     def record_compatibility(self, compatibility: CompatibilityRecord) -> None:

@@ -66,6 +66,10 @@ class Format:
     exporter: str  # function(model, path, profile, metadata, calibration, accept) -> what was done
     metadata_reader: str  # function(path) -> the artifact's own "hetero" metadata
     inspector: str | None = None  # function(path) -> structure facts without running (where runs are impossible)
+    # Multi-exit members: function(model, folder, profile, metadata) writing the chained stage graphs, and the
+    # class that runs such a folder here; None where the format has no chain exporter yet.
+    exit_chain: str | None = None
+    exit_chain_runtime: str | None = None
 
     def install_hint(self) -> str:
         return f"pip install 'hetero[{self.extra}]'" if self.extra else "reinstall hetero (pip install hetero)"
@@ -83,6 +87,17 @@ class Format:
 
     def export_function(self) -> Callable:
         return getattr(self.load(), self.exporter)
+
+    def exit_chain_function(self, profile_name: str) -> Callable:
+        if self.exit_chain is None:
+            chained = ", ".join(f.name for f in FORMATS.values() if f.exit_chain)
+            raise ExportError(f"profile {profile_name!r} exports {self.name} files, which have no chained multi-exit "
+                              f"export yet (formats with one: {chained}); export the multi-exit member for an "
+                              f"{chained} profile, or export a single-exit member here")
+        return getattr(self.load(), self.exit_chain)
+
+    def open_exit_chain(self, folder: str | Path):
+        return getattr(self.load(), self.exit_chain_runtime)(Path(folder))
 
     def runtime(self, name: str) -> Runtime:
         for runtime in self.runtimes:
@@ -113,7 +128,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", ".onnx", ("fp32", "fp16", "int8"),
            (Runtime("onnxruntime", "onnxruntime", "OnnxRuntimeAdapter", "onnxruntime", numpy2_from="1.19"),),
            ("onnx", "onnxruntime"), None, fixed_batch=False, module=_onnx, exporter="export_onnx",
-           metadata_reader="read_onnx_metadata"),
+           metadata_reader="read_onnx_metadata", exit_chain="export_exit_chain", exit_chain_runtime="OnnxExitChain"),
     Format("tflite", ".tflite", ("fp32", "fp16", "int8", "int8-weights", "int8-dynamic"),
            (Runtime("litert", "ai-edge-litert", "LiteRTAdapter", "ai_edge_litert"),
             # The interpreter Android apps shipped before LiteRT; it needs numpy < 2, so never in this process.

@@ -42,7 +42,7 @@ def relu_resnet(width: float, depth: float) -> tuple[nn.Module, int]:
     """ReLU residual CNN (torchvision BasicBlocks): quantisation-friendly, scales by width and depth."""
     widths = [_channels(c, width) for c in (32, 64, 128, 256)]
     layers: list[nn.Module] = [Conv2dNormActivation(3, widths[0], 3, stride=2)]
-    in_ch = widths[0]
+    in_ch, ends = widths[0], []
     for stage, out_ch in enumerate(widths):
         for block in range(_blocks(2, depth)):
             stride = 2 if stage > 0 and block == 0 else 1
@@ -53,7 +53,8 @@ def relu_resnet(width: float, depth: float) -> tuple[nn.Module, int]:
                 )
             layers.append(BasicBlock(in_ch, out_ch, stride=stride, downsample=downsample))
             in_ch = out_ch
-    return nn.Sequential(*layers), in_ch
+        ends.append(len(layers))
+    return _staged(nn.Sequential(*layers), ends, widths), in_ch
 
 
 @register("mobilenet")
@@ -63,14 +64,31 @@ def relu_mobilenet(width: float, depth: float) -> tuple[nn.Module, int]:
     stages = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 48, 2, 2), (4, 96, 3, 2), (4, 160, 2, 2)]
     in_ch = _channels(32, width)
     layers: list[nn.Module] = [Conv2dNormActivation(3, in_ch, 3, stride=2, activation_layer=nn.ReLU6)]
+    ends, widths = [], []
     for expand, channels, blocks, stride in stages:
         out_ch = _channels(channels, width)
         for block in range(_blocks(blocks, depth)):
             layers.append(InvertedResidual(in_ch, out_ch, stride if block == 0 else 1, expand))
             in_ch = out_ch
+        ends.append(len(layers))
+        widths.append(out_ch)
     last = _channels(320, width)
     layers.append(Conv2dNormActivation(in_ch, last, 1, activation_layer=nn.ReLU6))
-    return nn.Sequential(*layers), last
+    ends[-1], widths[-1] = len(layers), last  # the last 1x1 conv belongs to the last stage
+    return _staged(nn.Sequential(*layers), ends, widths), last
+
+
+def _staged(backbone: nn.Sequential, ends: list[int], widths: list[int]) -> nn.Sequential:
+    """Mark where each stage of a backbone ends (layer index) and its width: multi-exit members cut there."""
+    backbone.stage_ends, backbone.stage_widths = ends, widths
+    return backbone
+
+
+def stage_count(arch: str) -> int | None:
+    """Stages of one of hetero's own architectures (where exits may go); None for a library backbone."""
+    if arch not in ARCHITECTURES:
+        return None
+    return len(ARCHITECTURES[arch](0.25, 0.25)[0].stage_ends)
 
 
 LIBRARY_PREFIXES = ("timm/", "torchvision/")
@@ -186,6 +204,83 @@ class Embedder(nn.Module):
         return x
 
 
+class ExitHead(nn.Module):
+    """An exit: pooled stage features -> projection -> BatchNorm -> unit vector of the family dimension."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.project = nn.Linear(channels, dim, bias=False)
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bn(self.project(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))), dim=1)
+
+
+class MultiExitEmbedder(nn.Module):
+    """One trunk of hetero's own architectures with an exit after each chosen stage (1-based stage indices).
+
+    Every exit emits an embedding of the family dimension.  `forward` is the last exit (the embedding
+    contract: the member as a plain embedder); `forward_exits` returns every exit's.  The anchors (unit
+    vectors) and one temperature per exit give each exit a confidence from its embedding alone: the entropy
+    of softmax(cos(embedding, anchors) / temperature).  They are buffers, so they ship inside every export.
+    """
+
+    def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int, exits: list[int],
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64):
+        super().__init__()
+        self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
+        backbone, _ = build_backbone(arch, width, depth)
+        ends, widths = backbone.stage_ends, backbone.stage_widths
+        self.exits = resolve_exits(exits, len(ends), arch)
+        starts = [0] + [ends[stage - 1] for stage in self.exits[:-1]]
+        self.segments = nn.ModuleList(nn.Sequential(*list(backbone)[start:ends[stage - 1]])
+                                      for start, stage in zip(starts, self.exits))
+        self.heads = nn.ModuleList(ExitHead(widths[stage - 1], dim) for stage in self.exits)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("anchors", F.normalize(torch.ones(anchors, dim), dim=1))
+        self.register_buffer("temperatures", torch.ones(len(self.exits)))
+        self.adapter = None  # compat: adapter does not apply to multi-exit members
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        for segment in self.segments:
+            x = segment(x)
+        return self.heads[-1](x)
+
+    def forward_exits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x, out = (images - self.mean) / self.std, []
+        for segment, head in zip(self.segments, self.heads):
+            x = segment(x)
+            out.append(head(x))
+        return out
+
+    def stage(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Segment `index` (0-based) on the previous segment's features (images for the first): (embedding,
+        entropy, features for the next segment)."""
+        if index == 0:
+            x = (x - self.mean) / self.std
+        x = self.segments[index](x)
+        embedding = self.heads[index](x)
+        return embedding, self.entropy(embedding, index), x
+
+    def entropy(self, embedding: torch.Tensor, index: int) -> torch.Tensor:
+        """Per row: entropy (nats) of the softmax over cosine similarities to the anchors at exit `index`."""
+        log_p = F.log_softmax(embedding @ self.anchors.T / self.temperatures[index], dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def resolve_exits(exits, stages: int, arch: str) -> list[int]:
+    """Sorted 1-based stage indices with the last stage always an exit; `auto`: one exit per stage."""
+    if exits == "auto":
+        return list(range(1, stages + 1))
+    bad = [e for e in exits if not isinstance(e, int) or not 1 <= e <= stages]
+    if bad:
+        raise ValueError(f"exits: stage {bad[0]!r} does not exist; architecture {arch!r} has stages 1-{stages} "
+                         f"(or give `auto` for one exit per stage)")
+    return sorted(set(exits) | {stages})
+
+
 def add_adapter(model: Embedder, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Embedder:
     """Give a member the linear map (then L2 normalisation) of compat: adapter, part of its exported graph."""
     model.adapter = nn.Linear(model.dim, model.dim, bias=True)
@@ -221,10 +316,37 @@ def count_flops(model: Embedder) -> int:
 
 def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
     """A trainable member from its config; a library backbone starts from `weights` when given."""
+    if getattr(member_cfg, "exits", None) is not None:
+        return MultiExitEmbedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size,
+                                 member_cfg.exits, mean, std)
     model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)
     if getattr(member_cfg, "weights", None):
         load_backbone_weights(model.backbone, member_cfg.weights, member_cfg.arch)
     return model
+
+
+def exit_flops(model: MultiExitEmbedder) -> list[int]:
+    """Cumulative FLOPs of one image up to and including each exit: the trunk so far plus that exit's head and
+    entropy (what a device spends to decide whether to stop there; earlier heads are counted too, as a device
+    that went on past them ran them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = (torch.zeros(1, 3, model.input_size, model.input_size) - model.mean) / model.std
+    spent, out = 0, []
+    with torch.no_grad():
+        for index, (segment, head) in enumerate(zip(model.segments, model.heads)):
+            trunk, exit_ = FlopCounterMode(display=False), FlopCounterMode(display=False)
+            with trunk:
+                x = segment(x)
+            with exit_:
+                model.entropy(head(x), index)
+            spent += int(trunk.get_total_flops())
+            out.append(spent + int(exit_.get_total_flops()))
+            spent += int(exit_.get_total_flops())
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()

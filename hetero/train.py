@@ -33,16 +33,18 @@ from tqdm import tqdm
 from hetero import distributed
 from hetero.adapters import fit_adapter
 from hetero.config import Config
-from hetero.data import TrainImages, border_fill, channel_stats, load_split, loader_context
+from hetero.data import TrainImages, border_fill, calibration_split, channel_stats, load_split, loader_context
 from hetero.errors import ConfigError, ManifestError
 from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
                              open_external)
-from hetero.family import (TRAIN_STATE, DataRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
+from hetero.exits import fit_exit_rule
+from hetero.family import (TRAIN_STATE, DataRecord, ExitRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
                            PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
                            save_weights, space_id, tensors_digest, write_config, writing)
 from hetero.files import atomic_path, sha256_file
 from hetero.losses import SharedClassifier, build_cross_model_losses
-from hetero.models import Embedder, add_adapter, build_member, count_flops, count_params, embed_images, resize_to
+from hetero.models import (Embedder, MultiExitEmbedder, add_adapter, build_member, count_flops, count_params,
+                           embed_images, exit_flops, resize_to)
 from hetero.teacher_cache import CachedViews, TeacherCache
 
 log = logging.getLogger("hetero.train")
@@ -70,12 +72,20 @@ class Family(torch.nn.Module):
         self.cross = build_cross_model_losses(train.losses) if train.compat == "shared" else {}
         # backward mode: the earlier family's cloud, frozen; every new member's embeddings answer to it.
         self.previous: Embedder | None = None
+        self.self_distillation = train.early_exit.self_distillation
         self.amp = False  # members compute in bfloat16 autocast; the losses always in float32
 
     def embed(self, member: Embedder, images: torch.Tensor) -> torch.Tensor:
         """A member's float32 embeddings of a batch (resized to its input size), in bf16 autocast if `amp`."""
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return member(resize_to(images, member.input_size)).float()
+
+    def embed_all(self, member, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's float32 embeddings of a batch (one for a single-exit member), shallowest first."""
+        if not isinstance(member, MultiExitEmbedder):
+            return [self.embed(member, images)]
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return [e.float() for e in member.forward_exits(resize_to(images, member.input_size))]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, trained: list[str], detach_cloud: bool,
                 edge_classification: float = 1.0, mixed: torch.Tensor | None = None,
@@ -220,27 +230,43 @@ def family_loss(family: Family, trained: list[str], images: torch.Tensor, labels
         member = family.members[name]
         is_reference = name == family.cloud_name and cloud_emb is not None
         if is_reference:
-            emb = cloud_emb
+            outputs = [cloud_emb]
         else:
             with record_function(f"{name} forward"):
-                emb = family.embed(member, images)
+                outputs = family.embed_all(member, images)
+        head = family.head(name)
         with record_function(f"{name} loss terms"):
-            head = family.head(name)
-            loss = head(emb, None, labels) if head is not None else torch.zeros((), device=images.device)
-            parts[f"{name}/cls"] = loss.item()
-            if name != family.cloud_name and "shared" in family.heads:
-                # Independent members (compat: none) have only their own classifier to learn from: never weighed.
-                loss = loss * edge_classification
-            if not is_reference:
-                all_emb = distributed.gather_with_grad(emb) if family.cross else emb
-                for term, (weight, fn) in family.cross.items():
-                    value = fn(all_emb, reference, all_labels)
-                    parts[f"{name}/{term}"] = value.item()
-                    loss = loss + weight * value
-        total = total + loss
+            for tag, emb in zip(output_names(name, member, len(outputs)), outputs):
+                loss = head(emb, None, labels) if head is not None else torch.zeros((), device=images.device)
+                parts[f"{tag}/cls"] = loss.item()
+                if name != family.cloud_name and "shared" in family.heads:
+                    # Independent members (compat: none) have only their own classifier to learn from: never weighed.
+                    loss = loss * edge_classification
+                if not is_reference:
+                    all_emb = distributed.gather_with_grad(emb) if family.cross else emb
+                    for term, (weight, fn) in family.cross.items():
+                        value = fn(all_emb, reference, all_labels)
+                        parts[f"{tag}/{term}"] = value.item()
+                        loss = loss + weight * value
+                total = total + loss
+            if len(outputs) > 1 and family.self_distillation > 0:
+                total = total + family.self_distillation * deeper_teaches_shallower(outputs, parts, name)
     if mixing:
         total = total + mixed_matching * match_on_mixed_images(family, trained, mixed, parts, mixed_reference)
     return total, parts
+
+
+def output_names(name: str, member, count: int) -> list[str]:
+    """How a member's outputs are named in loss parts and reports: name@<stage> per exit of a multi-exit one."""
+    return [name] if count == 1 else [f"{name}@{stage}" for stage in member.exits]
+
+
+def deeper_teaches_shallower(outputs: list[torch.Tensor], parts: dict, name: str) -> torch.Tensor:
+    """Each earlier exit regresses (1 - cos) onto the last exit's detached embedding of the same image."""
+    deepest = outputs[-1].detach()
+    value = sum((1 - (emb * deepest).sum(dim=1)).mean() for emb in outputs[:-1]) / (len(outputs) - 1)
+    parts[f"{name}/self-distillation"] = value.item()
+    return value
 
 
 def mixup(images: torch.Tensor) -> torch.Tensor:
@@ -311,13 +337,15 @@ def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tenso
     for name in queries:
         member = family.members[name]
         with record_function(f"{name} forward"):
-            emb = distributed.gather_with_grad(family.embed(member, mixed))
+            outputs = family.embed_all(member, mixed)
         with record_function(f"{name} loss terms"):
-            for term, (weight, fn) in family.cross.items():
-                if not fn.uses_labels:
-                    value = fn(emb, reference, None)
-                    parts[f"{name}/mixed-{term}"] = value.item()
-                    total = total + weight * value
+            for tag, emb in zip(output_names(name, member, len(outputs)), outputs):
+                emb = distributed.gather_with_grad(emb)
+                for term, (weight, fn) in family.cross.items():
+                    if not fn.uses_labels:
+                        value = fn(emb, reference, None)
+                        parts[f"{tag}/mixed-{term}"] = value.item()
+                        total = total + weight * value
     return total
 
 
@@ -390,6 +418,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     with new_directory(out), writing(out, "train"):
         distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
         split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written
+        split = hold_out_for_calibration(config, split)
         run = _Run(config, out, split, progress)  # and so does a cloud file that cannot serve this family
         if distributed.is_main():
             write_config(out, config)
@@ -402,8 +431,13 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             run.train_phase(phase, trained, epochs, callbacks)
         if config.train.compat == "adapter":
             run.adapters = fit_adapters(run.family, split.train, config.train.adapter)
+        exit_rules = {name: fit_exit_rule(run.family.members[name].cpu(), run.family.cloud.cpu(),
+                                          run.family.head(name), split.train, config.train.early_exit)
+                      for name in run.family.edge_names()
+                      if isinstance(run.family.members[name], MultiExitEmbedder)}
         if distributed.is_main():
-            write_family(config, out, run.family.cpu(), split, run.history, run.previous, run.facts(), run.adapters)
+            write_family(config, out, run.family.cpu(), split, run.history, run.previous, run.facts(), run.adapters,
+                         exit_rules)
         distributed.barrier()
     return FamilyStore.open(out)
 
@@ -629,8 +663,19 @@ def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
     head.W.copy_(torch.nn.functional.normalize(prototypes, dim=1).T)
 
 
+def hold_out_for_calibration(config: Config, split):
+    """With a multi-exit member, keep `early_exit.held_out` of each training class out of training (every
+    member's), for `hetero calibrate`; other families train on every training image as before."""
+    import dataclasses
+
+    if not any(m.exits is not None for m in config.family.members) or config.train.early_exit.held_out == 0:
+        return split
+    keep, _ = calibration_split(split.train, config.train.early_exit.held_out)
+    return dataclasses.replace(split, train=split.train.subset(keep))
+
+
 def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None,
-                 run: dict | None = None, adapters: dict | None = None) -> Manifest:
+                 run: dict | None = None, adapters: dict | None = None, exit_rules: dict | None = None) -> Manifest:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
     files = {}
@@ -646,6 +691,11 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
                               cloud_flops, files[cfg.name]) for cfg in fam.members]
     for member in members:
         member.adapter = (adapters or {}).get(member.name)
+        if member.name in (exit_rules or {}):
+            model = family.members[member.name]
+            member.kind, member.early_exit = "multi-exit", exit_rules[member.name]
+            member.exits = [ExitRecord(stage=stage, flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4))
+                            for stage, flops in zip(model.exits, exit_flops(model))]
     if family.external is not None:
         cloud = family.cloud
         members[[m.name for m in members].index(fam.cloud.name)].fingerprint = family.external[1]

@@ -1,0 +1,247 @@
+"""The entropy rule of multi-exit members: anchors, temperatures, calibrated thresholds, and its figures.
+
+At exit k a query stops when the entropy of softmax(cos(embedding, anchors) / T_k) is at most threshold k;
+the last edge exit always answers, unless the rule escalates: a last-exit entropy above `escalate_above`
+sends the image to the cloud.  Anchors are the shared classifier's prototypes (labeled families) or k-means
+centres of the cloud's training embeddings (unlabeled); T_k is fitted on training images.  `calibrate` picks
+the thresholds on the training images held out of training (`train.early_exit.held_out`): training
+classes, never test classes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hetero.data import calibration_split
+from hetero.errors import CalibrationError
+from hetero.family import FamilyStore
+from hetero.models import MultiExitEmbedder, embed_images, resize_to
+
+TEMPERATURES = torch.logspace(-3, 1, 81)
+QUANTILES = torch.linspace(0, 1, 201)
+
+
+# ------------------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def exit_embeddings(model: MultiExitEmbedder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Every exit's embeddings of float images in [0, 1]: exits x images x dim."""
+    model.eval()
+    chunks = [torch.stack(model.forward_exits(resize_to(images[i:i + batch_size], model.input_size)))
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def exit_entropies(model: MultiExitEmbedder, embeddings: torch.Tensor) -> torch.Tensor:
+    """exits x images: each exit's entropy of its own embeddings."""
+    return torch.stack([model.entropy(embeddings[k], k) for k in range(len(embeddings))])
+
+
+def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 25) -> torch.Tensor:
+    """k unit centres of unit vectors (deterministic: starts from evenly spaced points)."""
+    k = min(k, len(points))
+    centres = points[torch.linspace(0, len(points) - 1, k).round().long()].clone()
+    for _ in range(iterations):
+        assign = (points @ centres.T).argmax(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        empty = sums.norm(dim=1) == 0
+        centres = torch.where(empty[:, None], centres, F.normalize(sums, dim=1))
+    return centres
+
+
+@torch.no_grad()
+def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings) -> dict:
+    """Set a multi-exit member's anchors and per-exit temperatures (buffers, so every export carries them).
+
+    Each exit's temperature minimises the cross-entropy of its softmax over the anchors against the anchor
+    nearest the cloud's embedding of the same training image: the entropy then measures how sure the exit is
+    of where the cloud would put the image.
+    """
+    images = train_images.floats()
+    reference = embed_images(cloud, images)
+    if head is not None:
+        anchors, source = F.normalize(head.loss.W.detach().T.float(), dim=1), "shared classifier prototypes"
+    else:
+        anchors, source = spherical_kmeans(reference, settings.anchors), "k-means of the cloud's training embeddings"
+    model.anchors = anchors.clone()
+    targets = (reference @ anchors.T).argmax(dim=1)
+    embeddings = exit_embeddings(model, images)
+    temperatures = []
+    for k in range(len(model.exits)):
+        similarity = embeddings[k] @ anchors.T
+        losses = torch.stack([F.cross_entropy(similarity / t, targets) for t in TEMPERATURES])
+        temperatures.append(float(TEMPERATURES[losses.argmin()]))
+    model.temperatures = torch.tensor(temperatures)
+    return {"anchors": {"source": source, "count": len(anchors)}, "temperatures": temperatures,
+            "calibration_images_held_out": settings.held_out}
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+
+
+def apply_rule(entropies: torch.Tensor, thresholds: list[float], escalate_above: float | None = None
+               ) -> torch.Tensor:
+    """Per query, the exit that answers (0-based), or len(exits) when it goes to the cloud."""
+    exits = entropies.shape[0]
+    chosen = torch.full((entropies.shape[1],), exits - 1, dtype=torch.long)
+    undecided = torch.ones(entropies.shape[1], dtype=torch.bool)
+    for k, threshold in enumerate(thresholds):
+        stop = undecided & (entropies[k] <= threshold)
+        chosen[stop] = k
+        undecided &= ~stop
+    if escalate_above is not None:
+        chosen[undecided & (entropies[-1] > escalate_above)] = exits
+    return chosen
+
+
+def rule_figures(chosen: torch.Tensor, correct: torch.Tensor, flops: list[int], cloud_correct=None) -> dict:
+    """top-1 of the edge answers (escalated queries answered by the last exit), mean edge FLOPs, shares per
+    exit and to the cloud, and with `cloud_correct` the whole system's top-1 (escalated ones by the cloud)."""
+    exits = len(flops)
+    edge_exit = chosen.clamp(max=exits - 1)
+    answered = correct[edge_exit, torch.arange(len(chosen))]
+    escalated = chosen == exits
+    figures = {"top1_edge": answered.float().mean().item(),
+               "mean_flops": torch.tensor(flops, dtype=torch.float64)[edge_exit].mean().item(),
+               "shares": [(chosen == k).float().mean().item() for k in range(exits)],
+               "escalated": escalated.float().mean().item()}
+    if cloud_correct is not None:
+        figures["top1_system"] = torch.where(escalated, cloud_correct, answered).float().mean().item()
+    return figures
+
+
+def correct_per_exit(queries: torch.Tensor, gallery: torch.Tensor, query_labels, gallery_labels,
+                     agreement_with=None) -> torch.Tensor:
+    """exits x queries: whether each exit's nearest gallery item is right (its label, or without labels the
+    item the cloud's own query finds: `agreement_with`, the cloud's embeddings of the queries)."""
+    if agreement_with is not None:
+        truth = (agreement_with @ gallery.T).argmax(dim=1)
+        return torch.stack([(q @ gallery.T).argmax(dim=1) == truth for q in queries])
+    return torch.stack([gallery_labels[(q @ gallery.T).argmax(dim=1)] == query_labels for q in queries])
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def calibration_data(store: FamilyStore, member: str) -> dict:
+    """The held-out training images as queries, each exit's embeddings and entropies, against the cloud's
+    gallery of the training images that were trained on."""
+    entry = store.member(member)
+    if entry.kind != "multi-exit":
+        raise CalibrationError(f"member {member!r} of {store.name!r} has no exits (kind {entry.kind!r}); "
+                               f"multi-exit members: {', '.join(m.name for m in store.members if m.exits) or 'none'}")
+    config, split = store.config(), store.split()
+    keep, held = calibration_split(split.train, config.train.early_exit.held_out)
+    if len(held) == 0:
+        raise CalibrationError(f"{store.root}: no training images were held out for calibration "
+                               f"(train.early_exit.held_out is {config.train.early_exit.held_out}); retrain "
+                               f"with a share such as 0.1")
+    model, cloud = store.load_member(member), store.load_member(store.cloud.name)
+    floats = split.train.floats()
+    queries = exit_embeddings(model, floats[held])
+    gallery = embed_images(cloud, floats[keep])
+    labels = split.train.labels
+    cloud_queries = embed_images(cloud, floats[held])
+    agreement = None if split.labeled else cloud_queries
+    return {"cloud_correct": correct_per_exit(cloud_queries[None], gallery, labels[held], labels[keep], agreement)[0],
+            "entropies": exit_entropies(model, queries), "flops": [e.flops for e in entry.exits],
+            "stages": [e.stage for e in entry.exits], "images": len(held),
+            "correct": correct_per_exit(queries, gallery, labels[held], labels[keep], agreement)}
+
+
+def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, mean_flops: float | None = None,
+              escalate: float = 0.0, thresholds: list[float] | None = None) -> dict:
+    """Pick (or check given) thresholds for `member` on the held-out training images; store the rule."""
+    if top1_loss is None and mean_flops is None and thresholds is None:
+        raise CalibrationError("calibrate: give a target, --top1-loss (points of top-1 given up against the last "
+                               "exit) or --mean-mflops, or explicit --thresholds")
+    if not 0 <= escalate < 1:
+        raise CalibrationError(f"--escalate: the share of queries sent to the cloud must be in [0, 1), got {escalate}")
+    with store.lock("calibrate"):
+        store.reload()
+        data = calibration_data(store, member)
+        H, correct, flops, stages = data["entropies"], data["correct"], data["flops"], data["stages"]
+        last_top1 = correct[-1].float().mean().item()
+        if thresholds is not None:
+            chosen_thresholds = _checked_thresholds(thresholds, H, stages)
+            escalate_above = _escalation(H, chosen_thresholds, escalate) if escalate > 0 else None
+        else:
+            chosen_thresholds, escalate_above = _search(H, correct, flops, stages, last_top1, top1_loss, mean_flops,
+                                                        escalate, data["cloud_correct"])
+        chosen = apply_rule(H, chosen_thresholds, escalate_above)
+        figures = rule_figures(chosen, correct, flops, data["cloud_correct"])
+        rule = {"thresholds": chosen_thresholds, "escalate_above": escalate_above,
+                "target": {"top1_loss": top1_loss, "mean_mflops": mean_flops, "escalate": escalate,
+                           "explicit": thresholds is not None},
+                "calibration": {"images": data["images"], "top1_last_exit": last_top1,
+                                "mean_mflops": figures["mean_flops"] / 1e6, "top1": figures["top1_edge"],
+                                "shares": figures["shares"], "escalated": figures["escalated"],
+                                "top1_system": figures["top1_system"]}}
+        store.record_exit_rule(member, rule)
+    return rule
+
+
+def _checked_thresholds(thresholds: list[float], H: torch.Tensor, stages: list[int]) -> list[float]:
+    if len(thresholds) != len(stages) - 1:
+        raise CalibrationError(f"--thresholds: {len(thresholds)} given, but the member has {len(stages) - 1} exits "
+                               f"before its last (stages {', '.join(map(str, stages[:-1]))}); the last always answers")
+    chosen = apply_rule(H, thresholds)
+    if (chosen < len(stages) - 1).sum() == 0:
+        lowest = "; ".join(f"exit at stage {s}: lowest entropy {H[k].min().item():.4f} > threshold {t:g}"
+                           for k, (s, t) in enumerate(zip(stages, thresholds)))
+        raise CalibrationError(f"--thresholds {','.join(f'{t:g}' for t in thresholds)} make no query stop before "
+                               f"the last exit on the {H.shape[1]} held-out training images ({lowest}); raise them")
+    return [float(t) for t in thresholds]
+
+
+def _search(H, correct, flops, stages, last_top1, top1_loss, mean_flops, escalate, cloud_correct):
+    """(thresholds, escalate_above): each early exit's threshold the same quantile q of its entropies, the
+    cheapest q that meets the target (or the most accurate within a FLOPs budget).  With `escalate`, the
+    least sure share of all queries at the last exit goes to the cloud, and top-1 is the system's."""
+    if mean_flops is not None and mean_flops * 1e6 < flops[0]:
+        raise CalibrationError(
+            f"--mean-mflops {mean_flops:g} cannot be met: even stopping every query at the first exit (stage "
+            f"{stages[0]}) costs {flops[0] / 1e6:.2f} MFLOPs, {flops[0] / 1e6 - mean_flops:.2f} above the budget")
+    candidates = []
+    for q in QUANTILES:
+        thresholds = [H[k].quantile(q).item() if q > 0 else -1.0 for k in range(len(stages) - 1)]
+        above = _escalation(H, thresholds, escalate) if escalate > 0 else None
+        chosen = apply_rule(H, thresholds, above)
+        if escalate > 0 and (chosen == len(stages)).float().mean().item() < escalate - 1.0 / H.shape[1]:
+            continue  # too few queries reach the last exit to send that share to the cloud
+        figures = rule_figures(chosen, correct, flops, cloud_correct)
+        loss = last_top1 - figures["top1_system" if escalate > 0 else "top1_edge"]
+        candidates.append((loss, figures, thresholds, above))
+    meets = [c for c in candidates if (top1_loss is None or c[0] <= top1_loss + 1e-9)
+             and (mean_flops is None or c[1]["mean_flops"] <= mean_flops * 1e6)]
+    if meets:
+        by = (lambda c: (c[1]["mean_flops"], c[0])) if top1_loss is not None else (lambda c: (c[0], c[1]["mean_flops"]))
+        best = min(meets, key=by)
+        return best[2], best[3]
+    within = [c for c in candidates if mean_flops is None or c[1]["mean_flops"] <= mean_flops * 1e6]
+    if not within:
+        raise CalibrationError(f"--mean-mflops {mean_flops:g} cannot be met while sending {escalate:.0%} of queries "
+                               f"to the cloud from the last exit (stage {stages[-1]}, {flops[-1] / 1e6:.2f} MFLOPs); "
+                               f"lower --escalate or raise the budget")
+    loss, figures, _, _ = min(within, key=lambda c: c[0])
+    worst = max(range(len(stages)), key=lambda k: figures["shares"][k] * (1 - correct[k].float().mean().item()))
+    raise CalibrationError(
+        f"--top1-loss {top1_loss:g}{'' if mean_flops is None else f' with --mean-mflops {mean_flops:g}'} cannot be "
+        f"met: the least top-1 loss{'' if mean_flops is None else ' within the FLOPs budget'} is {loss:.4f}, "
+        f"{loss - top1_loss:.4f} over the budget; the exit at stage {stages[worst]} loses most (top-1 "
+        f"{correct[worst].float().mean().item():.3f} there against {last_top1:.3f} at the last exit, "
+        f"{figures['shares'][worst]:.1%} of queries answered there)")
+
+
+def _escalation(H: torch.Tensor, thresholds: list[float], share: float) -> float | None:
+    """The last-exit entropy above which the `share` of all queries least sure there go to the cloud."""
+    reaching = H[-1][apply_rule(H, thresholds) == H.shape[0] - 1]
+    count = min(len(reaching), int(round(share * H.shape[1])))
+    if count == 0:
+        return None
+    ordered = reaching.sort(descending=True).values
+    return float(ordered[count]) if count < len(ordered) else float(ordered[-1]) - 1.0

@@ -1,0 +1,196 @@
+"""Multi-exit edge members: config, the trunk and its exits, training, the entropy rule and calibration, the
+chained export and its verification, and the bad inputs of issue 15."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from hetero.config import parse_config
+from hetero.errors import CalibrationError, ConfigError, ExportError
+from hetero.models import Embedder, MultiExitEmbedder, count_flops, exit_flops
+
+from .conftest import tiny_config
+
+
+def multi_exit_config(exits="auto", **train) -> dict:
+    config = tiny_config(epochs=8, **train)
+    config["family"]["members"][1]["exits"] = exits
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("member, exits, words", [
+    (1, [2, 7], "stage 7 does not exist; architecture 'resnet' has stages 1-4"),
+    (1, [0], "stage 0 does not exist"),
+    (0, "auto", "only an edge member can have exits"),
+    (1, [], "at least one stage index"),
+])
+def test_bad_exits_are_refused_naming_the_member_and_value(member, exits, words):
+    config = tiny_config()
+    config["family"]["members"][member]["exits"] = exits
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, "bad.yaml")
+    assert f"family.members.{member}" in str(err.value) and words in str(err.value)
+
+
+def test_library_backbones_and_independent_members_are_refused_with_exits():
+    config = multi_exit_config()
+    config["family"]["members"][1]["arch"] = "torchvision/resnet18"
+    config["family"]["members"][1].update(width=1.0, depth=1.0)
+    with pytest.raises(ConfigError, match="hetero's own architectures"):
+        parse_config(config, "bad.yaml")
+    with pytest.raises(ConfigError, match="train.compat: multi-exit member 'edge-a'"):
+        parse_config(multi_exit_config(compat="none"), "bad.yaml")
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("arch, stages", [("resnet", 4), ("mobilenet", 5)])
+def test_exits_chain_stage_by_stage_and_cost_little_over_the_plain_trunk(arch, stages):
+    torch.manual_seed(0)
+    model = MultiExitEmbedder(arch, 0.5, 0.5, 32, 40, [2]).eval()
+    assert model.exits == [2, stages]  # the last stage is always an exit
+    images = torch.rand(3, 3, 40, 40)
+    exits = model.forward_exits(images)
+    features, chained = images, []
+    for index in range(len(model.exits)):
+        embedding, entropy, features = model.stage(index, features)
+        chained.append(embedding)
+        assert entropy.shape == (3,) and (entropy >= 0).all()
+    for a, b in zip(exits, chained):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(model(images), exits[-1])
+    assert torch.allclose(exits[0].norm(dim=1), torch.ones(3))
+    flops = exit_flops(model)
+    assert flops == sorted(flops) and flops[0] < flops[-1] / 2
+    plain = count_flops(Embedder(arch, 0.5, 0.5, 32, 40))
+    assert plain < flops[-1] < 1.05 * plain  # the exit machinery: under 5% of the last exit
+
+
+# ------------------------------------------------------------------------------------ trained end to end
+
+
+@pytest.fixture(scope="module")
+def multi_exit_dir(tmp_path_factory):
+    from hetero.train import train
+
+    out = tmp_path_factory.mktemp("multi-exit")
+    train(parse_config(multi_exit_config(early_exit={"self_distillation": 1.0}), "tiny"), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def multi_exit_copy(multi_exit_dir, tmp_path):
+    target = tmp_path / "family"
+    shutil.copytree(multi_exit_dir, target)
+    return target
+
+
+@pytest.mark.slow
+def test_every_exit_is_trained_against_the_cloud_and_recorded(multi_exit_copy):
+    from hetero.evaluate import evaluate
+    from hetero.family import FamilyStore
+
+    store = FamilyStore.open(multi_exit_copy)
+    entry = store.member("edge-a")
+    assert entry.kind == "multi-exit" and [e.stage for e in entry.exits] == [1, 2, 3, 4]
+    assert [e.flops for e in entry.exits] == sorted(e.flops for e in entry.exits)
+    assert entry.exits[-1].flops >= entry.flops  # the last exit is the member, plus the earlier heads
+    assert entry.early_exit["anchors"] == {"source": "shared classifier prototypes", "count": 32}
+    assert len(entry.early_exit["temperatures"]) == 4
+    # every training class lost its last image to calibration (8 per class, held_out 0.1 -> 1)
+    assert store.manifest.data.train_images == 32 * 7
+    report = evaluate(store)
+    assert {"edge-a@1", "edge-a@2", "edge-a@3", "edge-a"} <= set(report["matrix"])
+    chance = report["chance_top1"]
+    rows = report["early_exit"]["edge-a"]["exits"]
+    # stage 1 of this tiny trunk has 8 channels: only the deeper exits are held to a floor
+    assert all(row["top1_vs_cloud"] > 2 * chance for row in rows[1:]), rows
+    assert rows[-1]["top1_vs_cloud"] > 5 * chance
+    assert rows[-1]["top1_vs_cloud"] == report["matrix"]["edge-a"]["cloud"]["top1"]
+
+
+@pytest.mark.slow
+def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(multi_exit_copy):
+    from hetero.evaluate import evaluate
+    from hetero.exits import calibrate
+    from hetero.family import FamilyStore
+
+    store = FamilyStore.open(multi_exit_copy)
+    rule = calibrate(store, "edge-a", top1_loss=0.05, escalate=0.1)
+    found = rule["calibration"]
+    assert found["images"] == 32
+    assert found["top1_last_exit"] - found["top1_system"] <= 0.05 + 1e-6
+    assert found["escalated"] == pytest.approx(0.1, abs=1 / 32 + 1e-6)
+    assert FamilyStore.open(multi_exit_copy).member("edge-a").early_exit["rule"]["thresholds"] == rule["thresholds"]
+    summary = evaluate(store)["early_exit"]["edge-a"]["rule"]
+    assert sum(summary["shares"]) + summary["escalated"] == pytest.approx(1.0)
+    assert 0 < summary["escalated"] < 0.3
+    assert summary["mean_flops"] <= store.member("edge-a").exits[-1].flops
+
+
+@pytest.mark.slow
+def test_unmeetable_targets_and_thresholds_that_stop_nothing_say_which_exit(multi_exit_copy):
+    from hetero.exits import calibrate
+    from hetero.family import FamilyStore
+
+    store = FamilyStore.open(multi_exit_copy)
+    first = store.member("edge-a").exits[0].flops / 1e6
+    with pytest.raises(CalibrationError, match=rf"first exit \(stage 1\) costs {first:.2f} MFLOPs, "
+                                               rf"{first - 0.01:.2f} above the budget"):
+        calibrate(store, "edge-a", mean_flops=0.01)
+    with pytest.raises(CalibrationError, match=r"make no query stop before the last exit.*exit at stage 1: lowest "
+                                               r"entropy"):
+        calibrate(store, "edge-a", thresholds=[-1.0, -1.0, -1.0])
+    with pytest.raises(CalibrationError, match="1 given, but the member has 3 exits before its last"):
+        calibrate(store, "edge-a", thresholds=[1.0])
+    with pytest.raises(CalibrationError, match="'edge-b' .* has no exits"):
+        calibrate(store, "edge-b", top1_loss=0.01)
+    assert store.reload().member("edge-a").early_exit.get("rule") is None  # nothing stored by a failed calibration
+
+
+@pytest.mark.slow
+def test_chained_export_verifies_per_exit_and_refuses_stages_of_another_export(multi_exit_copy):
+    from hetero import formats
+    from hetero.exits import calibrate
+    from hetero.exporter import export_member
+    from hetero.family import FamilyStore
+    from hetero.profiles import load_profile
+    from hetero.verify import verify
+
+    store = FamilyStore.open(multi_exit_copy)
+    calibrate(store, "edge-a", top1_loss=0.05)
+    server = load_profile("server-onnx-fp32")
+    with store.lock("export"):
+        artifact = export_member(store, "edge-a", server)
+        with pytest.raises(ExportError, match="profile 'android-litert-fp16' exports tflite files, which have no "
+                                              "chained multi-exit export"):
+            export_member(store, "edge-a", load_profile("android-litert-fp16"))
+    folder = store.artifact_path(artifact)
+    assert sorted(p.name for p in folder.iterdir()) == ["all_exits.onnx", "chain.json", "stage1.onnx", "stage2.onnx",
+                                                        "stage3.onnx", "stage4.onnx"]
+    chain = formats.get("onnx").open_exit_chain(folder)
+    assert chain.metadata["early_exit"]["rule"]["thresholds"] == store.member("edge-a").early_exit["rule"]["thresholds"]
+    report, _ = verify(store, profile="server-onnx-fp32", latency_runs=2)
+    checks = {c["name"]: c for c in report["artifacts"][0]["checks"]}
+    assert report["passed"], checks
+    assert checks["parity"]["values"]["exit_agreement"] >= 0.99
+    assert len(checks["retrieval"]["values"]["exits"]) == 4
+
+    # A stage graph from another export of the same member: refused by the chain's sha256s.
+    keep = folder.parent / "first"
+    shutil.copytree(folder, keep)
+    with store.lock("export"):
+        export_member(store, "edge-a", server)
+    shutil.copyfile(keep / "stage2.onnx", folder / "stage2.onnx")
+    with pytest.raises(ExportError, match="stage2.onnx: sha256 .* comes from another export"):
+        formats.get("onnx").open_exit_chain(folder)
+    store.reload()
+    report, _ = verify(store, profile="server-onnx-fp32", latency_runs=2)
+    assert not report["passed"]
+
