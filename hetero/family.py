@@ -8,6 +8,7 @@ or writes its manifest, member weights or artifact records.  The directory holds
     checkpoints/<member>.safetensors      weights (safetensors, one canonical metadata key; nothing pickled)
     checkpoints/train_state.safetensors   weights + optimizer + epoch/history in one file (for --resume)
     checkpoints/previous/<cloud>.safetensors  a backward update's copy of the earlier family's cloud
+    checkpoints/lqf/<member>.safetensors  an LQF update's linearisation points w0 (the checkpoint is w0 + dw)
     exports/<profile>/<member><suffix>    exported artifacts
     report.json, verify.json, gallery/    evaluation, verification and the default gallery
     .hetero.lock, .hetero.lock.json       held by the stage writing the directory
@@ -79,6 +80,9 @@ class MemberRecord(Record):
     fingerprint: str | None = None  # an external model's sha256 (bytes, or tensors for weights)
     # compat: adapter: the map from this member's own space into the cloud's, applied inside its graph
     adapter: dict[str, Any] | None = None
+    activation: Literal["relu", "leaky_relu"] = "relu"  # the architecture's activation variant
+    # mode: lqf: the weights the member was linearised around (checkpoint holds the merged w0 + dw)
+    linearised_at: FileRecord | None = None
 
     @field_validator("name")
     @classmethod
@@ -135,6 +139,7 @@ class TrainingRecord(Record):
     channels_last: bool | None = None
     history: list[EpochRecord] = Field(default_factory=list)
     teacher_cache: dict[str, Any] | None = None  # where the edge phase's cloud answers came from, and their cost
+    lqf: list[dict[str, Any]] | None = None  # mode lqf: per member, what was linearised and how the objective fell
 
 
 class PreviousRecord(Record):
@@ -162,7 +167,7 @@ class Manifest(Record):
     embedding_dim: int = Field(ge=2, le=4096)
     space_id: str = Field(pattern=r"^hs-[0-9a-f]{16}$")
     compat: Literal["none", "shared", "adapter"]
-    mode: Literal["joint", "sequential", "backward"]
+    mode: Literal["joint", "sequential", "backward", "lqf"]
     members: list[MemberRecord] = Field(min_length=2)
     data: DataRecord
     training: TrainingRecord
@@ -356,6 +361,13 @@ class FamilyStore:
                                 f"the earlier cloud; train the update again")
         return self._load(previous.member, self.checked_file(previous.checkpoint, "the earlier family's cloud"))
 
+    def load_linearisation_point(self, name: str):
+        """An LQF update's member at the weights w0 it was linearised around (sha256 checked)."""
+        record = self.member(name)
+        if record.linearised_at is None:
+            raise ManifestError(f"{self.root / MANIFEST}: member {name!r} was not fine-tuned by LQF (mode: lqf)")
+        return self._load(record, self.checked_file(record.linearised_at, f"linearisation point of member {name!r}"))
+
     def _load(self, record: MemberRecord, path: Path):
         from hetero.models import Embedder, architecture_known
 
@@ -365,7 +377,7 @@ class FamilyStore:
             raise ManifestError(f"{self.root / MANIFEST}: member {record.name!r} names architecture "
                                 f"{record.arch!r}, which this hetero does not have")
         model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
-                         record.std)
+                         record.std, record.activation)
         if record.adapter is not None:
             from hetero.models import add_adapter
 
