@@ -230,3 +230,15 @@ def _relative_norm(model: Linearised) -> float:
         delta = sum(d.pow(2).sum() for d in model.delta).sqrt()
         base = sum(params[n].pow(2).sum() for n in model.names).sqrt()
     return float(delta / base)
+
+
+def load_linearised(store, name: str) -> Linearised:
+    """An LQF update's member as the linearised model itself: its w0 (checked) and dw = checkpoint - w0."""
+    base = store.load_linearisation_point(name)
+    merged = dict(store.load_member(name).named_parameters())
+    names, _ = kfac_parameters(base, name)
+    model = Linearised(base, names)
+    with torch.no_grad():
+        for delta, param_name in zip(model.delta, names):
+            delta.copy_(merged[param_name] - dict(base.named_parameters())[param_name])
+    return model.eval()
