@@ -21,9 +21,9 @@ def small_member(arch: str = "resnet", activation: str = "leaky_relu") -> Embedd
 
 
 def lqf_config(previous, **overrides) -> dict:
-    """An update of the tiny family on other procedural classes (another split seed), 3 CG iterations."""
-    data = tiny_config(mode="lqf", previous=str(previous), epochs=3, **overrides)
-    data["data"].update(num_classes=24, split_seed=7)
+    """An update of the tiny family on 12 new procedural classes (another seed), 2 CG iterations."""
+    data = tiny_config(mode="lqf", previous=str(previous), epochs=2, batch_size=48, samples_per_class=4, **overrides)
+    data["data"].update(num_classes=18, samples_per_class=6, split_seed=7)
     return data
 
 
@@ -124,7 +124,7 @@ def test_lqf_update_keeps_the_space_is_deterministic_and_exports(family_copy, tm
 
     report = evaluate(first)
     assert {"new_vs_old_top1", "old_vs_old_top1", "negative_flip_rate"} <= report["backward"].keys()
-    assert report["backward"]["new_vs_old_top1"] > 5 * report["chance_top1"]
+    assert report["backward"]["new_vs_old_top1"] > 2 * report["chance_top1"]
 
     images = first.split().test.floats()[:32]
     merged, linear = first.load_member("edge-a"), load_linearised(first, "edge-a")
