@@ -138,3 +138,20 @@ def test_lqf_update_keeps_the_space_is_deterministic_and_exports(family_copy, tm
     with first.lock("export"):
         artifact = export_member(first, "edge-a", load_profile("server-onnx-fp32"))
     assert artifact.member == "edge-a" and (first.root / artifact.file).is_file()
+
+
+def test_init_starts_every_member_from_the_earlier_family(tiny_family_dir):
+    from hetero.train import Family, start_from_family
+
+    config = parse_config(tiny_config(mode="joint", init=str(tiny_family_dir)), "ft.yaml")
+    family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)
+    start_from_family(family, config)
+    old = FamilyStore.open(tiny_family_dir)
+    for name, member in family.members.items():
+        expected = old.load_member(name).state_dict()
+        assert all(torch.equal(expected[k], v) for k, v in member.state_dict().items()), name
+    data = tiny_config(mode="joint", init=str(tiny_family_dir))
+    data["family"]["members"][2]["input_size"] = 32
+    config = parse_config(data, "ft.yaml")
+    with pytest.raises(ConfigError, match=r"'edge-b' has input_size 32, the same member in train\.init .* 24"):
+        start_from_family(Family(config, 8, [0.5] * 3, [0.25] * 3), config)
