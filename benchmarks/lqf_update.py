@@ -23,7 +23,6 @@ the mean over `--seeds` seeds and its spread (max - min).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -121,6 +120,21 @@ class LinearisedStore:
         return self.models[name]
 
 
+def report(rows: dict, names: list[str], title: str) -> None:
+    def cell(values):
+        return f"{statistics.mean(values):.3f} ({max(values) - min(values):.3f})"
+
+    print(f"\n{title}")
+    print(f"{'method':24} " + " ".join(f"{'Korean top-1 ' + n:>22}" for n in names) +
+          f" {'M[new][old]':>16} {'M[old][old]':>11} {'NFR vs old':>16} {'edges vs old':>14} {'s/run':>6}")
+    for method, runs in rows.items():
+        edges = [statistics.mean(r["edges_vs_old"].values()) for r in runs]
+        print(f"{method:24} " + " ".join(f"{cell([r['korean'][n] for r in runs]):>22}" for n in names) +
+              f" {cell([r['new_vs_old'] for r in runs]):>16} {runs[0]['old_vs_old']:11.3f} "
+              f"{cell([r['nfr'] for r in runs]):>16} {statistics.mean(edges):14.3f} "
+              f"{statistics.mean(r['seconds'] for r in runs):6.0f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced recipe (QUICK) for the old family")
@@ -162,6 +176,11 @@ def main() -> None:
             "fine-tuning": dict(mode="joint", init=str(old_dir), lr=args.lr),
             "fine-tuning + backward": dict(mode="backward", previous=str(old_dir), init=str(old_dir), lr=args.lr),
         }
+        names = [m.name for m in old.members]
+        title = (f"LQF update, Omniglot {'--quick' if args.quick else 'full'}: old family on "
+                 f"{', '.join(OLD_ALPHABETS)} ({old_seconds:.0f} s{' (reused)' if old_seconds < 1 else ''}), updated "
+                 f"with drawers 1-5 of {NEW}'s {len(korean.class_names)} characters, {epochs} passes; mean over "
+                 f"{args.seeds} seeds (spread max-min)")
         rows = {"no update": [dict(korean=korean_top1(old, korean),
                                    **old_gallery_figures({m.name: old.load_member(m.name) for m in old.members},
                                                          old_cloud, split), seconds=0.0)]}
@@ -181,23 +200,9 @@ def main() -> None:
                         korean=korean_top1(linear, korean), **old_gallery_figures(linear.models, old_cloud, split),
                         seconds=seconds))
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
+            report(rows, names, title + " (so far)")  # a run cut short still shows what it measured
 
-    print(f"\nLQF update, Omniglot {'--quick' if args.quick else 'full'}: old family on {', '.join(OLD_ALPHABETS)} "
-          f"({old_seconds:.0f} s{' (reused)' if old_seconds < 1 else ''}), updated with drawers 1-5 of {NEW}'s "
-          f"{len(korean.class_names)} characters, {epochs} passes; mean over {args.seeds} seeds (spread max-min)")
-    names = [m.name for m in old.members]
-    print(f"{'method':24} " + " ".join(f"{'Korean top-1 ' + n:>22}" for n in names) +
-          f" {'M[new][old]':>16} {'M[old][old]':>11} {'NFR vs old':>16} {'edges vs old':>14} {'s/run':>6}")
-
-    def cell(values):
-        return f"{statistics.mean(values):.3f} ({max(values) - min(values):.3f})"
-
-    for method, runs in rows.items():
-        edges = [statistics.mean(r["edges_vs_old"].values()) for r in runs]
-        print(f"{method:24} " + " ".join(f"{cell([r['korean'][n] for r in runs]):>22}" for n in names) +
-              f" {cell([r['new_vs_old'] for r in runs]):>16} {runs[0]['old_vs_old']:11.3f} "
-              f"{cell([r['nfr'] for r in runs]):>16} {statistics.mean(edges):14.3f} "
-              f"{statistics.mean(r['seconds'] for r in runs):6.0f}")
+    report(rows, names, title)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
