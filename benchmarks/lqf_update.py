@@ -184,8 +184,8 @@ def main() -> None:
         rows = {"no update": [dict(korean=korean_top1(old, korean),
                                    **old_gallery_figures({m.name: old.load_member(m.name) for m in old.members},
                                                          old_cloud, split), seconds=0.0)]}
-        for method, settings in methods.items():
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):  # every method once per round: a run cut short still compares them all
+            for method, settings in methods.items():
                 cfg = parse_config(config(recipe, new_data, epochs=epochs, seed=seed, **settings), method)
                 started = time.perf_counter()
                 store = train(cfg, work / f"{method.replace(' ', '')}-{seed}", progress=False, overwrite=True)
@@ -200,7 +200,7 @@ def main() -> None:
                         korean=korean_top1(linear, korean), **old_gallery_figures(linear.models, old_cloud, split),
                         seconds=seconds))
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
-            report(rows, names, title + " (so far)")  # a run cut short still shows what it measured
+            report(rows, names, title + f" (after seed {seed})")
 
     report(rows, names, title)
     if args.json:
