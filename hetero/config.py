@@ -84,6 +84,9 @@ class MemberConfig:
     # A multi-exit edge member: an exit (a head emitting the family embedding) after each of these stages
     # (1-based; the last stage is always an exit), or `auto` for one per stage.  hetero's own archs only.
     exits: list[int] | Literal["auto"] | None = None
+    # The architecture's activation variant: leaky_relu replaces ReLU/ReLU6 in hetero's own architectures
+    # (resnet, mobilenet); a piecewise-linear network without flat sides, which `mode: lqf` linearises well.
+    activation: Literal["relu", "leaky_relu"] = "relu"
 
     @field_validator("name")
     @classmethod
@@ -127,6 +130,9 @@ class MemberConfig:
             raise ValueError("arch: required key is missing (or give `model` for an external cloud)")
         if self.exits is not None:
             self._check_exits()
+        if self.activation != "relu" and (self.external or ":" in (self.arch or "") or "/" in (self.arch or "")):
+            raise ValueError(f"activation: {self.activation!r} is a variant of hetero's own architectures (resnet, "
+                             f"mobilenet); {self.arch or self.model!r} keeps its own activations")
         if self.model and self.arch and not self.model.endswith(".safetensors"):
             raise ValueError(f"arch: not used with model {self.model!r}, which holds its own architecture")
         if not self.external:
@@ -337,6 +343,22 @@ class EarlyExitConfig:
 
 
 @dataclass(config=STRICT)
+class LqfConfig:
+    """mode: lqf, linearised fine-tuning (LQF, Achille et al., CVPR 2021) of the family in `previous`.
+
+    Each member is replaced by its first-order Taylor expansion in its weights around the previous
+    member's, trained by least squares to `target_scale` x one-hot through the frozen shared classifier
+    (plus `compat_weight` x the squared distance to the previous cloud's embedding) with train.weight_decay
+    on dw.  The objective is a convex quadratic, minimised by `train.epochs` full-batch conjugate-gradient
+    iterations preconditioned by K-FAC (curvlinops): no learning rate, no dependence on the seed.
+    """
+
+    damping: Annotated[float, Field(gt=0)] = 1e-3  # added to each Kronecker factor before inverting
+    target_scale: Annotated[float, Field(gt=0)] = 1.0
+    compat_weight: NonNegative = 0.0
+
+
+@dataclass(config=STRICT)
 class TrainConfig:
     epochs: Positive = 10
     # Epochs of the edge phase in sequential mode (the cloud phase has `epochs`); default: `epochs`.
@@ -359,9 +381,15 @@ class TrainConfig:
     # Measured on Omniglot and procedural data, sequential aligned the edges better at a lower cost per epoch
     # (benchmarks/compat_quality.py).  backward: a new family, cloud included, learns against the frozen
     # cloud of the earlier family in `previous`, whose gallery is never re-indexed; it keeps that space id.
-    mode: Literal["joint", "sequential", "backward"] = "sequential"
-    # backward mode: directory of the earlier, trained family (relative paths are relative to the config).
+    # lqf: linearised fine-tuning of the family in `previous` on this config's data (see LqfConfig); it
+    # keeps that family's members, space id and gallery.
+    mode: Literal["joint", "sequential", "backward", "lqf"] = "sequential"
+    # backward and lqf modes: directory of the earlier, trained family (relative paths: to the config).
     previous: str | None = None
+    lqf: LqfConfig = field(default_factory=LqfConfig)
+    # Start every member from the same-named member of the family in this directory (ordinary fine-tuning;
+    # with mode backward and the same `previous`, fine-tuning with the backward terms).
+    init: str | None = None
     classifier: Literal["cosface", "arcface"] = "cosface"
     margin: NonNegative = 0.2
     scale: Annotated[float, Field(gt=0)] = 16.0
@@ -406,12 +434,14 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.mode == "backward" and not self.previous:
-            raise ValueError("previous: mode 'backward' needs the directory of the earlier family it stays "
+        if self.mode in ("backward", "lqf") and not self.previous:
+            raise ValueError(f"previous: mode {self.mode!r} needs the directory of the earlier family it stays "
                              "compatible with")
-        if self.mode == "backward" and self.compat in ("none", "adapter"):
-            raise ValueError(f"compat: mode 'backward' trains against the earlier cloud, so compat {self.compat!r} "
-                             f"cannot apply")
+        if self.mode in ("backward", "lqf") and self.compat in ("none", "adapter"):
+            raise ValueError(f"compat: mode {self.mode!r} trains against the earlier cloud, so compat "
+                             f"{self.compat!r} cannot apply")
+        if self.mode == "lqf" and self.init:
+            raise ValueError("init: mode 'lqf' always starts from (and linearises around) the family in `previous`")
         if self.teacher_cache is not None and (self.mode != "sequential" or self.compat != "shared"):
             raise ValueError("teacher_cache: the cloud's embeddings are cached for an edge phase against a frozen "
                              "cloud: mode 'sequential' with compat 'shared'")
@@ -420,8 +450,8 @@ class TrainConfig:
         if self.compat == "shared" and self.edge_classification == 0 and not any(self.losses.values()):
             raise ValueError("edge_classification: 0 with no cross-model term in `losses` leaves the edge members "
                              "nothing to learn from; give a loss a weight > 0 or edge_classification > 0")
-        if self.previous and self.mode != "backward":
-            raise ValueError(f"previous: only used in mode 'backward' (mode is {self.mode!r})")
+        if self.previous and self.mode not in ("backward", "lqf"):
+            raise ValueError(f"previous: only used in modes 'backward' and 'lqf' (mode is {self.mode!r})")
         if self.batch_size % self.samples_per_class:
             raise ValueError(f"batch_size: {self.batch_size} must be a multiple of samples_per_class "
                              f"({self.samples_per_class})")
@@ -611,6 +641,7 @@ def load_config(path: str | Path) -> Config:
     config = parse_config(read_yaml(path), str(path))
     config.data.path = _relative_to(path, config.data.path)
     config.train.previous = _relative_to(path, config.train.previous)
+    config.train.init = _relative_to(path, config.train.init)
     if config.data.eval is not None:
         config.data.eval.path = _relative_to(path, config.data.eval.path)
     if config.train.teacher_cache is not None:

@@ -8,6 +8,7 @@ or writes its manifest, member weights or artifact records.  The directory holds
     checkpoints/<member>.safetensors      weights (safetensors, one canonical metadata key; nothing pickled)
     checkpoints/train_state.safetensors   weights + optimizer + epoch/history in one file (for --resume)
     checkpoints/previous/<cloud>.safetensors  a backward update's copy of the earlier family's cloud
+    checkpoints/lqf/<member>.safetensors  an LQF update's linearisation points w0 (the checkpoint is w0 + dw)
     exports/<profile>/<member><suffix>    exported artifacts
     report.json, verify.json, gallery/    evaluation, verification and the default gallery
     .hetero.lock, .hetero.lock.json       held by the stage writing the directory
@@ -92,6 +93,9 @@ class MemberRecord(Record):
     exits: list[ExitRecord] | None = None  # multi-exit members, shallowest first; the last is the member itself
     # multi-exit members: the entropy rule's anchors and temperatures, and the thresholds `hetero calibrate` set
     early_exit: dict[str, Any] | None = None
+    activation: Literal["relu", "leaky_relu"] = "relu"  # the architecture's activation variant
+    # mode: lqf: the weights the member was linearised around (checkpoint holds the merged w0 + dw)
+    linearised_at: FileRecord | None = None
 
     @field_validator("name")
     @classmethod
@@ -155,6 +159,7 @@ class TrainingRecord(Record):
     channels_last: bool | None = None
     history: list[EpochRecord] = Field(default_factory=list)
     teacher_cache: dict[str, Any] | None = None  # where the edge phase's cloud answers came from, and their cost
+    lqf: list[dict[str, Any]] | None = None  # mode lqf: per member, what was linearised and how the objective fell
 
 
 class PreviousRecord(Record):
@@ -182,7 +187,7 @@ class Manifest(Record):
     embedding_dim: int = Field(ge=2, le=4096)
     space_id: str = Field(pattern=r"^hs-[0-9a-f]{16}$")
     compat: Literal["none", "shared", "adapter"]
-    mode: Literal["joint", "sequential", "backward"]
+    mode: Literal["joint", "sequential", "backward", "lqf"]
     members: list[MemberRecord] = Field(min_length=2)
     data: DataRecord
     training: TrainingRecord
@@ -376,6 +381,13 @@ class FamilyStore:
                                 f"the earlier cloud; train the update again")
         return self._load(previous.member, self.checked_file(previous.checkpoint, "the earlier family's cloud"))
 
+    def load_linearisation_point(self, name: str):
+        """An LQF update's member at the weights w0 it was linearised around (sha256 checked)."""
+        record = self.member(name)
+        if record.linearised_at is None:
+            raise ManifestError(f"{self.root / MANIFEST}: member {name!r} was not fine-tuned by LQF (mode: lqf)")
+        return self._load(record, self.checked_file(record.linearised_at, f"linearisation point of member {name!r}"))
+
     def _load(self, record: MemberRecord, path: Path):
         from hetero.models import Embedder, MultiExitEmbedder, architecture_known
 
@@ -387,10 +399,11 @@ class FamilyStore:
         if record.kind == "multi-exit":
             model = MultiExitEmbedder(record.arch, record.width, record.depth, record.dim, record.input_size,
                                       [e.stage for e in record.exits], record.mean, record.std,
-                                      int((record.early_exit or {}).get("anchors", {}).get("count", 64)))
+                                      int((record.early_exit or {}).get("anchors", {}).get("count", 64)),
+                                      record.activation)
         else:
             model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
-                             record.std)
+                             record.std, record.activation)
         if record.adapter is not None:
             from hetero.models import add_adapter
 

@@ -166,7 +166,33 @@ def load_backbone_weights(backbone: nn.Module, path, arch: str) -> None:
     backbone.load_state_dict({k: tensors[k] for k in expected})
 
 
-def build_backbone(arch: str, width: float, depth: float) -> tuple[nn.Module, int]:
+ACTIVATIONS = ("relu", "leaky_relu")
+# The slope of leaky_relu's negative side: small enough that the network behaves much like its ReLU twin,
+# large enough that no unit's gradient is ever exactly zero (LQF, Achille et al. 2021, swaps ReLU for it).
+LEAKY_SLOPE = 0.1
+
+
+def with_activation(backbone: nn.Module, activation: str) -> nn.Module:
+    """The architecture's activation variant: `leaky_relu` replaces every ReLU and ReLU6 by a leaky ReLU.
+
+    Still piecewise linear, but with no flat side, so the network's first-order Taylor expansion in its
+    weights (what LQF fine-tunes) never loses the gradient of a unit that is off at the linearisation point.
+    """
+    if activation == "relu":
+        return backbone
+    for module in list(backbone.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, (nn.ReLU, nn.ReLU6)):
+                setattr(module, name, nn.LeakyReLU(LEAKY_SLOPE))
+    return backbone
+
+
+def build_backbone(arch: str, width: float, depth: float, activation: str = "relu") -> tuple[nn.Module, int]:
+    if activation not in ACTIVATIONS:
+        raise KeyError(f"unknown activation {activation!r}; available: {', '.join(ACTIVATIONS)}")
+    if activation != "relu" and (is_library_arch(arch) or arch not in ARCHITECTURES):
+        raise KeyError(f"activation {activation!r}: a variant of hetero's own architectures "
+                       f"({', '.join(sorted(ARCHITECTURES))}); {arch!r} keeps its own activations")
     if is_library_arch(arch):
         if (width, depth) != (1.0, 1.0):
             raise KeyError(f"architecture {arch!r} comes at its own width and depth: leave width and depth at 1.0 "
@@ -175,17 +201,19 @@ def build_backbone(arch: str, width: float, depth: float) -> tuple[nn.Module, in
     if arch not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}, or "
                        f"timm/<name>, torchvision/<name>")
-    return ARCHITECTURES[arch](width, depth)
+    backbone, channels = ARCHITECTURES[arch](width, depth)
+    return with_activation(backbone, activation), channels
 
 
 class Embedder(nn.Module):
     """Backbone + pooling + projection + L2 normalisation, with the input normalisation inside."""
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), activation: str = "relu"):
         super().__init__()
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
-        self.backbone, channels = build_backbone(arch, width, depth)
+        self.activation = activation
+        self.backbone, channels = build_backbone(arch, width, depth, activation)
         self.project = nn.Linear(channels, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -226,10 +254,11 @@ class MultiExitEmbedder(nn.Module):
     """
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int, exits: list[int],
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64, activation: str = "relu"):
         super().__init__()
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
-        backbone, _ = build_backbone(arch, width, depth)
+        self.activation = activation
+        backbone, _ = build_backbone(arch, width, depth, activation)
         ends, widths = backbone.stage_ends, backbone.stage_widths
         self.exits = resolve_exits(exits, len(ends), arch)
         starts = [0] + [ends[stage - 1] for stage in self.exits[:-1]]
@@ -316,10 +345,12 @@ def count_flops(model: Embedder) -> int:
 
 def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
     """A trainable member from its config; a library backbone starts from `weights` when given."""
+    activation = getattr(member_cfg, "activation", "relu")
     if getattr(member_cfg, "exits", None) is not None:
         return MultiExitEmbedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size,
-                                 member_cfg.exits, mean, std)
-    model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std)
+                                 member_cfg.exits, mean, std, activation=activation)
+    model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std,
+                     activation)
     if getattr(member_cfg, "weights", None):
         load_backbone_weights(model.backbone, member_cfg.weights, member_cfg.arch)
     return model

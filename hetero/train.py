@@ -42,6 +42,7 @@ from hetero.family import (TRAIN_STATE, DataRecord, ExitRecord, FamilyStore, Fil
                            PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
                            save_weights, space_id, tensors_digest, write_config, writing)
 from hetero.files import atomic_path, sha256_file
+from hetero.lqf import fine_tune
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import (Embedder, MultiExitEmbedder, add_adapter, build_member, count_flops, count_params,
                            embed_images, exit_flops, resize_to)
@@ -418,6 +419,13 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     with new_directory(out), writing(out, "train"):
         distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
         split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written
+        if config.train.mode == "lqf":  # deterministic: a resumed update simply runs again
+            family, previous, points, facts = lqf_update(config, split)
+            write_config(out, config)
+            history = [{"epoch": i + 1, "loss": sum(f["history"][i] for f in facts), "seconds": 0.0}
+                       for i in range(config.train.epochs)]
+            write_family(config, out, family, split, history, previous, {"lqf": facts}, linearised=points)
+            return FamilyStore.open(out)
         split = hold_out_for_calibration(config, split)
         run = _Run(config, out, split, progress)  # and so does a cloud file that cannot serve this family
         if distributed.is_main():
@@ -453,6 +461,8 @@ class _Run:
         classes = len(split.train.class_names) if config.data.source != "unlabeled" else 0
         self.family = Family(config, classes, mean, std)
         self.previous = None
+        if train_cfg.init:
+            start_from_family(self.family, config)
         if train_cfg.mode == "backward":
             self.previous = read_previous(config)
             self.family.previous = self.previous["cloud"]
@@ -651,6 +661,62 @@ def read_previous(config: Config) -> dict:
     return {"store": store, "cloud": cloud}
 
 
+def _previous_members_match(config: Config, store: FamilyStore, key: str) -> None:
+    """Each member of the config must be the same network as the same-named member of the family in `key`."""
+    for cfg in config.family.members:
+        try:
+            record = store.member(cfg.name)
+        except ManifestError:
+            raise ConfigError(f"family.members: {cfg.name!r} is not a member of the family in train.{key} "
+                              f"({store.root}); it has {', '.join(m.name for m in store.members)}") from None
+        for field in ("arch", "width", "depth", "input_size", "activation", "role"):
+            mine, theirs = getattr(cfg, field), getattr(record, field)
+            if mine != theirs:
+                raise ConfigError(f"family.members: {cfg.name!r} has {field} {mine!r}, the same member in "
+                                  f"train.{key} ({store.root}) {theirs!r}; fine-tuning keeps each network as it is")
+
+
+def start_from_family(family: Family, config: Config) -> None:
+    """train.init: every member starts from the same-named member of an earlier family (ordinary fine-tuning)."""
+    try:
+        store = FamilyStore.open(Path(config.train.init))
+        _previous_members_match(config, store, "init")
+        for name, member in family.members.items():
+            member.load_state_dict(store.load_member(name).state_dict())
+    except ManifestError as err:
+        raise ConfigError(f"train.init ({config.train.init}): not a usable earlier family: {err}") from None
+
+
+def lqf_update(config: Config, split) -> tuple[Family, dict, dict[str, Embedder], list[dict]]:
+    """mode: lqf: each member of the family in `previous`, linearised around its weights and fine-tuned.
+
+    Returns the family holding the merged members (w0 + dw), the previous family, the linearisation points
+    (w0) and what each member's fine-tuning did.
+    """
+    previous = read_previous(config)
+    store = previous["store"]
+    try:
+        _previous_members_match(config, store, "previous")
+        members = {cfg.name: store.load_member(cfg.name) for cfg in config.family.members}
+    except ManifestError as err:
+        raise ConfigError(f"train.previous ({store.root}): not a usable earlier family: {err}") from None
+    settings, train_cfg = config.train.lqf, config.train
+    family = Family(config, len(split.train.class_names), [0.5] * 3, [0.5] * 3)
+    _prototypes_from(family, previous["cloud"], split.train)  # the frozen shared classifier, as in backward mode
+    prototypes = family.head(family.cloud_name).loss.W.detach().T.contiguous()
+    images, labels = split.train.floats(), split.train.labels
+    reference = embed_images(previous["cloud"], images) if settings.compat_weight > 0 else None
+    points, facts = {}, []
+    for name, member in members.items():
+        linearised, done = fine_tune(member, name, images, labels, prototypes, reference, settings, train_cfg.epochs,
+                                     train_cfg.weight_decay, train_cfg.batch_size)
+        family.members[name].load_state_dict(linearised.merged().state_dict())
+        points[name] = linearised.base
+        facts.append(done)
+        log.info("lqf %s: %s", name, {k: v for k, v in done.items() if k != "history"})
+    return family.eval(), previous, points, facts
+
+
 @torch.no_grad()
 def _prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
     """Start the shared head at the old cloud's class means and keep it frozen (BCT's influence loss).
@@ -675,7 +741,8 @@ def hold_out_for_calibration(config: Config, split):
 
 
 def write_family(config: Config, out: Path, family: Family, split, history: list, previous: dict | None = None,
-                 run: dict | None = None, adapters: dict | None = None, exit_rules: dict | None = None) -> Manifest:
+                 run: dict | None = None, adapters: dict | None = None, exit_rules: dict | None = None,
+                 linearised: dict[str, Embedder] | None = None) -> Manifest:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
     files = {}
@@ -696,6 +763,10 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
             member.kind, member.early_exit = "multi-exit", exit_rules[member.name]
             member.exits = [ExitRecord(stage=stage, flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4))
                             for stage, flops in zip(model.exits, exit_flops(model))]
+        if linearised and member.name in linearised:  # mode lqf: w0, the point the member was linearised at
+            path = out / "checkpoints" / "lqf" / f"{member.name}.safetensors"
+            save_weights(path, linearised[member.name].state_dict(), {"member": member.name, "family": fam.name})
+            member.linearised_at = FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
     if family.external is not None:
         cloud = family.cloud
         members[[m.name for m in members].index(fam.cloud.name)].fingerprint = family.external[1]
@@ -725,7 +796,8 @@ def _member_record(cfg, member: Embedder | ExternalCloud, dim: int, cloud_flops:
         arch=(member.arch or member.kind) if external else cfg.arch, width=cfg.width, depth=cfg.depth,
         input_size=member.input_size, dim=dim, mean=member.mean.flatten().tolist(), std=member.std.flatten().tolist(),
         params=_params(member), flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4) if cloud_flops else 0.0,
-        checkpoint=checkpoint, colour_order=member.preprocessing.colour_order if external else "RGB")
+        checkpoint=checkpoint, colour_order=member.preprocessing.colour_order if external else "RGB",
+        activation=cfg.activation)
 
 
 def _flops(member) -> int:

@@ -74,7 +74,7 @@ def test_unknown_loss_is_refused():
 @pytest.mark.parametrize("change, key", [
     ({"edge_epochs": 5, "mode": "joint"}, "edge_epochs: only used in mode 'sequential'"),
     ({"mixed_matching": -1.0}, "mixed_matching: Input should be greater than or equal to 0, got -1.0"),
-    ({"previous": "runs/old"}, "previous: only used in mode 'backward'"),
+    ({"previous": "runs/old"}, "previous: only used in modes 'backward' and 'lqf'"),
     ({"mode": "backward", "previous": "runs/old", "compat": "none"}, "compat: mode 'backward'"),
     ({"edge_classification": -0.5}, "edge_classification: Input should be greater than or equal to 0"),
     ({"edge_classification": 0.0, "losses": {}}, "edge_classification: 0 with no cross-model term"),
