@@ -1,8 +1,8 @@
 """Early-exit edge students on Omniglot: the anytime curve, the FLOPs saved at edge-m's top-1, the edge-to-cloud
 split, and the exit machinery's overhead.
 
-One family, trained once against the frozen ONNX cloud (`model:`, default /work/main/runs/byo/cloud.onnx, the
-Omniglot family's cloud) with the Omniglot recipe of examples/omniglot.yaml and a teacher cache:
+One family, trained once against the frozen ONNX cloud (`model:`, default runs/byo/cloud.onnx, the Omniglot
+family's cloud, written by `benchmarks/external_cloud.py runs/omniglot --keep runs/byo`) with the Omniglot recipe of examples/omniglot.yaml and a teacher cache:
 
 - `multi`: edge-m's trunk (resnet, width 0.625, depth 0.5, 48 px) with an exit after every stage (`exits: auto`);
 - `edge-m`: the same trunk with its one exit: today's edge-m, trained in the same run on the same batches;
@@ -121,7 +121,7 @@ def plot(curve: list[dict], singles: dict, edge_m: tuple, cloud_top1: float, pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cloud", default="/work/main/runs/byo/cloud.onnx", help="the frozen ONNX cloud")
+    parser.add_argument("--cloud", default=str(ROOT / "runs" / "byo" / "cloud.onnx"), help="the frozen ONNX cloud")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "early_exit"), help="family directory (kept)")
     parser.add_argument("--epochs", type=int, help="edge epochs (default 60; --quick 3)")
