@@ -166,6 +166,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_search(args) -> int:
+    from rich.table import Table
+
+    from hetero.config import load_config
+    from hetero.search import search
+
+    store = search(load_config(args.config), args.out, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    table = Table(title=f"students found for {store.name}")
+    for column in ("member", "profile", "sub-network", "MFLOPs", "of the cloud", "latency ms", "validation top-1"):
+        table.add_column(column)
+    for m in store.edges:
+        found = m.search or {}
+        table.add_row(m.name, found.get("profile", ""), found.get("candidate", ""), f"{m.flops / 1e6:.1f}",
+                      f"{m.flops_vs_cloud:.4f}", f"{found.get('latency_ms', 0):.3f}",
+                      f"{found.get('validation_top1', 0):.4f}")
+    console.print(table)
+    console.print(f"Pareto fronts and plots: {escape(str(store.root / 'search'))}; next: hetero eval {escape(args.out)}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     evaluate_family(_open(args.dir))
     return 0
@@ -443,6 +464,14 @@ def _training_verbs(verbs) -> None:
                          "on the same batches and write checkpoints and DIR/manifest.json.")
     training_options(p)
     p.set_defaults(handler=_cmd_train)
+    p = verbs.add_parser("search", help="find the best compatible student per device profile",
+                         description="Train one weight-sharing supernet (the config's `search` section), rank its "
+                                     "sub-networks by M[candidate][cloud] on held-out training classes and by "
+                                     "latency measured with each target profile's runtime, and write the chosen "
+                                     "students into the family as ordinary members (DIR/search/ holds the Pareto "
+                                     "fronts).")
+    training_options(p)
+    p.set_defaults(handler=_cmd_search)
 
 
 def _stage_verbs(verbs) -> None:

@@ -196,8 +196,6 @@ class FamilyConfig:
         clouds = [m.name for m in self.members if m.role == "cloud"]
         if len(clouds) != 1:
             raise ValueError(f"members: a family needs exactly one member with role 'cloud', found {len(clouds)}")
-        if len(self.members) < 2:
-            raise ValueError("members: a family needs a cloud member and at least one edge member")
         for index, member in enumerate(self.members):
             if member.embedding_dim is not None and member.embedding_dim != self.embedding_dim:
                 raise ValueError(
@@ -459,6 +457,69 @@ class TrainConfig:
 
 
 @dataclass(config=STRICT)
+class SearchTarget:
+    """One student to find: the best sub-network under a device profile's budgets (and these tighter ones)."""
+
+    name: str  # the member it becomes
+    profile: str  # a built-in device profile or a profile .yaml; its runtime times the candidates
+    max_flops_vs_cloud: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None  # tighter than the profile's target_latency_ms
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_name(value, "member name")
+
+
+@dataclass(config=STRICT)
+class SearchConfig:
+    """`hetero search`: one weight-sharing supernet of `arch`, whose sub-networks take every combination of
+    `widths`, `depths` and `input_sizes` (multipliers and sizes as on a member), then the best compatible
+    sub-network per target, ranked on training classes held out of the supernet's training.
+
+    shared-cloud: the cloud member is the largest sub-network, so every student shares the cloud's weights
+    (the largest width, depth and input size must be the cloud's); it learns the classes, the smaller ones
+    match it.  frozen-cloud: a separate supernet learns to match a frozen cloud (the config's cloud trained
+    first on the same classes, or the cloud of the family in `cloud`).
+    """
+
+    targets: Annotated[list[SearchTarget], Field(min_length=1)]
+    design: Literal["shared-cloud", "frozen-cloud"] = "shared-cloud"
+    # A trained family: frozen-cloud, its cloud is the teacher; shared-cloud, the supernet starts from it.
+    cloud: str | None = None
+    widths: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = field(
+        default_factory=lambda: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
+    depths: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = field(
+        default_factory=lambda: [0.5, 1.0])
+    input_sizes: Annotated[list[Annotated[int, Field(ge=16, le=1024)]], Field(min_length=1)] = field(
+        default_factory=lambda: [32, 40, 48, 56, 64])
+    epochs: Positive = 10
+    # The sandwich rule: each step trains the largest and the smallest sub-network plus this many at random.
+    # progressive: the same, but the sampled space grows over the epochs (input size, then depth, then width).
+    sampled: Annotated[int, Field(ge=0)] = 2
+    schedule: Literal["sandwich", "progressive"] = "sandwich"
+    # Share of the training classes kept out of the supernet's training to rank the candidates on.
+    validation_classes: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # Sub-networks the evolutionary search evaluates per target (every one when the space is no larger).
+    evaluations: Positive = 48
+    population: Annotated[int, Field(ge=2)] = 12
+    bn_images: Positive = 512  # training images that re-estimate a sub-network's BatchNorm statistics
+    latency_runs: Positive = 20  # timed batch-1 runs per candidate (median), after 3 warm-up runs
+    fine_tune_epochs: Annotated[int, Field(ge=0)] = 0  # each chosen student alone against the cloud, after
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [t.name for t in self.targets]
+        if len(set(names)) < len(names):
+            raise ValueError(f"targets: member names must be unique, got {names}")
+        if len(set(self.widths)) * len(set(self.depths)) * len(set(self.input_sizes)) < 2:
+            raise ValueError("widths, depths, input_sizes: the search space has a single candidate "
+                             f"(width {self.widths[0]}, depth {self.depths[0]}, {self.input_sizes[0]} px); give "
+                             "more than one value for at least one of them")
+        return self
+
+
+@dataclass(config=STRICT)
 class ExportConfig:
     profiles: list[str] = field(default_factory=lambda: ["server-onnx-fp32"])
     verify_images: Positive = 256
@@ -470,6 +531,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    search: SearchConfig | None = None
 
     @model_validator(mode="after")
     def _across_sections(self):
@@ -492,11 +554,40 @@ class Config:
         if cloud.external and self.train.mode != "sequential":
             raise ValueError(f"train.mode: {self.train.mode!r} trains the cloud too, but {cloud.name!r} is external "
                              f"(frozen); use 'sequential', whose edge phase is all there is to train")
+        if self.search is not None:
+            self._searchable()
+        elif not self.family.edges:
+            raise ValueError("family.members: a family needs a cloud member and at least one edge member (or a "
+                             "`search` section, for `hetero search` to find them)")
         return self
+
+    def _searchable(self) -> None:
+        search, cloud = self.search, self.family.cloud
+        if self.family.edges:
+            raise ValueError(f"family.members: `hetero search` finds the edge members (search.targets); list only "
+                             f"the cloud (found edge {self.family.edges[0].name!r})")
+        clash = [t.name for t in search.targets if t.name == cloud.name]
+        if clash:
+            raise ValueError(f"search.targets: {clash[0]!r} is the cloud's name; give the student another")
+        if self.data.source == "unlabeled":
+            raise ValueError("search: candidates are ranked by retrieval on held-out training classes; unlabeled "
+                             "data has none")
+        if cloud.external or cloud.arch != "resnet" or cloud.exits is not None:
+            raise ValueError(f"search: the supernet is hetero's 'resnet' architecture and grows from the cloud "
+                             f"member; {cloud.name!r} is {'external' if cloud.external else repr(cloud.arch)}"
+                             f"{' with exits' if cloud.exits is not None else ''}")
+        if search.design == "shared-cloud":
+            largest = (max(search.widths), max(search.depths), max(search.input_sizes))
+            if largest != (cloud.width, cloud.depth, cloud.input_size):
+                raise ValueError(f"search: design 'shared-cloud' makes the cloud the largest sub-network, so the "
+                                 f"largest width, depth and input size ({largest[0]}, {largest[1]}, {largest[2]} px) "
+                                 f"must be the cloud's ({cloud.width}, {cloud.depth}, {cloud.input_size} px)")
 
     @property
     def load_size(self) -> int:
-        return self.data.image_size or max(m.input_size or DEFAULT_INPUT_SIZE for m in self.family.members)
+        searched = max(self.search.input_sizes) if self.search else 0
+        return self.data.image_size or max([searched] + [m.input_size or DEFAULT_INPUT_SIZE
+                                                          for m in self.family.members])
 
     def to_dict(self) -> dict:
         return asdict(self)

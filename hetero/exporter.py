@@ -27,8 +27,12 @@ def budget_problems(entry: MemberRecord, profile, file_bytes: int | None = None)
 
 
 def choose_member(store: FamilyStore, profile) -> str:
-    """The most accurate edge member (M[edge][cloud] top-1) that fits the profile's budgets."""
+    """The member `hetero search` chose for the profile, else the most accurate edge member (M[edge][cloud]
+    top-1) that fits the profile's budgets."""
     edges = store.edges
+    searched = [m for m in edges if (m.search or {}).get("profile") == profile.name]
+    if searched:
+        return max(searched, key=lambda m: m.search["validation_top1"]).name
     fitting = [m for m in edges if not budget_problems(m, profile) and profile.input_size in (None, m.input_size)]
     if not fitting:
         raise ExportError(f"no edge member of {store.name!r} fits profile {profile.name!r}: " + "; ".join(

@@ -42,7 +42,7 @@ CONFIG = "config.yaml"
 FORMAT = "hetero-family/1"
 TRAIN_STATE = "checkpoints/train_state.safetensors"
 # What a family directory may hold besides the user's own files; `train --overwrite` removes exactly these.
-OUTPUTS = (CONFIG, MANIFEST, "checkpoints", "exports", "gallery", "report.json", "verify.json")
+OUTPUTS = (CONFIG, MANIFEST, "checkpoints", "exports", "gallery", "report.json", "verify.json", "search")
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
 # Config keys that do not change the weights: a resumed run may differ in them.
 RESUMABLE_CHANGES = ("train.workers", "export.")
@@ -96,6 +96,8 @@ class MemberRecord(Record):
     activation: Literal["relu", "leaky_relu"] = "relu"  # the architecture's activation variant
     # mode: lqf: the weights the member was linearised around (checkpoint holds the merged w0 + dw)
     linearised_at: FileRecord | None = None
+    # found by `hetero search`: the profile it was chosen for, its sub-network, validation top-1 and latency
+    search: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod

@@ -411,6 +411,9 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     `start_from` is another run's training state whose finished epochs this run shares (recipes that differ
     only in the edge phase start it from one cloud phase); the caller vouches that they are shared.
     """
+    if not config.family.edges:
+        raise ConfigError("family.members: no edge member to train; this config's `search` section is for "
+                          "`hetero search`, which finds the edge members")
     distributed.init_from_env()
     resolve_external_input_size(config)
     out = Path(out)

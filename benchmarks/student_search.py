@@ -1,0 +1,190 @@
+"""Compatibility-aware student search on Omniglot against the hand-picked students (issue 16).
+
+For each design (shared-cloud, frozen-cloud) and seed, `hetero search` trains one supernet whose largest
+sub-network is the reference family's cloud architecture (starting from that cloud's weights), then finds the
+best sub-network on the rpi-onnx-int8 profile (candidates exported and timed by onnxruntime here) for four
+budgets: 1/10 and 1/25 of the cloud's FLOPs, and the FLOPs of the hand-picked edge-m and edge-s.
+`hetero eval` then measures every family on the test alphabets (same split and metric as the README).
+
+    python benchmarks/student_search.py --reference runs/omniglot            # 3 seeds, both designs
+    python benchmarks/student_search.py --reference runs/omniglot --quick    # 1 seed, 2 supernet epochs
+
+The reference family is one trained with `hetero train examples/omniglot.yaml --out DIR` (about 1 h on 2
+cores); it gives the cloud (frozen, or the supernet's start) and the hand-picked students compared against.
+Prints Markdown tables and writes OUT/results.json.  Wall time: about 25 min per design and seed at 6 epochs
+on 2 quiet cores; --quick about 20 min in all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HETERO = [sys.executable, "-m", "hetero"]
+PROFILE = "rpi-onnx-int8"
+
+
+def search_config(reference: Path, design: str, seed: int, epochs: int, hand_picked: dict) -> dict:
+    """The reference family's config with the cloud alone, this seed, and a `search` section."""
+    config = yaml.safe_load((reference / "config.yaml").read_text())
+    cloud = next(m for m in config["family"]["members"] if m["role"] == "cloud")
+    config["family"]["members"] = [{k: cloud[k] for k in ("name", "role", "arch", "width", "depth", "input_size")}]
+    train = config["train"]
+    for unused in ("edge_epochs", "teacher_cache", "previous", "init"):
+        train.pop(unused, None)
+    train.update(seed=seed, mode="sequential")
+    targets = [{"name": "edge-10x", "profile": PROFILE, "max_flops_vs_cloud": 0.1},
+               {"name": "edge-25x", "profile": PROFILE, "max_flops_vs_cloud": 0.04}]
+    targets += [{"name": f"at-{name}", "profile": PROFILE, "max_flops_vs_cloud": figures["flops_vs_cloud"]}
+                for name, figures in hand_picked.items()]
+    config["search"] = {"design": design, "cloud": str(reference.resolve()), "epochs": epochs,
+                        "widths": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0], "depths": [0.5, 1.0],
+                        "input_sizes": [32, 40, 48, 56, 64], "targets": targets}
+    return config
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_search(out: Path, config: dict, log) -> dict:
+    """`hetero search` then `hetero eval` into `out` (resumed when it holds an unfinished run)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    report = out / "report.json"
+    timing = out.parent / f"{out.name}.timing.json"
+    if not report.is_file():
+        again = ["--resume"] if (out / "checkpoints" / "train_state.safetensors").is_file() else ["--overwrite"]
+        cpu, wall = children_cpu_seconds(), time.perf_counter()
+        subprocess.run([*HETERO, "search", str(path), "--out", str(out), "--quiet", *again], check=True,
+                       stdout=log, stderr=log)
+        timing.write_text(json.dumps({"cpu_s": children_cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall}))
+        subprocess.run([*HETERO, "eval", str(out)], check=True, stdout=log, stderr=log)
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"dir": out, "report": json.loads(report.read_text()), "manifest": manifest,
+            "timing": json.loads(timing.read_text()) if timing.is_file() else None}
+
+
+def hand_picked_latency(reference: Path) -> dict:
+    """The reference family's edge members exported for the profile and timed the way candidates are."""
+    from hetero.data import load_split
+    from hetero.family import FamilyStore
+    from hetero.profiles import load_profile
+    from hetero.search import spread, time_export
+
+    store = FamilyStore.open(reference)
+    config = store.config()
+    calibration = spread(load_split(config.data, config.load_size).train, 256)
+    profile = load_profile(PROFILE)
+    return {m.name: time_export(store.load_member(m.name), profile, calibration, 50)["median_ms"]
+            for m in store.edges}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", type=Path, default=ROOT / "runs" / "omniglot",
+                        help="a family trained from examples/omniglot.yaml (cloud + hand-picked edge-m, edge-s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "search")
+    parser.add_argument("--designs", nargs="+", default=["shared-cloud", "frozen-cloud"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6, help="supernet epochs")
+    parser.add_argument("--quick", action="store_true", help="seed 0 only, 2 supernet epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs = [0], 2
+    reference = args.reference
+    if not (reference / "report.json").is_file():
+        sys.exit(f"{reference}: no evaluated reference family; run `hetero train examples/omniglot.yaml --out "
+                 f"{reference}` and `hetero eval {reference}` first")
+    ref_report = json.loads((reference / "report.json").read_text())
+    hand_picked = ref_report["edges"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    latency = hand_picked_latency(reference)
+    results = {"reference": {"paragon": ref_report["matrix"]["cloud"]["cloud"]["top1"], "edges": hand_picked,
+                             "latency_ms": latency, "training_seconds": reference_seconds(reference)},
+               "runs": {}}
+    with (args.out / "log.txt").open("a") as log:
+        for design in args.designs:
+            for seed in args.seeds:
+                name = f"{design}-seed{seed}-e{args.epochs}"
+                run = run_search(args.out / name, search_config(reference, design, seed, args.epochs, hand_picked),
+                                 log)
+                results["runs"][name] = summarise(run, design, seed)
+                (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print_tables(results, args)
+
+
+def reference_seconds(reference: Path) -> dict:
+    """The reference run's recorded wall time: the cloud phase and the edge phase (per edge member)."""
+    manifest = json.loads((reference / "manifest.json").read_text())
+    config = yaml.safe_load((reference / "config.yaml").read_text())
+    history = manifest["training"]["history"]
+    cloud_epochs = config["train"]["epochs"]
+    cloud_s = history[cloud_epochs - 1]["seconds"]
+    edges = [m for m in manifest["members"] if m["role"] == "edge"]
+    return {"cloud": cloud_s, "edge_phase": history[-1]["seconds"] - cloud_s, "edges": len(edges)}
+
+
+def summarise(run: dict, design: str, seed: int) -> dict:
+    report, manifest = run["report"], run["manifest"]
+    members = {m["name"]: m for m in manifest["members"]}
+    rows = {}
+    for name, figures in report["edges"].items():
+        found = members[name]["search"]
+        rows[name] = {"candidate": found["candidate"], "flops_vs_cloud": members[name]["flops_vs_cloud"],
+                      "mflops": members[name]["flops"] / 1e6, "latency_ms": found["latency_ms"],
+                      "validation_top1": found["validation_top1"], "edge_vs_cloud": figures["edge_vs_cloud_top1"],
+                      "edge_vs_edge": figures["edge_vs_edge_top1"], "bct": figures["bct_criterion"]}
+    candidates = json.loads((run["dir"] / "search" / "candidates.json").read_text())
+    return {"design": design, "seed": seed, "paragon": report["matrix"]["cloud"]["cloud"]["top1"], "students": rows,
+            "visited": len(candidates), "timing": run["timing"],
+            "supernet_seconds": manifest["training"]["history"][-1]["seconds"]}
+
+
+def print_tables(results: dict, args) -> None:
+    ref = results["reference"]
+    print(f"Reference (hand-picked) family: paragon {ref['paragon']:.4f}")
+    for name, figures in ref["edges"].items():
+        print(f"  {name}: 1/{1 / figures['flops_vs_cloud']:.1f} of the cloud's FLOPs, M[edge][cloud] "
+              f"{figures['edge_vs_cloud_top1']:.4f}, M[edge][edge] {figures['edge_vs_edge_top1']:.4f}, "
+              f"{ref['latency_ms'][name]:.3f} ms on {PROFILE} here")
+    by_design: dict[str, list] = {}
+    for run in results["runs"].values():
+        by_design.setdefault(run["design"], []).append(run)
+    for design, runs in by_design.items():
+        print(f"\n### {design}, {len(runs)} seed(s), {args.epochs} supernet epochs\n")
+        print("| target | sub-network (seed 0) | of the cloud | latency ms | M[edge][cloud] | paragon | gap (points) "
+              "| M[edge][edge] | BCT holds |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for target in runs[0]["students"]:
+            rows = [r["students"][target] for r in runs]
+            gaps = [100 * (r["paragon"] - r["students"][target]["edge_vs_cloud"]) for r in runs]
+            print(f"| {target} | {rows[0]['candidate']} | {rows[0]['flops_vs_cloud']:.4f} | "
+                  f"{rows[0]['latency_ms']:.3f} | {spread_text([x['edge_vs_cloud'] for x in rows])} | "
+                  f"{spread_text([r['paragon'] for r in runs])} | {spread_text(gaps, 2)} | "
+                  f"{spread_text([x['edge_vs_edge'] for x in rows])} | "
+                  f"{sum(x['bct'] for x in rows)}/{len(rows)} |")
+        timing = [r["timing"] for r in runs if r["timing"]]
+        if timing:
+            print(f"\nsearch wall time (supernet + search): median {statistics.median(t['wall_s'] for t in timing):.0f} s, "
+                  f"CPU {statistics.median(t['cpu_s'] for t in timing):.0f} s")
+
+
+def spread_text(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+if __name__ == "__main__":
+    main()

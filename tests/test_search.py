@@ -1,0 +1,312 @@
+"""Compatibility-aware student search (issue 16): the weight-sharing supernet, the Pareto/evolutionary search,
+the students as members, and the bad inputs (budgets no sub-network meets, runtimes not here, a one-candidate
+space, an interrupted search)."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from hetero import search as search_module
+from hetero.config import parse_config
+from hetero.errors import ConfigError
+from hetero.evaluate import evaluate
+from hetero.family import FamilyStore
+from hetero.models import Embedder
+from hetero.search import (Candidate, Supernet, _layer_map, evolve, pareto_front, progressive_space, recalibrate,
+                           sandwich, search, search_space, sort_channels)
+
+from .conftest import tiny_config
+
+SPACE = {"widths": [0.25, 0.375, 0.5], "depths": [0.5, 1.0], "input_sizes": [24, 32]}
+
+
+def search_config(design="shared-cloud", targets=None, cloud=None, **settings) -> dict:
+    config = tiny_config(epochs=1)
+    config["family"]["members"] = [
+        {"name": "cloud", "role": "cloud", "arch": "resnet", "width": 0.5, "depth": 1.0, "input_size": 32}]
+    config["train"].update(edge_classification=0.0, losses={"relational": 5.0, "regression": 20.0},
+                           matching_inputs=["mixup", "dihedral"])
+    config["search"] = {"design": design, **SPACE, "epochs": 6, "evaluations": 6, "population": 3,
+                        "latency_runs": 3, "bn_images": 128,
+                        "targets": targets or [{"name": "edge-small", "profile": "server-onnx-fp32",
+                                                "max_flops_vs_cloud": 0.3}], **settings}
+    if cloud is not None:
+        config["search"]["cloud"] = str(cloud)
+    return config
+
+
+# ----------------------------------------------------------------------------------------- the supernet
+
+
+def _supernet(width=0.5, depth=1.0, size=32) -> Supernet:
+    torch.manual_seed(0)
+    return Supernet("resnet", Candidate(width, depth, size), 16, [0.5] * 3, [0.5] * 3).eval()
+
+
+@pytest.mark.parametrize("candidate", [Candidate(0.25, 0.5, 24), Candidate(0.375, 1.0, 32), Candidate(0.5, 0.5, 16)])
+def test_a_sub_network_is_a_slice_of_the_supernet_and_extracts_as_an_ordinary_member(candidate):
+    supernet = _supernet()
+    images = torch.rand(4, 3, 40, 40)
+    extracted = supernet.extract(candidate)
+    assert (extracted.width, extracted.depth, extracted.input_size) == (candidate.width, candidate.depth,
+                                                                        candidate.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(supernet(candidate, images), extracted.eval()(
+            torch.nn.functional.interpolate(images, size=candidate.input_size, mode="bilinear", antialias=True)))
+    # Shared, not copied: training the sub-network moves the supernet's leading channels and nothing else.
+    supernet.train()
+    stem = supernet.model.backbone[0][0].weight
+    supernet(candidate, images).sum().backward()
+    kept = extracted.backbone[0][0].weight.shape[0]
+    assert stem.grad[:kept].abs().sum() > 0 and stem.grad[kept:].abs().sum() == 0
+
+
+def test_a_shallower_sub_network_keeps_the_first_blocks_of_each_stage():
+    supernet = _supernet()
+    shallow = supernet.build(Candidate(0.5, 0.5, 32))
+    # resnet at depth 1.0 has 2 blocks per stage (layers 1-2, 3-4, 5-6, 7-8); at 0.5 one (layers 1-4).
+    assert _layer_map(shallow.backbone, supernet.model.backbone) == {0: 0, 1: 1, 2: 3, 3: 5, 4: 7}
+
+
+@pytest.mark.parametrize("depth", [0.5, 1.0])
+def test_channel_sorting_keeps_the_function_and_puts_important_channels_first(depth):
+    torch.manual_seed(0)
+    model = Embedder("resnet", 0.5, depth, 16, 32)
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):  # trained-looking statistics and scales
+            norm.weight.data.uniform_(0.1, 2.0)
+            norm.bias.data.normal_()
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    images = torch.rand(4, 3, 32, 32)
+    before = model(images)
+    sort_channels(model)
+    torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
+    stem = model.backbone[0][1].weight.abs()
+    inner = model.backbone[1].conv1.weight.abs().sum(dim=(1, 2, 3))
+    assert stem[:4].mean() > stem[-4:].mean() and torch.all(inner[:-1] >= inner[1:])
+
+
+def test_recalibration_sets_batchnorm_statistics_from_the_images():
+    model = _supernet().extract(Candidate(0.25, 0.5, 24))
+    images = torch.rand(32, 3, 24, 24)
+    recalibrate(model, images, batch_size=64)
+    inputs = []
+    hook = model.backbone[0][0].register_forward_hook(lambda m, i, o: inputs.append(o))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    torch.testing.assert_close(model.backbone[0][1].running_mean, inputs[0].mean(dim=(0, 2, 3)))
+
+
+def test_sandwich_and_progressive_schedules_pick_from_the_right_space():
+    settings = type("S", (), SPACE)
+    space = search_space(settings)
+    assert len(space) == 12
+    picks = sandwich(space, 2, random.Random(0))
+    assert picks[0] == Candidate(0.5, 1.0, 32) and picks[1] == Candidate(0.25, 0.5, 24) and len(picks) <= 4
+    first, middle, last = (progressive_space(space, epoch, 6) for epoch in (1, 3, 6))
+    assert {(c.width, c.depth) for c in first} == {(0.5, 1.0)} and len(first) == 2
+    assert {c.width for c in middle} == {0.5} and len(middle) == 4
+    assert last == space
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=30))
+def test_the_pareto_front_holds_exactly_the_undominated_points(pairs):
+    points = [(float(lat), float(top), Candidate(0.5, 0.5, 16 + i)) for i, (lat, top) in enumerate(pairs)]
+    front = pareto_front(points)
+    on_front = {p[2] for p in front}
+
+    def dominated(p):
+        return any(q[0] <= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1]) for q in points)
+
+    assert all(not dominated(p) for p in front)
+    # Off the front: dominated, or a duplicate of a front point's figures.
+    assert all(dominated(p) or any((q[0], q[1]) == (p[0], p[1]) for q in front) for p in points if p[2] not in on_front)
+
+
+def test_evolution_visits_its_budget_of_distinct_candidates_from_the_pool_and_all_of_a_small_pool():
+    settings = type("S", (), {"widths": [0.25 * k for k in range(1, 8)], "depths": [0.5, 1.0],
+                              "input_sizes": [24, 32, 40, 48, 56], "evaluations": 20, "population": 6})
+    space = search_space(settings)
+    pool = [c for c in space if c.input_size <= 48]
+    calls = []
+
+    def evaluate(c):
+        calls.append(c)
+        return (c.width * c.input_size, c.width)
+
+    visited = evolve(pool, evaluate, settings, random.Random(0))
+    assert len(visited) == len(set(visited)) == 20 and set(visited) <= set(pool) and sorted(calls) == sorted(visited)
+    small = pool[:7]
+    assert sorted(evolve(small, evaluate, settings, random.Random(0))) == sorted(small)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c["search"].update(widths=[0.5], depths=[1.0], input_sizes=[32]), "the search space has a single "
+                                                                                   "candidate"),
+    (lambda c: c["search"].update(widths=[0.25, 0.375]), "must be the cloud's (0.5, 1.0, 32 px)"),
+    (lambda c: c["family"]["members"].append({"name": "edge-m", "role": "edge", "arch": "resnet", "width": 0.25,
+                                               "depth": 0.5, "input_size": 32}), "list only the cloud"),
+    (lambda c: c["search"]["targets"].append(dict(c["search"]["targets"][0])), "member names must be unique"),
+])
+def test_bad_search_configs_are_refused_naming_the_field(change, words):
+    config = search_config()
+    change(config)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, "search.yaml")
+    assert words in str(err.value)
+
+
+def test_a_cloud_alone_needs_a_search_section_and_hetero_train_refuses_it(tmp_path):
+    from hetero.train import train
+
+    config = search_config()
+    del config["search"]
+    with pytest.raises(ConfigError, match="at least one edge member .or a `search` section"):
+        parse_config(config, "cloud-only.yaml")
+    with pytest.raises(ConfigError, match="`hetero search`, which finds the edge members"):
+        train(parse_config(search_config(), "search.yaml"), tmp_path / "out", progress=False)
+
+
+def test_a_budget_no_sub_network_meets_names_the_smallest_figure_before_training(tmp_path):
+    config = parse_config(search_config(targets=[{"name": "edge-tiny", "profile": "rpi-onnx-int8",
+                                                   "max_flops_vs_cloud": 0.001}]), "search.yaml")
+    with pytest.raises(ConfigError) as err:
+        search(config, tmp_path / "out", progress=False)
+    message = str(err.value)
+    assert "'edge-tiny'" in message and "max_flops_vs_cloud 0.001" in message
+    assert "smallest in the search space (w0.25-d0.5-24px) has 0.0" in message
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="CoreML runs on macOS")
+def test_a_profile_whose_runtime_cannot_run_here_is_refused(tmp_path):
+    config = parse_config(search_config(targets=[{"name": "edge-ios", "profile": "iphone-coreml-fp16"}]), "s.yaml")
+    with pytest.raises(ConfigError, match=r"'iphone-coreml-fp16' times candidates with coreml, which runs on macos"):
+        search(config, tmp_path / "out", progress=False)
+
+
+def test_a_profile_whose_runtime_is_not_installed_is_refused_with_the_install_command(tmp_path, monkeypatch):
+    from hetero import formats
+
+    monkeypatch.setattr(formats.Format, "missing_packages", lambda self: ["ai_edge_litert"])
+    config = parse_config(search_config(targets=[{"name": "edge-a", "profile": "android-litert-fp16"}]), "s.yaml")
+    with pytest.raises(ConfigError, match=r"ai_edge_litert is not installed. Install it with: pip install "
+                                          r"'hetero\[litert\]'"):
+        search(config, tmp_path / "out", progress=False)
+
+
+def test_frozen_cloud_needs_a_trained_family(tmp_path):
+    with pytest.raises(ConfigError, match="design 'frozen-cloud' matches the cloud of a trained family"):
+        search(parse_config(search_config("frozen-cloud"), "s.yaml"), tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def from_tiny_family(design: str, tiny_family_dir, **settings) -> dict:
+    """A search that starts from (shared-cloud) or matches (frozen-cloud) the tiny family's cloud."""
+    config = search_config(design, cloud=tiny_family_dir, depths=[0.5], **settings)
+    config["family"]["members"][0]["depth"] = 0.5  # the tiny family's cloud
+    return config
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_family_dir):
+    out = tmp_path_factory.mktemp("searched") / "family"
+    store = search(parse_config(from_tiny_family("shared-cloud", tiny_family_dir), "search.yaml"), out,
+                   progress=False)
+    evaluate(store)
+    return FamilyStore.open(out)
+
+
+@pytest.mark.slow
+def test_search_writes_compatible_students_as_members_that_export_picks(searched, tmp_path):
+    from hetero.cli import main
+
+    store = searched
+    student = store.member("edge-small")
+    assert student.search["profile"] == "server-onnx-fp32" and student.flops_vs_cloud <= 0.3
+    assert (student.width, student.depth, student.input_size) in {
+        (c.width, c.depth, c.input_size) for c in search_space(type("S", (), {**SPACE, "depths": [0.5]}))}
+    report = json.loads((store.root / "report.json").read_text())
+    chance = 1 / report["test_classes"]
+    assert report["edges"]["edge-small"]["edge_vs_cloud_top1"] >= max(0.3, 4 * chance)
+    assert report["matrix"]["cloud"]["cloud"]["top1"] >= 0.4
+    for name in ("search.json", "pareto-server-onnx-fp32.md", "pareto-server-onnx-fp32.png", "candidates.json"):
+        assert (store.root / "search" / name).is_file()
+    front = (store.root / "search" / "pareto-server-onnx-fp32.md").read_text()
+    assert "edge-small" in front  # the chosen one is on the front
+    # `hetero export --profile P` without --member exports the student searched for P.
+    family = tmp_path / "family"
+    import shutil
+
+    shutil.copytree(store.root, family)
+    assert main(["export", str(family), "--profile", "server-onnx-fp32"]) == 0
+    assert [a.member for a in FamilyStore.open(family).artifacts()] == ["edge-small"]
+
+
+@pytest.mark.slow
+def test_frozen_cloud_students_keep_the_given_cloud_and_its_space(tiny_family_dir, tmp_path):
+    config = from_tiny_family("frozen-cloud", tiny_family_dir, epochs=4)
+    store = search(parse_config(config, "search.yaml"), tmp_path / "out", progress=False)
+    given = FamilyStore.open(tiny_family_dir)
+    assert store.space_id == given.space_id  # the same cloud weights: its galleries stay valid
+    for key, value in given.load_member("cloud").state_dict().items():
+        assert torch.equal(store.load_member("cloud").state_dict()[key], value), key
+    report = evaluate(store)
+    assert report["edges"]["edge-small"]["edge_vs_cloud_top1"] >= 0.3
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
+    config = parse_config(search_config(epochs=2), "search.yaml")
+    whole = search(config, tmp_path / "whole", progress=False)
+
+    saves, timings = [], []
+    real_save, real_time = search_module._save_state, search_module.time_export
+
+    def crash_after_first_epoch(*args):
+        real_save(*args)
+        saves.append(args[3])
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module, "_save_state", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        search(config, tmp_path / "resumed", progress=False)
+
+    def crash_after_two_timings(*args):
+        if len(timings) == 2:
+            raise KeyboardInterrupt
+        timings.append(args)
+        return real_time(*args)
+
+    monkeypatch.setattr(search_module, "time_export", crash_after_two_timings)
+    with pytest.raises(KeyboardInterrupt):
+        search(config, tmp_path / "resumed", resume=True, progress=False)
+    assert saves == [1, 2]  # the second start trained epoch 2 only
+    measured = json.loads((tmp_path / "resumed" / "search" / "candidates.json").read_text())
+    assert sum(bool(r["latency"]) for r in measured.values()) == 2
+
+    timings.clear()
+    monkeypatch.setattr(search_module, "time_export", lambda *args: timings.append(args) or real_time(*args))
+    resumed = search(config, tmp_path / "resumed", resume=True, progress=False)
+    assert saves == [1, 2]  # nothing trained again
+    visited = json.loads((tmp_path / "resumed" / "search" / "search.json").read_text())["chosen"]["edge-small"]
+    assert len(timings) == visited["visited"] - 2  # the two measured before the crash were not timed again
+    for name in ("cloud",):  # the supernet (its largest sub-network) equals the uninterrupted run's
+        a, b = (load_file(str(s.root / "checkpoints" / f"{name}.safetensors")) for s in (whole, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a)
