@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,7 @@ HETERO = [sys.executable, "-m", "hetero"]
 PROFILE = "rpi-onnx-int8"
 
 
-def search_config(reference: Path, design: str, seed: int, epochs: int, hand_picked: dict) -> dict:
+def search_config(reference: Path, design: str, seed: int, epochs: int, hand_picked: dict, schedule: str) -> dict:
     """The reference family's config with the cloud alone, this seed, and a `search` section."""
     config = yaml.safe_load((reference / "config.yaml").read_text())
     cloud = next(m for m in config["family"]["members"] if m["role"] == "cloud")
@@ -45,7 +46,7 @@ def search_config(reference: Path, design: str, seed: int, epochs: int, hand_pic
                {"name": "edge-25x", "profile": PROFILE, "max_flops_vs_cloud": 0.04}]
     targets += [{"name": f"at-{name}", "profile": PROFILE, "max_flops_vs_cloud": figures["flops_vs_cloud"]}
                 for name, figures in hand_picked.items()]
-    config["search"] = {"design": design, "cloud": str(reference.resolve()), "epochs": epochs,
+    config["search"] = {"design": design, "schedule": schedule, "cloud": str(reference.resolve()), "epochs": epochs,
                         "widths": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0], "depths": [0.5, 1.0],
                         "input_sizes": [32, 40, 48, 56, 64], "targets": targets}
     return config
@@ -70,8 +71,16 @@ def run_search(out: Path, config: dict, log) -> dict:
                        stdout=log, stderr=log)
         timing.write_text(json.dumps({"cpu_s": children_cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall}))
         subprocess.run([*HETERO, "eval", str(out)], check=True, stdout=log, stderr=log)
+    if not (out / "verify.json").is_file():
+        # The chosen students go through export and verify like any member; verify times them again.
+        members = [m["name"] for m in json.loads((out / "manifest.json").read_text())["members"] if m["role"] == "edge"]
+        for member in members:
+            subprocess.run([*HETERO, "export", str(out), "--profile", PROFILE, "--member", member], check=True,
+                           stdout=log, stderr=log)
+        subprocess.run([*HETERO, "verify", str(out), "--profile", PROFILE], check=False, stdout=log, stderr=log)
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"dir": out, "report": json.loads(report.read_text()), "manifest": manifest,
+    verified = json.loads((out / "verify.json").read_text()) if (out / "verify.json").is_file() else {"artifacts": []}
+    return {"dir": out, "report": json.loads(report.read_text()), "manifest": manifest, "verify": verified,
             "timing": json.loads(timing.read_text()) if timing.is_file() else None}
 
 
@@ -90,6 +99,32 @@ def hand_picked_latency(reference: Path) -> dict:
             for m in store.edges}
 
 
+def separate_epoch_seconds(config_path: Path) -> dict:
+    """Wall and CPU seconds of one epoch training a single candidate (the space's median-FLOPs one) against
+    the frozen cloud with the same loop: the unit cost of training each candidate separately."""
+    import tempfile
+
+    import torch
+
+    from hetero.config import load_config
+    from hetero.data import load_split, split_open_set
+    from hetero.search import Teacher, _given_cloud, search_space, static_records, train_supernet
+
+    config = load_config(config_path)
+    space = search_space(config.search)
+    records = static_records(space, config)
+    median = sorted(space, key=lambda c: records[c]["flops"])[len(space) // 2]
+    split = load_split(config.data, config.load_size)
+    inner = split_open_set(split.train, None, config.search.validation_classes, config.train.seed)
+    cloud = _given_cloud(config)
+    with tempfile.TemporaryDirectory() as folder:
+        cpu, wall = time.process_time(), time.perf_counter()
+        train_supernet(config, Path(folder), inner.train, [median], Teacher(cloud), None, 1, False)
+        return {"candidate": median.key, "flops_vs_cloud": records[median]["flops_vs_cloud"],
+                "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "threads": torch.get_num_threads(),
+                "candidates": len(space)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, default=ROOT / "runs" / "omniglot",
@@ -98,6 +133,9 @@ def main() -> None:
     parser.add_argument("--designs", nargs="+", default=["shared-cloud", "frozen-cloud"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6, help="supernet epochs")
+    parser.add_argument("--schedule", default="sandwich", choices=["sandwich", "progressive"])
+    parser.add_argument("--fine-tune", type=int, default=0, help="also fine-tune each chosen student this many "
+                                                                 "epochs (a copy of the run, resumed)")
     parser.add_argument("--quick", action="store_true", help="seed 0 only, 2 supernet epochs")
     args = parser.parse_args()
     if args.quick:
@@ -109,18 +147,38 @@ def main() -> None:
     ref_report = json.loads((reference / "report.json").read_text())
     hand_picked = ref_report["edges"]
     args.out.mkdir(parents=True, exist_ok=True)
-    latency = hand_picked_latency(reference)
+    saved = args.out / "results.json"
+    earlier = json.loads(saved.read_text()) if saved.is_file() else {}
+    latency = earlier.get("reference", {}).get("latency_ms") or hand_picked_latency(reference)
     results = {"reference": {"paragon": ref_report["matrix"]["cloud"]["cloud"]["top1"], "edges": hand_picked,
                              "latency_ms": latency, "training_seconds": reference_seconds(reference)},
-               "runs": {}}
+               "runs": earlier.get("runs", {}), **({"separate_epoch": earlier["separate_epoch"]}
+                                                       if "separate_epoch" in earlier else {})}
     with (args.out / "log.txt").open("a") as log:
         for design in args.designs:
             for seed in args.seeds:
-                name = f"{design}-seed{seed}-e{args.epochs}"
-                run = run_search(args.out / name, search_config(reference, design, seed, args.epochs, hand_picked),
-                                 log)
-                results["runs"][name] = summarise(run, design, seed)
+                name = f"{design}-{args.schedule}-seed{seed}-e{args.epochs}"
+                config = search_config(reference, design, seed, args.epochs, hand_picked, args.schedule)
+                run = run_search(args.out / name, config, log)
+                results["runs"][name] = {**summarise(run, design, seed), "schedule": args.schedule,
+                                         "epochs": args.epochs}
+                if args.fine_tune:  # the same supernet and candidates, then each chosen student fine-tuned
+                    tuned = f"{name}-ft{args.fine_tune}"
+                    if not (args.out / tuned).exists():
+                        shutil.copytree(args.out / name, args.out / tuned, ignore=shutil.ignore_patterns(
+                            "exports", "report.json", "verify.json", "manifest.json"))
+                    config["search"]["fine_tune_epochs"] = args.fine_tune
+                    run = run_search(args.out / tuned, config, log)
+                    results["runs"][tuned] = {**summarise(run, design, seed), "schedule": args.schedule,
+                                              "epochs": args.epochs, "fine_tune": args.fine_tune}
+                    base, extra = results["runs"][name]["timing"], results["runs"][tuned]["timing"]
+                    if base and extra:  # the fine-tuned run's cost includes its supernet and search
+                        results["runs"][tuned]["timing"] = {k: base[k] + extra[k] for k in base}
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if "separate_epoch" not in results:
+        first = next(iter(results["runs"]))
+        results["separate_epoch"] = separate_epoch_seconds(args.out / f"{first}.yaml")
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results, args)
 
 
@@ -145,6 +203,10 @@ def summarise(run: dict, design: str, seed: int) -> dict:
                       "mflops": members[name]["flops"] / 1e6, "latency_ms": found["latency_ms"],
                       "validation_top1": found["validation_top1"], "edge_vs_cloud": figures["edge_vs_cloud_top1"],
                       "edge_vs_edge": figures["edge_vs_edge_top1"], "bct": figures["bct_criterion"]}
+    for artifact in run["verify"]["artifacts"]:  # verify's latency of the exported student, beside the search's
+        check = next((c for c in artifact["checks"] if c["name"] == "budget_latency"), None)
+        if artifact["member"] in rows and check and "median_ms" in check["values"]:
+            rows[artifact["member"]].setdefault("verify_ms", {})[artifact["runtime"]] = check["values"]["median_ms"]
     candidates = json.loads((run["dir"] / "search" / "candidates.json").read_text())
     return {"design": design, "seed": seed, "paragon": report["matrix"]["cloud"]["cloud"]["top1"], "students": rows,
             "visited": len(candidates), "timing": run["timing"],
@@ -158,11 +220,13 @@ def print_tables(results: dict, args) -> None:
         print(f"  {name}: 1/{1 / figures['flops_vs_cloud']:.1f} of the cloud's FLOPs, M[edge][cloud] "
               f"{figures['edge_vs_cloud_top1']:.4f}, M[edge][edge] {figures['edge_vs_edge_top1']:.4f}, "
               f"{ref['latency_ms'][name]:.3f} ms on {PROFILE} here")
-    by_design: dict[str, list] = {}
+    groups: dict[tuple, list] = {}
     for run in results["runs"].values():
-        by_design.setdefault(run["design"], []).append(run)
-    for design, runs in by_design.items():
-        print(f"\n### {design}, {len(runs)} seed(s), {args.epochs} supernet epochs\n")
+        key = (run["design"], run.get("schedule", "sandwich"), run.get("epochs"), run.get("fine_tune", 0))
+        groups.setdefault(key, []).append(run)
+    for (design, schedule, epochs, tuned), runs in groups.items():
+        print(f"\n### {design}, {schedule}, {epochs} supernet epochs, fine-tuning {tuned} epochs, "
+              f"{len(runs)} seed(s)\n")
         print("| target | sub-network (seed 0) | of the cloud | latency ms | M[edge][cloud] | paragon | gap (points) "
               "| M[edge][edge] | BCT holds |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -175,9 +239,14 @@ def print_tables(results: dict, args) -> None:
                   f"{spread_text([x['edge_vs_edge'] for x in rows])} | "
                   f"{sum(x['bct'] for x in rows)}/{len(rows)} |")
         timing = [r["timing"] for r in runs if r["timing"]]
-        if timing:
-            print(f"\nsearch wall time (supernet + search): median {statistics.median(t['wall_s'] for t in timing):.0f} s, "
-                  f"CPU {statistics.median(t['cpu_s'] for t in timing):.0f} s")
+        separate = results.get("separate_epoch")
+        if timing and separate:
+            wall, cpu = (statistics.median(t[k] for t in timing) for k in ("wall_s", "cpu_s"))
+            alone = separate["cpu_s"] * epochs * separate["candidates"]
+            print(f"\nsearch cost (supernet + search + writing the family): median {wall:.0f} s wall, {cpu:.0f} s CPU. "
+                  f"Training each of the {separate['candidates']} candidates separately for the same {epochs} epochs: "
+                  f"{separate['cpu_s']:.0f} s CPU per epoch for the median one ({separate['candidate']}), "
+                  f"{alone / 3600:.1f} h CPU in all: {alone / cpu:.1f}x the search's CPU time")
 
 
 def spread_text(values: list[float], digits: int = 4) -> str:

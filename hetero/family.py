@@ -45,7 +45,8 @@ TRAIN_STATE = "checkpoints/train_state.safetensors"
 OUTPUTS = (CONFIG, MANIFEST, "checkpoints", "exports", "gallery", "report.json", "verify.json", "search")
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
 # Config keys that do not change the weights: a resumed run may differ in them.
-RESUMABLE_CHANGES = ("train.workers", "export.")
+# search.fine_tune_epochs: a finished search resumed with another fine-tuning reuses its supernet and candidates.
+RESUMABLE_CHANGES = ("train.workers", "export.", "search.fine_tune_epochs")
 
 
 # --------------------------------------------------------------------------------------------- records

@@ -240,16 +240,18 @@ class Teacher:
 
 
 def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: list[Candidate], teacher: Teacher,
-                   start: Embedder | None, epochs: int, progress: bool | None = None) -> Supernet:
+                   start: Embedder | None, epochs: int, progress: bool | None = None, sort: bool = True) -> Supernet:
     """Train the supernet of `space` on `images` for `epochs`, checkpointing every epoch into `state_dir`
-    (a run resumed there continues from its last finished epoch, with the same batches)."""
+    (a run resumed there continues from its last finished epoch, with the same batches).  `start`: weights
+    of the largest sub-network to begin from, channel-sorted unless `sort` is False."""
     settings, train_cfg = config.search, config.train
     mean, std = channel_stats(images.images)
     supernet = _seeded(train_cfg.seed, "supernet", lambda: Supernet("resnet", max(space), config.family.embedding_dim,
                                                                   mean, std))
     if start is not None:
         supernet.model.load_state_dict(start.state_dict())
-        sort_channels(supernet.model)
+        if sort:
+            sort_channels(supernet.model)
     shared = teacher.model is None
     head = None
     if shared or train_cfg.edge_classification > 0:
@@ -654,10 +656,11 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         scorer = Scorer(supernet, cloud, inner, bn_images, folder / CANDIDATES, settings.latency_runs, calibration,
                         statics)
         chosen = find_students(scorer, pools, settings.targets, profiles, settings, seed)
-        students = {name: scorer.member(pick["candidate"]) for name, pick in chosen.items()}
-        if settings.fine_tune_epochs:
-            students = {name: fine_tune(config, out, name, student, cloud, inner.train, progress)
-                        for name, student in students.items()}
+        found = {pick["candidate"] for pick in chosen.values()}
+        members = {c: scorer.member(c) for c in sorted(found)}
+        if settings.fine_tune_epochs:  # once per sub-network, however many targets chose it
+            members = {c: fine_tune(config, out, m, cloud, inner.train, progress) for c, m in members.items()}
+        students = {name: members[pick["candidate"]] for name, pick in chosen.items()}
         write_search_results(folder, scorer, chosen, profiles)
         _write_searched_family(config, out, split, cloud, students, chosen, scorer, supernet.history)
     return FamilyStore.open(out)
@@ -682,13 +685,14 @@ def _given_cloud(config: Config) -> Embedder:
     return cloud.requires_grad_(False)
 
 
-def fine_tune(config: Config, out: Path, name: str, student: Embedder, cloud: Embedder, images: ImageSet,
+def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, images: ImageSet,
               progress: bool | None) -> Embedder:
     """A chosen student alone against the frozen final cloud for `fine_tune_epochs` (resumable)."""
     candidate = Candidate(student.width, student.depth, student.input_size)
-    state_dir = out / SEARCH_DIR / f"fine-tune-{name}"
+    epochs = config.search.fine_tune_epochs
+    state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
     tuned = train_supernet(config, state_dir, images, [candidate], Teacher(cloud.requires_grad_(False)), student,
-                           config.search.fine_tune_epochs, progress)
+                           epochs, progress, sort=False)
     return recalibrate(tuned.extract(candidate), spread(images, config.search.bn_images))
 
 

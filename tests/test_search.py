@@ -260,7 +260,7 @@ def test_search_writes_compatible_students_as_members_that_export_picks(searched
 
 @pytest.mark.slow
 def test_frozen_cloud_students_keep_the_given_cloud_and_its_space(tiny_family_dir, tmp_path):
-    config = from_tiny_family("frozen-cloud", tiny_family_dir, epochs=4)
+    config = from_tiny_family("frozen-cloud", tiny_family_dir, epochs=4, fine_tune_epochs=2)
     store = search(parse_config(config, "search.yaml"), tmp_path / "out", progress=False)
     given = FamilyStore.open(tiny_family_dir)
     assert store.space_id == given.space_id  # the same cloud weights: its galleries stay valid
@@ -268,6 +268,9 @@ def test_frozen_cloud_students_keep_the_given_cloud_and_its_space(tiny_family_di
         assert torch.equal(store.load_member("cloud").state_dict()[key], value), key
     report = evaluate(store)
     assert report["edges"]["edge-small"]["edge_vs_cloud_top1"] >= 0.3
+    student = store.member("edge-small")
+    assert student.search["fine_tune_epochs"] == 2
+    assert (tmp_path / "out" / "search" / f"fine-tune-{student.search['candidate']}-e2").is_dir()
 
 
 @pytest.mark.slow
