@@ -740,6 +740,8 @@ def load_config(path: str | Path) -> Config:
     for member in config.family.members:
         member.model = _relative_to(path, member.model)
         member.weights = _relative_to(path, member.weights)
+    if config.search is not None:
+        config.search.cloud = _relative_to(path, config.search.cloud)
     return config
 
 

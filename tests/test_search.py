@@ -313,3 +313,14 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     for name in ("cloud",):  # the supernet (its largest sub-network) equals the uninterrupted run's
         a, b = (load_file(str(s.root / "checkpoints" / f"{name}.safetensors")) for s in (whole, resumed))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_example_search_config_is_valid_and_its_cloud_path_is_relative_to_the_file():
+    from pathlib import Path
+
+    from hetero.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "omniglot_search.yaml"
+    config = load_config(path)
+    assert Path(config.search.cloud) == (path.parent / ".." / "runs" / "omniglot").resolve()
+    assert config.search.design == "frozen-cloud" and len(search_space(config.search)) == 70
