@@ -252,22 +252,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         supernet.model.load_state_dict(start.state_dict())
         if sort:
             sort_channels(supernet.model)
-    shared = teacher.model is None
-    head = None
-    if shared or train_cfg.edge_classification > 0:
-        head = _seeded(train_cfg.seed, "head:shared", lambda: SharedClassifier(
-            len(images.class_names), config.family.embedding_dim, train_cfg.classifier, train_cfg.margin,
-            train_cfg.scale))
-        # Prototypes at a trained cloud's class means: frozen, BCT's influence loss (as with an external cloud);
-        # trainable when the supernet starts from that cloud, so its first steps do not pull it to random ones.
-        known = teacher.model if not shared else start
-        if known is not None:
-            with torch.no_grad():
-                cloud = embed_images(known, images.floats())
-                means = torch.zeros(len(images.class_names), cloud.shape[1]).index_add_(0, images.labels, cloud)
-                head.loss.W.copy_(torch.nn.functional.normalize(means, dim=1).T)
-        if not shared:
-            head.requires_grad_(False)
+    head = shared_classifier(config, images, teacher, start)
     state = torch.nn.ModuleDict({"supernet": supernet.model, **({"head": head} if head is not None else {})})
     optimizer = torch.optim.AdamW([p for p in state.parameters() if p.requires_grad], lr=train_cfg.lr,
                                   weight_decay=train_cfg.weight_decay)
@@ -312,6 +297,29 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         _save_state(state_dir, state, optimizer, epoch, history)
     supernet.history = history
     return supernet.eval()
+
+
+def shared_classifier(config: Config, images: ImageSet, teacher: Teacher, start: Embedder | None
+                      ) -> SharedClassifier | None:
+    """The classifier the sub-networks learn through, if any: shared-cloud always (the largest learns the
+    classes), frozen-cloud when train.edge_classification > 0.
+
+    Its prototypes start at a trained cloud's class means: frozen with a frozen cloud (BCT's influence loss,
+    as with an external cloud); trainable when the supernet starts from that cloud, so that its first steps
+    do not pull the cloud towards random prototypes.
+    """
+    train_cfg, shared = config.train, teacher.model is None
+    if not shared and train_cfg.edge_classification == 0:
+        return None
+    head = _seeded(train_cfg.seed, "head:shared", lambda: SharedClassifier(
+        len(images.class_names), config.family.embedding_dim, train_cfg.classifier, train_cfg.margin, train_cfg.scale))
+    known = start if shared else teacher.model
+    if known is not None:
+        with torch.no_grad():
+            cloud = embed_images(known, images.floats())
+            means = torch.zeros(len(images.class_names), cloud.shape[1]).index_add_(0, images.labels, cloud)
+            head.loss.W.copy_(torch.nn.functional.normalize(means, dim=1).T)
+    return head if shared else head.requires_grad_(False)
 
 
 def supernet_loss(supernet: Supernet, picks: list[Candidate], images: torch.Tensor, labels: torch.Tensor,
