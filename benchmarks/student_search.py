@@ -137,7 +137,11 @@ def main() -> None:
     parser.add_argument("--fine-tune", type=int, default=0, help="also fine-tune each chosen student this many "
                                                                  "epochs (a copy of the run, resumed)")
     parser.add_argument("--quick", action="store_true", help="seed 0 only, 2 supernet epochs")
+    parser.add_argument("--tables", action="store_true", help="only print the tables of OUT/results.json")
     args = parser.parse_args()
+    if args.tables:
+        print_tables(json.loads((args.out / "results.json").read_text()), args)
+        return
     if args.quick:
         args.seeds, args.epochs = [0], 2
     reference = args.reference
@@ -242,9 +246,9 @@ def print_tables(results: dict, args) -> None:
         separate = results.get("separate_epoch")
         if timing and separate:
             wall, cpu = (statistics.median(t[k] for t in timing) for k in ("wall_s", "cpu_s"))
-            alone = separate["cpu_s"] * epochs * separate["candidates"]
+            alone = separate["cpu_s"] * (epochs + tuned) * separate["candidates"]
             print(f"\nsearch cost (supernet + search + writing the family): median {wall:.0f} s wall, {cpu:.0f} s CPU. "
-                  f"Training each of the {separate['candidates']} candidates separately for the same {epochs} epochs: "
+                  f"Training each of the {separate['candidates']} candidates separately for the same {epochs + tuned} epochs: "
                   f"{separate['cpu_s']:.0f} s CPU per epoch for the median one ({separate['candidate']}), "
                   f"{alone / 3600:.1f} h CPU in all: {alone / cpu:.1f}x the search's CPU time")
 
