@@ -224,6 +224,7 @@ def print_tables(results: dict, args) -> None:
         print(f"  {name}: 1/{1 / figures['flops_vs_cloud']:.1f} of the cloud's FLOPs, M[edge][cloud] "
               f"{figures['edge_vs_cloud_top1']:.4f}, M[edge][edge] {figures['edge_vs_edge_top1']:.4f}, "
               f"{ref['latency_ms'][name]:.3f} ms on {PROFILE} here")
+    print(latency_agreement(results))
     groups: dict[tuple, list] = {}
     for run in results["runs"].values():
         key = (run["design"], run.get("schedule", "sandwich"), run.get("epochs"), run.get("fine_tune", 0))
@@ -231,17 +232,18 @@ def print_tables(results: dict, args) -> None:
     for (design, schedule, epochs, tuned), runs in groups.items():
         print(f"\n### {design}, {schedule}, {epochs} supernet epochs, fine-tuning {tuned} epochs, "
               f"{len(runs)} seed(s)\n")
-        print("| target | sub-network (seed 0) | of the cloud | latency ms | M[edge][cloud] | paragon | gap (points) "
-              "| M[edge][edge] | BCT holds |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| target | sub-network per seed | of the cloud's FLOPs | latency ms (search) | M[edge][cloud] | paragon "
+              "| gap (points) | M[edge][edge] | BCT holds |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
         for target in runs[0]["students"]:
             rows = [r["students"][target] for r in runs]
             gaps = [100 * (r["paragon"] - r["students"][target]["edge_vs_cloud"]) for r in runs]
-            print(f"| {target} | {rows[0]['candidate']} | {rows[0]['flops_vs_cloud']:.4f} | "
-                  f"{rows[0]['latency_ms']:.3f} | {spread_text([x['edge_vs_cloud'] for x in rows])} | "
+            picks = " / ".join(x["candidate"] for x in rows)
+            shares = " / ".join(f"{x['flops_vs_cloud']:.4f}" for x in rows)
+            latency = " / ".join(f"{x['latency_ms']:.3f}" for x in rows)
+            print(f"| {target} | {picks} | {shares} | {latency} | {spread_text([x['edge_vs_cloud'] for x in rows])} | "
                   f"{spread_text([r['paragon'] for r in runs])} | {spread_text(gaps, 2)} | "
-                  f"{spread_text([x['edge_vs_edge'] for x in rows])} | "
-                  f"{sum(x['bct'] for x in rows)}/{len(rows)} |")
+                  f"{spread_text([x['edge_vs_edge'] for x in rows])} | {sum(x['bct'] for x in rows)}/{len(rows)} |")
         timing = [r["timing"] for r in runs if r["timing"]]
         separate = results.get("separate_epoch")
         if timing and separate:
@@ -251,6 +253,17 @@ def print_tables(results: dict, args) -> None:
                   f"Training each of the {separate['candidates']} candidates separately for the same {epochs + tuned} epochs: "
                   f"{separate['cpu_s']:.0f} s CPU per epoch for the median one ({separate['candidate']}), "
                   f"{alone / 3600:.1f} h CPU in all: {alone / cpu:.1f}x the search's CPU time")
+
+
+def latency_agreement(results: dict) -> str:
+    """How the search's latency of each chosen student compares with verify's, timing the exported file."""
+    ratios = [student["verify_ms"][runtime] / student["latency_ms"]
+              for run in results["runs"].values() for student in run["students"].values()
+              for runtime in student.get("verify_ms", {}) if runtime.startswith("onnxruntime 1.3")]
+    if not ratios:
+        return ""
+    return (f"verify's median latency / the search's, same graph, same runtime version, {len(ratios)} students: "
+            f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}")
 
 
 def spread_text(values: list[float], digits: int = 4) -> str:
