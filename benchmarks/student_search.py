@@ -11,8 +11,9 @@ budgets: 1/10 and 1/25 of the cloud's FLOPs, and the FLOPs of the hand-picked ed
 
 The reference family is one trained with `hetero train examples/omniglot.yaml --out DIR` (about 1 h on 2
 cores); it gives the cloud (frozen, or the supernet's start) and the hand-picked students compared against.
-Prints Markdown tables and writes OUT/results.json.  Wall time: about 25 min per design and seed at 6 epochs
-on 2 quiet cores; --quick about 20 min in all.
+Prints Markdown tables and writes OUT/results.json (`--tables` prints them again).  Wall time on 2 cores:
+about 12 min per design and seed at 6 epochs (search, eval, export, verify), plus the fine-tuning asked for
+(about 4 min per 5 epochs); --quick (2 epochs, both designs) about 20 min.
 """
 from __future__ import annotations
 
