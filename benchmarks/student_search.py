@@ -90,11 +90,11 @@ def hand_picked_latency(reference: Path) -> dict:
     from hetero.data import load_split
     from hetero.family import FamilyStore
     from hetero.profiles import load_profile
-    from hetero.search import spread, time_export
+    from hetero.search import time_export
 
     store = FamilyStore.open(reference)
     config = store.config()
-    calibration = spread(load_split(config.data, config.load_size).train, 256)
+    calibration = load_split(config.data, config.load_size).train.spread(256)
     profile = load_profile(PROFILE)
     return {m.name: time_export(store.load_member(m.name), profile, calibration, 50)["median_ms"]
             for m in store.edges}

@@ -62,6 +62,11 @@ class ImageSet:
     def floats(self) -> torch.Tensor:
         return self.images.float() / 255.0
 
+    def spread(self, count: int) -> torch.Tensor:
+        """`count` images spread evenly over the set, as floats: in a class-grouped set every class contributes."""
+        index = torch.linspace(0, len(self) - 1, min(count, len(self))).round().long().unique()
+        return self.images[index].float() / 255.0
+
 
 @dataclass
 class Split:

@@ -54,14 +54,9 @@ def check_converter(profile) -> None:
 
 def calibration_images(store: FamilyStore, size: int, count: int):
     """`count` training images (never held-out classes), spread evenly over the split, at `size` px."""
-    import torch
-
     from hetero.models import resize_to
 
-    train = store.split().train
-    # The split is grouped by class: spread the picks so every class contributes.
-    index = torch.linspace(0, len(train) - 1, min(count, len(train))).round().long().unique()
-    return resize_to(train.images[index].float() / 255.0, size)
+    return resize_to(store.split().train.spread(count), size)
 
 
 def needs_calibration(profile) -> bool:

@@ -223,12 +223,6 @@ def recalibrate(model: Embedder, images: torch.Tensor, batch_size: int = 128) ->
     return model.eval()
 
 
-def spread(images: ImageSet, count: int) -> torch.Tensor:
-    """`count` images spread evenly over a class-grouped set (every class contributes), as floats."""
-    index = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long().unique()
-    return images.images[index].float() / 255.0
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -656,11 +650,11 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         cloud_cfg = config.family.cloud
         start = given if max(space) == Candidate(cloud_cfg.width, cloud_cfg.depth, cloud_cfg.input_size) else None
         supernet = train_supernet(config, out, inner.train, space, teacher, start, settings.epochs, progress)
-        bn_images = spread(inner.train, settings.bn_images)
+        bn_images = inner.train.spread(settings.bn_images)
         cloud = teacher.model if teacher.model is not None else recalibrate(supernet.extract(max(space)), bn_images)
         folder = out / SEARCH_DIR
         folder.mkdir(exist_ok=True)
-        calibration = spread(inner.train, max(p.calibration_images for p in profiles.values()))
+        calibration = inner.train.spread(max(p.calibration_images for p in profiles.values()))
         scorer = Scorer(supernet, cloud, inner, bn_images, folder / CANDIDATES, settings.latency_runs, calibration,
                         statics)
         chosen = find_students(scorer, pools, settings.targets, profiles, settings, seed)
@@ -701,7 +695,7 @@ def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, ima
     state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
     tuned = train_supernet(config, state_dir, images, [candidate], Teacher(cloud.requires_grad_(False)), student,
                            epochs, progress, sort=False)
-    return recalibrate(tuned.extract(candidate), spread(images, config.search.bn_images))
+    return recalibrate(tuned.extract(candidate), images.spread(config.search.bn_images))
 
 
 def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
