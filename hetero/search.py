@@ -44,7 +44,7 @@ from hetero.data import ImageSet, TrainImages, channel_stats, load_split, split_
 from hetero.errors import ConfigError, ManifestError
 from hetero.evaluate import retrieval_metrics
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, write_config, writing)
-from hetero.files import atomic_write_text
+from hetero.files import atomic_write_text, path_bytes
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import Embedder, count_flops, count_params, embed_images, resize_to
 from hetero.profiles import load_profile
@@ -444,7 +444,7 @@ def time_export(model: Embedder, profile, calibration: torch.Tensor, runs: int) 
     with tempfile.TemporaryDirectory(prefix="hetero-search-") as folder:
         path = Path(folder) / f"candidate{spec.suffix}"
         spec.export_function()(model, path, profile, metadata, resize_to(calibration, model.input_size), None)
-        size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        size = path_bytes(path)
         runtime = spec.open(path, profile.verify.runtime)
         one = np.random.default_rng(0).random((max(1, profile.batch), 3, model.input_size, model.input_size),
                                               dtype=np.float32)
