@@ -74,6 +74,10 @@ class MemberConfig:
     embedding_dim: int | None = None  # optional; when given it must equal the family's one dimension
     # An external cloud: an existing model file (.onnx, TorchScript .pt, torch.export .pt2), frozen.
     model: str | None = None
+    # A TorchScript or torch.export `model` loads through pickle, which runs any code the file carries: hetero
+    # opens one only when this says the file is trusted, converts it once to ONNX (parity checked) and keeps
+    # only the ONNX in the family, so opening the family later runs nothing of the file's.
+    trust_model_file: bool = False
     # safetensors weights: a library backbone's starting point, or with `frozen` the external cloud itself.
     weights: str | None = None
     frozen: bool = False  # a cloud that is never trained (implied by `model`)
@@ -133,6 +137,14 @@ class MemberConfig:
         if self.activation != "relu" and (self.external or ":" in (self.arch or "") or "/" in (self.arch or "")):
             raise ValueError(f"activation: {self.activation!r} is a variant of hetero's own architectures (resnet, "
                              f"mobilenet); {self.arch or self.model!r} keeps its own activations")
+        if self.trust_model_file and not self.model:
+            raise ValueError("trust_model_file: only for an external cloud given as a `model` file")
+        if self.model and not self.trust_model_file:
+            from hetero.external import FORMATS, PICKLED_KINDS, untrusted_message
+
+            kind = FORMATS.get(Path(self.model).suffix.lower())
+            if kind in PICKLED_KINDS:
+                raise ValueError(untrusted_message(Path(self.model), kind, self.name))
         if self.model and self.arch and not self.model.endswith(".safetensors"):
             raise ValueError(f"arch: not used with model {self.model!r}, which holds its own architecture")
         if not self.external:

@@ -5,6 +5,11 @@ Each names the file, field or value at fault and what would have been accepted; 
 from __future__ import annotations
 
 
+def reason(err: BaseException, limit: int = 300) -> str:
+    """A library's exception in one line for a paragraph: its type and its message, whitespace collapsed."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
 class HeteroError(Exception):
     """A problem with the user's input or files, with a message for people."""
 

@@ -1,10 +1,14 @@
 """External clouds: an embedding model the user already has, frozen, as a family's cloud member.
 
-The model is a file: ONNX (run in onnxruntime), TorchScript, a ``torch.export`` program (.pt2), or a timm /
-torchvision architecture with a safetensors weights file.  :class:`ExternalCloud` wraps any of them with
-the embedding contract (RGB floats in [0, 1] at the input size in, an L2-normalised float32 vector out): it
-applies the configured preprocessing (mean/std, colour order) before the model and the L2 normalisation
-after it.  It is never trained.
+The model is a file: ONNX (run in onnxruntime), or a timm / torchvision architecture with a safetensors
+weights file.  :class:`ExternalCloud` wraps either with the embedding contract (RGB floats in [0, 1] at the
+input size in, an L2-normalised float32 vector out): it applies the configured preprocessing (mean/std,
+colour order) before the model and the L2 normalisation after it.  It is never trained.
+
+TorchScript (.pt) and ``torch.export`` (.pt2) files load through pickle, which runs whatever code the file
+carries.  hetero opens one only when its member says ``trust_model_file: true``, and then once: it converts
+the file to ONNX (:func:`convert_trusted`, parity checked) and the family keeps only the ONNX, so whoever
+opens the family later runs nothing of the file's.
 
 The space id of an external cloud is a fingerprint of the model (its bytes; for weights, the tensors), the
 preprocessing and the output dimension, and nothing else: a gallery embedded with that file, and every family
@@ -22,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero.errors import ConfigError
+from hetero.errors import ConfigError, reason
 
 # How a file is read, by suffix; `weights` files need an `arch`.
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript",
            ".pt2": "torch.export", ".safetensors": "weights"}
 EXTERNAL_KINDS = ("onnx", "torchscript", "torch.export")  # model files; `weights` go with an architecture
+PICKLED_KINDS = ("torchscript", "torch.export")  # loading runs pickle: converted once, with the user's consent
+# The converted graph must compute what the file computes: cosine of the raw outputs on probe images.
+CONVERSION_MIN_COSINE = 0.99999
 RESIZE_RULE = "bicubic to the load size, then bilinear (antialiased) to input_size"
 # Metadata key hetero writes into its own exported files (export/common.py writes the same key).
 HETERO_METADATA = "hetero"
@@ -60,9 +67,7 @@ def file_metadata(path: Path, kind: str) -> dict:
     """Preprocessing a model file states about itself (hetero's own exports state all of it)."""
     if kind != "onnx":
         return {}
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _read_onnx(path, load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     found: dict = {}
     if HETERO_METADATA in props:
@@ -88,6 +93,22 @@ def file_metadata(path: Path, kind: str) -> dict:
     return found
 
 
+def _read_onnx(path: Path, load_external_data: bool = True):
+    """The ONNX graph of a file that has one input, or ConfigError saying why the file is not such a graph."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as err:  # protobuf's DecodeError, a missing external data file, ...
+        raise ConfigError(f"{path}: cannot be loaded as onnx ({reason(err)})") from None
+    initializers = {t.name for t in proto.graph.initializer}
+    if not [i for i in proto.graph.input if i.name not in initializers]:
+        raise ConfigError(f"{path}: the ONNX graph has no input; an embedding model takes one batch of images")
+    if not proto.graph.output:
+        raise ConfigError(f"{path}: the ONNX graph has no output; an embedding model returns one vector per image")
+    return proto
+
+
 def fingerprint(path: Path, kind: str) -> str:
     """sha256 of the model: the file's bytes, or for weights the tensors (whatever their order in the file).
 
@@ -100,9 +121,7 @@ def fingerprint(path: Path, kind: str) -> str:
 
         return tensors_digest(load_file(str(path)))
     if kind == "onnx":
-        import onnx
-
-        proto = onnx.load(str(path))
+        proto = _read_onnx(path)
         del proto.metadata_props[:]
         return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
     digest = hashlib.sha256()
@@ -146,19 +165,17 @@ class _OnnxModel:
 
 def _load_model(path: Path, kind: str, arch: str | None):
     """A callable (float tensor -> tensor) for the file, or ConfigError saying why it does not load."""
+    if kind in PICKLED_KINDS:  # only convert_trusted() may open these
+        raise ConfigError(untrusted_message(path, kind))
     try:
         if kind == "onnx":
+            _read_onnx(path)
             return _OnnxModel(path)
-        if kind == "torchscript":
-            return torch.jit.load(str(path), map_location="cpu").eval()
-        if kind == "torch.export":
-            return torch.export.load(str(path)).module()
         return _weights_model(path, arch)
     except ConfigError:
         raise
     except Exception as err:  # each loader has its own exceptions; all mean the same to the user
-        raise ConfigError(f"{path}: cannot be loaded as {kind} ({type(err).__name__}: "
-                          f"{' '.join(str(err).split())[:300]})") from None
+        raise ConfigError(f"{path}: cannot be loaded as {kind} ({reason(err)})") from None
 
 
 def _weights_model(path: Path, arch: str) -> nn.Module:
@@ -199,14 +216,94 @@ def _weights_model(path: Path, arch: str) -> nn.Module:
     return model.eval()
 
 
+def untrusted_message(path: Path, kind: str, member: str | None = None) -> str:
+    where = f"member {member!r}" if member else "its member"
+    return (f"{path}: a {kind} file loads through pickle, which runs any code the file carries; hetero opens one "
+            f"only when {where} says `trust_model_file: true` (do so only for a file you made or trust), and then "
+            f"converts it once to ONNX and keeps only the ONNX in the family. Or export the model to ONNX yourself "
+            f"and give the .onnx file")
+
+
+class _InferenceOnly(nn.Module):
+    """A loaded model that stays in inference mode: a torch.export program refuses train() and eval() alike."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True):
+        self.training = False
+        return self
+
+    def forward(self, images: torch.Tensor):
+        return self.model(images)
+
+
+def _load_trusted(path: Path, kind: str) -> nn.Module:
+    """The model in a TorchScript or torch.export file: this unpickles, so only on the user's word."""
+    import logging
+
+    # torch logs a full traceback of its own before raising on a file it cannot read: one paragraph is enough.
+    quiet = [logging.getLogger(name) for name in ("torch.export", "torch._export", "torch.jit")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.CRITICAL)
+        if kind == "torchscript":  # the ONNX exporter takes a ScriptModule as it is
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        program = torch.export.load(str(path)).module()
+        for parameter in program.parameters():  # frozen: traced as constants of the graph, not as trainables
+            parameter.requires_grad_(False)
+        return _InferenceOnly(program)
+    except Exception as err:  # each loader has its own exceptions; all mean the same to the user
+        raise ConfigError(f"{path}: cannot be loaded as {kind} ({reason(err)})") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def convert_trusted(path: Path, kind: str, input_size: int, target: Path) -> Path:
+    """Convert a trusted TorchScript / torch.export file to ONNX at `target`, checked to compute the same.
+
+    The ONNX graph takes what the file takes (the wrapper's preprocessing stays outside it) with a dynamic
+    batch; its raw outputs must match the file's on probe images, or the conversion is refused.
+    """
+    model = _load_trusted(path, kind)
+    probe = torch.rand(4, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            expected = model(probe)
+        if not isinstance(expected, torch.Tensor):
+            raise ConfigError(f"{path}: returns {type(expected).__name__}, not one embedding tensor; an embedding "
+                              f"model returns one vector per image")
+        torch.onnx.export(model, (probe,), str(target), input_names=["images"], output_names=["embedding"],
+                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False,
+                          opset_version=17)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{path}: could not be converted to ONNX ({reason(err)}); export the model to ONNX "
+                          f"yourself and give the .onnx file") from None
+    try:
+        converted = _OnnxModel(target)(probe)
+    except Exception as err:
+        raise ConfigError(f"{path}: its ONNX conversion does not run in onnxruntime ({reason(err)}); export the "
+                          f"model to ONNX yourself") from None
+    cosine = F.cosine_similarity(expected.float().flatten(1), converted.float().flatten(1), dim=1).min().item()
+    if not cosine >= CONVERSION_MIN_COSINE:
+        raise ConfigError(f"{path}: its ONNX conversion computes something else (cosine {cosine:.6f} to the file's "
+                          f"outputs on probe images, {CONVERSION_MIN_COSINE} needed); export the model to ONNX "
+                          f"yourself and give the .onnx file")
+    return target
+
+
 class ExternalCloud(nn.Module):
     """A frozen external model with the embedding contract; `dim` is read from the model itself."""
-
-    kind_of_member = "external"
 
     def __init__(self, path: str | Path, kind: str, preprocessing: Preprocessing, arch: str | None = None):
         super().__init__()
         self.path, self.kind, self.arch, self.preprocessing = Path(path), kind, arch, preprocessing
+        self.converted_from: tuple[Path, str] | None = None  # (file, kind) this ONNX graph was converted from
         self.input_size = preprocessing.input_size
         self.model = _load_model(self.path, kind, arch)
         if isinstance(self.model, nn.Module):
@@ -223,7 +320,7 @@ class ExternalCloud(nn.Module):
                 out = self._raw(probe)
         except Exception as err:
             raise ConfigError(f"{self.path}: does not run on a batch of 2 RGB images of {self.input_size} px "
-                              f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); check input_size and "
+                              f"({reason(err)}); check input_size and "
                               f"that the model takes a dynamic batch") from None
         if isinstance(out, (tuple, list)) or not isinstance(out, torch.Tensor):
             raise ConfigError(f"{self.path}: returns {type(out).__name__}, not one embedding tensor; an embedding "
@@ -248,21 +345,26 @@ class ExternalCloud(nn.Module):
         return F.normalize(out.flatten(1), dim=1)
 
     def train(self, mode: bool = True):
-        # Frozen, always in inference mode (a user's batch statistics never change), and without recursing:
-        # a torch.export program refuses train() and eval() alike, and was exported in inference mode.
+        # Frozen, always in inference mode: a user's batch statistics never change.
         self.training = False
-        if isinstance(self.model, nn.Module) and self.kind != "torch.export":
+        if isinstance(self.model, nn.Module):
             self.model.eval()
         return self
 
 
-def open_external(path: str | Path, arch: str | None, input_size: int | None, mean, std, colour_order: str
-                  ) -> tuple[ExternalCloud, str]:
-    """(the wrapped model, its space fingerprint) from a member's settings and the file's own metadata."""
+def open_external(path: str | Path, arch: str | None, input_size: int | None, mean, std, colour_order: str,
+                  trusted: bool = False, member: str | None = None) -> tuple[ExternalCloud, str]:
+    """(the wrapped model, its space fingerprint) from a member's settings and the file's own metadata.
+
+    A TorchScript / torch.export file is refused unless `trusted`; then the model wraps its ONNX conversion
+    (in a temporary folder that lives as long as the model) and `model.converted_from` names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: external model file not found")
     kind = model_format(path, arch)
+    if kind in PICKLED_KINDS and not trusted:
+        raise ConfigError(untrusted_message(path, kind, member))
     stated = file_metadata(path, kind)
     size = input_size or stated.get("input_size")
     if not size:
@@ -270,16 +372,26 @@ def open_external(path: str | Path, arch: str | None, input_size: int | None, me
     preprocessing = Preprocessing(int(size), tuple(mean or stated.get("mean") or (0.0, 0.0, 0.0)),
                                   tuple(std or stated.get("std") or (1.0, 1.0, 1.0)),
                                   colour_order or stated.get("colour_order", "RGB"))
-    model = ExternalCloud(path, kind, preprocessing, arch)
+    if kind not in PICKLED_KINDS:
+        return ExternalCloud(path, kind, preprocessing, arch), fingerprint(path, kind)
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory(prefix="hetero-converted-")
+    converted = convert_trusted(path, kind, preprocessing.input_size, Path(folder.name) / f"{path.stem}.onnx")
+    try:
+        model = ExternalCloud(converted, "onnx", preprocessing)
+    except ConfigError as err:  # name the user's file, not the temporary conversion
+        raise ConfigError(str(err).replace(str(converted), f"{path} (converted to ONNX)")) from None
+    model.converted_from, model.converted_folder = (path, kind), folder  # the folder lives as long as the model
+    # The id is the original file's: the same file gives the same space whether or not it was converted.
     return model, fingerprint(path, kind)
 
 
 def count_onnx_flops(path: Path, input_size: int) -> int:
     """FLOPs of one image through an ONNX graph: Conv, Gemm and MatMul (a multiply-add is 2 FLOPs)."""
-    import onnx
     from onnx import shape_inference
 
-    proto = onnx.load(str(path))
+    proto = _read_onnx(path)
     graph = proto.graph
     first = graph.input[0].type.tensor_type.shape.dim
     nhwc = len(first) == 4 and first[-1].dim_value == 3 and first[1].dim_value != 3

@@ -89,6 +89,9 @@ class MemberRecord(Record):
     checkpoint: FileRecord
     colour_order: Literal["RGB", "BGR"] = "RGB"
     fingerprint: str | None = None  # an external model's sha256 (bytes, or tensors for weights)
+    # an external cloud given as a trusted TorchScript / torch.export file: its name and format (the family
+    # keeps only its ONNX conversion)
+    converted_from: dict[str, str] | None = None
     # compat: adapter: the map from this member's own space into the cloud's, applied inside its graph
     adapter: dict[str, Any] | None = None
     exits: list[ExitRecord] | None = None  # multi-exit members, shallowest first; the last is the member itself
@@ -424,9 +427,14 @@ class FamilyStore:
         return model.eval()
 
     def _load_external(self, record: MemberRecord, path: Path):
-        from hetero.external import EXTERNAL_KINDS, ExternalCloud, Preprocessing
+        from hetero.external import EXTERNAL_KINDS, PICKLED_KINDS, ExternalCloud, Preprocessing
 
         kind = record.arch if record.arch in EXTERNAL_KINDS else "weights"
+        if kind in PICKLED_KINDS:  # a family handed to you must never run its author's code
+            raise ManifestError(
+                f"{path}: member {record.name!r} is a {kind} file, which loads through pickle and can run any code "
+                f"it carries; hetero never opens one from a family directory. Whoever trained the family can train "
+                f"it again from the original file with `trust_model_file: true`, which keeps an ONNX conversion")
         model = ExternalCloud(path, kind, Preprocessing(record.input_size, tuple(record.mean), tuple(record.std),
                                                         record.colour_order),
                               arch=None if kind != "weights" else record.arch)

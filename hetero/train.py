@@ -126,7 +126,7 @@ def open_cloud(fam) -> tuple[ExternalCloud, str]:
     """The external cloud of a family config and its fingerprint; its dimension must be the family's."""
     cfg = fam.cloud
     model, fingerprint = open_external(cfg.model or cfg.weights, cfg.arch, cfg.input_size, cfg.mean, cfg.std,
-                                       cfg.colour_order)
+                                       cfg.colour_order, trusted=cfg.trust_model_file, member=cfg.name)
     if model.dim != fam.embedding_dim:
         raise ConfigError(f"family.embedding_dim: {fam.embedding_dim}, but the external cloud {cfg.name!r} "
                           f"({model.path}) returns {model.dim}-d vectors; set embedding_dim: {model.dim}")
@@ -772,7 +772,10 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
             member.linearised_at = FileRecord(file=path.relative_to(out).as_posix(), sha256=sha256_file(path))
     if family.external is not None:
         cloud = family.cloud
-        members[[m.name for m in members].index(fam.cloud.name)].fingerprint = family.external[1]
+        record = members[[m.name for m in members].index(fam.cloud.name)]
+        record.fingerprint = family.external[1]
+        if cloud.converted_from is not None:
+            record.converted_from = {"file": cloud.converted_from[0].name, "format": cloud.converted_from[1]}
         own_space = external_space_id(family.external[1], cloud.preprocessing, fam.embedding_dim)
     else:
         own_space = space_id(fam.name, fam.version, fam.embedding_dim, tensors_digest(family.cloud.state_dict()))

@@ -15,7 +15,7 @@ from PIL import Image
 from hetero.config import parse_config
 from hetero.errors import ConfigError, HeteroError, ManifestError
 from hetero.evaluate import evaluate
-from hetero.external import ExternalCloud, Preprocessing, external_space_id, fingerprint
+from hetero.external import ExternalCloud, Preprocessing, external_space_id, fingerprint, open_external
 from hetero.family import FamilyStore
 from hetero.models import embed_images
 from hetero.train import train
@@ -139,7 +139,10 @@ def test_torchscript_torch_export_and_weights_clouds_answer_like_the_model(tiny_
     torch.export.save(torch.export.export(model, (torch.rand(2, 3, 32, 32),), dynamic_shapes=batch),
                       str(tmp_path / "cloud.pt2"))
     for name, kind in (("cloud.pt", "torchscript"), ("cloud.pt2", "torch.export")):
-        cloud = ExternalCloud(tmp_path / name, kind, plain)
+        with pytest.raises(ConfigError, match="loads through pickle"):  # never opened without the user's word
+            ExternalCloud(tmp_path / name, kind, plain)
+        cloud, _ = open_external(tmp_path / name, None, 32, None, None, None, trusted=True)
+        assert cloud.kind == "onnx" and cloud.converted_from == (tmp_path / name, kind)  # kept as ONNX only
         assert cloud.dim == 32
         assert (embed_images(cloud, images) * expected).sum(1).min() > 0.9999, kind
     # A timm architecture plus a safetensors file (its classifier is the embedding layer: 24 outputs).
@@ -194,8 +197,8 @@ def test_bad_cloud_files_are_clear_errors(onnx_cloud, unlabeled_images, tmp_path
             return x * 2
 
     torch.jit.script(FeatureMap()).save(str(tmp_path / "map.pt"))
-    with pytest.raises(ConfigError, match=r"map\.pt: returns shape \(2, 3, 32, 32\).*one vector per image"):
-        ExternalCloud(tmp_path / "map.pt", "torchscript", Preprocessing(32, (0,) * 3, (1,) * 3))
+    with pytest.raises(ConfigError, match=r"map\.pt \(converted to ONNX\): returns shape \(2, 3, 32, 32\).*one vector"):
+        open_external(tmp_path / "map.pt", None, 32, None, None, None, trusted=True)
 
     config = byo_config(onnx_cloud, unlabeled_images)
     config["family"]["embedding_dim"] = 48
