@@ -1,0 +1,160 @@
+"""The default Omniglot recipe against the earlier one, over seeds and both precisions, one run at a time.
+
+    python benchmarks/recipe_seeds.py run                      # every missing cell, in order (many hours)
+    python benchmarks/recipe_seeds.py run --recipes current --precisions fp32 --seeds 0 1 2
+    python benchmarks/recipe_seeds.py run --quick --seeds 0    # a sixth of the epochs: a smoke test
+    python benchmarks/recipe_seeds.py summary                  # mean and spread per recipe, precision, member
+
+A cell is one recipe (``current``: examples/omniglot.yaml as it is; ``earlier``: 30 + 60 epochs, per-image
+augmentation, no teacher cache), one precision (``fp32``: ``train.amp=off``; ``bf16``: ``train.amp=bf16``,
+emulated and slow on a CPU without native bf16) and one seed.  Each cell trains into
+``runs/recipe_seeds/<cell>`` with ``hetero train`` (resumed from its last finished epoch if a session ended
+in the middle), evaluates on the test split and writes a record to ``benchmarks/results/recipe_seeds/``.
+Cells whose record is current are skipped, so the command continues where it stopped.  Training seconds
+are the sum over the sessions that trained the cell, kept beside the run while it trains.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import records  # noqa: E402
+from train_profile import load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "examples/omniglot.yaml"
+RUNS = ROOT / "runs" / "recipe_seeds"
+BENCHMARK = "recipe_seeds"
+RECIPES = {
+    "current": [],
+    # examples/omniglot.yaml before the time-to-quality work (commit 811f774 and before)
+    "earlier": ["data.augment_batched=false", "train.epochs=30", "train.edge_epochs=60", "train.teacher_cache=null"],
+}
+PRECISIONS = {"fp32": "train.amp='off'", "bf16": "train.amp=bf16"}
+
+
+def cell_key(recipe: str, precision: str, seed: int, quick: bool) -> str:
+    return f"{recipe}-{precision}-seed{seed}" + ("-quick" if quick else "")
+
+
+def overrides_of(recipe: str, precision: str, seed: int) -> list[str]:
+    return [*RECIPES[recipe], PRECISIONS[precision], f"train.seed={seed}"]
+
+
+class TrainingClock:
+    """Seconds spent training a cell, summed over sessions and saved every minute (a killed run keeps them)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.started = time.perf_counter()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"seconds": round(self.seconds(), 1)}))
+
+    def _tick(self) -> None:
+        while not self.stopped.wait(60):
+            self._save()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self._save()
+
+
+def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
+    from hetero.evaluate import evaluate
+    from hetero.family import TRAIN_STATE, FamilyStore
+    from hetero.train import train
+
+    key, overrides = cell_key(recipe, precision, seed, quick), overrides_of(recipe, precision, seed)
+    config = load(str(ROOT / RECIPE), overrides)
+    if quick:
+        config.train.epochs = max(1, config.train.epochs // 6)
+        config.train.edge_epochs = max(1, (config.train.edge_epochs or config.train.epochs) // 6)
+    out = RUNS / key
+    clock_file = RUNS / f"{key}.seconds.json"
+    trained = (out / "manifest.json").is_file()
+    if not trained:
+        resume = (out / TRAIN_STATE).is_file()
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}", flush=True)
+        with TrainingClock(clock_file):
+            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False)
+    seconds = json.loads(clock_file.read_text())["seconds"] if clock_file.is_file() else None
+    store = FamilyStore.open(out)
+    report = evaluate(store)
+    matrix, cloud = report["matrix"], report["cloud"]
+    figures = {"top1_vs_cloud_gallery": {m: matrix[m][cloud]["top1"] for m in matrix},
+               "top1_own_gallery": {m: matrix[m][m]["top1"] for m in matrix},
+               "train_s": seconds, "epochs": [config.train.epochs, config.train.edge_epochs],
+               "amp_bf16": store.manifest.training.amp_bf16}
+    path = records.write(BENCHMARK, key, figures, wall_s=seconds or 0.0, recipe=RECIPE, overrides=overrides,
+                         seeds=[seed], quick=quick, recipe_name=recipe, precision=precision)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(figures['top1_vs_cloud_gallery'])} -> {path}",
+          flush=True)
+    return path
+
+
+def is_current(record: dict | None) -> bool:
+    return bool(record) and record.get("config_hash") == records.config_hash(record["recipe"], record["overrides"])
+
+
+def summary(quick: bool) -> list[dict]:
+    """Mean and spread (max - min) of each member's top-1 against the cloud gallery, per recipe and precision."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records.read_all(BENCHMARK):
+        if record["quick"] == quick and is_current(record):
+            groups.setdefault((record["recipe_name"], record["precision"]), []).append(record)
+    rows = []
+    for (recipe, precision), found in sorted(groups.items()):
+        members = found[0]["figures"]["top1_vs_cloud_gallery"]
+        row = {"recipe": recipe, "precision": precision, "seeds": sorted(r["seeds"][0] for r in found),
+               "train_s": statistics.mean(r["figures"]["train_s"] or 0 for r in found)}
+        for member in members:
+            values = [r["figures"]["top1_vs_cloud_gallery"][member] for r in found]
+            row[member] = (statistics.mean(values), max(values) - min(values))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["run", "summary"])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="a sixth of the epochs: a smoke test, never a result")
+    args = parser.parse_args(argv)
+    if args.mode == "run":
+        for precision in args.precisions:
+            for recipe in args.recipes:
+                for seed in args.seeds:
+                    key = cell_key(recipe, precision, seed, args.quick)
+                    if is_current(records.read(BENCHMARK, key)):
+                        print(f"{key}: record is current, skipped")
+                        continue
+                    run_cell(recipe, precision, seed, args.quick)
+    for row in summary(args.quick):
+        members = [k for k in row if k not in ("recipe", "precision", "seeds", "train_s")]
+        cells = ", ".join(f"{m} {row[m][0]:.4f} (spread {row[m][1] * 100:.1f} pts)" for m in members)
+        print(f"{row['recipe']:8s} {row['precision']:5s} seeds {row['seeds']}: {cells}; train {row['train_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
