@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hetero-installed
 OUT ?= runs/quickstart
 
-.PHONY: demo test test-fast omniglot bench clean
+.PHONY: demo test test-fast omniglot bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# The reference pages (from the parser, the config schema, the profiles) and the results page (from the
+# records in benchmarks/results/) are regenerated, then the site is built; --strict fails on a broken link.
+docs: $(STAMP)
+	$(PY) docs/gen_reference.py
+	$(PY) benchmarks/render_results.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 omniglot: $(STAMP)
 	$(VENV)/bin/hetero run examples/omniglot.yaml --out runs/omniglot --overwrite
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site
