@@ -64,7 +64,7 @@ def faiss_store(gallery: np.ndarray):
 def milvus_store(gallery: np.ndarray, work: Path):
     from hetero.stores import FLAT_MAX_ROWS, Identity, MilvusStore
 
-    db = MilvusStore(str(work / f"bench-{len(gallery)}.db"), "bench")
+    db = MilvusStore(str(work / f"bench-{len(gallery)}.db"), "bench", create=True)
     db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
     ids = [f"item-{i:07d}" for i in range(len(gallery))]
     started = time.perf_counter()

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hetero.errors import ConfigError, ManifestError
 from hetero.family import ArtifactRecord, MemberRecord
-from hetero.files import atomic_path, atomic_write_json
+from hetero.files import atomic_path, atomic_write_json, check_npy_size
 from hetero.reference import Reference
 
 BUNDLE_VERSION = 1
@@ -126,8 +126,24 @@ def _read_meta(folder: Path, source: Path) -> BundleMeta:
         raise BundleError(f"{source}: {BUNDLE_JSON} is not a hetero bundle description: {problems}") from None
 
 
+def _check_declared_sizes(npz: Path) -> None:
+    """Refuse (ValueError) arrays that declare more than their members hold, or members that unpack to more
+    than a bundle may, before numpy allocates what the headers declare (a crafted one asked for 183 GiB)."""
+    with zipfile.ZipFile(npz) as archive:
+        members = archive.infolist()
+        if sum(info.file_size for info in members) > MAX_UNPACKED_BYTES:
+            raise ValueError(f"its arrays unpack to more than {MAX_UNPACKED_BYTES:,} bytes")
+        for info in members:
+            with archive.open(info) as member:
+                try:
+                    check_npy_size(member, info.file_size)
+                except ValueError as err:
+                    raise ValueError(f"{info.filename}: {err}") from None
+
+
 def _read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torch.Tensor]:
     try:
+        _check_declared_sizes(folder / ARRAYS)
         with np.load(folder / ARRAYS, allow_pickle=False) as data:
             arrays = {key: torch.from_numpy(np.array(data[key])) for key in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:

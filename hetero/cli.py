@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -16,19 +17,50 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
+
+def _log_width() -> int | None:
+    """Rich squeezes everything to 80 columns when stdout is not a terminal, cutting tables in CI logs and
+    piped output: give those 200 columns, unless COLUMNS says otherwise (None: rich's own choice)."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200
+
+
+console = Console(width=_log_width())
 
 
 # ------------------------------------------------------------------------------------------------ stages
 
 
+class LogLines:
+    """Progress as plain lines where stdout is a log (a file, a pipe, CI), in which progress bars show nothing:
+    one line per finished training epoch and per stage of `hetero run`, with the time since the command began."""
+
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and not console.is_terminal
+        self.started = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        from datetime import timedelta
+
+        from hetero import distributed
+
+        if self.enabled and distributed.is_main():  # under torchrun, rank 0 speaks for all
+            elapsed = timedelta(seconds=round(time.perf_counter() - self.started))
+            console.print(f"{text} [{elapsed} elapsed]", markup=False, highlight=False)
+
+    def epoch(self, end) -> None:
+        """A training callback (hetero.train.EpochEnd)."""
+        self.say(f"epoch {end.epoch}/{end.epochs} (phase {end.phase + 1}): loss {end.loss:.4f}")
+
+
 def train_family(config_path: str, out: str, *, resume: bool = False, overwrite: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, lines: LogLines | None = None):
     from hetero import distributed
     from hetero.config import load_config
     from hetero.train import train
 
-    store = train(load_config(config_path), out, resume=resume, overwrite=overwrite, progress=not quiet)
+    lines = lines or LogLines(quiet)
+    store = train(load_config(config_path), out, resume=resume, overwrite=overwrite, progress=not quiet,
+                  callbacks=[lines.epoch])
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
         data = store.manifest.data
         console.print(f"trained family [bold]{escape(store.name)}[/] (space id {store.space_id}) into "
@@ -87,11 +119,12 @@ def verify_family(store, *, profile: str | None = None, images: int | None = Non
 
     report, reference = verify(store, profile=profile, max_images=images, latency_runs=latency_runs,
                                strict=strict, all_runtimes=all_runtimes)
-    if reference is None:
+    if reference is None:  # a stage run before the one it needs: exit 2, as any error a user can fix
+        from hetero.errors import ManifestError
+
         wanted = f" for profile {profile!r}" if profile else ""
-        console.print(f"[bold red]no exported artifacts{escape(wanted)} to verify[/] in {escape(str(store.root))}: run "
-                      f"`hetero export` first; nothing was written")
-        return 1
+        raise ManifestError(f"{store.root}: no exported artifacts{wanted} to verify; run `hetero export` first; "
+                            f"nothing was written")
     if bundle:
         from hetero.bundle import write_bundle
 
@@ -106,17 +139,17 @@ def verify_bundle_file(bundle: str, *, latency_runs: int = 30, strict: bool = Fa
     report = verify_bundle(bundle, latency_runs=latency_runs, strict=strict, json_out=json_out,
                            all_runtimes=all_runtimes)
     if not report["artifacts"]:
-        console.print("[bold red]the bundle holds no artifacts to verify[/]")
-        return 1
+        from hetero.bundle import BundleError
+
+        raise BundleError(f"{bundle}: the bundle holds no artifacts to verify")
     return _verdict(report, report["json"], junit, report_file, None)
 
 
 def _verdict(report: dict, where: str, junit: str | None, report_file: str | None, bundle: str | None) -> int:
     from hetero.report import format_summary, format_verify, write_junit
 
-    wide = console if console.is_terminal else Console(width=160)  # CI logs: do not squeeze tables to 80
-    wide.print(format_verify(report))
-    wide.print(format_summary(report))
+    console.print(format_verify(report))
+    console.print(format_summary(report))
     if junit:
         write_junit(report, junit)
         console.print(f"JUnit XML: {escape(junit)}")
@@ -154,10 +187,16 @@ def _open(directory: str):
 def _cmd_run(args) -> int:
     from hetero.profiles import load_profile
 
-    store = train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    lines = LogLines(args.quiet)
+    lines.say("hetero run: stage 1/4, train")
+    store = train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                         lines=lines)
+    lines.say("hetero run: stage 2/4, eval")
     evaluate_family(store)
+    lines.say("hetero run: stage 3/4, export")
     profiles = [load_profile(name) for name in store.config().export.profiles]
     export_family(store, profiles, [m.name for m in store.edges], verbose=args.verbose, quiet=args.quiet)
+    lines.say("hetero run: stage 4/4, verify")
     return verify_family(store)
 
 
@@ -174,12 +213,12 @@ def _cmd_search(args) -> int:
 
     store = search(load_config(args.config), args.out, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet)
-    table = Table(title=f"students found for {store.name}")
+    table = Table(title=f"students found for {escape(store.name)}")
     for column in ("member", "profile", "sub-network", "MFLOPs", "of the cloud", "latency ms", "validation top-1"):
         table.add_column(column)
     for m in store.edges:
         found = m.search or {}
-        table.add_row(m.name, found.get("profile", ""), found.get("candidate", ""), f"{m.flops / 1e6:.1f}",
+        table.add_row(m.name, escape(found.get("profile", "")), found.get("candidate", ""), f"{m.flops / 1e6:.1f}",
                       f"{m.flops_vs_cloud:.4f}", f"{found.get('latency_ms', 0):.3f}",
                       f"{found.get('validation_top1', 0):.4f}")
     console.print(table)
@@ -213,9 +252,12 @@ def _cmd_calibrate(args) -> int:
     rule = calibrate(store, member, args.top1_loss, args.mean_mflops, args.escalate, thresholds)
     found = rule["calibration"]
     above = rule["escalate_above"]
-    cloud = "" if above is None else f"; to the cloud above {above:.4f}"
+    # with escalation the target is met by the system (edge plus cloud), so its top-1 is the one to print
+    cloud, top1 = ("", f"top-1 {found['top1']:.3f}") if above is None else (
+        f"; to the cloud above {above:.4f}", f"top-1 {found['top1_system']:.3f} with the cloud ({found['top1']:.3f} "
+                                             f"on the edge alone)")
     console.print(f"{escape(member)}: thresholds {', '.join(f'{t:.4f}' for t in rule['thresholds'])}{cloud}"
-                  f" on {found['images']} held-out training images: top-1 {found['top1']:.3f} (last exit "
+                  f" on {found['images']} held-out training images: {top1} (last exit "
                   f"{found['top1_last_exit']:.3f}), mean {found['mean_mflops']:.2f} MFLOPs, shares per exit "
                   f"{', '.join(f'{s:.2f}' for s in found['shares'])}, escalated {found['escalated']:.2f}",
                   highlight=False)
@@ -243,6 +285,13 @@ def _cmd_verify(args) -> int:
 
     if args.dir is None and args.bundle is None:
         raise ConfigError("verify: give a family DIR, or --bundle FILE to verify a bundle")
+    from hetero.files import check_output
+
+    outputs = {"--json": args.json, "--junit": args.junit, "--report": args.report,
+               "--bundle": args.bundle if args.dir is not None else None}  # alone, --bundle is read
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output(path, flag)  # before the verification, not after it
     if args.dir is None:  # verify a bundle written by `hetero verify DIR --bundle FILE`
         return verify_bundle_file(args.bundle, latency_runs=args.latency_runs, strict=args.strict,
                                   json_out=args.json, all_runtimes=args.all_runtimes, junit=args.junit,
@@ -270,7 +319,7 @@ def _cmd_profiles(args) -> int:
     for column in ("name", "format", "precision", "layout", "batch", "runtime", "description"):
         table.add_column(column)
     for p in all_profiles():
-        table.add_row(p.name, p.format, p.precision, p.layout, str(p.batch or "dynamic"), p.verify.runtime,
+        table.add_row(p.name, p.format, p.precision, p.layout, str(p.batch or "dynamic"), escape(p.verify.runtime),
                       escape(p.description))
     console.print(table)
     return 0
@@ -280,6 +329,10 @@ def _cmd_gallery(args) -> int:
     from hetero import distributed, gallery
 
     store = _open(args.dir)
+    if getattr(args, "json", None):
+        from hetero.files import check_output
+
+        check_output(args.json, "--json")
     if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") == "milvus":
         return _cmd_gallery_db(args, store)
     if args.action == "import":
@@ -339,9 +392,9 @@ def _cmd_gallery_db(args, store) -> int:
                       f"{record['rows']} rows in all) in {record['seconds']:.1f} s, {record['rows_per_s']:.0f} rows/s"
                       + (f"; alias {escape(record['alias'])} now names it" if args.action == "migrate" else ""))
     elif args.action == "delete":
-        removed = gallery_db.delete(store, uri, args.collection, args.ids)
+        removed, absent = gallery_db.delete(store, uri, args.collection, args.ids)
         console.print(f"deleted {removed} of {len(args.ids)} row(s) from {escape(uri)} collection "
-                      f"{escape(args.collection)}")
+                      f"{escape(args.collection)}" + (f"; {absent} not there" if absent else ""))
     else:
         record = gallery_db.adopt(store, uri, args.collection, args.images, member=args.member, sample=args.sample)
         console.print(f"adopted {escape(uri)} collection {escape(args.collection)}: {record['checked']} re-embedded "
@@ -451,9 +504,9 @@ def _training_verbs(verbs) -> None:
         p.add_argument("--out", required=True, help="family directory to write (checkpoints, manifest, reports)")
         again = p.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
-        again.add_argument("--overwrite", action="store_true", help="replace the family in --out (removes its "
-                                                                     "checkpoints, exports, gallery and reports)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        again.add_argument("--overwrite", action="store_true", help="replace the family in --out (removes the files "
+                                                                     "it wrote, none of yours)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars (nor, in a log, progress lines)")
 
     p = verbs.add_parser("run", help="the whole pipeline: train, eval, export, verify",
                          description="Train the family, evaluate compatibility, export every edge member for the "

@@ -431,6 +431,12 @@ class TrainConfig:
     # Multi-exit members: held-out calibration images, self-distillation, anchors (defaults when omitted).
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
 
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 reads a bare `off` / `on` as false / true: take them as the words the user wrote
+        return ("on" if value else "off") if isinstance(value, bool) else value
+
     @field_validator("losses")
     @classmethod
     def _losses_registered(cls, value: dict[str, float]) -> dict[str, float]:

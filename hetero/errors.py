@@ -30,6 +30,11 @@ class LockError(ManifestError):
     """A directory another writing stage holds."""
 
 
+class TrainingError(HeteroError):
+    """Training that cannot go on: a loss or weights that became NaN or infinite (a diverging run, a broken
+    frozen cloud).  Raised before anything of the failing epoch is written."""
+
+
 class ExportError(HeteroError):
     """An export or runtime step that failed."""
 

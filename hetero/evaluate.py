@@ -184,10 +184,11 @@ def backward_summary(embeddings: dict, split, new: str, old: str, matrix: dict) 
 
 
 def format_report(report: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.markup import escape
     from rich.table import Table
 
     names = list(report["matrix"])
-    table = Table(title=f"Compatibility matrix, top-1 / top-5 / mAP@R  ({report['family']}, "
+    table = Table(title=f"Compatibility matrix, top-1 / top-5 / mAP@R  ({escape(report['family'])}, "
                         f"{report['queries']} queries vs {report['gallery']} gallery, "
                         f"{report['test_classes']} unseen classes, chance {report['chance_top1']:.3f})")
     table.add_column("query \\ gallery")

@@ -11,6 +11,7 @@ or writes its manifest, member weights or artifact records.  The directory holds
     checkpoints/lqf/<member>.safetensors  an LQF update's linearisation points w0 (the checkpoint is w0 + dw)
     exports/<profile>/<member><suffix>    exported artifacts
     report.json, verify.json, gallery/    evaluation, verification and the default gallery
+    teacher_cache/, search/               the edge phase's cached cloud answers; `hetero search`'s records
     .hetero.lock, .hetero.lock.json       held by the stage writing the directory
 
 Every path the store reads comes from the manifest and is resolved inside the directory first (absolute
@@ -41,8 +42,14 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 FORMAT = "hetero-family/1"
 TRAIN_STATE = "checkpoints/train_state.safetensors"
-# What a family directory may hold besides the user's own files; `train --overwrite` removes exactly these.
-OUTPUTS = (CONFIG, MANIFEST, "checkpoints", "exports", "gallery", "report.json", "verify.json", "search")
+# The files stages write into a family directory by name (glob patterns), besides those its manifest lists:
+# reports, the default gallery, the default teacher cache and a search's records, fronts and fine-tuning states.
+# `train --overwrite` removes these and the manifest's files, and nothing else.
+STAGE_FILES = (CONFIG, MANIFEST, TRAIN_STATE, "report.json", "verify.json",
+               "gallery/gallery.json", "gallery/index.faiss", "gallery/shards/shard-*.safetensors",
+               "gallery/shards/shard-*.json", "teacher_cache/cache.json", "teacher_cache/shards/shard-*.safetensors",
+               "search/candidates.json", "search/search.json", "search/pareto-*.md", "search/pareto-*.png",
+               f"search/fine-tune-*/{TRAIN_STATE}")
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
 # Config keys that do not change the weights: a resumed run may differ in them.
 # search.fine_tune_epochs: a finished search resumed with another fine-tuning reuses its supernet and candidates.
@@ -531,20 +538,15 @@ def claim_for_training(root: Path, config: Config, resume: bool, overwrite: bool
     """Check that training may write `root` (held under its lock), before anything is written.
 
     A directory that holds a family is refused unless `resume` (the same config, a saved state) or
-    `overwrite` (which removes every output of the earlier family, and nothing else).
+    `overwrite` (which removes the files the earlier family wrote, and nothing else; see family_files).
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the family in --out, or replace it")
     present = existing_outputs(root)
     if overwrite:
-        for name in OUTPUTS:
-            target = root / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        if present:
-            log.warning("%s: removed the earlier family's outputs: %s", root, "; ".join(present))
+        removed = remove_family_files(root)
+        if removed:
+            log.warning("%s: removed the earlier family's %d file(s): %s", root, len(removed), "; ".join(present))
         return
     if resume:
         if not (root / TRAIN_STATE).is_file():
@@ -553,7 +555,79 @@ def claim_for_training(root: Path, config: Config, resume: bool, overwrite: bool
         return
     if present:
         raise ManifestError(f"{root} already holds {'; '.join(present)}. Use --resume to continue its training, "
-                            f"--overwrite to replace it (removes {', '.join(OUTPUTS)}), or choose another --out")
+                            f"--overwrite to replace it (removes the files the family wrote, none of yours), or "
+                            f"choose another --out")
+
+
+def output_directory(out: str | Path) -> Path:
+    """The --out of a training verb, refused when empty (Path('') would be the current directory) or a file."""
+    if not str(out):
+        raise ConfigError("--out: empty; give a directory for the family")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a directory for the family")
+    return out
+
+
+def family_files(root: Path) -> list[Path]:
+    """Every file (or folder artifact) the family in `root` wrote, as its manifest and stage records list them.
+
+    An unfinished first run (a training state but no manifest yet) has written only its config, state and
+    caches.  A directory with files but no family is refused: nothing there can be told apart from the user's.
+    """
+    if not root.is_dir() or all(p.name.startswith(".hetero") for p in root.iterdir()):
+        return []  # new or empty (a lock at most): nothing to remove
+    if (root / MANIFEST).exists():
+        try:
+            store = FamilyStore.open(root)
+        except ManifestError as err:
+            raise ManifestError(f"--overwrite {root}: no readable family manifest ({err}), so the files a family "
+                                f"wrote there cannot be told from yours; nothing was removed. Remove them yourself "
+                                f"or choose another --out") from None
+        manifest = store.manifest
+        artifacts = [store.path(a.file, "artifact of the earlier family") for a in manifest.artifacts]
+        listed = [m.checkpoint.file for m in manifest.members]
+        listed += [m.linearised_at.file for m in manifest.members if m.linearised_at is not None]
+        listed += [manifest.previous.checkpoint.file] if manifest.previous is not None else []
+        files = [store.path(name, "checkpoint of the earlier family") for name in listed]
+    elif _is_training_state(root / TRAIN_STATE):
+        artifacts, files = [], []
+    else:
+        raise ManifestError(f"--overwrite {root}: this directory holds files but no family ({MANIFEST} is "
+                            f"missing), so --overwrite cannot tell a family's files from yours; nothing was "
+                            f"removed. Choose a new or empty --out, or train without --overwrite")
+    inside = root.resolve()
+    files += [path for pattern in STAGE_FILES for path in sorted(root.glob(pattern))
+              if path.parent.resolve().is_relative_to(inside)]  # never through a linked folder out of `root`
+    # Only an artifact may be a folder (.mlpackage, an exit chain); a folder at any other listed name is not ours.
+    return ([path for path in artifacts if path.exists() or path.is_symlink()]
+            + [path for path in dict.fromkeys(files) if path.is_file() or path.is_symlink()])
+
+
+def _is_training_state(path: Path) -> bool:
+    """Whether `path` is a training state hetero wrote (its metadata holds the epoch; only the header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return "epoch" in json.loads((handle.metadata() or {}).get("hetero", "{}"))
+    except (SafetensorError, OSError, ValueError, TypeError):  # missing, unreadable or foreign: not a state of ours
+        return False
+
+
+def remove_family_files(root: Path) -> list[Path]:
+    """`--overwrite`: remove exactly the files the family in `root` wrote, then the folders that left empty."""
+    removed = family_files(root)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():  # a folder artifact (.mlpackage, an exit chain)
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for folder in sorted({p.parent for p in removed}, key=lambda p: len(p.parts), reverse=True):
+        while folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return removed
 
 
 def _flatten(data, prefix: str = "") -> dict[str, Any]:

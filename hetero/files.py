@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from hetero.errors import LockError, ManifestError
+from hetero.errors import ConfigError, LockError, ManifestError
 
 log = logging.getLogger("hetero.files")
 
@@ -158,6 +158,54 @@ def resolve_inside(root: Path, relative, what: str) -> Path:
     return path
 
 
+def check_output(path: str | Path, flag: str, *, folder: bool = False) -> Path:
+    """`path`, given as `flag`, checked before any work as a file (or with `folder`, a directory) to write.
+
+    Refused: a directory where a file is wanted (and the reverse), any path below an existing file, and a
+    `..` below a folder that does not exist yet (creating that folder would change what the path names);
+    otherwise the write would fail only at the end of the work, with an OSError.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; give a directory")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give the path of a file to write")
+    for depth in range(1, len(path.parts)):  # the folders above it, from the top: the first one missing is made
+        above = Path(*path.parts[:depth])
+        if above.is_dir():
+            continue
+        if above.exists():
+            raise ConfigError(f"{flag} {path}: {above} is a file, so nothing can be written below it")
+        if ".." in path.parts[depth:]:
+            raise ConfigError(f"{flag} {path}: '..' below {above}, which does not exist; give the path without it")
+        break
+    return path
+
+
+def check_npy_size(handle, size: int) -> None:
+    """Refuse (ValueError) a .npy stream whose header declares more data than its `size` bytes hold.
+
+    numpy allocates an array's declared shape before reading it, so a crafted header of a few bytes could
+    ask for hundreds of GiB.  Leaves `handle` after the header.
+    """
+    import math
+
+    from numpy.lib import format as npy
+
+    try:
+        major, _ = npy.read_magic(handle)
+        read_header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    except ValueError:
+        raise
+    except Exception as err:  # numpy parses the header with tokenize and ast, whose errors are their own kinds
+        raise ValueError(f"its header cannot be parsed ({type(err).__name__}: {err})") from None
+    declared, held = math.prod(shape) * dtype.itemsize, size - handle.tell()
+    if declared > held:
+        raise ValueError(f"its header declares {dtype} of shape {shape} ({declared:,} bytes) but only {held:,} "
+                         f"bytes follow")
+
+
 # ------------------------------------------------------------------------------------------------- locks
 
 
@@ -186,7 +234,8 @@ class DirectoryLock:
         from filelock import FileLock, Timeout
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.directory / LOCK_FILE), timeout=0)
+        path = self.directory / LOCK_FILE
+        lock = FileLock(str(path), timeout=0)
         try:
             lock.acquire()
         except Timeout:
@@ -195,6 +244,10 @@ class DirectoryLock:
                 f"{self.directory} is being written by `hetero {holder.get('verb', '?')}` (pid "
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}); "
                 f"wait for it to finish, or use another directory") from None
+        except OSError as err:  # filelock opens without following links: a link (loop, dangling) fails here
+            problem = "is a symbolic link" if path.is_symlink() else f"cannot be opened ({err.strerror})"
+            raise LockError(f"{path}: {problem}; hetero's lock is a plain empty file it creates itself. Remove "
+                            f"{path} (it holds no data) and run again") from None
         self._lock = lock
         self.stale = self._holder()
         if self.stale is not None:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from hetero.data import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImageError, decode_image, loader_context
 from hetero.errors import HeteroError, ManifestError
 from hetero.family import FamilyStore, MemberRecord, writing
-from hetero.files import atomic_path, atomic_write_json, resolve_inside, sha256_file
+from hetero.files import atomic_path, atomic_write_json, check_npy_size, check_output, resolve_inside, sha256_file
 
 log = logging.getLogger("hetero.gallery")
 
@@ -265,8 +265,7 @@ def build_gallery(store: FamilyStore, images: str | Path, out: str | Path | None
         raise GalleryError(f"--shard-size {shard_size} must be a positive multiple of --batch-size {batch_size} "
                            f"(batches never cross shards, so every build gives the same floats), and --workers "
                            f">= 0 (got {workers})")
-    if out.exists() and not out.is_dir():
-        raise GalleryError(f"--out {out}: is a file; give a directory for the gallery")
+    check_output(out, "--out", folder=True)
     distributed.init_from_env()
     inside = out.resolve().is_relative_to(store.root.resolve())
     with writing(store.root if inside else out, "gallery build"):
@@ -385,7 +384,10 @@ def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[
     stated: list[str] | None = None
     try:
         if suffix == ".npy":
-            vectors = np.load(path, allow_pickle=False)
+            with open(path, "rb") as handle:
+                check_npy_size(handle, path.stat().st_size)
+                handle.seek(0)
+                vectors = np.load(handle, allow_pickle=False)
         elif suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -396,7 +398,7 @@ def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[
                     raise GalleryError(f"--vectors {path}: holds tensors {keys}; name the vectors 'embeddings'")
                 vectors = handle.get_tensor(key)
                 meta = handle.metadata() or {}
-            stated = json.loads(meta["ids"]) if "ids" in meta else None
+            stated = _item_ids(json.loads(meta["ids"]), path) if "ids" in meta else None
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -405,7 +407,7 @@ def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[
             if missing:
                 raise GalleryError(f"--vectors {path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
                                    f"a parquet gallery needs 'id' and 'embedding'")
-            stated = [str(v) for v in table.column("id").to_pylist()]
+            stated = _item_ids(table.column("id").to_pylist(), path)
             vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
         else:
             raise GalleryError(f"--vectors {path}: cannot read {suffix!r} files; give {', '.join(VECTOR_SUFFIXES)}")
@@ -416,7 +418,7 @@ def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[
     except Exception as err:  # numpy, safetensors and pyarrow each raise their own kinds for a damaged file
         raise GalleryError(f"--vectors {path}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
     if ids is not None:
-        stated = [line.strip() for line in Path(ids).read_text().splitlines() if line.strip()]
+        stated = _read_ids(Path(ids))
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
         raise GalleryError(f"--vectors {path}: holds {vectors.dtype} of shape {vectors.shape}; a gallery is a 2-D "
                            f"float array (items x dim)")
@@ -428,6 +430,40 @@ def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[
     if not np.isfinite(vectors).all():
         raise GalleryError(f"--vectors {path}: holds NaN or infinite values (row {int(np.argwhere(~np.isfinite(vectors))[0][0])})")
     return stated, vectors.astype(np.float32)
+
+
+def _item_ids(values, path: Path) -> list[str]:
+    """The ids a vectors file states, one per row (text or whole numbers); a missing or unusable one is
+    refused by its row: the ids name the images that prove the space, and the rows a search answers with."""
+    if not isinstance(values, list):
+        raise GalleryError(f"--vectors {path}: its ids are {type(values).__name__}, not a list of one id per row")
+    for row, value in enumerate(values):
+        if value is None:
+            raise GalleryError(f"--vectors {path}: row {row} has no id (null); every row needs its own id")
+        try:
+            usable = isinstance(value, (str, int)) and not isinstance(value, bool) and bool(str(value).encode())
+        except UnicodeEncodeError:  # a lone surrogate, which JSON can spell
+            usable = False
+        if not usable:
+            raise GalleryError(f"--vectors {path}: row {row} has id {value!r}; ids are text or whole numbers")
+    return [str(v) for v in values]
+
+
+def _read_ids(path: Path) -> list[str]:
+    """--ids: one item id per line, UTF-8 text; blank lines are skipped."""
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "no such file"
+        raise GalleryError(f"--ids {path}: {problem}; give a text file with one item id per line, in row order")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise GalleryError(f"--ids {path}: cannot be read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise GalleryError(f"--ids {path}: not UTF-8 text (byte {err.start} is {raw[err.start:err.start + 1]!r}); "
+                           f"save the ids as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def prove_space(store: FamilyStore, entry: MemberRecord, stored: dict[str, np.ndarray], images: str | Path,
@@ -474,7 +510,7 @@ def import_gallery(store: FamilyStore, vectors: str | Path, images: str | Path, 
                    overwrite: bool = False, shard_size: int = 4096) -> dict:
     """A gallery from vectors the user already has, stamped with the family's space id only after a sample
     of the listed images, re-embedded by the member (the cloud by default), proves they are its vectors."""
-    out = Path(out)
+    out = check_output(out, "--out", folder=True)
     entry = _member(store, member)
     names, matrix = read_vectors(vectors, ids)
     if matrix.shape[1] != entry.dim:

@@ -60,7 +60,7 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
     entry = _member(store, member)
     identity = identity_of(store, entry)
     entries = list_images(images)
-    db = MilvusStore(uri, collection)
+    db = MilvusStore(uri, collection, create=not replace)  # an update needs the database it updates
     _prepare(db, identity, overwrite, len(entries))
     started, written, skipped, kept = time.perf_counter(), 0, [], 0
     db.claim()
@@ -107,13 +107,15 @@ def _prepare(db: MilvusStore, identity: Identity, overwrite: bool, rows_hint: in
                          f"--overwrite to replace it, another --collection, or `hetero gallery migrate`")
 
 
-def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> int:
-    """Remove rows by image name; return how many of them were there."""
+def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> tuple[int, int]:
+    """Remove rows by image name; return (rows removed, names that were not there).  Deleting an absent name
+    is a no-op, so the same delete can run twice."""
     db = MilvusStore(uri, collection)
     db.check_space(store.space_id, f"family {store.name!r}")
     there = db.present(ids)
-    db.delete(sorted(there))
-    return len(there)
+    if there:  # Milvus refuses a delete by an empty list of keys
+        db.delete(sorted(there))
+    return len(there), len(set(ids)) - len(there)
 
 
 def search(uri: str, collection: str, queries: np.ndarray, k: int, query_space: str | None, label: str,

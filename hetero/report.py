@@ -66,7 +66,7 @@ def format_verify(report: dict):
     from rich.table import Table
 
     table = Table(title=f"Verification of {len(report['artifacts'])} artifact(s) on {report['queries']} held-out "
-                        f"queries vs {report['gallery']} cloud-gallery images ({report['source']})")
+                        f"queries vs {report['gallery']} cloud-gallery images ({escape(report['source'])})")
     for column in ("artifact", "check", "status", "detail"):
         table.add_column(column)
     for artifact in report["artifacts"]:

@@ -151,6 +151,9 @@ def add(text: str, python: str | None = None) -> Environment:
     requirement, _, runtime = formats.parse_requirement(text)
     if runtime.engine is None:
         raise ConfigError(f"{runtime.distribution} cannot run out of process; it is used in this environment only")
+    if python is not None and shutil.which(python) is None:  # a path, or a name looked up on PATH
+        raise ConfigError(f"--python {python}: no such interpreter (not an executable file, nor a command on PATH); "
+                          f"give the path of a Python, e.g. /usr/bin/python3.10")
     root = home()
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

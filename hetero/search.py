@@ -43,13 +43,14 @@ from hetero.config import Config, MemberConfig
 from hetero.data import ImageSet, TrainImages, channel_stats, load_split, split_open_set
 from hetero.errors import ConfigError, ManifestError
 from hetero.evaluate import retrieval_metrics
-from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, write_config, writing)
+from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
+                           write_config, writing)
 from hetero.files import atomic_write_text, path_bytes
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import Embedder, count_flops, count_params, embed_images, resize_to
 from hetero.profiles import load_profile
-from hetero.train import (Family, _load_state, _lr_factor, _save_state, _seed_everything, _seeded, matching_inputs,
-                          write_family)
+from hetero.train import (Family, _load_state, _lr_factor, _save_state, _seed_everything, _seeded,
+                          check_finite_weights, matching_inputs, write_family)
 
 log = logging.getLogger("hetero.search")
 
@@ -288,6 +289,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1)})
         log.info("supernet epoch %d: loss %.4f", epoch, history[-1]["loss"])
+        check_finite_weights(dict(state.items()), f"supernet epoch {epoch}")
         _save_state(state_dir, state, optimizer, epoch, history)
     supernet.history = history
     return supernet.eval()
@@ -635,9 +637,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
     space = search_space(settings)
     statics = static_records(space, config)
     pools = feasible_pools(statics, settings.targets, profiles)  # a budget nothing meets fails before training
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; give a directory for the family")
+    out = output_directory(out)
     with new_directory(out), writing(out, "search"):
         claim_for_training(out, config, resume, overwrite)
         split = load_split(config.data, config.load_size)

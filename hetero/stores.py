@@ -68,15 +68,48 @@ class Identity:
             return None
 
 
+def _claim_holder(text: str | None) -> dict | None:
+    """A builder's claim as recorded in the collection's properties; None when there is none or it is
+    unreadable (a claim nobody can read cannot be honoured)."""
+    try:
+        claim = json.loads(text) if text else None
+    except ValueError:
+        return None
+    readable = isinstance(claim, dict) and {"pid", "host"} <= set(claim) and \
+        isinstance(claim.get("renewed"), (int, float))
+    return claim if readable else None
+
+
+def _may_be_alive(claim: dict) -> bool:
+    """False only for a holder on this host whose process is gone (killed with -9: no release ran), so its
+    claim is stale at once instead of after LEASE_SECONDS; a holder elsewhere is trusted until its lease ends."""
+    if claim["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(claim["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        pass  # it exists under another user, or the pid is not a number we can ask about
+    return True
+
+
 def is_embedded(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
 
 class MilvusStore:
-    """One collection (or alias) in Milvus; every call names the URI and collection in its errors."""
+    """One collection (or alias) in Milvus; every call names the URI and collection in its errors.
 
-    def __init__(self, uri: str, collection: str, timeout: float = 20):
+    Opening a Milvus Lite path that does not exist creates a database there, so only a builder passes
+    `create`: a search, delete or adopt with a mistyped --uri is refused instead of leaving an empty one.
+    """
+
+    def __init__(self, uri: str, collection: str, timeout: float = 20, create: bool = False):
         self.uri, self.name, self.timeout = str(uri), collection, timeout
+        if is_embedded(self.uri) and not create and not Path(self.uri).exists():
+            raise StoreError(f"--uri {self.uri}: no Milvus Lite database there; check the path, or make one with "
+                             f"`hetero gallery build --store milvus`")
         self.client = self._connect()
         self._loaded: str | None = None
 
@@ -242,11 +275,10 @@ class MilvusStore:
     def claim(self) -> None:
         """Record this process as the collection's one builder; refuse while another one's claim is fresh."""
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "renewed": time.time()}
-        holder = self.properties().get(PREFIX + "writer")
-        if holder:
-            other = json.loads(holder)
+        other = _claim_holder(self.properties().get(PREFIX + "writer"))
+        if other is not None:
             if (other["pid"], other["host"]) != (mine["pid"], mine["host"]) and \
-                    time.time() - other["renewed"] < LEASE_SECONDS:
+                    time.time() - other["renewed"] < LEASE_SECONDS and _may_be_alive(other):
                 raise StoreError(f"{self.uri} collection {self.name!r} is being written by another builder (pid "
                                  f"{other['pid']} on {other['host']}, last seen {time.time() - other['renewed']:.0f} s "
                                  f"ago); wait for it, or use another --collection")

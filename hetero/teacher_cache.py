@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from hetero.data import AFFINE, augment
-from hetero.errors import ManifestError
-from hetero.files import atomic_write_json, resolve_inside
+from hetero.errors import ManifestError, TrainingError
+from hetero.files import atomic_write_json, check_output, resolve_inside
 
 PLAN = "cache.json"
 FORMAT = "hetero-teacher-cache/1"
@@ -105,7 +105,7 @@ class TeacherCache:
 
     @classmethod
     def open_or_create(cls, root: Path, plan: dict) -> "TeacherCache":
-        root = Path(root)
+        root = check_output(root, "train.teacher_cache.dir", folder=True)
         path = root / PLAN
         if path.is_file():
             try:
@@ -120,7 +120,10 @@ class TeacherCache:
         else:
             root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, plan)
-        return cls(root, plan)
+        cache = cls(root, plan)
+        for shard in sorted(set(range(cache.shards)) - set(cache.missing())):  # the shards already built
+            cache._check_shard(shard)
+        return cache
 
     def shard_path(self, shard: int) -> Path:
         return resolve_inside(self.root, f"shards/shard-{shard:05d}.safetensors", "teacher cache shard")
@@ -131,6 +134,25 @@ class TeacherCache:
 
     def missing(self) -> list[int]:
         return [s for s in range(self.shards) if not self.shard_path(s).is_file()]
+
+    def _check_shard(self, shard: int) -> None:
+        """Refuse a damaged shard (truncated, or other shapes) by name when the cache is opened: training
+        reads shards inside its data loader, where an error could no longer say which file is at fault."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.shard_path(shard)
+        rows = min(SHARD_IMAGES, self.plan["images"] - shard * SHARD_IMAGES)
+        fix = "delete it and train again: missing shards are rebuilt"
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ManifestError(f"{path}: a damaged teacher cache shard ({err}); {fix}") from None
+        view = shapes.get("view", ())
+        if shapes.get("params") != (rows, self.views, PARAMS) or shapes.get("matching") != view or \
+                len(view) != 3 or view[:2] != (rows, self.views):
+            raise ManifestError(f"{path}: a teacher cache shard holding {shapes}, not the {rows} images x "
+                                f"{self.views} views its plan needs; {fix}")
 
     def build(self, cloud, images: torch.Tensor, fill: list[int], batch_size: int = 256,
               progress: bool | None = None) -> dict:
@@ -153,8 +175,12 @@ class TeacherCache:
                                              fill)
                 view_emb.append(self._embed(cloud, views, batch_size, resize_to))
                 match_emb.append(self._embed(cloud, matches, batch_size, resize_to))
-            save_weights(self.shard_path(shard), {"params": params, "view": torch.stack(view_emb, 1),
-                                                  "matching": torch.stack(match_emb, 1)}, {"plan": plan})
+            answers = {"view": torch.stack(view_emb, 1), "matching": torch.stack(match_emb, 1)}
+            if not all(torch.isfinite(a).all() for a in answers.values()):  # never cache what no edge can learn from
+                raise TrainingError(f"{self.root}: the cloud returns NaN or infinite embeddings for training images "
+                                    f"{index.start}-{index.stop - 1}; check its weights or model file. Nothing of "
+                                    f"them was cached")
+            save_weights(self.shard_path(shard), {"params": params, **answers}, {"plan": plan})
             rows += len(index) * self.views
         return {"shards_built": len(pending), "rows": rows, "seconds": round(time.time() - started, 2)}
 
@@ -186,7 +212,7 @@ class TeacherCache:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise ManifestError(f"{path}: missing; build the teacher cache first")
-            self._shards[shard] = load_file(str(path))
+            self._shards[shard] = load_file(str(path))  # checked when the cache was opened
         tensors, offset = self._shards[shard], image - shard * SHARD_IMAGES
         return tensors["params"][offset, view], tensors["view"][offset, view], tensors["matching"][offset, view]
 

@@ -34,13 +34,13 @@ from hetero import distributed
 from hetero.adapters import fit_adapter
 from hetero.config import Config
 from hetero.data import TrainImages, border_fill, calibration_split, channel_stats, load_split, loader_context
-from hetero.errors import ConfigError, ManifestError
+from hetero.errors import ConfigError, ManifestError, TrainingError
 from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
                              open_external)
 from hetero.exits import fit_exit_rule
 from hetero.family import (TRAIN_STATE, DataRecord, ExitRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
-                           PreviousRecord, TrainingRecord, claim_for_training, new_directory, read_weights,
-                           save_weights, space_id, tensors_digest, write_config, writing)
+                           PreviousRecord, TrainingRecord, claim_for_training, new_directory, output_directory,
+                           read_weights, save_weights, space_id, tensors_digest, write_config, writing)
 from hetero.files import atomic_path, sha256_file
 from hetero.lqf import fine_tune
 from hetero.losses import SharedClassifier, build_cross_model_losses
@@ -174,16 +174,32 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def _global_batch_size(train_cfg, images: int) -> int:
-    """`train.batch_size` is the global batch: all ranks together see that many images per step."""
-    unit = distributed.world_size() * train_cfg.samples_per_class
-    if train_cfg.batch_size % unit:
+def _global_batch_size(train_cfg, images: int, class_sizes: torch.Tensor | None = None) -> int:
+    """`train.batch_size` is the global batch: all ranks together see that many images per step.
+
+    With classes (`class_sizes`: training images per class), a batch holds batch_size / samples_per_class
+    classes of samples_per_class images each (MPerClassSampler, which draws a small class's images again):
+    settings the training data cannot fill are refused at their key.
+    """
+    per_class, batch = train_cfg.samples_per_class, train_cfg.batch_size
+    unit = distributed.world_size() * per_class
+    if batch % unit:
         raise ConfigError(
-            f"train.batch_size ({train_cfg.batch_size}) is the global batch, split over "
-            f"{distributed.world_size()} processes, each with whole classes of samples_per_class "
-            f"({train_cfg.samples_per_class}) images: it must be a multiple of {unit}, e.g. "
-            f"{max(unit, train_cfg.batch_size // unit * unit)}")
-    return min(train_cfg.batch_size, images // unit * unit)
+            f"train.batch_size ({batch}) is the global batch, split over {distributed.world_size()} processes, "
+            f"each with whole classes of samples_per_class ({per_class}) images: it must be a multiple of {unit}, "
+            f"e.g. {max(unit, batch // unit * unit)}")
+    if class_sizes is not None and per_class > int(class_sizes.max()):
+        raise ConfigError(f"train.samples_per_class: {per_class}, but the largest training class has "
+                          f"{int(class_sizes.max())} images; at most {int(class_sizes.max())}")
+    if batch > images:  # an epoch holds whole batches only: it would have none
+        raise ConfigError(f"train.batch_size: {batch}, but there are {images} training images; at most "
+                          f"{images // unit * unit}" + (f" (a multiple of {unit})" if unit > 1 else ""))
+    classes = int((class_sizes > 0).sum()) if class_sizes is not None else None
+    if classes is not None and batch > per_class * classes:
+        raise ConfigError(f"train.batch_size: {batch} would hold {batch // per_class} classes of samples_per_class "
+                          f"({per_class}) images, but the training data has {classes} classes; at most "
+                          f"{per_class * classes}")
+    return batch
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -416,9 +432,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
                           "`hetero search`, which finds the edge members")
     distributed.init_from_env()
     resolve_external_input_size(config)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; give a directory for the family")
+    out = output_directory(out)
     with new_directory(out), writing(out, "train"):
         distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
         split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written
@@ -490,11 +504,13 @@ class _Run:
         self.cached: CachedViews | None = None  # the edge phase's items when it reads a teacher cache
         self.cache_build: dict | None = None
         self.adapters: dict[str, dict] = {}
-        self.batch_size = _global_batch_size(train_cfg, len(self.dataset))
+        self.batch_size = _global_batch_size(train_cfg, len(self.dataset),
+                                             torch.bincount(split.train.labels) if classes else None)
         self.steps_per_epoch = len(self.epoch_loader())
         self.phases = _phases(config, self.family)
         self.total_epochs = sum(epochs for _, epochs in self.phases)
         self.done, self.history = 0, []
+        self.epoch = 0  # the epoch being trained (start_epoch), for messages
         self.started = time.time()
 
     def facts(self) -> dict:
@@ -533,7 +549,10 @@ class _Run:
 
         def build():
             cache = TeacherCache.open_or_create(root, plan)
-            built = cache.build(family.cloud, train_images.images, fill, progress=self.progress)
+            try:
+                built = cache.build(family.cloud, train_images.images, fill, progress=self.progress)
+            except TrainingError as err:
+                raise TrainingError(f"epoch {self.done + 1}, cloud member {family.cloud_name!r}: {err}") from None
             log.info("teacher cache %s: %s", root, built)
             self.cache_build = {"dir": str(root), "views": settings.views, **built}
 
@@ -565,6 +584,8 @@ class _Run:
             if epoch <= self.done:
                 continue
             loss = self.train_epoch(model, trained, epoch, phase_epoch, epochs)
+            state = {**family.members, **{f"classifier {name}": head for name, head in family.heads.items()}}
+            check_finite_weights(state, f"epoch {epoch}")  # before the state is saved
             self.history.append({"epoch": epoch, "loss": loss, "seconds": round(time.time() - self.started, 1)})
             if distributed.is_main():
                 log.info("epoch %d: loss %.4f", epoch, loss)
@@ -590,6 +611,7 @@ class _Run:
     def start_epoch(self, trained: list[str], epoch: int) -> None:
         """Seed the epoch and put every member in the mode this phase trains it in."""
         family = self.family
+        self.epoch = epoch
         _seed_everything(self.train_cfg.seed, epoch)
         family.train()
         for name, member in family.members.items():
@@ -621,14 +643,51 @@ class _Run:
         images, labels, mixed = (t.to(self.device) for t in (images, labels, mixed))
         if self.channels_last:
             images, mixed = (t.contiguous(memory_format=torch.channels_last) for t in (images, mixed))
-        loss, _ = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
-                        train_cfg.mixed_matching, cached)
+        loss, parts = model(images, labels, trained, train_cfg.detach_cloud, train_cfg.edge_classification, mixed,
+                            train_cfg.mixed_matching, cached)
+        if not torch.isfinite(loss):  # one scalar check per step: a diverged run stops before anything is saved
+            raise self.diverged(parts, trained, images, lr)
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
             self.optimizer.step()
         return loss.item()
+
+    def diverged(self, parts: dict[str, float], trained: list[str], images: torch.Tensor, lr: float) -> TrainingError:
+        """The error for a batch whose loss is NaN or infinite: a frozen reference that returns such embeddings
+        (checked again on this batch, only now), or else the members whose loss terms diverged."""
+        family = self.family
+        frozen_cloud = family.cloud_name not in trained and self.cached is None  # cached answers were checked
+        reference = family.previous if family.previous is not None else family.cloud if frozen_cloud else None
+        if reference is not None:
+            with torch.no_grad():
+                broken = not torch.isfinite(family.embed(reference, images)).all()
+            if broken:
+                if family.previous is not None:
+                    who, fix = "the earlier family's cloud (train.previous)", "check that family"
+                elif family.external is not None:
+                    who = f"the external cloud member {family.cloud_name!r} ({family.cloud.path})"
+                    fix = "check the file"
+                else:
+                    who, fix = (f"the cloud member {family.cloud_name!r}, trained in an earlier phase,",
+                                "its training diverged: train again with a lower train.lr (--overwrite)")
+                return TrainingError(f"epoch {self.epoch}: {who} returns NaN or infinite embeddings for training "
+                                     f"images, so nothing can learn from it; {fix}. Nothing of this epoch was written")
+        members = sorted({tag.split("/")[0].split("@")[0] for tag, value in parts.items() if not math.isfinite(value)})
+        return TrainingError(f"epoch {self.epoch}: the training diverged: the loss of member(s) "
+                             f"{', '.join(members or trained)} became NaN or infinite (learning rate {lr:.3g} at "
+                             f"this step, train.lr {self.train_cfg.lr:g}). Nothing of this epoch was written; train "
+                             f"again with a lower train.lr (--overwrite)")
+
+
+def check_finite_weights(modules: dict[str, torch.nn.Module], when: str) -> None:
+    """Refuse weights that hold NaN or infinity (a diverged run) before they are saved anywhere."""
+    broken = [name for name, module in modules.items()
+              if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())]
+    if broken:
+        raise TrainingError(f"{when}: the weights of {', '.join(broken)} hold NaN or infinity: the training "
+                            f"diverged. Nothing of it was written; train again with a lower train.lr (--overwrite)")
 
 
 @torch.no_grad()
@@ -748,6 +807,8 @@ def write_family(config: Config, out: Path, family: Family, split, history: list
                  linearised: dict[str, Embedder] | None = None) -> Manifest:
     """Write each member's checkpoint and the family manifest (a backward update keeps the old space id)."""
     fam = config.family
+    check_finite_weights({cfg.name: family.members[cfg.name] for cfg in fam.members if not cfg.external},
+                         "after training")
     files = {}
     for cfg in fam.members:
         if cfg.external:

@@ -92,25 +92,85 @@ def test_training_into_a_family_is_refused_and_says_what_is_there(tiny_family_di
     assert tree(family) == before
 
 
-def test_overwrite_removes_every_output_of_the_earlier_family_and_nothing_else(tiny_family_dir, tmp_path):
+def _earlier_outputs(family: Path) -> None:
+    """What later stages add to a family: a file and a folder artifact (in the manifest), verify.json, a gallery
+    and a teacher cache."""
+    from hetero.family import ArtifactRecord
+    from hetero.files import sha256_path
+
+    store = FamilyStore.open(family)
+    for profile, name in (("server-onnx-fp32", "edge-a.onnx"), ("ios-coreml-fp16", "edge-a.mlpackage/model.bin")):
+        path = family / "exports" / profile / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"an artifact")
+        artifact = family / "exports" / profile / name.split("/")[0]
+        store.register_artifact(ArtifactRecord(member="edge-a", profile=profile, format="onnx", precision="fp32",
+                                               file=artifact.relative_to(family).as_posix(),
+                                               sha256=sha256_path(artifact), bytes=11, export_seconds=0.1))
+    for name in ("verify.json", "gallery/gallery.json", "gallery/index.faiss", "gallery/shards/shard-00000.json",
+                 "gallery/shards/shard-00000.safetensors", "teacher_cache/cache.json",
+                 "teacher_cache/shards/shard-00000.safetensors"):
+        (family / name).parent.mkdir(parents=True, exist_ok=True)
+        (family / name).write_text("written by a stage of the earlier family")
+
+
+def test_overwrite_removes_the_files_the_family_wrote_and_none_of_yours(tiny_family_dir, tmp_path):
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)
-    for stale in ("exports/server-onnx-fp32/edge-a.onnx", "gallery/gallery.json"):
-        (family / stale).parent.mkdir(parents=True, exist_ok=True)
-        (family / stale).write_text("from the earlier family")
-    (family / "verify.json").write_text('{"passed": true}')
-    (family / "NOTES.md").write_text("the user's own file")
+    _earlier_outputs(family)
+    yours = {"NOTES.md": "notes", "checkpoints/cloud-backup.safetensors": "a backup",
+             "exports/server-onnx-fp32/README.txt": "how I deploy", "exports/mine/model.onnx": "my own model",
+             "gallery/photo.jpg": "a photo", "gallery/shards/notes.txt": "mine too"}
+    for name, text in yours.items():
+        (family / name).parent.mkdir(parents=True, exist_ok=True)
+        (family / name).write_text(text)
     old_space = FamilyStore.open(family).space_id
     config = write_config(tmp_path / "c.yaml", seed=3)
     assert main(["train", str(config), "--out", str(family), "--quiet", "--overwrite"]) == 0
     store = FamilyStore.open(family)
     assert store.space_id != old_space and store.artifacts() == []
-    assert not (family / "exports").exists() and not (family / "gallery").exists()
-    assert not (family / "verify.json").exists() and not (family / "report.json").exists()
-    assert (family / "NOTES.md").read_text() == "the user's own file"
+    written = {CONFIG, MANIFEST, TRAIN_STATE} | {m.checkpoint.file for m in store.members}
+    left = {name for name in tree(family) if not name.startswith(".hetero")}
+    assert left == written | set(yours)  # the new family and your files, nothing of the old one
+    assert all((family / name).read_text() == text for name, text in yours.items())
+    assert not (family / "teacher_cache").exists() and not (family / "exports" / "ios-coreml-fp16").exists()
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(config), "--out", str(family), "--resume", "--overwrite"])
     assert exit_.value.code == 2
+
+
+def test_overwrite_replaces_an_unfinished_first_run(tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(yaml.safe_load(config.read_text()), "c"), tmp_path / "out", progress=False,
+              callbacks=[crash_after(1)])
+    assert not (tmp_path / "out" / MANIFEST).exists() and (tmp_path / "out" / TRAIN_STATE).is_file()
+    assert main(["train", str(write_config(tmp_path / "c.yaml", seed=3)), "--out", str(tmp_path / "out"), "--quiet",
+                 "--overwrite"]) == 0
+    assert FamilyStore.open(tmp_path / "out").config().train.seed == 3
+
+
+def test_overwrite_refuses_a_directory_without_a_family_and_an_empty_out(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path / "c.yaml")
+    foreign = tmp_path / "foreign"
+    for name in ("config.yaml", "manifest.json", "report.json", "gallery/photo.jpg", "exports/x.onnx"):
+        (foreign / name).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / name).write_text("the user's")
+    before = tree(foreign)
+    assert main(["train", str(config), "--out", str(foreign), "--quiet", "--overwrite"]) == 2
+    message = said(capsys)
+    assert f"--overwrite {foreign}: no readable family manifest" in message and "nothing was removed" in message
+    (foreign / "manifest.json").unlink()
+    del before["manifest.json"]
+    assert main(["train", str(config), "--out", str(foreign), "--quiet", "--overwrite"]) == 2
+    assert f"--overwrite {foreign}: this directory holds files but no family" in said(capsys)
+    assert {name: sha for name, sha in tree(foreign).items() if not name.startswith(".hetero")} == before
+
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["train", str(config), "--out", "", "--quiet", "--overwrite"]) == 2
+    assert "--out: empty" in said(capsys) and list(here.iterdir()) == []
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
@@ -189,6 +249,16 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
     assert "ended without releasing it" in caplog.text
     assert not (directory / ".hetero-tmp.manifest.json.abc").exists()  # swept under the lock
     assert not (directory / LOCK_HOLDER).exists()
+
+
+@pytest.mark.parametrize("target", [".hetero.lock", "elsewhere/not-yet"])  # a loop; a dangling link
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_by_name(tmp_path, capsys, target):
+    directory = tmp_path / "family"
+    directory.mkdir()
+    (directory / ".hetero.lock").symlink_to(tmp_path / target if "/" in target else target)
+    assert main(["train", str(write_config(tmp_path / "c.yaml")), "--out", str(directory), "--quiet"]) == 2
+    assert f"{directory / '.hetero.lock'}: is a symbolic link" in said(capsys)
+    assert sorted(p.name for p in directory.iterdir()) == [".hetero.lock"] and not (tmp_path / "elsewhere").exists()
 
 
 # ----------------------------------------------------------------------------------- safe paths (4)

@@ -246,3 +246,168 @@ def test_every_pillow_mode_decodes_or_is_refused_by_name(mode, width, height):
             assert mode == "F" and "mode F" in str(err)
             continue
         assert pixels.shape == (16, 16, 3)
+
+
+# ------------------------------------------------------------- id lists, vector files, cache shards, output paths
+
+
+def _npy(shape: tuple, dtype: str, body: bytes) -> bytes:
+    """A .npy whose header declares `shape` and `dtype`, followed by `body` (however long it really is)."""
+    from numpy.lib import format as npy
+
+    buffer = io.BytesIO()
+    npy.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + body
+
+
+def _damaged(data: bytes, draw) -> bytes:
+    data = bytearray(data)
+    for _ in range(draw(st.integers(0, 4))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@st.composite
+def npy_files(draw):
+    """Valid, damaged, and lying .npy files: headers that declare shapes their bytes do not hold."""
+    rows, dim = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    good = io.BytesIO()
+    np.save(good, np.arange(rows * dim, dtype=np.float32).reshape(rows, dim))
+    shape = tuple(draw(st.lists(st.integers(0, 2**40), max_size=3)))
+    lying = _npy(shape, draw(st.sampled_from(["<f4", "<f8", "|u1", "<i8", "|O", "<U5"])), draw(st.binary(max_size=64)))
+    return _damaged(draw(st.sampled_from([good.getvalue(), lying])), draw)
+
+
+ID_LISTS = st.binary(max_size=200) | st.lists(st.text(max_size=8), max_size=6).map(lambda ids: "\n".join(ids).encode())
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(vectors=npy_files(), ids=ID_LISTS)
+def test_any_npy_and_id_list_are_read_or_refused(vectors, ids):
+    from hetero.gallery import GalleryError, read_vectors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "v.npy").write_bytes(vectors)
+        (Path(tmp) / "ids.txt").write_bytes(ids)
+        try:
+            names, matrix = read_vectors(Path(tmp) / "v.npy", Path(tmp) / "ids.txt")
+        except GalleryError:
+            return
+        assert len(names) == len(set(names)) == len(matrix) and matrix.dtype == np.float32
+
+
+ID_VALUES = st.none() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=8)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(ids=st.lists(ID_VALUES, max_size=5), stated=JSON_VALUES, data=st.binary(max_size=300),
+       suffix=st.sampled_from([".npy", ".safetensors", ".parquet", ".txt"]))
+def test_any_parquet_safetensors_or_bytes_are_read_or_refused(ids, stated, data, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    from hetero.gallery import GalleryError, read_vectors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        vectors = [[float(i)] * 3 for i in range(len(ids))]
+        try:
+            pq.write_table(pa.table({"id": ids, "embedding": vectors}), root / "v.parquet")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return  # a column pyarrow cannot hold: no such parquet file exists
+        save_file({"embeddings": np.ones((2, 3), np.float32)}, str(root / "v.safetensors"),
+                  metadata={"ids": json.dumps(stated)})
+        (root / "raw" / f"v{suffix}").parent.mkdir()
+        (root / "raw" / f"v{suffix}").write_bytes(data)
+        for path in (root / "v.parquet", root / "v.safetensors", root / "raw" / f"v{suffix}"):
+            try:
+                names, matrix = read_vectors(path)
+            except GalleryError:
+                continue
+            assert len(names) == len(matrix) and all(isinstance(n, str) and n for n in names)
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(data=st.data())
+def test_any_bundle_arrays_file_is_read_or_refused(data):
+    import zipfile
+
+    from hetero.bundle import BundleError, BundleMeta, _read_arrays
+
+    members = {"query_images": np.zeros((2, 3, 4, 4), np.uint8), "query_labels": np.zeros(2, np.int64),
+               "gallery": np.zeros((3, 4), np.float32), "gallery_labels": np.zeros(3, np.int64)}
+    name = data.draw(st.sampled_from(sorted(members)))
+    meta = BundleMeta(bundle_version=1, family="f", space_id="s", gallery_space_id="s", cloud="c", source="x",
+                      members={}, artifacts=[], profiles={}, torch_figures={})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with zipfile.ZipFile(folder / "arrays.npz", "w") as archive:
+            for key, value in members.items():
+                buffer = io.BytesIO()
+                np.save(buffer, value)
+                archive.writestr(f"{key}.npy", data.draw(npy_files()) if key == name else buffer.getvalue())
+        try:
+            _read_arrays(folder, folder / "bundle.zip", meta)
+        except BundleError:
+            pass
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(data=st.data())
+def test_any_teacher_cache_shard_is_opened_or_refused(data):
+    import torch
+
+    from hetero.errors import ManifestError
+    from hetero.family import save_weights
+    from hetero.teacher_cache import PARAMS, TeacherCache
+
+    plan = {"images": 3, "views": 2}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cache"
+        cache = TeacherCache.open_or_create(root, plan)
+        shapes = {"params": (3, 2, PARAMS), "view": (3, 2, 4), "matching": (3, 2, 4)}
+        if data.draw(st.booleans()):  # other shapes or names
+            key = data.draw(st.sampled_from(sorted(shapes)))
+            shapes[data.draw(st.sampled_from([key, "other"]))] = tuple(data.draw(st.lists(st.integers(0, 4),
+                                                                                             max_size=3)))
+        save_weights(cache.shard_path(0), {k: torch.zeros(s) for k, s in shapes.items()}, {"plan": plan})
+        shard = cache.shard_path(0)
+        shard.write_bytes(_damaged(shard.read_bytes(), data.draw))
+        try:
+            opened = TeacherCache.open_or_create(root, plan)
+        except ManifestError:
+            return
+        for image in range(3):
+            params, view, matching = opened.row(image, 1)
+            assert params.shape == (PARAMS,) and view.shape == matching.shape
+
+
+PATH_PARTS = st.sampled_from(["a-file", "a-folder", "new", "x.json", ".", ".."])
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(parts=st.lists(PATH_PARTS, min_size=0, max_size=4), folder=st.booleans())
+def test_any_output_path_is_writable_once_accepted(parts, folder):
+    from hetero.errors import ConfigError
+    from hetero.files import atomic_write_text, check_output
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "work"
+        (root / "a-folder").mkdir(parents=True)
+        (root / "a-file").write_text("the user's own file")
+        path = root.joinpath(*parts)
+        try:
+            check_output(path, "--out", folder=folder)
+        except ConfigError as err:
+            assert str(err).startswith(f"--out {path}: ")
+            return
+        finally:
+            assert (root / "a-file").read_text() == "the user's own file"
+        if folder:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            atomic_write_text(path, "written")
+            assert path.read_text() == "written"

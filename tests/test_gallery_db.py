@@ -201,3 +201,41 @@ def test_a_milvus_server_on_loopback_takes_the_same_calls(tiny_family_dir, galle
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_search_with_a_mistyped_uri_creates_nothing(tiny_family_dir, gallery_images, tmp_path, capsys):  # noqa: F811
+    uri = str(tmp_path / "g.db")
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    typo = tmp_path / "gallry.db"
+    for argv in (["gallery", "search", str(tiny_family_dir), "--images", str(gallery_images), "--store", "milvus"],
+                 ["gallery", "delete", str(tiny_family_dir), "--ids", "a.png"]):
+        assert main([*argv, "--uri", str(typo), "--collection", "g"]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"error: --uri {typo}: no Milvus Lite database there" in out and "Traceback" not in out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["g.db"]  # no database, no folder beside it
+
+
+def test_deleting_names_that_are_not_there_is_a_no_op_that_says_so(tiny_family_dir, gallery_images,  # noqa: F811
+                                                                   tmp_path, capsys):
+    uri = str(tmp_path / "g.db")
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    names = sorted(p.relative_to(gallery_images).as_posix() for p in gallery_images.rglob("*.png"))[:2]
+    argv = ["gallery", "delete", str(tiny_family_dir), "--uri", uri, "--collection", "g", "--ids", *names]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same delete again
+    out = " ".join(capsys.readouterr().out.split())
+    assert "deleted 2 of 2 row(s)" in out and "deleted 0 of 2 row(s)" in out and "; 2 not there" in out, out
+    assert MilvusStore(uri, "g").count() == 28
+
+
+def test_the_claim_of_a_builder_killed_on_this_host_is_stale_at_once(tiny_family_dir, gallery_images,  # noqa: F811
+                                                                    tmp_path):
+    uri = str(tmp_path / "g.db")
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process, as after `kill -9` of a builder
+    db = MilvusStore(uri, "g")
+    db.client.alter_collection_properties("g", properties={PREFIX + "writer": json.dumps(
+        {"pid": gone.pid, "host": socket.gethostname(), "renewed": time.time()})})
+    db.close()
+    assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)["already_there"] == 30

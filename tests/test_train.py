@@ -286,3 +286,62 @@ def test_the_profile_splits_a_step_into_each_members_forward_backward_and_the_da
         assert parts[part] > 0, part
     assert "cloud backward (of its forward)" not in parts  # a frozen cloud has no backward pass
     assert sum(parts.values()) <= profiled * 1.05
+
+
+# ------------------------------------------------------------------------------- what cannot train (issue 31)
+
+
+@pytest.mark.parametrize("train_overrides, words", [
+    ({"batch_size": 4096}, r"train\.batch_size: 4096, but there are 96 training images; at most 96"),
+    ({"batch_size": 80}, r"train\.batch_size: 80 would hold 20 classes .* 16 classes; at most 64"),
+    ({"batch_size": 100_000, "samples_per_class": 100_000},
+     r"train\.samples_per_class: 100000, but the largest training class has 6 images; at most 6"),
+])
+def test_batches_the_training_data_cannot_fill_are_refused_at_their_key(tmp_path, train_overrides, words):
+    with pytest.raises(train_module.ConfigError, match=words):
+        train(small_config(**train_overrides), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _assert_nothing_non_finite_written(out):
+    assert not (out / "manifest.json").exists() and not list(out.glob("checkpoints/*-*.safetensors"))
+    if (out / TRAIN_STATE).exists():  # epochs before the divergence, all finite
+        tensors, _ = read_weights(out / TRAIN_STATE, "state")
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def test_a_diverging_run_stops_with_its_epoch_and_writes_no_nan(tmp_path, capsys):
+    import yaml
+
+    from hetero.cli import main
+
+    path = tmp_path / "c.yaml"
+    data = tiny_config(**{**FAST, "epochs": 3, "mode": "joint", "lr": 1e12})
+    data["data"].update(num_classes=24, samples_per_class=6)
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert "error: epoch " in said and "the training diverged" in said and "lower train.lr" in said
+    _assert_nothing_non_finite_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({}, r"epoch 1: the external cloud member 'cloud' \(.*nan\.safetensors\) returns NaN"),
+    ({"teacher_cache": {"views": 1}},
+     r"epoch 1, cloud member 'cloud': .*teacher_cache: the cloud returns NaN or infinite embeddings"),
+])
+def test_a_frozen_cloud_that_returns_nan_stops_training_by_name(tmp_path, overrides, words):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in timm.create_model("test_resnet", num_classes=32).state_dict().items()}
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    data = tiny_config(**{**FAST, **overrides})
+    data["data"].update(num_classes=24, samples_per_class=6)
+    data["family"]["members"][0] = {"name": "cloud", "role": "cloud", "arch": "timm/test_resnet", "frozen": True,
+                                    "weights": str(tmp_path / "nan.safetensors"), "input_size": 32,
+                                    "mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(train_module.TrainingError, match=words):
+        train(parse_config(data, "nan-cloud"), tmp_path / "out", progress=False)
+    _assert_nothing_non_finite_written(tmp_path / "out")
