@@ -282,8 +282,7 @@ class DataConfig:
     augment_affine: bool = True
     augment_hflip: bool = False
     # Augment a whole batch in one warp (hetero.data.augment) instead of image by image through torchvision:
-    # the same ranges, other random draws; a fifth of an Omniglot training step was the per-image path
-    # (benchmarks/train_profile.py).
+    # the same ranges, other random draws; it matters when a step is short (benchmarks/train_profile.py).
     augment_batched: bool = True
     # Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited onto this RGB colour
     # in training, evaluation and galleries alike, and the exported metadata says so: what a file stores
@@ -502,9 +501,9 @@ class SearchConfig:
     """
 
     targets: Annotated[list[SearchTarget], Field(min_length=1)]
-    # frozen-cloud measured better on Omniglot (README "Student search"): at <= 1/10 of the cloud's FLOPs
-    # its student retrieved 0.719 top-1 from the cloud's gallery against 0.551, and the cloud kept 0.872
-    # (shared-cloud's fell to 0.718); the cloud and its galleries stay as they are.
+    # frozen-cloud: the supernet matches a trained family's frozen cloud, which stays as it is with its
+    # galleries (the default: it measured better in benchmarks/student_search.py); shared-cloud: the cloud
+    # is the largest sub-network and trains with the others.
     design: Literal["frozen-cloud", "shared-cloud"] = "frozen-cloud"
     # A trained family: frozen-cloud, its cloud is the teacher; shared-cloud, the supernet starts from it.
     cloud: str | None = None
