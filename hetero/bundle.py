@@ -145,9 +145,13 @@ def _read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torc
     try:
         _check_declared_sizes(folder / ARRAYS)
         with np.load(folder / ARRAYS, allow_pickle=False) as data:
-            arrays = {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+            loaded = {key: np.array(data[key]) for key in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         raise BundleError(f"{source}: {ARRAYS} cannot be read ({type(err).__name__}: {err})") from None
+    for key, array in loaded.items():
+        if array.dtype.kind not in "biuf":  # strings, objects, complex: nothing a bundle writes
+            raise BundleError(f"{source}: {ARRAYS}: array {key!r} holds {array.dtype}, not numbers")
+    arrays = {key: torch.from_numpy(array) for key, array in loaded.items()}
     required = {"query_images": 4, "query_labels": 1, "gallery": 2, "gallery_labels": 1}
     for key, dims in required.items():
         if key not in arrays or arrays[key].dim() != dims:
