@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hetero.config import load_config  # noqa: E402
-from hetero.evaluate import backward_summary, compatibility_matrix, evaluate  # noqa: E402
+from hetero.evaluate import backward_summary, evaluate  # noqa: E402
+from hetero.maths import compatibility_matrix
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.models import embed_images  # noqa: E402
-from hetero.train import train  # noqa: E402
+from hetero.training import train  # noqa: E402
 
 
 def train_alone(base, seed: int, old: Path, out: Path) -> tuple[dict, dict]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from hetero.config import load_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
-from hetero.train import train  # noqa: E402
+from hetero.training import train  # noqa: E402
 
 EDGE_PHASE_KEYS = {"train.losses", "train.mixed_matching", "train.edge_epochs", "train.edge_classification",
                    "train.matching_inputs"}

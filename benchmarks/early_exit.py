@@ -34,15 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from hetero.config import parse_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
-from hetero.exits import (apply_rule, calibrate, calibration_data, correct_per_exit, exit_embeddings,  # noqa: E402
-                          exit_entropies, rule_figures)
+from hetero.training.exits import calibrate, calibration_data
+from hetero.maths import apply_rule, correct_per_exit, rule_figures
+from hetero.models import exit_embeddings, exit_entropies
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.models import Embedder, count_flops  # noqa: E402
-from hetero.train import train  # noqa: E402
+from hetero.training import train  # noqa: E402
 
 SINGLES = {"single-4m": 0.25, "single-13m": 0.375, "single-18m": 0.5}
 QUANTILES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     from hetero.exporter import export_member
     from hetero.family import FamilyStore
     from hetero.profiles import all_profiles, load_profile
-    from hetero.reference import reference_from_store
-    from hetero.report import summary_rows
+    from hetero.verify.reference import reference_from_store
+    from hetero.verify.report import summary_rows
     from hetero.verify import run_checks
 
     profiles = [load_profile(p) for p in args.profile] if args.profile else all_profiles()

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hetero.config import parse_config  # noqa: E402
-from hetero.evaluate import compatibility_matrix, evaluate  # noqa: E402
+from hetero.evaluate import evaluate  # noqa: E402
+from hetero.maths import compatibility_matrix
 from hetero.family import FamilyStore  # noqa: E402
-from hetero.train import train  # noqa: E402
+from hetero.training import train  # noqa: E402
 
 ROWS = ("unlabeled", "cached", "adapter")
 
@@ -55,13 +56,13 @@ def export_cloud(store: FamilyStore, path: Path) -> Path:
 
 def unlabeled_copy(store: FamilyStore, folder: Path) -> int:
     """The training images of the family's data, copied flat into `folder` under hashed names: no classes."""
-    from hetero.data import OMNIGLOT_TEST_ALPHABETS, _image_sources
+    from hetero.data import OMNIGLOT_TEST_ALPHABETS, image_sources
 
     config = store.config()
     held_out = set(config.data.test_groups or OMNIGLOT_TEST_ALPHABETS)
     folder.mkdir(parents=True, exist_ok=True)
     seen = set()
-    for rel, reader in _image_sources(Path(config.data.path)):
+    for rel, reader in image_sources(Path(config.data.path)):
         parts = PurePosixPath(rel).parts
         key = "/".join(parts[1:] if len(parts) > 3 else parts)  # as the family reads it: zips hold a top folder
         if key.split("/")[0] in held_out or key in seen:  # the same drawing in two zips is read once there too

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from hetero.exporter import export_member
     from hetero.family import FamilyStore
     from hetero.profiles import all_profiles, load_profile
-    from hetero.train import train
+    from hetero.training import train
     from hetero.verify import verify
 
     config = load_config(args.config) if args.config else parse_config(family_config(args.edges, args.epochs), "edges")

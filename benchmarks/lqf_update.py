@@ -36,11 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from hetero.config import parse_config  # noqa: E402
 from hetero.data import OMNIGLOT_TEST_ALPHABETS, load_split, read_image_tree  # noqa: E402
-from hetero.evaluate import backward_summary, compatibility_matrix, top1_correct  # noqa: E402
+from hetero.evaluate import backward_summary  # noqa: E402
+from hetero.maths import compatibility_matrix, top1_correct
 from hetero.family import FamilyStore  # noqa: E402
-from hetero.lqf import load_linearised  # noqa: E402
+from hetero.training.lqf import load_linearised  # noqa: E402
 from hetero.models import embed_images  # noqa: E402
-from hetero.train import train  # noqa: E402
+from hetero.training import train  # noqa: E402
 
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 OLD_ALPHABETS = ["Balinese", "Early_Aramaic", "Greek", "Latin"]  # the training alphabets without Korean

@@ -80,7 +80,7 @@ class TrainingClock:
 def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
     from hetero.evaluate import evaluate
     from hetero.family import TRAIN_STATE, FamilyStore
-    from hetero.train import train
+    from hetero.training import train
 
     key, overrides = cell_key(recipe, precision, seed, quick), overrides_of(recipe, precision, seed)
     config = load(str(ROOT / RECIPE), overrides)

@@ -62,7 +62,7 @@ def caught_failure(store, member: str, work: Path) -> list[dict]:
 
 def _rows(report: dict, store) -> list[dict]:
     """One row per verification run, with the scheme export chose and why."""
-    from hetero.report import summary_rows
+    from hetero.verify.report import summary_rows
 
     artifacts = {(a.member, a.profile): a for a in store.reload().artifacts()}
     rows = []
@@ -125,7 +125,7 @@ def fresh_copy(source: Path, target: Path):
 def quick_family(work: Path) -> Path:
     from hetero.config import load_config
     from hetero.evaluate import evaluate
-    from hetero.train import train
+    from hetero.training import train
 
     out = work / "quickstart"
     evaluate(train(load_config(ROOT / "examples" / "quickstart.yaml"), out, progress=False))

@@ -109,7 +109,7 @@ def separate_epoch_seconds(config_path: Path) -> dict:
 
     from hetero.config import load_config
     from hetero.data import load_split, split_open_set
-    from hetero.search import Teacher, _given_cloud, search_space, static_records, train_supernet
+    from hetero.search import Teacher, given_cloud, search_space, static_records, train_supernet
 
     config = load_config(config_path)
     space = search_space(config.search)
@@ -117,7 +117,7 @@ def separate_epoch_seconds(config_path: Path) -> dict:
     median = sorted(space, key=lambda c: records[c]["flops"])[len(space) // 2]
     split = load_split(config.data, config.load_size)
     inner = split_open_set(split.train, None, config.search.validation_classes, config.train.seed)
-    cloud = _given_cloud(config)
+    cloud = given_cloud(config)
     with tempfile.TemporaryDirectory() as folder:
         cpu, wall = time.process_time(), time.perf_counter()
         train_supernet(config, Path(folder), inner.train, [median], Teacher(cloud), None, 1, False)

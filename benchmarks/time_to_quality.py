@@ -6,7 +6,7 @@
     python benchmarks/time_to_quality.py recipes --quick   # the same at a sixth of the epochs (a smoke test)
 
 levers: every lever is a set of config overrides on examples/omniglot.yaml.  Each gets its own training run
-(`hetero.train._Run`, built as `hetero train` builds it, on one shared data split), and the rounds
+(`hetero.training.TrainingRun`, built as `hetero train` builds it, on one shared data split), and the rounds
 interleave them: round r times --steps real training steps of each lever's cloud phase and edge phase in
 turn, so load from other processes hits every lever alike.  A lever's seconds per epoch are the median
 step time over rounds times its steps per epoch; one-off costs (the teacher cache's build, compilation)
@@ -52,10 +52,10 @@ class Timed:
     """One lever's training run and an endless stream of its batches, per phase."""
 
     def __init__(self, name: str, overrides: list[str], split, out: Path, config_path: str):
-        from hetero.train import _Run
+        from hetero.training import TrainingRun
 
         self.name, self.config = name, load(config_path, overrides)
-        self.run = _Run(self.config, out, split, progress=False)
+        self.run = TrainingRun(self.config, out, split, progress=False)
         self.step_seconds: dict[int, list[float]] = {0: [], 1: []}
         self.one_off = 0.0
         self.models, self.batches = {}, {}
@@ -155,7 +155,7 @@ def recipes(config_path: str, quick: bool, tmp: Path, console) -> None:
     from rich.table import Table
 
     from hetero.evaluate import evaluate
-    from hetero.train import train
+    from hetero.training import train
 
     rows = []
     for name, overrides in (("earlier", EARLIER), ("current", [])):

@@ -6,7 +6,7 @@
 
 For each phase of the config (sequential: the cloud phase, then the edge phase) it builds the run exactly as
 `hetero train` does, takes `--warmup` untimed steps, then profiles `--steps` steps of the real training
-step (`_Run.train_step`).  Parts are the labelled ranges of hetero/train.py (torch.profiler.record_function)
+step (`TrainingRun.train_step`).  Parts are the labelled ranges of hetero/train.py (torch.profiler.record_function)
 plus the DataLoader's own range (decoding is cached, so that is augmentation and collation):
 
 - each member's forward, and its loss terms, come from their ranges;
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from hetero.data import load_split
-    from hetero.train import _Run, resolve_external_input_size
+    from hetero.training import TrainingRun, resolve_external_input_size
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "examples" / "omniglot.yaml"))
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     began = time.time()
     split = load_split(config.data, config.load_size)
     with tempfile.TemporaryDirectory() as out:
-        run = _Run(config, Path(out), split, progress=False)
+        run = TrainingRun(config, Path(out), split, progress=False)
         console.print(f"{args.config} {' '.join(args.set)}: batch {run.batch_size}, {run.steps_per_epoch} steps per "
                       f"epoch, {torch.get_num_threads()} threads, amp {run.amp}, channels-last {run.channels_last}")
         for phase, (trained, epochs) in enumerate(run.phases):

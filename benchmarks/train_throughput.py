@@ -6,7 +6,7 @@
 Both ways run the same steps on the same data with the same loader, side by side in one process and
 alternating repetition by repetition (so load from other processes hits both alike):
   - joint: one loader pass; every batch is augmented once and the cloud member's embedding computed once,
-    then every member's loss is summed and one optimiser step taken (`hetero.train.family_loss`);
+    then every member's loss is summed and one optimiser step taken (`hetero.training.family_loss`);
   - separate: the cloud member alone, then each edge member alone (against the frozen cloud, as in
     `mode: sequential`), each with its own loader pass: augmentation and the cloud forward are redone per
     member.
@@ -46,7 +46,7 @@ def _loader(split, config, workers: int):
 
 def _steps(family, trained: list[str], loader, steps: int, warmup: int, detach: bool, amp: bool = False) -> float:
     """Wall seconds of `steps` optimiser steps training `trained` (after `warmup` untimed ones)."""
-    from hetero.train import family_loss
+    from hetero.training import family_loss
 
     family.amp = amp
     params = [p for name in trained for p in family.members[name].parameters()] + list(family.heads.parameters())
@@ -70,7 +70,7 @@ def _steps(family, trained: list[str], loader, steps: int, warmup: int, detach: 
 def main(argv=None) -> None:
     from hetero.config import load_config
     from hetero.data import channel_stats, load_split
-    from hetero.train import Family, cpu_has_native_bf16
+    from hetero.training import Family, cpu_has_native_bf16
 
     default = ROOT / "examples" / "omniglot.yaml"
     if not (ROOT.parent / "shared" / "data" / "omniglot").exists():

@@ -8,7 +8,7 @@ makes them) and the same queries (other "photos" of gallery items):
 
 - ingestion rows/s: FAISS builds its index as `hetero gallery build` does (exact up to 100k rows, IVF
   above, `hetero.gallery.make_index`); Milvus Lite takes the rows through the same calls a build makes
-  (`hetero.stores.MilvusStore.upsert`, batches of 1,000, then a flush that seals them and builds the
+  (`hetero.gallery.stores.MilvusStore.upsert`, batches of 1,000, then a flush that seals them and builds the
   index), with the index `hetero gallery build --store milvus` creates for that size (the same choice);
 - query latency, p50 and p95 over repeated calls, at batch 1 and batch 100, each store through its own
   search call (FAISS `index.search`; Milvus `MilvusStore.search`, which crosses the client/server API);
@@ -62,7 +62,7 @@ def faiss_store(gallery: np.ndarray):
 
 
 def milvus_store(gallery: np.ndarray, work: Path):
-    from hetero.stores import FLAT_MAX_ROWS, Identity, MilvusStore
+    from hetero.gallery.stores import FLAT_MAX_ROWS, Identity, MilvusStore
 
     db = MilvusStore(str(work / f"bench-{len(gallery)}.db"), "bench", create=True)
     db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     import torch  # noqa: F401  (import time is part of what a user waits for, but reported apart)
 
     from hetero.family import FamilyStore
-    from hetero.reference import ReferenceCache, reference_from_store
-    from hetero.report import summary_rows
+    from hetero.verify.reference import ReferenceCache, reference_from_store
+    from hetero.verify.report import summary_rows
     from hetero.verify import run_checks
 
     imported = time.perf_counter() - started

@@ -150,7 +150,7 @@ def _too_large(size: int):
     return reader
 
 
-def _image_sources(root: Path):
+def image_sources(root: Path):
     """Yield (relative posix path, reader) for every image under a folder, a zip, or zips in a folder."""
     if root.is_file() and root.suffix.lower() == ".zip":
         zips = [root]
@@ -202,7 +202,7 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, 
     """
     root = Path(root)
     by_key: dict[str, tuple[str, object]] = {}
-    for rel, reader in _image_sources(root):
+    for rel, reader in image_sources(root):
         parts = PurePosixPath(rel).parts
         if strip_top_level and len(parts) > 2:
             parts = parts[1:]

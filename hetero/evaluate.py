@@ -8,86 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from hetero.exits import apply_rule, correct_per_exit, exit_embeddings, exit_entropies, rule_figures
+from hetero.maths import (apply_rule, compatibility_matrix, correct_per_exit, label_free_figures, negative_flip_rate,
+                          rule_figures, summarise, top1_correct)
+from hetero.models import exit_embeddings, exit_entropies
 from hetero.family import CompatibilityRecord, FamilyStore
 from hetero.models import embed_images
 
-
-def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                      gallery_labels: torch.Tensor) -> dict[str, float]:
-    """top-1, top-5 (a correct item among the 5 nearest) and mAP@R of unit-vector queries vs a gallery."""
-    similarity = query @ gallery.T
-    k = min(max(5, int(torch.bincount(gallery_labels).max())), gallery.shape[0])
-    order = similarity.topk(k, dim=1).indices
-    hits = gallery_labels[order] == query_labels[:, None]  # queries x k
-    relevant = (gallery_labels[None, :] == query_labels[:, None]).sum(dim=1)  # R per query
-    ranks = torch.arange(1, k + 1, dtype=torch.float32)
-    within_r = ranks[None, :] <= relevant[:, None]
-    precision_at_i = hits.float().cumsum(dim=1) / ranks
-    average_precision = (precision_at_i * hits * within_r).sum(dim=1) / relevant.clamp_min(1)
-    return {
-        "top1": hits[:, 0].float().mean().item(),
-        "top5": hits[:, :5].any(dim=1).float().mean().item(),
-        "map_at_r": average_precision.mean().item(),
-    }
-
-
-def top1_correct(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                 gallery_labels: torch.Tensor) -> torch.Tensor:
-    """Per query: whether its nearest gallery item has its class."""
-    return gallery_labels[(query @ gallery.T).argmax(dim=1)] == query_labels
-
-
-def negative_flip_rate(old_correct: torch.Tensor, new_correct: torch.Tensor) -> float:
-    """Share of queries the old model answered right and the new one gets wrong (the update's regressions)."""
-    return (old_correct & ~new_correct).float().mean().item()
-
-
-def compatibility_matrix(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, query_index: torch.Tensor,
-                         gallery_index: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
-    """M[query member][gallery member] from each member's embeddings of the same test images."""
-    return {
-        q: {
-            g: retrieval_metrics(embeddings[q][query_index], labels[query_index],
-                                 embeddings[g][gallery_index], labels[gallery_index])
-            for g in embeddings
-        }
-        for q in embeddings
-    }
-
-
-def label_free_figures(query: torch.Tensor, cloud: torch.Tensor, k: int = 10) -> dict[str, float]:
-    """How far an edge member's queries behave like the cloud's own, on held-out images without labels.
-
-    The gallery is the cloud's embeddings of the held-out images; each image's own row is excluded from its
-    search.  agreement: the edge query's top-1 is the cloud query's top-1; recall_at_k: the share of the
-    cloud's k nearest neighbours the edge query finds among its own k; cosine: edge and cloud embeddings of
-    the same image (mean and 5th percentile).
-    """
-    k = min(k, len(cloud) - 1)
-    own = torch.eye(len(cloud), dtype=torch.bool)
-    via_edge = (query @ cloud.T).masked_fill(own, -2.0).topk(k, dim=1).indices
-    via_cloud = (cloud @ cloud.T).masked_fill(own, -2.0).topk(k, dim=1).indices
-    shared = (via_edge[:, :, None] == via_cloud[:, None, :]).any(dim=2).float().sum(dim=1)
-    cosine = (query * cloud).sum(dim=1)
-    return {"agreement_top1": (via_edge[:, 0] == via_cloud[:, 0]).float().mean().item(),
-            f"recall_at_{k}": (shared / k).mean().item(), "cosine_mean": cosine.mean().item(),
-            "cosine_p05": cosine.quantile(0.05).item(), "images": len(cloud)}
-
-
-def summarise(matrix: dict, cloud: str, edges: list[str], flops_ratio: dict[str, float]) -> dict[str, dict]:
-    """Per edge member: ratio of M[edge][cloud] to the paragon and the BCT criterion."""
-    paragon = matrix[cloud][cloud]["top1"]
-    return {
-        edge: {
-            "edge_vs_cloud_top1": matrix[edge][cloud]["top1"],
-            "edge_vs_edge_top1": matrix[edge][edge]["top1"],
-            "ratio_to_paragon": matrix[edge][cloud]["top1"] / paragon if paragon else 0.0,
-            "bct_criterion": matrix[edge][cloud]["top1"] > matrix[edge][edge]["top1"],
-            "flops_vs_cloud": flops_ratio[edge],
-        }
-        for edge in edges
-    }
 
 
 def evaluate(store: FamilyStore) -> dict:

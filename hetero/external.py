@@ -26,13 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetero.config import MODEL_FILE_KINDS, PICKLED_KINDS, untrusted_message
 from hetero.errors import ConfigError, reason
 
-# How a file is read, by suffix; `weights` files need an `arch`.
-FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript",
-           ".pt2": "torch.export", ".safetensors": "weights"}
-EXTERNAL_KINDS = ("onnx", "torchscript", "torch.export")  # model files; `weights` go with an architecture
-PICKLED_KINDS = ("torchscript", "torch.export")  # loading runs pickle: converted once, with the user's consent
 # The converted graph must compute what the file computes: cosine of the raw outputs on probe images.
 CONVERSION_MIN_COSINE = 0.99999
 RESIZE_RULE = "bicubic to the load size, then bilinear (antialiased) to input_size"
@@ -53,10 +49,10 @@ class Preprocessing:
 
 
 def model_format(path: Path, arch: str | None) -> str:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = MODEL_FILE_KINDS.get(path.suffix.lower())
     if kind is None:
         raise ConfigError(f"{path}: cannot tell the model format from suffix {path.suffix!r}; known: "
-                          f"{', '.join(f'{s} ({k})' for s, k in FORMATS.items())}")
+                          f"{', '.join(f'{s} ({k})' for s, k in MODEL_FILE_KINDS.items())}")
     if kind == "weights" and not arch:
         raise ConfigError(f"{path}: a weights file needs the architecture it belongs to (arch: timm/<name> or "
                           f"torchvision/<name>)")
@@ -214,14 +210,6 @@ def _weights_model(path: Path, arch: str) -> nn.Module:
                 f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
     model.load_state_dict(tensors)
     return model.eval()
-
-
-def untrusted_message(path: Path, kind: str, member: str | None = None) -> str:
-    where = f"member {member!r}" if member else "its member"
-    return (f"{path}: a {kind} file loads through pickle, which runs any code the file carries; hetero opens one "
-            f"only when {where} says `trust_model_file: true` (do so only for a file you made or trust), and then "
-            f"converts it once to ONNX and keeps only the ONNX in the family. Or export the model to ONNX yourself "
-            f"and give the .onnx file")
 
 
 class _InferenceOnly(nn.Module):

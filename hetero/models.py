@@ -386,3 +386,18 @@ def embed_images(model: Embedder, images: torch.Tensor, batch_size: int = 256) -
     model.eval()
     chunks = [model(resize_to(images[i:i + batch_size], model.input_size)) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def exit_embeddings(model: MultiExitEmbedder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Every exit's embeddings of float images in [0, 1]: exits x images x dim."""
+    model.eval()
+    chunks = [torch.stack(model.forward_exits(resize_to(images[i:i + batch_size], model.input_size)))
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def exit_entropies(model: MultiExitEmbedder, embeddings: torch.Tensor) -> torch.Tensor:
+    """exits x images: each exit's entropy of its own embeddings."""
+    return torch.stack([model.entropy(embeddings[k], k) for k in range(len(embeddings))])

@@ -51,7 +51,7 @@ class CompatSuite(pytest.Collector):
         wanted = self.config.getoption("hetero_profile")
         profiles = {}
         if self.kind == "bundle":
-            from hetero.bundle import open_bundle
+            from hetero.verify.bundle import open_bundle
 
             with open_bundle(self.source) as reference:
                 artifacts, profiles = reference.artifacts, dict(reference.profiles)
@@ -70,7 +70,7 @@ class CompatSuite(pytest.Collector):
         if self._report is None:
             options = self.config.getoption
             if self.kind == "bundle":
-                from hetero.bundle import verify_bundle
+                from hetero.verify.bundle import verify_bundle
 
                 self._report = verify_bundle(self.source, latency_runs=options("hetero_latency_runs"))
             else:
@@ -110,7 +110,7 @@ class CheckItem(pytest.Item):
             raise CheckFailed(str(err)) from None
         if self.key is None:
             raise CheckFailed(f"{self.parent.source}: no exported artifacts to verify (run `hetero export`)")
-        from hetero.report import check_headline
+        from hetero.verify.report import check_headline
 
         artifact = next((a for a in report["artifacts"] if (a["member"], a["profile"], a["runtime"]) == self.key), None)
         check = next((c for c in artifact["checks"] if c["name"] == self.check), None) if artifact else None

@@ -169,7 +169,7 @@ def add(text: str, python: str | None = None) -> Environment:
             below = runtime.numpy2_from
             if below and Version(version) < Version(below):
                 _run([*pip, "numpy<2"], f"pip install numpy<2 (for {runtime.distribution} {version})")
-            hello = _handshake(interpreter, runtime.engine)
+            hello = handshake(interpreter, runtime.engine)
             record = {"distribution": runtime.distribution, "version": version, "engine": runtime.engine,
                       "python": hello["python"], "numpy": hello["numpy"], "requirement": str(requirement),
                       "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -211,7 +211,7 @@ def remove(name_or_requirement: str) -> list[Environment]:
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def _handshake(interpreter: Path, engine: str) -> dict:
+def handshake(interpreter: Path, engine: str) -> dict:
     worker = _Worker(interpreter, engine, "a new environment")
     try:
         return worker.hello

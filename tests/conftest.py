@@ -40,7 +40,7 @@ def crash_after(last_epoch: int):
 def tiny_family_dir(tmp_path_factory) -> Path:
     """A trained and evaluated tiny family; copy it (`family_copy`) before changing anything in it."""
     from hetero.evaluate import evaluate
-    from hetero.train import train
+    from hetero.training import train
 
     out = tmp_path_factory.mktemp("tiny-family")
     evaluate(train(parse_config(tiny_config(), "tiny"), out, progress=False))

@@ -11,10 +11,11 @@ from hetero.cli import main
 from hetero.config import ConfigError, parse_config
 from hetero.data import load_split
 from hetero.errors import ManifestError
-from hetero.evaluate import evaluate, negative_flip_rate, retrieval_metrics
+from hetero.evaluate import evaluate
+from hetero.maths import negative_flip_rate, retrieval_metrics
 from hetero.family import TRAIN_STATE, FamilyStore, read_weights
 from hetero.models import embed_images
-from hetero.train import Family, family_loss, train
+from hetero.training import Family, family_loss, train
 from tests.conftest import tiny_config
 
 # The update: a wider cloud, another seed, the same dimension.

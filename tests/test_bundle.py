@@ -15,7 +15,7 @@ from tests.test_verify import RUNS, by_member, exported_family  # noqa: F401  (f
 @pytest.fixture(scope="module")
 def bundled(exported_family, tmp_path_factory):  # noqa: F811
     """(report of the family, bundle path) with the family directory deleted afterwards."""
-    from hetero.bundle import write_bundle
+    from hetero.verify.bundle import write_bundle
     from hetero.family import FamilyStore
     from hetero.verify import verify
 
@@ -39,7 +39,7 @@ def rewrite_bundle(source: Path, target: Path, change) -> Path:
 
 
 def test_bundle_round_trip_without_the_family(bundled, tmp_path):
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     report, bundle = bundled
     names = zipfile.ZipFile(bundle).namelist()
@@ -73,7 +73,7 @@ def test_bundle_cli_round_trip(bundled, tmp_path):
 
 
 def test_gallery_from_another_space_fails_identity_for_every_artifact(bundled, tmp_path):
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     _, bundle = bundled
 
@@ -93,7 +93,7 @@ def test_gallery_from_another_space_fails_identity_for_every_artifact(bundled, t
 
 
 def test_tampered_artifact_in_bundle_fails_only_that_artifact(bundled, tmp_path):
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     _, bundle = bundled
     tampered = rewrite_bundle(bundle, tmp_path / "b.zip",
@@ -104,7 +104,7 @@ def test_tampered_artifact_in_bundle_fails_only_that_artifact(bundled, tmp_path)
 
 
 def test_bad_bundles_are_refused_with_a_reason(bundled, tmp_path):
-    from hetero.bundle import BundleError, verify_bundle
+    from hetero.verify.bundle import BundleError, verify_bundle
     from hetero.cli import main
 
     _, bundle = bundled
@@ -127,7 +127,7 @@ def test_bad_bundles_are_refused_with_a_reason(bundled, tmp_path):
 
 def test_artifact_path_outside_the_bundle_is_refused_before_it_is_read(bundled, tmp_path):
     """bundle.json may name any file; one outside the extracted bundle is never hashed or loaded."""
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     _, bundle = bundled
     outside = tmp_path / "elsewhere.onnx"

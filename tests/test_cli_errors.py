@@ -300,7 +300,7 @@ def _npz_declaring(shape: tuple) -> bytes:
 def test_a_bundle_whose_arrays_declare_a_huge_shape_is_refused_before_allocating(tmp_path, capsys):
     import zipfile
 
-    from hetero.bundle import ARRAYS, BUNDLE_JSON
+    from hetero.verify.bundle import ARRAYS, BUNDLE_JSON
 
     meta = {"bundle_version": 1, "family": "f", "space_id": "hs-0", "gallery_space_id": "hs-0", "cloud": "cloud",
             "source": "x", "members": {}, "artifacts": [], "profiles": {}, "torch_figures": {}}
@@ -314,7 +314,7 @@ def test_a_bundle_whose_arrays_declare_a_huge_shape_is_refused_before_allocating
 
 
 def test_calibrate_with_escalation_prints_the_systems_top1(tiny_family_dir, monkeypatch, capsys):
-    from hetero import exits
+    from hetero.training import exits
 
     rule = {"thresholds": [0.5], "escalate_above": 0.9, "calibration": {
         "images": 32, "top1_last_exit": 0.8, "top1": 0.61, "top1_system": 0.79, "mean_mflops": 1.0,

@@ -109,7 +109,7 @@ def _ddp_config(**train) -> dict:
 
 def _train_worker(rank: int, world: int, init_file: str, config: dict, out: str, resume: bool) -> None:
     from hetero.config import parse_config
-    from hetero.train import train
+    from hetero.training import train
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -132,11 +132,11 @@ def _train_two_processes(tmp_path, config: dict, out, resume: bool = False):
 def _initial_members(config: dict) -> dict:
     from hetero.config import parse_config
     from hetero.data import channel_stats, load_split
-    from hetero.train import Family, _seed_everything
+    from hetero.training import Family, seed_everything
 
     config = parse_config(config, "tiny")
     split = load_split(config.data, config.load_size)
-    _seed_everything(config.train.seed, -1)
+    seed_everything(config.train.seed, -1)
     family = Family(config, len(split.train.class_names), *channel_stats(split.train.images))
     return {name: member.state_dict() for name, member in family.members.items()}
 
@@ -170,7 +170,7 @@ TOLERANCE = 0.2
 def test_train_on_two_processes_equals_one_on_the_global_batch(tmp_path):
     """Joint training with gradients through the gathered cloud embeddings too: 2 ranks == 1 process."""
     from hetero.config import parse_config
-    from hetero.train import train
+    from hetero.training import train
 
     config = _ddp_config(detach_cloud=False)
     one = train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
@@ -186,7 +186,7 @@ def test_train_on_two_processes_equals_one_on_the_global_batch(tmp_path):
 def test_two_processes_resume_a_one_process_run(tmp_path):
     """Sequential mode (DDP re-wrapped for the edge phase), resumed by 2 ranks after the cloud phase."""
     from hetero.config import parse_config
-    from hetero.train import train
+    from hetero.training import train
 
     config = _ddp_config(mode="sequential", epochs=1)
     train(parse_config(config, "tiny"), tmp_path / "one", progress=False)
@@ -199,10 +199,10 @@ def test_two_processes_resume_a_one_process_run(tmp_path):
 
 def test_global_batch_must_split_into_whole_classes_per_process(monkeypatch):
     from hetero.config import ConfigError, parse_config
-    from hetero.train import _global_batch_size
+    from hetero.training import global_batch_size
 
     train_cfg = parse_config(_ddp_config(batch_size=36, samples_per_class=4), "tiny").train
-    assert _global_batch_size(train_cfg, 1000) == 36
+    assert global_batch_size(train_cfg, 1000) == 36
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match=r"global batch.*2 processes.*multiple of 8, e.g. 32"):
-        _global_batch_size(train_cfg, 1000)
+        global_batch_size(train_cfg, 1000)

@@ -77,7 +77,7 @@ def test_exits_chain_stage_by_stage_and_cost_little_over_the_plain_trunk(arch, s
 
 @pytest.fixture(scope="module")
 def multi_exit_dir(tmp_path_factory):
-    from hetero.train import train
+    from hetero.training import train
 
     out = tmp_path_factory.mktemp("multi-exit")
     train(parse_config(multi_exit_config(early_exit={"self_distillation": 1.0}), "tiny"), out, progress=False)
@@ -118,7 +118,7 @@ def test_every_exit_is_trained_against_the_cloud_and_recorded(multi_exit_copy):
 @pytest.mark.slow
 def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(multi_exit_copy):
     from hetero.evaluate import evaluate
-    from hetero.exits import calibrate
+    from hetero.training.exits import calibrate
     from hetero.family import FamilyStore
 
     store = FamilyStore.open(multi_exit_copy)
@@ -136,7 +136,7 @@ def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(mu
 
 @pytest.mark.slow
 def test_unmeetable_targets_and_thresholds_that_stop_nothing_say_which_exit(multi_exit_copy):
-    from hetero.exits import calibrate
+    from hetero.training.exits import calibrate
     from hetero.family import FamilyStore
 
     store = FamilyStore.open(multi_exit_copy)
@@ -157,7 +157,7 @@ def test_unmeetable_targets_and_thresholds_that_stop_nothing_say_which_exit(mult
 @pytest.mark.slow
 def test_chained_export_verifies_per_exit_and_refuses_stages_of_another_export(multi_exit_copy):
     from hetero import formats
-    from hetero.exits import calibrate
+    from hetero.training.exits import calibrate
     from hetero.exporter import export_member
     from hetero.family import FamilyStore
     from hetero.profiles import load_profile

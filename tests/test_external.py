@@ -18,7 +18,7 @@ from hetero.evaluate import evaluate
 from hetero.external import ExternalCloud, Preprocessing, external_space_id, fingerprint, open_external
 from hetero.family import FamilyStore
 from hetero.models import embed_images
-from hetero.train import train
+from hetero.training import train
 
 from .conftest import tiny_config
 
@@ -256,7 +256,7 @@ def test_unreadable_images_in_an_unlabeled_folder_are_skipped_named_and_counted(
 
 
 def test_label_free_figures_on_known_cases():
-    from hetero.evaluate import label_free_figures
+    from hetero.maths import label_free_figures
 
     torch.manual_seed(0)
     cloud = torch.nn.functional.normalize(torch.randn(50, 16), dim=1)
@@ -273,7 +273,7 @@ def test_the_teacher_cache_holds_the_clouds_answers_resumes_and_refuses_another_
         byo_family, onnx_cloud, unlabeled_images, tiny_family_dir, tmp_path):
     from hetero.data import border_fill
     from hetero.models import resize_to
-    from hetero.teacher_cache import TeacherCache
+    from hetero.training.teacher_cache import TeacherCache
 
     cache_dir = tmp_path / "cache"
     config = byo_config(onnx_cloud, unlabeled_images, teacher_cache={"views": 2, "dir": str(cache_dir)})
@@ -329,7 +329,7 @@ def test_augmentation_parameters_reproduce_the_training_augmentation_ranges():
     from torchvision.transforms.v2 import functional as TF
 
     from hetero.data import procedural_glyphs
-    from hetero.teacher_cache import AFFINE, augment, draw_params
+    from hetero.training.teacher_cache import AFFINE, augment, draw_params
 
     params = torch.stack([draw_params(0, i, k, 100, True, False, ["mixup", "cutmix", "dihedral"])
                           for i in range(200) for k in range(2)])

@@ -18,7 +18,7 @@ from hetero.config import ConfigError, parse_config
 from hetero.errors import LockError, ManifestError
 from hetero.family import CONFIG, MANIFEST, TRAIN_STATE, FamilyStore, save_weights, tensors_digest
 from hetero.files import LOCK_HOLDER, DirectoryLock, sha256_file
-from hetero.train import train
+from hetero.training import train
 from tests.conftest import crash_after, tiny_config
 
 QUICK = {"epochs": 1}
@@ -418,7 +418,7 @@ SLOW_TRAIN = """
 import sys, time
 from pathlib import Path
 from hetero.config import load_config
-from hetero.train import train
+from hetero.training import train
 
 def pause(end):  # a long epoch: the other writer arrives while this one trains
     if end.epoch == 1:

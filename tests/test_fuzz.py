@@ -154,9 +154,9 @@ def test_any_manifest_is_opened_or_refused_and_nothing_outside_is_written(change
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(change=st.data())
 def test_any_bundle_description_is_verified_or_refused(change, exported_family):  # noqa: F811
-    from hetero.bundle import BUNDLE_JSON, verify_bundle, write_bundle
+    from hetero.verify.bundle import BUNDLE_JSON, verify_bundle, write_bundle
     from hetero.family import FamilyStore
-    from hetero.reference import ReferenceCache, reference_from_store
+    from hetero.verify.reference import ReferenceCache, reference_from_store
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -335,7 +335,7 @@ def test_any_parquet_safetensors_or_bytes_are_read_or_refused(ids, stated, data,
 def test_any_bundle_arrays_file_is_read_or_refused(data):
     import zipfile
 
-    from hetero.bundle import BundleError, BundleMeta, _read_arrays
+    from hetero.verify.bundle import BundleError, BundleMeta, read_arrays
 
     members = {"query_images": np.zeros((2, 3, 4, 4), np.uint8), "query_labels": np.zeros(2, np.int64),
                "gallery": np.zeros((3, 4), np.float32), "gallery_labels": np.zeros(3, np.int64)}
@@ -350,7 +350,7 @@ def test_any_bundle_arrays_file_is_read_or_refused(data):
                 np.save(buffer, value)
                 archive.writestr(f"{key}.npy", data.draw(npy_files()) if key == name else buffer.getvalue())
         try:
-            _read_arrays(folder, folder / "bundle.zip", meta)
+            read_arrays(folder, folder / "bundle.zip", meta)
         except BundleError:
             pass
 
@@ -362,7 +362,7 @@ def test_any_teacher_cache_shard_is_opened_or_refused(data):
 
     from hetero.errors import ManifestError
     from hetero.family import save_weights
-    from hetero.teacher_cache import PARAMS, TeacherCache
+    from hetero.training.teacher_cache import PARAMS, TeacherCache
 
     plan = {"images": 3, "views": 2}
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +14,9 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from hetero import gallery as G  # noqa: E402
-from hetero import gallery_db  # noqa: E402
+from hetero.gallery import db as gallery_db  # noqa: E402
 from hetero.cli import main  # noqa: E402
-from hetero.stores import PREFIX, MilvusStore, StoreError, StoreSpaceMismatch  # noqa: E402
+from hetero.gallery.stores import PREFIX, MilvusStore, StoreError, StoreSpaceMismatch  # noqa: E402
 from tests.test_gallery import S, gallery_images  # noqa: F401  (fixture)
 from tests.test_gallery import set_space_id as with_space  # noqa: E402
 

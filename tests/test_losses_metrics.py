@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetero.evaluate import compatibility_matrix, retrieval_metrics, summarise
+from hetero.maths import compatibility_matrix, retrieval_metrics, summarise
 from hetero.losses import CosineRegression, CrossContrastive, L2Regression, RelationalDistillation, SharedClassifier
 
 

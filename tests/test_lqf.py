@@ -9,9 +9,9 @@ from torch import nn
 from hetero.config import ConfigError, parse_config
 from hetero.evaluate import evaluate
 from hetero.family import FamilyStore
-from hetero.lqf import Linearised, check_linearisable, kfac_parameters, load_linearised
+from hetero.training.lqf import Linearised, check_linearisable, kfac_parameters, load_linearised
 from hetero.models import Embedder
-from hetero.train import train
+from hetero.training import train
 from tests.conftest import tiny_config
 
 
@@ -141,7 +141,7 @@ def test_lqf_update_keeps_the_space_is_deterministic_and_exports(family_copy, tm
 
 
 def test_init_starts_every_member_from_the_earlier_family(tiny_family_dir):
-    from hetero.train import Family, start_from_family
+    from hetero.training import Family, start_from_family
 
     config = parse_config(tiny_config(mode="joint", init=str(tiny_family_dir)), "ft.yaml")
     family = Family(config, num_classes=8, mean=[0.5] * 3, std=[0.25] * 3)

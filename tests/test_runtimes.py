@@ -130,7 +130,7 @@ def test_add_list_remove_and_a_version_the_registry_does_not_have(tmp_path, monk
     assert "created tflite-runtime 2.14.0" in said(capsys)
     (env,) = runtimes.environments()
     assert (env.distribution, env.version) == ("tflite-runtime", "2.14.0")
-    numpy = runtimes._handshake(env.interpreter, env.engine)["numpy"]
+    numpy = runtimes.handshake(env.interpreter, env.engine)["numpy"]
     assert numpy.startswith("1.") and not runtimes.installed_version("numpy").startswith("1.")  # never here
 
     (env.interpreter).unlink()  # deleted by hand

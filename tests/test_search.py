@@ -19,7 +19,7 @@ from hetero.errors import ConfigError
 from hetero.evaluate import evaluate
 from hetero.family import FamilyStore
 from hetero.models import Embedder
-from hetero.search import (Candidate, Supernet, _layer_map, evolve, pareto_front, progressive_space, recalibrate,
+from hetero.search import (Candidate, Supernet, layer_map, evolve, pareto_front, progressive_space, recalibrate,
                            sandwich, search, search_space, sort_channels)
 
 from .conftest import tiny_config
@@ -72,7 +72,7 @@ def test_a_shallower_sub_network_keeps_the_first_blocks_of_each_stage():
     supernet = _supernet()
     shallow = supernet.build(Candidate(0.5, 0.5, 32))
     # resnet at depth 1.0 has 2 blocks per stage (layers 1-2, 3-4, 5-6, 7-8); at 0.5 one (layers 1-4).
-    assert _layer_map(shallow.backbone, supernet.model.backbone) == {0: 0, 1: 1, 2: 3, 3: 5, 4: 7}
+    assert layer_map(shallow.backbone, supernet.model.backbone) == {0: 0, 1: 1, 2: 3, 3: 5, 4: 7}
 
 
 @pytest.mark.parametrize("depth", [0.5, 1.0])
@@ -170,7 +170,7 @@ def test_bad_search_configs_are_refused_naming_the_field(change, words):
 
 
 def test_a_cloud_alone_needs_a_search_section_and_hetero_train_refuses_it(tmp_path):
-    from hetero.train import train
+    from hetero.training import train
 
     config = search_config()
     del config["search"]
@@ -279,7 +279,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     whole = search(config, tmp_path / "whole", progress=False)
 
     saves, timings = [], []
-    real_save, real_time = search_module._save_state, search_module.time_export
+    real_save, real_time = search_module.save_state, search_module.time_export
 
     def crash_after_first_epoch(*args):
         real_save(*args)
@@ -287,7 +287,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
         if len(saves) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_module, "_save_state", crash_after_first_epoch)
+    monkeypatch.setattr(search_module, "save_state", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         search(config, tmp_path / "resumed", progress=False)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hetero.train as train_module
+import hetero.training as train_module
 from hetero.config import parse_config
 from hetero.data import load_split
 from hetero.family import TRAIN_STATE, FamilyStore, read_weights
 from hetero.files import sha256_file
-from hetero.train import Family, cutmix, dihedral, family_loss, matching_inputs, mixup, train
+from hetero.training import Family, cutmix, dihedral, family_loss, matching_inputs, mixup, train
 from tests.conftest import crash_after, tiny_config
 
 FAST = {"epochs": 2}
@@ -113,15 +113,15 @@ def test_bf16_autocast_and_channels_last_keep_the_fp32_loss():
 
 
 def test_bf16_is_automatic_only_where_the_hardware_computes_it(tmp_path, monkeypatch):
-    from hetero.train import _accelerations
+    from hetero.training import accelerations
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
-    assert _accelerations(small_config().train, cpu) == (False, False)
-    assert _accelerations(small_config(amp="bf16", channels_last="on").train, cpu) == (True, True)
+    assert accelerations(small_config().train, cpu) == (False, False)
+    assert accelerations(small_config(amp="bf16", channels_last="on").train, cpu) == (True, True)
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
-    assert _accelerations(small_config().train, cpu) == (True, False)
-    assert _accelerations(small_config(amp="off").train, cpu) == (False, False)
+    assert accelerations(small_config().train, cpu) == (True, False)
+    assert accelerations(small_config(amp="off").train, cpu) == (False, False)
     training = train(small_config(epochs=1, amp="off"), tmp_path, progress=False).manifest.training
     assert training.amp_bf16 is False and training.device == "cpu"
 
@@ -275,10 +275,10 @@ def test_the_profile_splits_a_step_into_each_members_forward_backward_and_the_da
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from train_profile import profile_phase
 
-    from hetero.train import _Run
+    from hetero.training import TrainingRun
 
     config = small_config(matching_inputs=["mixup", "dihedral"])
-    run = _Run(config, tmp_path, load_split(config.data, config.load_size), progress=False)
+    run = TrainingRun(config, tmp_path, load_split(config.data, config.load_size), progress=False)
     parts, profiled, _ = profile_phase(run, 1, ["edge-a", "edge-b"], steps=2, warmup=1)
     for part in ("edge-a forward", "edge-b forward", "edge-a backward (of its forward)",
                  "edge-b backward (of its forward)", "cloud forward (targets)", "decode + augment (loader)",

@@ -184,7 +184,7 @@ def test_a_family_holding_a_pickled_cloud_is_refused_at_every_entry(converted_fa
 
 
 def test_a_bundle_whose_artifact_is_a_pickled_file_does_not_run_it(converted_family, hostile, tmp_path):
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     cloud_file, marker = hostile
     family = tmp_path / "fam"

@@ -378,7 +378,7 @@ def test_structure_fails_when_the_file_disagrees_with_the_contract(family):
 
 def test_retrieval_fails_on_a_top1_drop_and_a_broken_bct_criterion(family):
     """The runtime's top-1 is held to the torch member's figure (here raised as if torch were much better)."""
-    from hetero.reference import ReferenceCache, reference_from_store
+    from hetero.verify.reference import ReferenceCache, reference_from_store
     from hetero.verify import run_checks
 
     store = FamilyStore.open(family)
@@ -412,7 +412,7 @@ def test_other_formats_verify_through_their_adapters(family, profile_name, runti
     import platform
 
     from hetero import formats
-    from hetero.bundle import write_bundle
+    from hetero.verify.bundle import write_bundle
     from hetero.profiles import load_profile
     from hetero.verify import NUMERIC, verify
 
@@ -431,7 +431,7 @@ def test_other_formats_verify_through_their_adapters(family, profile_name, runti
         assert checks["parity"]["values"]["min_cosine"] >= profile.tolerances.min_cosine
 
     # the same verdicts from a bundle (a .mlpackage directory included), without the family directory
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     bundle = family.parent / f"{profile_name}.zip"
     report, reference = verify(FamilyStore.open(family), profile=profile_name, latency_runs=RUNS)

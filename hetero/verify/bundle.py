@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from hetero.errors import ConfigError, ManifestError
 from hetero.family import ArtifactRecord, MemberRecord
 from hetero.files import atomic_path, atomic_write_json, check_npy_size
-from hetero.reference import Reference
+from hetero.verify.reference import Reference
 
 BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -59,15 +59,15 @@ class BundleMeta(BaseModel):
 
 
 def write_bundle(reference: Reference, path: str | Path, report: dict | None = None) -> Path:
-    """Write the bundle for `reference` (see :func:`hetero.reference.reference_from_store`) at `path`."""
-    from hetero.report import summary_rows
-    from hetero.verify import _resolve_profile
+    """Write the bundle for `reference` (see :func:`hetero.verify.reference.reference_from_store`) at `path`."""
+    from hetero.verify.report import summary_rows
+    from hetero.verify import resolve_profile
 
     path = Path(path)
     profiles = {}
     for artifact in reference.artifacts:
         try:
-            profiles[artifact.profile] = asdict(_resolve_profile(artifact.profile, reference))
+            profiles[artifact.profile] = asdict(resolve_profile(artifact.profile, reference))
         except Exception:  # an unknown profile stays unknown; the identity check will say so in the bundle too
             pass
     meta = BundleMeta(
@@ -141,7 +141,7 @@ def _check_declared_sizes(npz: Path) -> None:
                     raise ValueError(f"{info.filename}: {err}") from None
 
 
-def _read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torch.Tensor]:
+def read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torch.Tensor]:
     try:
         _check_declared_sizes(folder / ARRAYS)
         with np.load(folder / ARRAYS, allow_pickle=False) as data:
@@ -171,7 +171,7 @@ def _read_arrays(folder: Path, source: Path, meta: BundleMeta) -> dict[str, torc
 
 @contextmanager
 def open_bundle(path: str | Path):
-    """Yield the :class:`hetero.reference.Reference` stored in a bundle (extracted to a temporary folder)."""
+    """Yield the :class:`hetero.verify.reference.Reference` stored in a bundle (extracted to a temporary folder)."""
     from hetero.profiles import parse_profile
 
     path = Path(path)
@@ -189,7 +189,7 @@ def open_bundle(path: str | Path):
         except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as err:
             raise BundleError(f"{path}: not a valid zip file ({type(err).__name__}: {err})") from None
         meta = _read_meta(folder, path)
-        arrays = _read_arrays(folder, path, meta)
+        arrays = read_arrays(folder, path, meta)
         try:
             profiles = {name: parse_profile(p, f"{path}: profile {name!r}") for name, p in meta.profiles.items()}
         except ConfigError as err:

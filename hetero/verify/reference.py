@@ -1,7 +1,7 @@
 """What verification compares an artifact against: held-out images, torch embeddings, the cloud gallery.
 
 It comes from a family directory (:func:`reference_from_store`) or from a self-contained bundle
-(:mod:`hetero.bundle`); the checks in :mod:`hetero.verify` never know which.
+(:mod:`hetero.verify.bundle`); the checks in :mod:`hetero.verify` never know which.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hetero.evaluate import retrieval_metrics
+from hetero.maths import retrieval_metrics
 from hetero.family import ArtifactRecord, FamilyStore, MemberRecord
 from hetero.files import resolve_inside
 from hetero.models import embed_images

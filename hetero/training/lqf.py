@@ -37,7 +37,7 @@ from torch.func import functional_call, jvp
 from hetero.errors import ConfigError
 from hetero.models import Embedder, is_library_arch, resize_to
 
-log = logging.getLogger("hetero.lqf")
+log = logging.getLogger("hetero.training.lqf")
 
 KFAC_LAYERS = (nn.Linear, nn.Conv2d)  # curvlinops' KFACLinearOperator._SUPPORTED_MODULES
 FROZEN_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)  # eval-mode affine maps, kept at w0

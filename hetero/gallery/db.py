@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from hetero.family import FamilyStore, MemberRecord
-from hetero.gallery import GalleryError, _ImageFiles, _collate, _member, list_images, prove_space
-from hetero.stores import Identity, MilvusStore, StoreError
+from hetero.gallery import GalleryError, ImageFiles, collate_images, member_record, list_images, prove_space
+from hetero.gallery.stores import Identity, MilvusStore, StoreError
 
 
 def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
@@ -34,8 +34,8 @@ def _batches(store: FamilyStore, entry: MemberRecord, entries, batch_size: int, 
 
     data = store.config().data
     model = store.load_member(entry.name)
-    dataset = _ImageFiles(entries, store.config().load_size, data.background, data.max_image_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    dataset = ImageFiles(entries, store.config().load_size, data.background, data.max_image_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
                                          multiprocessing_context=loader_context(workers))
     with torch.inference_mode():
         for names, skipped, pixels in loader:
@@ -57,7 +57,7 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
 
     if batch_size < 1 or workers < 0:
         raise StoreError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
-    entry = _member(store, member)
+    entry = member_record(store, member)
     identity = identity_of(store, entry)
     entries = list_images(images)
     db = MilvusStore(uri, collection, create=not replace)  # an update needs the database it updates
@@ -133,7 +133,7 @@ def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, 
     every stored vector must match its re-embedding at cosine >= 0.999, else nothing is stamped and the
     error says how far off they are.
     """
-    entry = _member(store, member)
+    entry = member_record(store, member)
     db = MilvusStore(uri, collection)
     if not db.exists():
         raise StoreError(f"{uri}: no collection {collection!r} to adopt")

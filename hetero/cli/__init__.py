@@ -48,7 +48,7 @@ class LogLines:
             console.print(f"{text} [{elapsed} elapsed]", markup=False, highlight=False)
 
     def epoch(self, end) -> None:
-        """A training callback (hetero.train.EpochEnd)."""
+        """A training callback (hetero.training.EpochEnd)."""
         self.say(f"epoch {end.epoch}/{end.epochs} (phase {end.phase + 1}): loss {end.loss:.4f}")
 
 
@@ -56,7 +56,7 @@ def train_family(config_path: str, out: str, *, resume: bool = False, overwrite:
                  quiet: bool = False, lines: LogLines | None = None):
     from hetero import distributed
     from hetero.config import load_config
-    from hetero.train import train
+    from hetero.training import train
 
     lines = lines or LogLines(quiet)
     store = train(load_config(config_path), out, resume=resume, overwrite=overwrite, progress=not quiet,
@@ -126,7 +126,7 @@ def verify_family(store, *, profile: str | None = None, images: int | None = Non
         raise ManifestError(f"{store.root}: no exported artifacts{wanted} to verify; run `hetero export` first; "
                             f"nothing was written")
     if bundle:
-        from hetero.bundle import write_bundle
+        from hetero.verify.bundle import write_bundle
 
         write_bundle(reference, bundle, report)
     return _verdict(report, f"{store.root}/verify.json", junit, report_file, bundle)
@@ -134,19 +134,19 @@ def verify_family(store, *, profile: str | None = None, images: int | None = Non
 
 def verify_bundle_file(bundle: str, *, latency_runs: int = 30, strict: bool = False, json_out: str | None = None,
                        all_runtimes: bool = False, junit: str | None = None, report_file: str | None = None) -> int:
-    from hetero.bundle import verify_bundle
+    from hetero.verify.bundle import verify_bundle
 
     report = verify_bundle(bundle, latency_runs=latency_runs, strict=strict, json_out=json_out,
                            all_runtimes=all_runtimes)
     if not report["artifacts"]:
-        from hetero.bundle import BundleError
+        from hetero.verify.bundle import BundleError
 
         raise BundleError(f"{bundle}: the bundle holds no artifacts to verify")
     return _verdict(report, report["json"], junit, report_file, None)
 
 
 def _verdict(report: dict, where: str, junit: str | None, report_file: str | None, bundle: str | None) -> int:
-    from hetero.report import format_summary, format_verify, write_junit
+    from hetero.verify.report import format_summary, format_verify, write_junit
 
     console.print(format_verify(report))
     console.print(format_summary(report))
@@ -154,7 +154,7 @@ def _verdict(report: dict, where: str, junit: str | None, report_file: str | Non
         write_junit(report, junit)
         console.print(f"JUnit XML: {escape(junit)}")
     if report_file:
-        from hetero.report import write_report
+        from hetero.verify.report import write_report
 
         console.print(f"report: {escape(str(write_report(report, report_file)))}")
     if bundle:
@@ -233,7 +233,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from hetero.errors import CalibrationError
-    from hetero.exits import calibrate
+    from hetero.training.exits import calibrate
 
     store = _open(args.dir)
     member = args.member
@@ -373,8 +373,8 @@ def _search(args, store, target) -> None:
 
 def _cmd_gallery_db(args, store) -> int:
     """The gallery verbs on a Milvus collection (embedded by default, in DIR/gallery.db)."""
-    from hetero import gallery_db
-    from hetero.stores import MilvusStore
+    from hetero.gallery import db as gallery_db
+    from hetero.gallery.stores import MilvusStore
 
     uri = args.uri or str(store.root / "gallery.db")
     if args.action == "search":

@@ -434,7 +434,8 @@ class FamilyStore:
         return model.eval()
 
     def _load_external(self, record: MemberRecord, path: Path):
-        from hetero.external import EXTERNAL_KINDS, PICKLED_KINDS, ExternalCloud, Preprocessing
+        from hetero.config import EXTERNAL_KINDS, PICKLED_KINDS
+        from hetero.external import ExternalCloud, Preprocessing
 
         kind = record.arch if record.arch in EXTERNAL_KINDS else "weights"
         if kind in PICKLED_KINDS:  # a family handed to you must never run its author's code

@@ -9,15 +9,14 @@ classes, never test classes.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from hetero.data import calibration_split
 from hetero.errors import CalibrationError
 from hetero.family import FamilyStore
-from hetero.models import MultiExitEmbedder, embed_images, resize_to
+from hetero.maths import apply_rule, correct_per_exit, rule_figures, spherical_kmeans
+from hetero.models import MultiExitEmbedder, embed_images, exit_embeddings, exit_entropies
 
 TEMPERATURES = torch.logspace(-3, 1, 81)
 QUANTILES = torch.linspace(0, 1, 201)
@@ -25,32 +24,6 @@ QUANTILES = torch.linspace(0, 1, 201)
 
 # ------------------------------------------------------------------------------------- after training
 
-
-@torch.no_grad()
-def exit_embeddings(model: MultiExitEmbedder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Every exit's embeddings of float images in [0, 1]: exits x images x dim."""
-    model.eval()
-    chunks = [torch.stack(model.forward_exits(resize_to(images[i:i + batch_size], model.input_size)))
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks, dim=1)
-
-
-@torch.no_grad()
-def exit_entropies(model: MultiExitEmbedder, embeddings: torch.Tensor) -> torch.Tensor:
-    """exits x images: each exit's entropy of its own embeddings."""
-    return torch.stack([model.entropy(embeddings[k], k) for k in range(len(embeddings))])
-
-
-def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 25) -> torch.Tensor:
-    """k unit centres of unit vectors (deterministic: starts from evenly spaced points)."""
-    k = min(k, len(points))
-    centres = points[torch.linspace(0, len(points) - 1, k).round().long()].clone()
-    for _ in range(iterations):
-        assign = (points @ centres.T).argmax(dim=1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, points)
-        empty = sums.norm(dim=1) == 0
-        centres = torch.where(empty[:, None], centres, F.normalize(sums, dim=1))
-    return centres
 
 
 @torch.no_grad()
@@ -82,46 +55,6 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
 
 # ---------------------------------------------------------------------------------------------- the rule
 
-
-def apply_rule(entropies: torch.Tensor, thresholds: list[float], escalate_above: float | None = None
-               ) -> torch.Tensor:
-    """Per query, the exit that answers (0-based), or len(exits) when it goes to the cloud."""
-    exits = entropies.shape[0]
-    chosen = torch.full((entropies.shape[1],), exits - 1, dtype=torch.long)
-    undecided = torch.ones(entropies.shape[1], dtype=torch.bool)
-    for k, threshold in enumerate(thresholds):
-        stop = undecided & (entropies[k] <= threshold)
-        chosen[stop] = k
-        undecided &= ~stop
-    if escalate_above is not None:
-        chosen[undecided & (entropies[-1] > escalate_above)] = exits
-    return chosen
-
-
-def rule_figures(chosen: torch.Tensor, correct: torch.Tensor, flops: list[int], cloud_correct=None) -> dict:
-    """top-1 of the edge answers (escalated queries answered by the last exit), mean edge FLOPs, shares per
-    exit and to the cloud, and with `cloud_correct` the whole system's top-1 (escalated ones by the cloud)."""
-    exits = len(flops)
-    edge_exit = chosen.clamp(max=exits - 1)
-    answered = correct[edge_exit, torch.arange(len(chosen))]
-    escalated = chosen == exits
-    figures = {"top1_edge": answered.float().mean().item(),
-               "mean_flops": torch.tensor(flops, dtype=torch.float64)[edge_exit].mean().item(),
-               "shares": [(chosen == k).float().mean().item() for k in range(exits)],
-               "escalated": escalated.float().mean().item()}
-    if cloud_correct is not None:
-        figures["top1_system"] = torch.where(escalated, cloud_correct, answered).float().mean().item()
-    return figures
-
-
-def correct_per_exit(queries: torch.Tensor, gallery: torch.Tensor, query_labels, gallery_labels,
-                     agreement_with=None) -> torch.Tensor:
-    """exits x queries: whether each exit's nearest gallery item is right (its label, or without labels the
-    item the cloud's own query finds: `agreement_with`, the cloud's embeddings of the queries)."""
-    if agreement_with is not None:
-        truth = (agreement_with @ gallery.T).argmax(dim=1)
-        return torch.stack([(q @ gallery.T).argmax(dim=1) == truth for q in queries])
-    return torch.stack([gallery_labels[(q @ gallery.T).argmax(dim=1)] == query_labels for q in queries])
 
 
 # ------------------------------------------------------------------------------------------ calibration

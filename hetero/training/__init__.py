@@ -37,18 +37,18 @@ from hetero.data import TrainImages, border_fill, calibration_split, channel_sta
 from hetero.errors import ConfigError, ManifestError, TrainingError
 from hetero.external import (ExternalCloud, count_onnx_flops, external_space_id, file_metadata, model_format,
                              open_external)
-from hetero.exits import fit_exit_rule
+from hetero.training.exits import fit_exit_rule
 from hetero.family import (TRAIN_STATE, DataRecord, ExitRecord, FamilyStore, FileRecord, Manifest, MemberRecord,
                            PreviousRecord, TrainingRecord, claim_for_training, new_directory, output_directory,
                            read_weights, save_weights, space_id, tensors_digest, write_config, writing)
 from hetero.files import atomic_path, sha256_file
-from hetero.lqf import fine_tune
+from hetero.training.lqf import fine_tune
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import (Embedder, MultiExitEmbedder, add_adapter, build_member, count_flops, count_params,
                            embed_images, exit_flops, resize_to)
-from hetero.teacher_cache import CachedViews, TeacherCache
+from hetero.training.teacher_cache import CachedViews, TeacherCache
 
-log = logging.getLogger("hetero.train")
+log = logging.getLogger("hetero.training")
 
 
 class Family(torch.nn.Module):
@@ -63,13 +63,13 @@ class Family(torch.nn.Module):
         # Each part starts from its own seed, so a cloud starts (and in sequential mode, ends) the same
         # whatever edge members sit beside it: recipes that differ in the edges share their cloud.
         self.members = torch.nn.ModuleDict({
-            m.name: _seeded(train.seed, f"member:{m.name}", lambda m=m: build_member(m, fam.embedding_dim, mean, std))
+            m.name: seeded(train.seed, f"member:{m.name}", lambda m=m: build_member(m, fam.embedding_dim, mean, std))
             for m in fam.members if not m.external})
         head = lambda: SharedClassifier(num_classes, fam.embedding_dim, train.classifier, train.margin, train.scale)  # noqa: E731
         names = [m.name for m in fam.members] if train.compat in ("none", "adapter") else ["shared"]
         # Unlabeled data has no classes: the edges learn from the cloud alone, through the label-free terms.
         self.heads = torch.nn.ModuleDict(
-            {name: _seeded(train.seed, f"head:{name}", head) for name in names} if num_classes else {})
+            {name: seeded(train.seed, f"head:{name}", head) for name in names} if num_classes else {})
         self.cross = build_cross_model_losses(train.losses) if train.compat == "shared" else {}
         # backward mode: the earlier family's cloud, frozen; every new member's embeddings answer to it.
         self.previous: Embedder | None = None
@@ -133,14 +133,14 @@ def open_cloud(fam) -> tuple[ExternalCloud, str]:
     return model, fingerprint
 
 
-def _seeded(seed: int, part: str, build):
+def seeded(seed: int, part: str, build):
     """build() with the global RNG seeded from (seed, part) and restored afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 100_003 + zlib.crc32(part.encode()))
         return build()
 
 
-def _seed_everything(seed: int, epoch: int) -> None:
+def seed_everything(seed: int, epoch: int) -> None:
     # Seeded per epoch, so a run resumed at any epoch draws the same batches as an uninterrupted one.
     torch.manual_seed(seed * 100_003 + epoch)
     np.random.seed((seed * 100_003 + epoch) % 2**32)
@@ -159,7 +159,7 @@ def _phases(config: Config, family: Family) -> list[tuple[list[str], int]]:
     return [(list(family.members), epochs)]
 
 
-def _accelerations(train_cfg, device: torch.device) -> tuple[bool, bool]:
+def accelerations(train_cfg, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, channels-last) for this device, from the config's auto/on/off choices."""
     gpu = device.type == "cuda"
     native_bf16 = torch.cuda.is_bf16_supported() if gpu else cpu_has_native_bf16()
@@ -174,7 +174,7 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def _global_batch_size(train_cfg, images: int, class_sizes: torch.Tensor | None = None) -> int:
+def global_batch_size(train_cfg, images: int, class_sizes: torch.Tensor | None = None) -> int:
     """`train.batch_size` is the global batch: all ranks together see that many images per step.
 
     With classes (`class_sizes`: training images per class), a batch holds batch_size / samples_per_class
@@ -202,7 +202,7 @@ def _global_batch_size(train_cfg, images: int, class_sizes: torch.Tensor | None 
     return batch
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
+def lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -369,7 +369,7 @@ def match_on_mixed_images(family: Family, trained: list[str], mixed: torch.Tenso
 # ------------------------------------------------------------------------------------------- state on disk
 
 
-def _save_state(out: Path, family: Family, optimizer, epoch: int, history: list) -> None:
+def save_state(out: Path, family: Family, optimizer, epoch: int, history: list) -> None:
     """Weights, optimizer state, epoch and history in one file, replaced atomically: never half a state."""
     tensors = {f"model.{k}": v for k, v in family.state_dict().items()}
     opt = optimizer.state_dict()
@@ -379,7 +379,7 @@ def _save_state(out: Path, family: Family, optimizer, epoch: int, history: list)
     save_weights(out / TRAIN_STATE, tensors, {"epoch": epoch, "param_groups": opt["param_groups"], "history": history})
 
 
-def _load_state(path: Path, family: Family, optimizer) -> tuple[int, list]:
+def load_state(path: Path, family: Family, optimizer) -> tuple[int, list]:
     tensors, meta = read_weights(path, "the training state")
     try:
         epoch, groups, history = int(meta["epoch"]), list(meta["param_groups"]), list(meta["history"])
@@ -444,12 +444,12 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
             write_family(config, out, family, split, history, previous, {"lqf": facts}, linearised=points)
             return FamilyStore.open(out)
         split = hold_out_for_calibration(config, split)
-        run = _Run(config, out, split, progress)  # and so does a cloud file that cannot serve this family
+        run = TrainingRun(config, out, split, progress)  # and so does a cloud file that cannot serve this family
         if distributed.is_main():
             write_config(out, config)
         if resume or start_from:  # every rank loads the same state
             state = out / TRAIN_STATE if resume else Path(start_from)
-            run.done, run.history = _load_state(state, run.family, run.optimizer)
+            run.done, run.history = load_state(state, run.family, run.optimizer)
             if distributed.is_main():
                 log.info("resuming %s after epoch %d", out, run.done)
         for phase, (trained, epochs) in enumerate(run.phases):
@@ -467,7 +467,7 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     return FamilyStore.open(out)
 
 
-class _Run:
+class TrainingRun:
     """One training run: the family, its optimizer and data, and the epochs done so far."""
 
     def __init__(self, config: Config, out: Path, split, progress: bool | None):
@@ -489,7 +489,7 @@ class _Run:
         if distributed.world_size() > 1:
             distributed.convert_batchnorm(self.family)  # statistics of the global batch, as in one process
         self.device = distributed.device()
-        self.amp, self.channels_last = _accelerations(train_cfg, self.device)
+        self.amp, self.channels_last = accelerations(train_cfg, self.device)
         self.family.amp = self.amp
         self.family.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if train_cfg.compile:
@@ -504,7 +504,7 @@ class _Run:
         self.cached: CachedViews | None = None  # the edge phase's items when it reads a teacher cache
         self.cache_build: dict | None = None
         self.adapters: dict[str, dict] = {}
-        self.batch_size = _global_batch_size(train_cfg, len(self.dataset),
+        self.batch_size = global_batch_size(train_cfg, len(self.dataset),
                                              torch.bincount(split.train.labels) if classes else None)
         self.steps_per_epoch = len(self.epoch_loader())
         self.phases = _phases(config, self.family)
@@ -589,7 +589,7 @@ class _Run:
             self.history.append({"epoch": epoch, "loss": loss, "seconds": round(time.time() - self.started, 1)})
             if distributed.is_main():
                 log.info("epoch %d: loss %.4f", epoch, loss)
-                _save_state(self.out, family, self.optimizer, epoch, self.history)
+                save_state(self.out, family, self.optimizer, epoch, self.history)
             distributed.barrier()
             self.done = epoch
             for callback in callbacks:
@@ -603,7 +603,7 @@ class _Run:
                    disable=True if self.progress is False or not distributed.is_main() else None)
         totals = []
         for step, batch in enumerate(bar):
-            factor = _lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
+            factor = lr_factor(phase_epoch * self.steps_per_epoch + step, epochs * self.steps_per_epoch, warmup)
             totals.append(self.train_step(model, trained, batch, train_cfg.lr * factor))
             bar.set_postfix(loss=f"{totals[-1]:.3f}")
         return distributed.mean_across_ranks(float(np.mean(totals)))
@@ -612,7 +612,7 @@ class _Run:
         """Seed the epoch and put every member in the mode this phase trains it in."""
         family = self.family
         self.epoch = epoch
-        _seed_everything(self.train_cfg.seed, epoch)
+        seed_everything(self.train_cfg.seed, epoch)
         family.train()
         for name, member in family.members.items():
             member.train(name in trained)

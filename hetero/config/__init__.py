@@ -57,6 +57,21 @@ def check_name(value: str, what: str = "name") -> str:
     return value
 
 
+# How a file is read, by suffix; `weights` files need an `arch`.
+MODEL_FILE_KINDS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript",
+                    ".pt2": "torch.export", ".safetensors": "weights"}
+EXTERNAL_KINDS = ("onnx", "torchscript", "torch.export")  # model files; `weights` go with an architecture
+PICKLED_KINDS = ("torchscript", "torch.export")  # loading runs pickle: converted once, with the user's consent
+
+
+def untrusted_message(path: Path, kind: str, member: str | None = None) -> str:
+    where = f"member {member!r}" if member else "its member"
+    return (f"{path}: a {kind} file loads through pickle, which runs any code the file carries; hetero opens one "
+            f"only when {where} says `trust_model_file: true` (do so only for a file you made or trust), and then "
+            f"converts it once to ONNX and keeps only the ONNX in the family. Or export the model to ONNX yourself "
+            f"and give the .onnx file")
+
+
 DEFAULT_INPUT_SIZE = 48
 RGB3 = Annotated[list[float], Field(min_length=3, max_length=3)]
 
@@ -140,9 +155,7 @@ class MemberConfig:
         if self.trust_model_file and not self.model:
             raise ValueError("trust_model_file: only for an external cloud given as a `model` file")
         if self.model and not self.trust_model_file:
-            from hetero.external import FORMATS, PICKLED_KINDS, untrusted_message
-
-            kind = FORMATS.get(Path(self.model).suffix.lower())
+            kind = MODEL_FILE_KINDS.get(Path(self.model).suffix.lower())
             if kind in PICKLED_KINDS:
                 raise ValueError(untrusted_message(Path(self.model), kind, self.name))
         if self.model and self.arch and not self.model.endswith(".safetensors"):

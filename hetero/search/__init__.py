@@ -42,14 +42,14 @@ from hetero import formats
 from hetero.config import Config, MemberConfig
 from hetero.data import ImageSet, TrainImages, channel_stats, load_split, split_open_set
 from hetero.errors import ConfigError, ManifestError
-from hetero.evaluate import retrieval_metrics
+from hetero.maths import retrieval_metrics
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
                            write_config, writing)
 from hetero.files import atomic_write_text, path_bytes
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import Embedder, count_flops, count_params, embed_images, resize_to
 from hetero.profiles import load_profile
-from hetero.train import (Family, _load_state, _lr_factor, _save_state, _seed_everything, _seeded,
+from hetero.training import (Family, load_state, lr_factor, save_state, seed_everything, seeded,
                           check_finite_weights, matching_inputs, write_family)
 
 log = logging.getLogger("hetero.search")
@@ -113,7 +113,7 @@ class Supernet(torch.nn.Module):
     def _template(self, candidate: Candidate) -> tuple[Embedder, dict[str, str]]:
         if candidate not in self._templates:
             net = self.build(candidate).to(self.model.mean.device)
-            layers = _layer_map(net.backbone, self.model.backbone)
+            layers = layer_map(net.backbone, self.model.backbone)
             names = {}
             for key in net.state_dict():
                 parts = key.split(".")
@@ -152,7 +152,7 @@ class Supernet(torch.nn.Module):
         return net
 
 
-def _layer_map(small: torch.nn.Sequential, large: torch.nn.Sequential) -> dict[int, int]:
+def layer_map(small: torch.nn.Sequential, large: torch.nn.Sequential) -> dict[int, int]:
     """Backbone layer of a sub-network -> layer of the largest: the stem to the stem, block b of stage s to
     block b of stage s (a shallower sub-network keeps each stage's first blocks)."""
     mapping = {0: 0}
@@ -241,7 +241,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
     of the largest sub-network to begin from, channel-sorted unless `sort` is False."""
     settings, train_cfg = config.search, config.train
     mean, std = channel_stats(images.images)
-    supernet = _seeded(train_cfg.seed, "supernet", lambda: Supernet("resnet", max(space), config.family.embedding_dim,
+    supernet = seeded(train_cfg.seed, "supernet", lambda: Supernet("resnet", max(space), config.family.embedding_dim,
                                                                   mean, std))
     if start is not None:
         supernet.model.load_state_dict(start.state_dict())
@@ -253,7 +253,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
                                   weight_decay=train_cfg.weight_decay)
     done, history = 0, []
     if (state_dir / TRAIN_STATE).is_file():
-        done, history = _load_state(state_dir / TRAIN_STATE, state, optimizer)
+        done, history = load_state(state_dir / TRAIN_STATE, state, optimizer)
         log.info("supernet: resuming after epoch %d of %d", done, epochs)
     cross = build_cross_model_losses(train_cfg.losses)
     dataset = TrainImages(images, config.data.augment_affine, config.data.augment_hflip, config.data.augment_batched)
@@ -263,7 +263,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
     warmup = max(1, int(train_cfg.warmup_epochs * steps))
     started = time.time()
     for epoch in range(done + 1, epochs + 1):
-        _seed_everything(train_cfg.seed, epoch)
+        seed_everything(train_cfg.seed, epoch)
         rng = random.Random(train_cfg.seed * 100_003 + epoch)
         allowed = progressive_space(space, epoch, epochs) if settings.schedule == "progressive" else space
         sampler = MPerClassSampler(images.labels, unit, batch_size=batch_size, length_before_new_iter=len(dataset))
@@ -276,7 +276,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         bar = tqdm(loader, desc=f"supernet epoch {epoch}/{epochs}", leave=False,
                    disable=True if progress is False else None)
         for step, (batch, labels) in enumerate(bar):
-            lr = train_cfg.lr * _lr_factor((epoch - 1) * steps + step, epochs * steps, warmup)
+            lr = train_cfg.lr * lr_factor((epoch - 1) * steps + step, epochs * steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mixed = matching_inputs(batch, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else None
@@ -290,7 +290,7 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1)})
         log.info("supernet epoch %d: loss %.4f", epoch, history[-1]["loss"])
         check_finite_weights(dict(state.items()), f"supernet epoch {epoch}")
-        _save_state(state_dir, state, optimizer, epoch, history)
+        save_state(state_dir, state, optimizer, epoch, history)
     supernet.history = history
     return supernet.eval()
 
@@ -307,7 +307,7 @@ def shared_classifier(config: Config, images: ImageSet, teacher: Teacher, start:
     train_cfg, shared = config.train, teacher.model is None
     if not shared and train_cfg.edge_classification == 0:
         return None
-    head = _seeded(train_cfg.seed, "head:shared", lambda: SharedClassifier(
+    head = seeded(train_cfg.seed, "head:shared", lambda: SharedClassifier(
         len(images.class_names), config.family.embedding_dim, train_cfg.classifier, train_cfg.margin, train_cfg.scale))
     known = start if shared else teacher.model
     if known is not None:
@@ -644,7 +644,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         seed = config.train.seed
         inner = split_open_set(split.train, None, settings.validation_classes, seed)
         write_config(out, config)
-        given = _given_cloud(config) if settings.cloud else None
+        given = given_cloud(config) if settings.cloud else None
         teacher = Teacher(given if settings.design == "frozen-cloud" else None)
         # A supernet whose largest sub-network is the cloud's architecture starts from the cloud's weights.
         cloud_cfg = config.family.cloud
@@ -668,7 +668,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
     return FamilyStore.open(out)
 
 
-def _given_cloud(config: Config) -> Embedder:
+def given_cloud(config: Config) -> Embedder:
     """The cloud of the trained family in `search.cloud`; it must be the config's cloud member."""
     path = Path(config.search.cloud)
     try:

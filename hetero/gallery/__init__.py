@@ -120,7 +120,7 @@ def list_images(root: str | Path) -> list[ImageEntry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-class _ImageFiles(torch.utils.data.Dataset):
+class ImageFiles(torch.utils.data.Dataset):
     """Decoded uint8 images (3 x size x size) of a listing; None for a file that cannot be used."""
 
     def __init__(self, entries: list[ImageEntry], size: int, background=DEFAULT_BACKGROUND,
@@ -153,7 +153,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return entry.name, pixels
 
 
-def _collate(items):
+def collate_images(items):
     names = [name for name, pixels in items if pixels is not None]
     skipped = [name for name, pixels in items if pixels is None]
     pixels = [p for _, p in items if p is not None]
@@ -223,7 +223,7 @@ def _write_shard(out: Path, shard: int, plan: dict, plan_id: str, embeddings: to
     return record
 
 
-def _member(store: FamilyStore, member: str | None) -> MemberRecord:
+def member_record(store: FamilyStore, member: str | None) -> MemberRecord:
     if member is None:
         return store.cloud
     try:
@@ -269,7 +269,7 @@ def build_gallery(store: FamilyStore, images: str | Path, out: str | Path | None
     distributed.init_from_env()
     inside = out.resolve().is_relative_to(store.root.resolve())
     with writing(store.root if inside else out, "gallery build"):
-        entry = _member(store, member)
+        entry = member_record(store, member)
         entries = list_images(images)
         plan = _plan(store, entry, entries, shard_size, batch_size)
         plan_id = _plan_id(plan)
@@ -291,7 +291,7 @@ def build_gallery(store: FamilyStore, images: str | Path, out: str | Path | None
             device = distributed.device()
             model = store.load_member(entry.name).to(device)
             data = store.config().data
-            dataset = _ImageFiles(entries, plan["load_size"], data.background, data.max_image_pixels)
+            dataset = ImageFiles(entries, plan["load_size"], data.background, data.max_image_pixels)
             _embed_shards(out, model, dataset, pending, plan, plan_id, device, workers, progress)
         seconds = time.perf_counter() - started
         distributed.barrier()
@@ -310,7 +310,7 @@ def _plan(store: FamilyStore, entry: MemberRecord, entries: list[ImageEntry], sh
             "images": len(entries), "listing_sha256": listing, "shard_size": shard_size, "batch_size": batch_size}
 
 
-def _embed_shards(out: Path, model, dataset: _ImageFiles, pending: list[int], plan: dict, plan_id: str,
+def _embed_shards(out: Path, model, dataset: ImageFiles, pending: list[int], plan: dict, plan_id: str,
                   device: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
@@ -319,7 +319,7 @@ def _embed_shards(out: Path, model, dataset: _ImageFiles, pending: list[int], pl
     entries = dataset.entries
     shard_size, batch_size = plan["shard_size"], plan["batch_size"]
     sampler = _ShardBatches(pending, len(entries), shard_size, batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_images,
                                          multiprocessing_context=loader_context(workers))
     order = iter(pending)
     shard = next(order)
@@ -479,11 +479,11 @@ def prove_space(store: FamilyStore, entry: MemberRecord, stored: dict[str, np.nd
     chosen = [entries[i] for i in np.linspace(0, len(entries) - 1, min(sample, len(entries))).round().astype(int)]
     data = store.config().data
     model = store.load_member(entry.name)
-    dataset = _ImageFiles(chosen, store.config().load_size, data.background, data.max_image_pixels)
+    dataset = ImageFiles(chosen, store.config().load_size, data.background, data.max_image_pixels)
     names, ours = [], []
     with torch.inference_mode():
         for begin in range(0, len(chosen), 64):
-            batch_names, _, pixels = _collate([dataset[i] for i in range(begin, min(begin + 64, len(chosen)))])
+            batch_names, _, pixels = collate_images([dataset[i] for i in range(begin, min(begin + 64, len(chosen)))])
             if pixels is not None:
                 ours.append(model(resize_to(pixels.float().div(255.0), entry.input_size)).numpy())
                 names += batch_names
@@ -511,7 +511,7 @@ def import_gallery(store: FamilyStore, vectors: str | Path, images: str | Path, 
     """A gallery from vectors the user already has, stamped with the family's space id only after a sample
     of the listed images, re-embedded by the member (the cloud by default), proves they are its vectors."""
     out = check_output(out, "--out", folder=True)
-    entry = _member(store, member)
+    entry = member_record(store, member)
     names, matrix = read_vectors(vectors, ids)
     if matrix.shape[1] != entry.dim:
         raise GalleryError(f"--vectors {vectors}: {matrix.shape[1]}-d vectors; member {entry.name!r} embeds into "
@@ -747,7 +747,7 @@ def open_query_model(store: FamilyStore | None = None, member: str | None = None
         return _artifact_model(Path(artifact), store)
     if store is None:
         raise GalleryError("a query model needs a family directory (for --member) or --artifact FILE")
-    entry = _member(store, member)
+    entry = member_record(store, member)
     model = store.load_member(entry.name)
 
     def encode(images: np.ndarray) -> np.ndarray:
@@ -796,7 +796,7 @@ def search_images(gallery, images: str | Path, model: QueryModel, k: int = 5, ba
     """Embed every image under `images` with `model` and return its k nearest gallery items.
 
     `gallery` is a FAISS gallery (a Gallery or its directory) or any store with the same `check_space` and
-    `nearest` (a Milvus collection, :class:`hetero.stores.MilvusStore`); the space is checked before any
+    `nearest` (a Milvus collection, :class:`hetero.gallery.stores.MilvusStore`); the space is checked before any
     image is read.
     """
     from hetero.models import resize_to
@@ -804,10 +804,10 @@ def search_images(gallery, images: str | Path, model: QueryModel, k: int = 5, ba
     gallery = Gallery(gallery) if isinstance(gallery, (str, Path)) else gallery
     gallery.check_space(model.space_id, model.label)
     entries = list_images(images)
-    dataset = _ImageFiles(entries, model.load_size, model.background, model.max_pixels)
+    dataset = ImageFiles(entries, model.load_size, model.background, model.max_pixels)
     results = []
     for begin in range(0, len(entries), batch_size):
-        names, skipped, pixels = _collate([dataset[i] for i in range(begin, min(begin + batch_size, len(entries)))])
+        names, skipped, pixels = collate_images([dataset[i] for i in range(begin, min(begin + batch_size, len(entries)))])
         results += [{"query": name, "skipped": True, "results": []} for name in skipped]
         if pixels is None:
             continue

@@ -16,7 +16,7 @@ Per artifact (and runtime) the same fixed list of checks, so CI systems always s
 A missing, corrupt or tampered artifact is a failed check with its reason; the others are still verified.
 A runtime that cannot execute here (CoreML outside macOS, a package not installed) makes its numeric checks
 "skip" with the reason, never "pass".  The reference data (held-out images, torch embeddings, the cloud
-gallery) is a :class:`hetero.reference.Reference`, made from a family directory or a bundle.
+gallery) is a :class:`hetero.verify.reference.Reference`, made from a family directory or a bundle.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ import torch
 
 from hetero import formats, runtimes
 from hetero.errors import ConfigError, ExportError, ManifestError, RuntimeUnavailable
-from hetero.evaluate import retrieval_metrics
+from hetero.maths import retrieval_metrics
 from hetero.family import ArtifactRecord, FamilyStore
 from hetero.files import path_bytes, sha256_path
 from hetero.models import resize_to
-from hetero.reference import REFERENCES, Reference, ReferenceCache, reference_from_store
+from hetero.verify.reference import REFERENCES, Reference, ReferenceCache, reference_from_store
 
 CHECKS = ("identity", "structure", "parity", "retrieval",
           "budget_size", "budget_params", "budget_flops", "budget_latency")
@@ -144,7 +144,7 @@ def planned_runs(artifacts: list[ArtifactRecord], profile_of, every: bool = Fals
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _resolve_profile(name: str, reference: Reference):
+def resolve_profile(name: str, reference: Reference):
     if name in reference.profiles:
         return reference.profiles[name]
     from hetero.profiles import load_profile
@@ -199,7 +199,8 @@ def _exit_chain(result: ArtifactResult, reference: Reference, artifact: Artifact
     """A multi-exit artifact: the chain's files are the ones exported together; every exit keeps parity and
     retrieval against the cloud gallery; the chained run, stage by stage with the calibrated rule, picks the
     exit torch picks for >= 99% of queries."""
-    from hetero.exits import apply_rule, exit_embeddings, exit_entropies
+    from hetero.maths import apply_rule
+    from hetero.models import exit_embeddings, exit_entropies
 
     if target.environment is not None:
         raise result.stop("identity", "skip", f"{target.label} runs in an isolated environment, which does not run "
@@ -497,7 +498,7 @@ def run_checks(reference: Reference, latency_runs: int = DEFAULT_LATENCY_RUNS, s
     """
     started = time.perf_counter()
     results = []
-    for artifact, profile, target in planned_runs(reference.artifacts, lambda n: _resolve_profile(n, reference),
+    for artifact, profile, target in planned_runs(reference.artifacts, lambda n: resolve_profile(n, reference),
                                                   all_runtimes):
         try:
             result = verify_artifact(reference, artifact, profile, target, latency_runs)
