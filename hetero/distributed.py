@@ -7,7 +7,6 @@ rank 0 of a world of 1, so callers never branch on "am I distributed?".
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 
@@ -87,11 +86,6 @@ def all_gather_objects(value) -> list:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on at least one (to fail together instead of hanging)."""
-    return any(all_gather_objects(bool(flag)))
-
-
 def on_main_then_share(action) -> None:
     """Run `action` on rank 0 only; when it raises a HeteroError, raise the same error on every rank.
 
@@ -115,26 +109,11 @@ def on_main_then_share(action) -> None:
         raise getattr(errors, shared[0], errors.HeteroError)(shared[1])
 
 
-@contextmanager
-def main_first():
-    """Run the block on rank 0 first, then on the others (e.g. creating a directory or a plan file)."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
 def shard_range(count: int, rank_: int | None = None, world: int | None = None) -> range:
     """Items `rank_` takes in a round-robin split of `count` items (shards, batches) over `world` ranks."""
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
     return range(rank_, count, world)
-
-
-def destroy() -> None:
-    if is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------ exact data-parallel training

@@ -15,7 +15,6 @@ from hetero.family import CompatibilityRecord, FamilyStore
 from hetero.models import embed_images
 
 
-
 def evaluate(store: FamilyStore) -> dict:
     """Evaluate a trained family: write DIR/report.json and the matrix into the manifest."""
     with store.lock("eval"):

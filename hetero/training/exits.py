@@ -25,7 +25,6 @@ QUANTILES = torch.linspace(0, 1, 201)
 # ------------------------------------------------------------------------------------- after training
 
 
-
 @torch.no_grad()
 def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings) -> dict:
     """Set a multi-exit member's anchors and per-exit temperatures (buffers, so every export carries them).
@@ -54,7 +53,6 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
 
 
 # ---------------------------------------------------------------------------------------------- the rule
-
 
 
 # ------------------------------------------------------------------------------------------ calibration
