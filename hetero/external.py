@@ -178,7 +178,7 @@ def _weights_model(path: Path, arch: str) -> nn.Module:
     """A timm/torchvision model whose classifier size (or absence) is read from the weights file."""
     from safetensors.torch import load_file
 
-    from hetero.models import TORCHVISION_HEADS, is_library_arch
+    from hetero.models import TORCHVISION_HEADS, first_mismatch, is_library_arch
 
     if not is_library_arch(arch):
         raise ConfigError(f"{path}: a weights file needs arch timm/<name> or torchvision/<name>, got {arch!r}")
@@ -202,12 +202,9 @@ def _weights_model(path: Path, arch: str) -> nn.Module:
         elif head:
             setattr(model, head, nn.Identity())
     expected = model.state_dict()
-    for key in sorted(set(expected) | set(tensors)):
-        if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
-            raise ConfigError(
-                f"{path}: does not fit {arch}: first mismatched key {key!r} "
-                f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
-                f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+    mismatch = first_mismatch(tensors, expected)
+    if mismatch:
+        raise ConfigError(f"{path}: does not fit {arch}: {mismatch}")
     model.load_state_dict(tensors)
     return model.eval()
 

@@ -157,13 +157,20 @@ def load_backbone_weights(backbone: nn.Module, path, arch: str) -> None:
     expected = backbone.state_dict()
     classifier = tuple(f"{h}." for h in TORCHVISION_HEADS)
     extra = [k for k in tensors if k not in expected and not k.startswith(classifier)]
-    for key in sorted(set(expected) | set(extra)):
-        if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
-            raise ValueError(
-                f"{path}: does not fit {arch}: first mismatched key {key!r} "
-                f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
-                f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+    mismatch = first_mismatch(tensors, expected, sorted(set(expected) | set(extra)))
+    if mismatch:
+        raise ValueError(f"{path}: does not fit {arch}: {mismatch}")
     backbone.load_state_dict({k: tensors[k] for k in expected})
+
+
+def first_mismatch(tensors: dict, expected: dict, keys=None) -> str | None:
+    """The first key (sorted) whose tensor is missing, unexpected or of another shape, described for an error
+    message; None when the file's tensors fit the architecture's state dict."""
+    for key in keys if keys is not None else sorted(set(expected) | set(tensors)):
+        if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
+            return (f"first mismatched key {key!r} ({tuple(tensors[key].shape) if key in tensors else 'missing'} in "
+                    f"the file, {tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+    return None
 
 
 ACTIVATIONS = ("relu", "leaky_relu")

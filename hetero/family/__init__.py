@@ -402,7 +402,7 @@ class FamilyStore:
         return self._load(record, self.checked_file(record.linearised_at, f"linearisation point of member {name!r}"))
 
     def _load(self, record: MemberRecord, path: Path):
-        from hetero.models import Embedder, MultiExitEmbedder, architecture_known
+        from hetero.models import Embedder, MultiExitEmbedder, architecture_known, first_mismatch
 
         if record.kind == "external":
             return self._load_external(record, path)
@@ -422,14 +422,10 @@ class FamilyStore:
 
             add_adapter(model)
         tensors, _ = read_weights(path, f"checkpoint of member {record.name!r}")
-        expected = model.state_dict()
-        for key in sorted(set(expected) | set(tensors)):
-            if key not in tensors or key not in expected or tensors[key].shape != expected[key].shape:
-                raise ManifestError(
-                    f"{path}: does not fit member {record.name!r} ({record.arch}, width {record.width}, depth "
-                    f"{record.depth}, dim {record.dim}): first mismatched key {key!r} "
-                    f"({tuple(tensors[key].shape) if key in tensors else 'missing'} in the file, "
-                    f"{tuple(expected[key].shape) if key in expected else 'absent'} in the architecture)")
+        mismatch = first_mismatch(tensors, model.state_dict())
+        if mismatch:
+            raise ManifestError(f"{path}: does not fit member {record.name!r} ({record.arch}, width {record.width}, "
+                                f"depth {record.depth}, dim {record.dim}): {mismatch}")
         model.load_state_dict(tensors)
         return model.eval()
 
