@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import records  # noqa: E402
-from train_profile import load  # noqa: E402
+from hetero.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "examples/omniglot.yaml"
@@ -83,7 +83,7 @@ def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
     from hetero.training import train
 
     key, overrides = cell_key(recipe, precision, seed, quick), overrides_of(recipe, precision, seed)
-    config = load(str(ROOT / RECIPE), overrides)
+    config = load_config(str(ROOT / RECIPE), overrides)
     if quick:
         config.train.epochs = max(1, config.train.epochs // 6)
         config.train.edge_epochs = max(1, (config.train.edge_epochs or config.train.epochs) // 6)

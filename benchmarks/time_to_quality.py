@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_profile import load  # noqa: E402  (the --set machinery: overrides validated like a config)
+from hetero.config import load_config  # dotted overrides (--set), validated like a config
 
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT / "examples" / "omniglot.yaml"
@@ -54,7 +53,7 @@ class Timed:
     def __init__(self, name: str, overrides: list[str], split, out: Path, config_path: str):
         from hetero.training import TrainingRun
 
-        self.name, self.config = name, load(config_path, overrides)
+        self.name, self.config = name, load_config(config_path, overrides)
         self.run = TrainingRun(self.config, out, split, progress=False)
         self.step_seconds: dict[int, list[float]] = {0: [], 1: []}
         self.one_off = 0.0
@@ -143,7 +142,7 @@ def doubled(split):
 
 def edges(count: int, config_path: str) -> list[str]:
     """Overrides giving the family `count` copies of the config's first edge member."""
-    config = load(config_path, [])
+    config = load_config(config_path, [])
     cloud, edge = config.family.cloud, next(m for m in config.family.members if m.role == "edge")
     spec = lambda m, name: (f"{{name: {name}, role: {m.role}, arch: {m.arch}, width: {m.width}, "  # noqa: E731
                             f"depth: {m.depth}, input_size: {m.input_size}}}")
@@ -159,7 +158,7 @@ def recipes(config_path: str, quick: bool, tmp: Path, console) -> None:
 
     rows = []
     for name, overrides in (("earlier", EARLIER), ("current", [])):
-        config = load(config_path, overrides)
+        config = load_config(config_path, overrides)
         if quick:
             config.train.epochs = max(1, config.train.epochs // 6)
             config.train.edge_epochs = max(1, (config.train.edge_epochs or config.train.epochs) // 6)
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
         if args.mode == "recipes":
             recipes(args.config, args.quick, tmp, console)
         else:
-            config = load(args.config, [])
+            config = load_config(args.config, [])
             split = load_split(config.data, config.load_size)
             if args.mode == "levers":
                 levers = {**LEVERS, **(COMPILE if args.compile else {})}

@@ -6,8 +6,8 @@
 
 For each phase of the config (sequential: the cloud phase, then the edge phase) it builds the run exactly as
 `hetero train` does, takes `--warmup` untimed steps, then profiles `--steps` steps of the real training
-step (`TrainingRun.train_step`).  Parts are the labelled ranges of hetero/train.py (torch.profiler.record_function)
-plus the DataLoader's own range (decoding is cached, so that is augmentation and collation):
+step (`TrainingRun.train_step`).  Parts are the labelled ranges of hetero/training/run.py
+(torch.profiler.record_function) plus the DataLoader's own range (decoding is cached, so that is augmentation and collation):
 
 - each member's forward, and its loss terms, come from their ranges;
 - the backward pass is split between those ranges: an autograd node carries the sequence number of the
@@ -33,44 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER = "enumerate(DataLoader)"
-
-
-def set_keys(config, assignments: list[str]) -> None:
-    """Apply `section.key=value` (dotted, YAML values) to a loaded config's raw dict, then re-validate."""
-    import yaml
-
-    for assignment in assignments:
-        key, _, value = assignment.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part] if isinstance(node, dict) else getattr(node, part)
-            if node is None:
-                raise SystemExit(f"--set {assignment}: {part} is not set in the config")
-        parsed = yaml.safe_load(value)
-        if isinstance(node, dict):
-            node[leaf] = parsed
-        else:
-            setattr(node, leaf, parsed)
-
-
-def load(config_path: str, assignments: list[str]):
-    """The config with --set applied, validated again as a whole (so a bad value is refused as usual)."""
-    import dataclasses
-
-    import yaml
-
-    from hetero.config import load_config
-
-    config = load_config(config_path)
-    raw = dataclasses.asdict(config)
-    set_keys(raw, assignments)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=Path(config_path).parent, delete=False) as handle:
-        yaml.safe_dump(raw, handle)
-    try:
-        return load_config(handle.name)
-    finally:
-        Path(handle.name).unlink()
 
 
 def range_name(name: str) -> str | None:
@@ -146,6 +108,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hetero.config import load_config
     from hetero.data import load_split
     from hetero.training import TrainingRun, resolve_external_input_size
 
@@ -157,7 +120,7 @@ def main(argv=None) -> int:
                         help="override a config key (dotted, e.g. train.batch_size=128); repeatable")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = load(args.config, args.set)
+    config = load_config(args.config, args.set)
     resolve_external_input_size(config)
     console = Console(width=110)
     began = time.time()

@@ -178,7 +178,7 @@ def cli_reference() -> str:
     os.environ["COLUMNS"] = str(WIDTH)  # argparse's usage lines: the same width everywhere
     parser = cli_parser()
     prog = parser.prog
-    out = [banner("the argument parser of hetero/cli.py"), f"# Command line: `{prog}`\n",
+    out = [banner("the argument parser of hetero/cli/parser.py"), f"# Command line: `{prog}`\n",
            md(parser.description or "") + "\n",
            "Every verb and flag below is read from the argument parser itself. `hetero VERB --help` prints the "
            "same.\n", "```text", parser.format_usage().strip(), "```\n", "## Options before the verb\n",

@@ -56,7 +56,7 @@ def test_every_verb_has_help(capsys):
 def test_a_log_gets_one_progress_line_per_epoch_and_per_run_stage(tmp_path, capsys, monkeypatch):
     import re
 
-    import hetero.cli as cli
+    import hetero.cli.stages as cli
 
     config = tiny_config(epochs=1)
     config["data"].update(num_classes=24, samples_per_class=6)

@@ -64,6 +64,20 @@ def test_bad_counts_are_refused_by_the_parser(tmp_path, capsys, argv, words):
     assert words in capsys.readouterr().err
 
 
+def test_run_with_an_unknown_export_profile_fails_before_training(tmp_path, capsys):
+    """A typo in export.profiles is found before training, the longest stage, not after it."""
+    config = {**tiny_config(), "export": {"profiles": ["server-onnx-fp32", "android-litert-fp61"]}}
+    path = write(tmp_path / "family.yaml", yaml.safe_dump(config))
+    out_dir = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out_dir)]) == 2
+    out, err = said(capsys)
+    assert out.startswith("error: unknown device profile 'android-litert-fp61' (did you mean "
+                          "'android-litert-fp16'?); allowed: "), out
+    assert "iphone-coreml-int8" in out and "server-onnx-fp32" in out  # the known profiles are listed
+    assert "Traceback" not in out + err and "stage 1/4" not in out and "epoch" not in out
+    assert not out_dir.exists()  # nothing trained: no checkpoints, no manifest
+
+
 def test_verify_with_an_unknown_profile_suggests_and_keeps_the_last_report(tiny_family_dir, tmp_path, capsys):
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)

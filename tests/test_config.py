@@ -127,3 +127,100 @@ def test_missing_and_malformed_files(tmp_path):
     broken.write_text("family: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         load_config(broken)
+
+
+# ------------------------------------------------------------------------------------ dotted overrides
+
+
+def tiny_file(tmp_path, **train_overrides):
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(**train_overrides)))
+    return path
+
+
+def test_an_override_changes_its_field_and_leaves_the_file_as_it_is(tmp_path):
+    path = tiny_file(tmp_path)
+    config = load_config(path, ["train.epochs=3", "family.members.1.width=0.5", "train.teacher_cache={views: 2}",
+                                "train.matching_inputs=[mixup, cutmix]", "train.channels_last='on'"])
+    assert config.train.epochs == 3 and config.family.members[1].width == 0.5
+    assert config.train.teacher_cache.views == 2 and config.train.matching_inputs == ["mixup", "cutmix"]
+    assert config.train.channels_last == "on"
+    plain = load_config(path)
+    assert plain.train.epochs == 10 and plain.train.teacher_cache is None
+    assert load_config(path, []) == plain == load_config(path, None)
+
+
+def test_an_override_path_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "update.yaml"
+    path.write_text(yaml.safe_dump(tiny_config()))
+    config = load_config(path, ["train.mode=backward", "train.previous=../old"])
+    assert config.train.previous == str((tmp_path / "old").resolve())
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochz=3", ["train.epochz: unknown key (did you mean 'epochs'?)", "batch_size"]),
+    ("trian.epochs=3", ["override trian.epochs: unknown key 'trian' (did you mean 'train'?)"]),
+    ("train.adaptr.rank=2", ["override train.adaptr.rank: unknown key 'adaptr' (did you mean 'adapter'?)"]),
+    ("family.members.7.width=0.5", ["override family.members.7.width: family.members is a list", "0-2"]),
+    ("train.teacher_cache.views=2", ["train.teacher_cache is not set in the config"]),
+    ("train.epochs.value=2", ["override train.epochs.value: train.epochs is a value (10), not a section"]),
+])
+def test_an_unknown_key_is_refused_naming_it(tmp_path, override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny_file(tmp_path), [override])
+    message = str(info.value)
+    assert "family.yaml" in message and all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochs=many", ["train.epochs: Input should be a valid integer, got 'many'"]),
+    ("train.epochs=0", ["train.epochs: Input should be greater than or equal to 1, got 0"]),
+    ("train.compat=maybe", ["train.compat: 'maybe' is not allowed"]),
+    ("family.members.1.width=[0.5", ["override family.members.1.width: not valid YAML"]),
+    ("train.losses={a: 1, a: 2}", ["override train.losses: not valid YAML", "given again"]),
+])
+def test_a_badly_typed_value_is_refused_naming_its_key(tmp_path, override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny_file(tmp_path), [override])
+    message = str(info.value)
+    assert "family.yaml" in message and all(w in message for w in words), message
+
+
+def test_an_override_needs_a_key_and_a_value(tmp_path):
+    for override in ("train.epochs", "=3", "train..epochs=3"):
+        with pytest.raises(ConfigError, match="give dotted.key=value"):
+            load_config(tiny_file(tmp_path), [override])
+
+
+# ------------------------------------------------------------------------------------------ path fields
+
+
+def test_every_path_field_is_resolved_from_the_config_file_in_one_pass(tmp_path, monkeypatch):
+    from hetero.config import PATH_FIELDS, PROFILE_FIELDS
+
+    (tmp_path / "conf").mkdir()
+    for name in ("cache", "start", "old", "search-cloud", "cloud.onnx", "edge.yaml"):
+        (tmp_path / name).touch()
+    data = tiny_config(teacher_cache={"dir": "../cache"}, init="../start")
+    data["export"] = {"profiles": ["server-onnx-fp32", "../edge.yaml", "missing.yaml"]}
+    path = tmp_path / "conf" / "family.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # ../x does not exist from here: resolved from the config file alone
+    config = load_config(path)
+    assert config.train.teacher_cache.dir == str(tmp_path / "cache") and config.train.init == str(tmp_path / "start")
+    # a built-in profile name stays a name; a profile file that exists nowhere yet is named from the config
+    assert config.export.profiles == ["server-onnx-fp32", str(tmp_path / "edge.yaml"),
+                                      str(tmp_path / "conf" / "missing.yaml")]
+    assert "data.path" in PATH_FIELDS and "family.members.*.model" in PATH_FIELDS
+    assert PROFILE_FIELDS == ("export.profiles.*", "search.targets.*.profile")
+
+
+def test_a_path_that_exists_only_from_the_working_directory_is_kept(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "here").mkdir()
+    path = tmp_path / "conf" / "family.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(init="here")))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).train.init == "here"

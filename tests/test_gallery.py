@@ -14,6 +14,7 @@ import torch
 
 from hetero import gallery as G
 from hetero.family import FamilyStore
+from hetero.gallery import build as gallery_build
 
 
 def S(path: Path) -> FamilyStore:
@@ -109,7 +110,7 @@ def test_zip_and_folder_give_the_same_gallery(tiny_family_dir, gallery_images, t
 def test_resumed_build_equals_uninterrupted(tiny_family_dir, gallery_images, tmp_path, monkeypatch):
     G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "whole", shard_size=8, batch_size=4)
 
-    real_write, written = G._write_shard, []
+    real_write, written = gallery_build.write_shard, []
 
     def crash_on_third(out, shard, *args):
         if len(written) == 2:
@@ -117,14 +118,15 @@ def test_resumed_build_equals_uninterrupted(tiny_family_dir, gallery_images, tmp
         written.append(shard)
         return real_write(out, shard, *args)
 
-    monkeypatch.setattr(G, "_write_shard", crash_on_third)
+    monkeypatch.setattr(gallery_build, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
     assert written == [0, 1] and not (tmp_path / "resumed" / G.GALLERY).exists()
     finished = _files_sha(tmp_path / "resumed" / "shards")
 
     written.clear()
-    monkeypatch.setattr(G, "_write_shard", lambda out, shard, *a: written.append(shard) or real_write(out, shard, *a))
+    monkeypatch.setattr(gallery_build, "write_shard",
+                        lambda out, shard, *a: written.append(shard) or real_write(out, shard, *a))
     G.build_gallery(S(tiny_family_dir), gallery_images, tmp_path / "resumed", shard_size=8, batch_size=4)
     assert written == [2, 3]  # finished shards were kept, not embedded again
     after = _files_sha(tmp_path / "resumed" / "shards")

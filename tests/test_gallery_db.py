@@ -44,7 +44,7 @@ def test_milvus_gallery_holds_the_faiss_gallery_rows_and_answers_alike(tiny_fami
 
 
 def test_another_space_is_refused_before_any_query_or_image_is_read(tiny_family_dir, family_copy,  # noqa: F811
-                                                                      gallery_images, tmp_path):
+                                                                      gallery_images, tmp_path):  # noqa: F811
     uri = str(tmp_path / "g.db")
     gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
     foreign = with_space(family_copy, "hs-0123456789abcdef")

@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hetero import search as search_module
 from hetero.config import parse_config
 from hetero.errors import ConfigError
 from hetero.evaluate import evaluate
@@ -21,6 +20,8 @@ from hetero.family import FamilyStore
 from hetero.models import Embedder
 from hetero.search import (Candidate, Supernet, layer_map, evolve, pareto_front, progressive_space, recalibrate,
                            sandwich, search, search_space, sort_channels)
+from hetero.search import scoring as scoring_module
+from hetero.search import supernet as supernet_module
 
 from .conftest import tiny_config
 
@@ -279,7 +280,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     whole = search(config, tmp_path / "whole", progress=False)
 
     saves, timings = [], []
-    real_save, real_time = search_module.save_state, search_module.time_export
+    real_save, real_time = supernet_module.save_state, scoring_module.time_export
 
     def crash_after_first_epoch(*args):
         real_save(*args)
@@ -287,7 +288,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
         if len(saves) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_module, "save_state", crash_after_first_epoch)
+    monkeypatch.setattr(supernet_module, "save_state", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         search(config, tmp_path / "resumed", progress=False)
 
@@ -297,7 +298,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
         timings.append(args)
         return real_time(*args)
 
-    monkeypatch.setattr(search_module, "time_export", crash_after_two_timings)
+    monkeypatch.setattr(scoring_module, "time_export", crash_after_two_timings)
     with pytest.raises(KeyboardInterrupt):
         search(config, tmp_path / "resumed", resume=True, progress=False)
     assert saves == [1, 2]  # the second start trained epoch 2 only
@@ -305,7 +306,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert sum(bool(r["latency"]) for r in measured.values()) == 2
 
     timings.clear()
-    monkeypatch.setattr(search_module, "time_export", lambda *args: timings.append(args) or real_time(*args))
+    monkeypatch.setattr(scoring_module, "time_export", lambda *args: timings.append(args) or real_time(*args))
     resumed = search(config, tmp_path / "resumed", resume=True, progress=False)
     assert saves == [1, 2]  # nothing trained again
     visited = json.loads((tmp_path / "resumed" / "search" / "search.json").read_text())["chosen"]["edge-small"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hetero.training as train_module
 from hetero.config import parse_config
 from hetero.data import load_split
+from hetero.errors import ConfigError, TrainingError
 from hetero.family import TRAIN_STATE, FamilyStore, read_weights
 from hetero.files import sha256_file
 from hetero.training import Family, cutmix, dihedral, family_loss, matching_inputs, mixup, train
@@ -113,13 +113,13 @@ def test_bf16_autocast_and_channels_last_keep_the_fp32_loss():
 
 
 def test_bf16_is_automatic_only_where_the_hardware_computes_it(tmp_path, monkeypatch):
-    from hetero.training import accelerations
+    from hetero.training import accelerations, plumbing
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(plumbing, "cpu_has_native_bf16", lambda: False)
     assert accelerations(small_config().train, cpu) == (False, False)
     assert accelerations(small_config(amp="bf16", channels_last="on").train, cpu) == (True, True)
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(plumbing, "cpu_has_native_bf16", lambda: True)
     assert accelerations(small_config().train, cpu) == (True, False)
     assert accelerations(small_config(amp="off").train, cpu) == (False, False)
     training = train(small_config(epochs=1, amp="off"), tmp_path, progress=False).manifest.training
@@ -298,7 +298,7 @@ def test_the_profile_splits_a_step_into_each_members_forward_backward_and_the_da
      r"train\.samples_per_class: 100000, but the largest training class has 6 images; at most 6"),
 ])
 def test_batches_the_training_data_cannot_fill_are_refused_at_their_key(tmp_path, train_overrides, words):
-    with pytest.raises(train_module.ConfigError, match=words):
+    with pytest.raises(ConfigError, match=words):
         train(small_config(**train_overrides), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -342,6 +342,6 @@ def test_a_frozen_cloud_that_returns_nan_stops_training_by_name(tmp_path, overri
     data["family"]["members"][0] = {"name": "cloud", "role": "cloud", "arch": "timm/test_resnet", "frozen": True,
                                     "weights": str(tmp_path / "nan.safetensors"), "input_size": 32,
                                     "mean": [0.5] * 3, "std": [0.25] * 3}
-    with pytest.raises(train_module.TrainingError, match=words):
+    with pytest.raises(TrainingError, match=words):
         train(parse_config(data, "nan-cloud"), tmp_path / "out", progress=False)
     _assert_nothing_non_finite_written(tmp_path / "out")

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from hetero.family import FamilyStore, MemberRecord
-from hetero.gallery import GalleryError, ImageFiles, collate_images, member_record, list_images, prove_space
+from hetero.gallery.base import GalleryError, member_record
+from hetero.gallery.images import ImageFiles, embed_batches, in_batches, list_images
 from hetero.gallery.stores import Identity, MilvusStore, StoreError
+from hetero.gallery.vectors import prove_space
 
 
 def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
@@ -29,19 +31,13 @@ def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
 
 def _batches(store: FamilyStore, entry: MemberRecord, entries, batch_size: int, workers: int):
     """(names, skipped names, embeddings) per batch of `entries`, decoded as the family decodes."""
-    from hetero.data import loader_context
-    from hetero.models import resize_to
-
     data = store.config().data
     model = store.load_member(entry.name)
     dataset = ImageFiles(entries, store.config().load_size, data.background, data.max_image_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                                         multiprocessing_context=loader_context(workers))
     with torch.inference_mode():
-        for names, skipped, pixels in loader:
-            embedded = model(resize_to(pixels.float().div(255.0), model.input_size)).numpy() if pixels is not None \
-                else np.zeros((0, entry.dim), np.float32)
-            yield names, skipped, embedded
+        for names, skipped, embedded in embed_batches(dataset, in_batches(len(entries), batch_size), model,
+                                                      model.input_size, workers):
+            yield names, skipped, embedded.numpy() if embedded is not None else np.zeros((0, entry.dim), np.float32)
 
 
 def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "gallery", *, member: str | None = None,

@@ -1,4 +1,5 @@
-"""Galleries in a vector database: Milvus, embedded (Milvus Lite, a local path) or a server, one client API.
+"""Gallery stores: the interface every backend offers (`VectorStore`), and galleries in a vector database:
+Milvus, embedded (Milvus Lite, a local path) or a server, one client API.
 
 `--uri runs/omniglot/gallery.db` runs Milvus Lite inside the process (no server; what the tests use);
 `--uri http://host:19530` talks to a standalone or distributed Milvus, or to `milvus-lite server`, with the
@@ -18,6 +19,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +36,45 @@ LEASE_SECONDS = 600
 # nlist ~ sqrt(rows) and nprobe 32 (HNSW's build took ~13 min per million rows on 2 cores here).
 FLAT_MAX_ROWS = 100_000
 IVF_NPROBE = 32
+
+
+class VectorStore(Protocol):
+    """What a gallery backend offers a search, whichever holds the rows: FAISS files (`hetero.gallery.Gallery`)
+    or a Milvus collection (`MilvusStore`).  `search_images` takes any of them.
+
+    A store knows the embedding space of its vectors and refuses a query from another one before any query
+    is sent.  Writing is not part of it: a FAISS gallery is written whole (`hetero gallery build` or `import`:
+    sharded files, then one index), while a collection takes rows one by one (`MutableVectorStore`).
+    """
+
+    @property
+    def space_id(self) -> str | None:
+        """The space the stored vectors are in (None: a store that does not say, such as an unadopted
+        collection another tool wrote)."""
+
+    def count(self) -> int:
+        """Rows stored."""
+
+    def check_space(self, query_space: str | None, query: str) -> object:
+        """Refuse a query embedded in another space than the store's (an error naming both spaces, a subclass
+        of `ManifestError`), before any query is sent; what it returns otherwise is the backend's own."""
+
+    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
+                nprobe: int | None = None) -> list[list[dict]]:
+        """Per query, its k nearest rows as {"name", "score", ...}, best first; the space is checked first."""
+
+
+class MutableVectorStore(VectorStore, Protocol):
+    """A store that takes rows one by one, keyed by the image's name: writing a name again replaces its row."""
+
+    def present(self, ids: list[str]) -> set[str]:
+        """Which of `ids` the store already holds."""
+
+    def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
+        """Write the rows `ids` -> `vectors`, replacing any with the same id."""
+
+    def delete(self, ids: list[str]) -> None:
+        """Remove the rows `ids`."""
 
 
 class StoreError(ManifestError):
@@ -175,6 +216,12 @@ class MilvusStore:
 
     def identity(self) -> Identity | None:
         return Identity.from_properties(self.properties())
+
+    @property
+    def space_id(self) -> str | None:
+        """The space in the collection's properties; None for one that does not say (another tool wrote it)."""
+        identity = self.identity()
+        return identity.space_id if identity is not None else None
 
     def check_space(self, query_space: str | None, query: str) -> Identity:
         """The collection's identity, after refusing a query from another space (before any query is sent)."""

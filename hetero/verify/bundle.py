@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from hetero.errors import ConfigError, ManifestError
 from hetero.family import ArtifactRecord, MemberRecord
 from hetero.files import atomic_path, atomic_write_json, check_npy_size
+from hetero.verify.harness import resolve_profile, run_checks
 from hetero.verify.reference import Reference
+from hetero.verify.report import summary_rows
 
 BUNDLE_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -60,9 +62,6 @@ class BundleMeta(BaseModel):
 
 def write_bundle(reference: Reference, path: str | Path, report: dict | None = None) -> Path:
     """Write the bundle for `reference` (see :func:`hetero.verify.reference.reference_from_store`) at `path`."""
-    from hetero.verify.report import summary_rows
-    from hetero.verify import resolve_profile
-
     path = Path(path)
     profiles = {}
     for artifact in reference.artifacts:
@@ -210,8 +209,6 @@ def open_bundle(path: str | Path):
 def verify_bundle(path: str | Path, latency_runs: int = 30, strict: bool = False,
                   json_out: str | Path | None = None, all_runtimes: bool = False) -> dict:
     """Run every check from a bundle; write the report beside it (`<name>.verify.json`) or at `json_out`."""
-    from hetero.verify import run_checks
-
     if latency_runs < 1:
         raise ConfigError(f"latency runs: must be >= 1, got {latency_runs}")
     path = Path(path)

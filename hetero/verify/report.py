@@ -1,9 +1,10 @@
-"""A verification report for people: console tables, JUnit XML, and Markdown or HTML with plots (PNG).
+"""A verification report for people: JUnit XML, and Markdown or HTML with plots (PNG).
 
 Plots show what matters at a glance: each run's drop from the torch member (points of top-1, and 1 - min
 cosine on a log scale) and its latency, one row per profile / member / runtime version, with the profile's
 tolerance or target drawn on each row.  HTML embeds the PNGs (one self-contained file); Markdown writes
-them beside the report in ``<name>_plots/``.
+them beside the report in ``<name>_plots/``.  The console tables, built from the same summary rows, are the
+command's (:mod:`hetero.cli.tables`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import io
 from pathlib import Path
 
 from hetero.files import atomic_path, atomic_write_text
-from hetero.verify import CHECKS
+from hetero.verify.results import CHECKS
 
 
-# ------------------------------------------------------------------------------------------- console, JUnit
+# ---------------------------------------------------------------------------------- summary rows, JUnit
 
 
 def artifact_label(artifact: dict) -> str:
@@ -59,44 +60,6 @@ def summary_rows(report: dict) -> list[dict]:
             "skipped": [c["name"] for c in a["checks"] if c["status"] == "skip"],
         })
     return rows
-
-
-def format_verify(report: dict):
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"Verification of {len(report['artifacts'])} artifact(s) on {report['queries']} held-out "
-                        f"queries vs {report['gallery']} cloud-gallery images ({escape(report['source'])})")
-    for column in ("artifact", "check", "status", "detail"):
-        table.add_column(column)
-    for artifact in report["artifacts"]:
-        for check in artifact["checks"]:
-            style = {"pass": "green", "fail": "bold red", "skip": "yellow"}[check["status"]]
-            table.add_row(escape(artifact_label(artifact)), check["name"], f"[{style}]{check['status']}[/]",
-                          escape(check["detail"]))
-    return table
-
-
-def format_summary(report: dict):
-    from rich.markup import escape
-    from rich.table import Table
-
-    def num(value, fmt):
-        return "-" if value is None else fmt.format(value)
-
-    table = Table(title="Per artifact: cosine to torch, top-1 against the cloud gallery, latency, size")
-    for column in ("profile", "member", "runtime", "min cos", "mean cos", "top-1", "torch top-1", "agree",
-                   "latency ms", "MB", "status"):
-        table.add_column(column, justify="right" if column not in ("profile", "member", "runtime") else "left")
-    for row in summary_rows(report):
-        status = "[green]pass[/]" if row["status"] == "pass" else "[bold red]FAIL[/]"
-        if row["skipped"] and row["status"] == "pass":
-            status += f" [yellow]({len(row['skipped'])} skipped)[/]"
-        table.add_row(escape(row["profile"]), escape(row["member"]), escape(row["runtime"]),
-                      num(row["min_cosine"], "{:.6f}"), num(row["mean_cosine"], "{:.6f}"), num(row["top1"], "{:.3f}"),
-                      num(row["torch_top1"], "{:.3f}"), num(row["agreement"], "{:.1%}"),
-                      num(row["latency_ms"], "{:.2f}"), num(row["size_mb"], "{:.2f}"), status)
-    return table
 
 
 def write_junit(report: dict, path: str | Path) -> None:

@@ -1,0 +1,174 @@
+"""The `hetero search` stage: train the supernet, search it per target, fine-tune the chosen students if
+asked, and write the Pareto fronts and the searched family (the cloud and the students as ordinary members)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from hetero.config import Config, MemberConfig
+from hetero.data import ImageSet, load_split, split_open_set
+from hetero.errors import ConfigError, ManifestError
+from hetero.family import FamilyStore, claim_for_training, new_directory, output_directory, write_config, writing
+from hetero.files import atomic_write_text
+from hetero.models import Embedder
+from hetero.profiles import load_profile
+from hetero.search.scoring import Scorer, static_records
+from hetero.search.selection import check_runtime, feasible_pools, find_students, pareto_front
+from hetero.search.space import Candidate, search_space
+from hetero.search.supernet import Teacher, recalibrate, train_supernet
+from hetero.training import Family, write_family
+
+SEARCH_DIR = "search"
+CANDIDATES = "candidates.json"
+
+
+def search(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
+           progress: bool | None = None) -> FamilyStore:
+    """`hetero search`: train the supernet, search it per target, write the family with the chosen students."""
+    settings = config.search
+    if settings is None:
+        raise ConfigError("search: the config has no `search` section (targets, search space) for `hetero search`")
+    profiles = {t.name: load_profile(t.profile) for t in settings.targets}
+    for name, profile in profiles.items():
+        check_runtime(profile, name)
+    if settings.design == "frozen-cloud" and not settings.cloud:
+        raise ConfigError("search.cloud: design 'frozen-cloud' matches the cloud of a trained family; give its "
+                          "directory (train one with `hetero train`), or use design 'shared-cloud'")
+    space = search_space(settings)
+    statics = static_records(space, config)
+    pools = feasible_pools(statics, settings.targets, profiles)  # a budget nothing meets fails before training
+    out = output_directory(out)
+    with new_directory(out), writing(out, "search"):
+        claim_for_training(out, config, resume, overwrite)
+        split = load_split(config.data, config.load_size)
+        seed = config.train.seed
+        inner = split_open_set(split.train, None, settings.validation_classes, seed)
+        write_config(out, config)
+        given = given_cloud(config) if settings.cloud else None
+        teacher = Teacher(given if settings.design == "frozen-cloud" else None)
+        # A supernet whose largest sub-network is the cloud's architecture starts from the cloud's weights.
+        cloud_cfg = config.family.cloud
+        start = given if max(space) == Candidate(cloud_cfg.width, cloud_cfg.depth, cloud_cfg.input_size) else None
+        supernet = train_supernet(config, out, inner.train, space, teacher, start, settings.epochs, progress)
+        bn_images = inner.train.spread(settings.bn_images)
+        cloud = teacher.model if teacher.model is not None else recalibrate(supernet.extract(max(space)), bn_images)
+        folder = out / SEARCH_DIR
+        folder.mkdir(exist_ok=True)
+        calibration = inner.train.spread(max(p.calibration_images for p in profiles.values()))
+        scorer = Scorer(supernet, cloud, inner, bn_images, folder / CANDIDATES, settings.latency_runs, calibration,
+                        statics)
+        chosen = find_students(scorer, pools, settings.targets, profiles, settings, seed)
+        found = {pick["candidate"] for pick in chosen.values()}
+        members = {c: scorer.member(c) for c in sorted(found)}
+        if settings.fine_tune_epochs:  # once per sub-network, however many targets chose it
+            members = {c: fine_tune(config, out, m, cloud, inner.train, progress) for c, m in members.items()}
+        students = {name: members[pick["candidate"]] for name, pick in chosen.items()}
+        write_search_results(folder, scorer, chosen, profiles)
+        _write_searched_family(config, out, split, cloud, students, chosen, scorer, supernet.history)
+    return FamilyStore.open(out)
+
+
+def given_cloud(config: Config) -> Embedder:
+    """The cloud of the trained family in `search.cloud`; it must be the config's cloud member."""
+    path = Path(config.search.cloud)
+    try:
+        store = FamilyStore.open(path)
+        record, cloud = store.cloud, store.load_member(store.cloud.name)
+    except ManifestError as err:
+        raise ConfigError(f"search.cloud ({path}): not a usable trained family: {err}") from None
+    mine = config.family.cloud
+    for field in ("arch", "width", "depth", "input_size"):
+        if getattr(record, field) != getattr(mine, field):
+            raise ConfigError(f"search.cloud ({path}): its cloud {record.name!r} has {field} "
+                              f"{getattr(record, field)!r}, this config's cloud {mine.name!r} {getattr(mine, field)!r}")
+    if record.dim != config.family.embedding_dim:
+        raise ConfigError(f"search.cloud ({path}): its cloud returns {record.dim}-d vectors, family.embedding_dim is "
+                          f"{config.family.embedding_dim}")
+    return cloud.requires_grad_(False)
+
+
+def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, images: ImageSet,
+              progress: bool | None) -> Embedder:
+    """A chosen student alone against the frozen final cloud for `fine_tune_epochs` (resumable)."""
+    candidate = Candidate(student.width, student.depth, student.input_size)
+    epochs = config.search.fine_tune_epochs
+    state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
+    tuned = train_supernet(config, state_dir, images, [candidate], Teacher(cloud.requires_grad_(False)), student,
+                           epochs, progress, sort=False)
+    return recalibrate(tuned.extract(candidate), images.spread(config.search.bn_images))
+
+
+def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
+    """Per profile: the Pareto front (validation top-1 against latency) as a Markdown table and a plot, and
+    every visited candidate in search.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {"chosen": {}, "fronts": {}}
+    for profile_name in sorted({p.name for p in profiles.values()}):
+        visited = {c for pick in chosen.values() if pick["profile"].name == profile_name for c in pick["visited"]}
+        points = [(scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"], scorer.top1(c), c)
+                  for c in sorted(visited)]
+        front = pareto_front(points)
+        picks = {name: pick["candidate"] for name, pick in chosen.items() if pick["profile"].name == profile_name}
+        rows = ["| sub-network | MFLOPs | of the cloud | params | latency ms | validation top-1 | chosen for |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for latency, top1, c in front:
+            record = scorer.record(c)
+            names = ", ".join(n for n, p in picks.items() if p == c)
+            rows.append(f"| {c.key} | {record['flops'] / 1e6:.1f} | {record['flops_vs_cloud']:.4f} | "
+                        f"{record['params']:,} | {latency:.3f} | {top1:.4f} | {names} |")
+        (folder / f"pareto-{profile_name}.md").write_text(
+            f"# Pareto front on {profile_name}: {len(points)} sub-networks visited, {len(front)} on the front\n\n"
+            + "\n".join(rows) + "\n")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, c="0.6", label="visited")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "o-", ms=4, label="Pareto front")
+        for name, c in picks.items():
+            ax.scatter([scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"]], [scorer.top1(c)],
+                       marker="*", s=160, zorder=3, label=f"{name}: {c.key}")
+        ax.set_xlabel(f"batch-1 latency on this machine, {profile_name} (ms)")
+        ax.set_ylabel("M[candidate][cloud] top-1, validation classes")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / f"pareto-{profile_name}.png", dpi=120)
+        plt.close(fig)
+        summary["fronts"][profile_name] = [{"candidate": c.key, "latency_ms": lat, "top1": top1}
+                                           for lat, top1, c in front]
+    for name, pick in chosen.items():
+        summary["chosen"][name] = {"profile": pick["profile"].name, **scorer.record(pick["candidate"]),
+                                   "visited": len(pick["visited"])}
+    atomic_write_text(folder / "search.json", json.dumps(summary, indent=1))
+
+
+def pick_profile(chosen: dict, profile_name: str):
+    return next(pick["profile"] for pick in chosen.values() if pick["profile"].name == profile_name)
+
+
+def _write_searched_family(config: Config, out: Path, split, cloud: Embedder, students: dict[str, Embedder],
+                           chosen: dict, scorer: Scorer, history: list) -> None:
+    """The cloud and each chosen student as ordinary members of a family (manifest, checkpoints)."""
+    members = [config.family.cloud] + [
+        MemberConfig(name=name, role="edge", arch="resnet", width=s.width, depth=s.depth, input_size=s.input_size)
+        for name, s in students.items()]
+    plain = dataclasses.replace(config, family=dataclasses.replace(config.family, members=members), search=None)
+    family = Family(plain, len(split.train.class_names), [0.5] * 3, [0.5] * 3)
+    family.members[config.family.cloud.name] = cloud
+    for name, student in students.items():
+        family.members[name] = student
+    settings = config.search
+    facts = {"search": {"design": settings.design, "schedule": settings.schedule, "epochs": settings.epochs,
+                        "candidates": len(search_space(settings)), "seconds": history[-1]["seconds"] if history else 0}}
+    write_family(plain, out, family.eval(), split, history, run=None)
+    store = FamilyStore.open(out)
+    for record in store.manifest.members:
+        if record.name in chosen:
+            pick = chosen[record.name]
+            record.search = {"profile": pick["profile"].name, "candidate": pick["candidate"].key,
+                             "validation_top1": scorer.top1(pick["candidate"]),
+                             "latency_ms": scorer.latency(pick["candidate"], pick["profile"])["median_ms"],
+                             "fine_tune_epochs": settings.fine_tune_epochs, **facts["search"]}
+    store.save()
