@@ -78,6 +78,27 @@ def test_run_with_an_unknown_export_profile_fails_before_training(tmp_path, caps
     assert not out_dir.exists()  # nothing trained: no checkpoints, no manifest
 
 
+def test_set_overrides_a_config_value_and_a_bad_key_is_named(tmp_path, capsys):
+    """--set KEY=VALUE changes the config the family is trained with; an unknown key or a refused value exits 2
+    naming it, before anything is written."""
+    path = write(tmp_path / "family.yaml", yaml.safe_dump(tiny_config()))
+    out_dir = tmp_path / "out"
+    assert main(["train", str(path), "--out", str(out_dir), "--quiet", "--set", "train.epochs=1",
+                 "--set", "family.members.2.input_size=16"]) == 0
+    store = FamilyStore.open(out_dir)
+    assert len(store.manifest.training.history) == 2  # one epoch in each phase (cloud, then edges), not 10
+    config = store.config()
+    assert config.train.epochs == 1 and config.family.members[2].input_size == 16
+    capsys.readouterr()
+    for override, words in [("train.epochz=3", "train.epochz: unknown key (did you mean 'epochs'?)"),
+                            ("train.epochs=many", "train.epochs: Input should be a valid integer"),
+                            ("trian.epochs=3", "unknown key 'trian' (did you mean 'train'?)")]:
+        assert main(["train", str(path), "--out", str(tmp_path / "never"), "--set", override]) == 2
+        out, err = said(capsys)
+        assert words in out and "Traceback" not in out + err, out
+        assert not (tmp_path / "never").exists()
+
+
 def test_verify_with_an_unknown_profile_suggests_and_keeps_the_last_report(tiny_family_dir, tmp_path, capsys):
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)

@@ -59,6 +59,9 @@ def _training_verbs(verbs) -> None:
         again.add_argument("--overwrite", action="store_true", help="replace the family in --out (removes the files "
                                                                      "it wrote, none of yours)")
         p.add_argument("--quiet", action="store_true", help="no progress bars (nor, in a log, progress lines)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set train.epochs=3 --set 'train.amp=\"off\"' "
+                            "(a dotted key and a YAML value; repeatable; validated like the file)")
 
     p = verbs.add_parser("run", help="the whole pipeline: train, eval, export, verify",
                          description="Train the family, evaluate compatibility, export every edge member for the "

@@ -10,13 +10,13 @@ from hetero.cli.progress import LogLines, console
 
 
 def train_family(config_path: str, out: str, *, resume: bool = False, overwrite: bool = False,
-                 quiet: bool = False, lines: LogLines | None = None):
+                 quiet: bool = False, lines: LogLines | None = None, overrides: list[str] = ()):
     from hetero import distributed
     from hetero.config import load_config
     from hetero.training import train
 
     lines = lines or LogLines(quiet)
-    store = train(load_config(config_path), out, resume=resume, overwrite=overwrite, progress=not quiet,
+    store = train(load_config(config_path, overrides), out, resume=resume, overwrite=overwrite, progress=not quiet,
                   callbacks=[lines.epoch])
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
         data = store.manifest.data
@@ -149,10 +149,10 @@ def cmd_run(args) -> int:
 
     lines = LogLines(args.quiet)
     # every export profile is resolved before training, the longest stage: a typo in a name fails at once
-    profiles = [load_profile(name) for name in load_config(args.config).export.profiles]
+    profiles = [load_profile(name) for name in load_config(args.config, args.overrides).export.profiles]
     lines.say("hetero run: stage 1/4, train")
     store = train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-                         lines=lines)
+                         lines=lines, overrides=args.overrides)
     lines.say("hetero run: stage 2/4, eval")
     evaluate_family(store)
     lines.say("hetero run: stage 3/4, export")
@@ -162,7 +162,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
-    train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    train_family(args.config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                 overrides=args.overrides)
     return 0
 
 
@@ -171,7 +172,7 @@ def cmd_search(args) -> int:
     from hetero.config import load_config
     from hetero.search import search
 
-    store = search(load_config(args.config), args.out, resume=args.resume, overwrite=args.overwrite,
+    store = search(load_config(args.config, args.overrides), args.out, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet)
     console.print(format_search(store))
     console.print(f"Pareto fronts and plots: {escape(str(store.root / 'search'))}; next: hetero eval {escape(args.out)}")
