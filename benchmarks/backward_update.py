@@ -8,12 +8,14 @@ edge member against the old gallery.
 
     python benchmarks/backward_update.py                          # Omniglot, trains the old family too
     python benchmarks/backward_update.py --old runs/omniglot      # reuse a trained old family
+
+One record per config and new seed (``benchmarks/results/backward_update/<config>-seed<seed>.json``): the
+backward-mode figures above, and with --alone the same for the update trained without compatibility.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -21,10 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import records  # noqa: E402
 from hetero.config import load_config  # noqa: E402
 from hetero.evaluate import backward_summary, evaluate  # noqa: E402
-from hetero.maths import compatibility_matrix
+from hetero.maths import compatibility_matrix  # noqa: E402
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.models import embed_images  # noqa: E402
 from hetero.training import train  # noqa: E402
@@ -52,9 +56,9 @@ def main() -> None:
     parser.add_argument("--old", help="a trained family directory to update (default: train one, seed 0)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the new family")
     parser.add_argument("--alone", action="store_true", help="also train the new family without backward mode")
-    parser.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args()
 
+    began = time.perf_counter()
     base = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(args.old) if args.old else Path(tmp) / "old"
@@ -88,8 +92,16 @@ def main() -> None:
               f"{matrix['alone']['alone']['top1']:11.3f} {'yes' if without['bct_criterion'] else 'no':>4} "
               f"{without['negative_flip_rate']:18.3f}")
     print(f"backward-mode training: {figures['train_seconds']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"backward": figures, "alone": without}, indent=2))
+    if without:
+        without = dict(without, new_vs_new_top1=matrix["alone"]["alone"]["top1"])
+    path = records.write("backward_update", records.key_of(Path(args.config).stem, f"seed{args.seed}"),
+                         {"backward": figures, **({"alone": without} if without else {}),
+                          "chance_top1": report["chance_top1"]},
+                         wall_s=time.perf_counter() - began, recipe=records.relative(args.config),
+                         overrides=[f"train.seed={args.seed}", "train.mode=backward", "train.edge_epochs=null"],
+                         seeds=[args.seed],
+                         old_family=records.relative(args.old) or f"trained here (seed {base.train.seed})")
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

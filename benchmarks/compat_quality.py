@@ -13,6 +13,10 @@ the rows are trained into DIR and a second run resumes them: finished rows are o
     python benchmarks/compat_quality.py                       # Omniglot, default recipe vs independent
     python benchmarks/compat_quality.py --rows all --epochs 10 --edge-epochs 20 --seeds 0 1 2
     python benchmarks/compat_quality.py --config examples/quickstart.yaml --seeds 0 1 2
+
+One record per row and seed, written as soon as the row is trained
+(``benchmarks/results/compat_quality/<config>-<row>-seed<seed>[-e<epochs>][-ee<edge epochs>].json``):
+M[cloud][cloud], and per edge its FLOPs ratio, M[edge][cloud], M[edge][edge], ratio to the paragon and BCT.
 """
 from __future__ import annotations
 
@@ -24,11 +28,14 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import records  # noqa: E402
 from hetero.config import load_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
 from hetero.training import train  # noqa: E402
@@ -126,6 +133,22 @@ def run_row(config, out: Path, cloud_phase: Path | None = None, snapshot: Path |
             "chance": report["chance_top1"]}
 
 
+EDGE_FIGURES = ("flops_vs_cloud", "edge_vs_cloud_top1", "edge_vs_edge_top1", "ratio_to_paragon", "bct_criterion")
+
+
+def write_record(args, name: str, seed: int, row: dict, wall_s: float, reused_cloud_phase: bool) -> Path:
+    """The row's record: its figures, and the row's changes, epochs and seed as the recipe's overrides."""
+    changes = {**ROWS[name], **({"train.epochs": args.epochs} if args.epochs else {}),
+               **({"train.edge_epochs": args.edge_epochs} if args.edge_epochs else {}), "train.seed": seed}
+    figures = {"cloud_cloud_top1": row["cc"], "chance_top1": row["chance"], "train_s": row["seconds"],
+               "edges": {edge: {k: v[k] for k in EDGE_FIGURES} for edge, v in row["edges"].items()}}
+    key = records.key_of(Path(args.config).stem, name, f"seed{seed}", args.epochs and f"e{args.epochs}",
+                         args.edge_epochs and f"ee{args.edge_epochs}")
+    return records.write("compat_quality", key, figures, wall_s=wall_s, recipe=records.relative(args.config),
+                         overrides=[f"{k}={json.dumps(v)}" for k, v in changes.items()], seeds=[seed], row=name,
+                         reused_cloud_phase=reused_cloud_phase)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "examples" / "omniglot.yaml"))
@@ -135,7 +158,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the config's (cloud phase) epochs for every row")
     parser.add_argument("--edge-epochs", type=int, help="override the config's edge_epochs for every row")
     parser.add_argument("--keep", help="train the rows into this directory (kept) instead of a temporary one")
-    parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
 
     base = load_config(args.config)
@@ -157,12 +179,14 @@ def main() -> None:
             edge_phase_only = (config.train.mode == "sequential" and set(ROWS[name]) <= EDGE_PHASE_KEYS
                                and name != "default" and cloud_phase.exists())
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            started = time.perf_counter()
             row = run_row(config, Path(tmp) / f"{slug}-{seed}", cloud_phase=cloud_phase if edge_phase_only else None,
                           snapshot=cloud_phase if name == "default" else None)
             results.setdefault(name, []).append(row)
-            print(f"  {name} seed {seed}: trained in {row['seconds']:.0f} s", file=sys.stderr, flush=True)
-            if args.json:  # after every run, so a long benchmark stopped midway keeps its rows
-                Path(args.json).write_text(json.dumps(results, indent=2))
+            # after every run, so a long benchmark stopped midway keeps its rows
+            path = write_record(args, name, seed, row, time.perf_counter() - started, edge_phase_only)
+            print(f"  {name} seed {seed}: trained in {row['seconds']:.0f} s; record {path}", file=sys.stderr,
+                  flush=True)
 
     first = next(iter(results.values()))[0]
     edges = list(first["edges"])

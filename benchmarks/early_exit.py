@@ -22,24 +22,28 @@ mean FLOPs on the test queries (106 unseen characters).  The goals are then read
 
     python benchmarks/early_exit.py --quick     # 3 edge epochs, 4 cached views (~45 min on 2 busy cores)
     python benchmarks/early_exit.py             # 60 edge epochs, 8 views (the README recipe's length)
+
+One record per run (``benchmarks/results/early_exit/e<epochs>-v<views>[-quick].json``): each member's top-1
+and MFLOPs, the anytime curve, each exit alone, the cheapest point within 0.5 points of edge-m, the calibrated
+split and the exit machinery's overhead.  The plot is written beside the family (``--out``/anytime.png).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
+import records  # noqa: E402
 from hetero.config import parse_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
-from hetero.training.exits import calibrate, calibration_data
-from hetero.maths import apply_rule, correct_per_exit, rule_figures
-from hetero.models import exit_embeddings, exit_entropies
+from hetero.training.exits import calibrate, calibration_data  # noqa: E402
+from hetero.maths import apply_rule, correct_per_exit, rule_figures  # noqa: E402
+from hetero.models import exit_embeddings, exit_entropies  # noqa: E402
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.models import Embedder, count_flops  # noqa: E402
 from hetero.training import train  # noqa: E402
@@ -127,7 +131,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="edge epochs (default 60; --quick 3)")
     parser.add_argument("--views", type=int, help="teacher cache views per image (default 8; --quick 4)")
     parser.add_argument("--cache-dir", help="teacher cache directory to share between runs")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 edge epochs, 4 views: a smoke test, never a result")
     parser.add_argument("--reuse", action="store_true", help="evaluate the family already in --out")
     parser.add_argument("--start-from", help="a training state of this same config whose finished epochs this run "
                                              "shares (e.g. the first epoch of a longer run: warm-up, identical)")
@@ -191,11 +195,26 @@ def main() -> None:
           f"trunk: +{overhead:.2%} (goal < 5%)")
     plot_path = out / "anytime.png"
     plot(curve, singles, singles["edge-m"], cloud_top1, plot_path)
-    results = {"epochs": epochs, "views": views, "train_seconds": trained, "curve": curve, "top1": top1,
-               "flops": flops, "exits": exits, "rule": rule, "overhead": overhead,
-               "cheapest_within_half_point": cheapest}
-    (out / "early_exit.json").write_text(json.dumps(results, indent=1))
-    print(f"\nplot: {plot_path}; figures: {out / 'early_exit.json'}; total {time.perf_counter() - started:.0f} s")
+    figures = {
+        "train_s": None if args.reuse else trained, "top1_vs_cloud": top1,
+        "mflops": {name: value / 1e6 for name, value in flops.items()},
+        "anytime_curve": {f"q={r['q']:.2f}": {"mean_mflops": r["mean_mflops"], "top1": r["top1"], "shares": r["shares"]}
+                          for r in curve},
+        "exits_alone": {f"stage {e['stage']}": {"mflops": e["flops"] / 1e6, "top1_vs_cloud": e["top1_vs_cloud"]}
+                        for e in exits},
+        "within_half_point_of_edge_m": cheapest and {
+            "q": cheapest["q"], "top1": cheapest["top1"], "mean_mflops": cheapest["mean_mflops"],
+            "times_fewer_mflops_than_edge_m": flops["edge-m"] / 1e6 / cheapest["mean_mflops"]},
+        "calibrated_split": {"escalated": rule["escalated"], "top1_system": rule["top1_system"],
+                             "top1_edge": rule["top1_edge"], "mean_mflops": rule["mean_flops"] / 1e6,
+                             "shares": rule["shares"], "halfway_edge_m_to_cloud": halfway,
+                             "halfway_met": rule["top1_system"] >= halfway},
+        "exit_overhead": overhead,
+    }
+    path = records.write("early_exit", records.key_of(f"e{epochs}", f"v{views}", quick=args.quick), figures,
+                         wall_s=time.perf_counter() - started, seeds=[0], quick=args.quick,
+                         cloud=records.relative(args.cloud), epochs=epochs, views=views, reused=args.reuse)
+    print(f"\nplot: {plot_path}; record: {path}; total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

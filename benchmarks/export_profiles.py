@@ -6,15 +6,22 @@ Per (profile, member): file size, conversion time, the quantisation scheme used,
 torch member on real held-out images, and M[edge via the exported file][cloud] top-1 against the torch
 member's figure -- measured through each format's runtime by hetero.verify (CoreML numerics are skipped
 off macOS).  Targets: fp32 cosine >= 0.9999, fp16 >= 0.999, int8 top-1 within 1 point of the fp32 member.
-The artifacts are registered in FAMILY_DIR's manifest, as `hetero export` would.
+The artifacts are registered in FAMILY_DIR's manifest, as `hetero export` would.  One record per profile
+and member (``benchmarks/results/export_profiles/<family>-<profile>-<member>.json``) with the row's figures
+(or the converter's error).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import records  # noqa: E402
+
+FIGURES = ("runtime", "precision", "scheme", "mb", "convert_s", "min_cosine", "mean_cosine", "top1", "torch_top1",
+           "drop", "target")
 
 
 def target(precision: str, row: dict) -> str:
@@ -34,7 +41,6 @@ def main(argv=None) -> int:
     parser.add_argument("--member", action="append", help="edge member (default: every edge member)")
     parser.add_argument("--images", type=int, default=256, help="held-out query images (default 256)")
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
     from hetero.exporter import export_member
@@ -56,6 +62,9 @@ def main(argv=None) -> int:
                     artifact = export_member(store, member, profile, allow_over_budget=True)
                 except Exception as err:  # report and go on: one failing converter must not hide the others
                     failures.append(f"{member}@{profile.name}: {err}")
+                    records.write("export_profiles", records.key_of(store.name, profile.name, member),
+                                  {"exported": False, "error": " ".join(str(err).split())[:300]},
+                                  wall_s=time.perf_counter() - started, family=records.relative(args.dir))
                     continue
                 wall = time.perf_counter() - started
                 exported[(profile.name, member)] = {**artifact.model_dump(), "wall_seconds": wall}
@@ -71,6 +80,7 @@ def main(argv=None) -> int:
         rows.append({**row, "precision": by_profile[row["profile"]].precision,
                      "scheme": quantization.get("scheme", "-"), "mb": artifact["bytes"] / 2**20,
                      "convert_s": artifact["export_seconds"],
+                     "drop": None if row["top1"] is None else row["torch_top1"] - row["top1"],
                      "target": target(by_profile[row["profile"]].precision, row)})
 
     def num(value, fmt):
@@ -82,10 +92,9 @@ def main(argv=None) -> int:
               "top-1 via file", "torch top-1", "drop", "target")
     lines = [header]
     for r in rows:
-        drop = None if r["top1"] is None else r["torch_top1"] - r["top1"]
         lines.append((r["profile"], r["member"], r["runtime"], r["precision"], r["scheme"], num(r["mb"], "{:.3f}"),
                       num(r["convert_s"], "{:.1f}"), num(r["min_cosine"], "{:.6f}"), num(r["mean_cosine"], "{:.6f}"),
-                      num(r["top1"], "{:.4f}"), num(r["torch_top1"], "{:.4f}"), num(drop, "{:+.4f}"), r["target"]))
+                      num(r["top1"], "{:.4f}"), num(r["torch_top1"], "{:.4f}"), num(r["drop"], "{:+.4f}"), r["target"]))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
@@ -96,8 +105,11 @@ def main(argv=None) -> int:
         print(f"\nnumeric checks skipped on this host (runtime unavailable): {', '.join(skipped)}")
     for failure in failures:
         print(f"\nexport FAILED: {failure}")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "failures": failures}, indent=2, default=str))
+    for r in rows:
+        records.write("export_profiles", records.key_of(store.name, r["profile"], r["member"]),
+                      {"exported": True, **{k: r[k] for k in FIGURES}},
+                      wall_s=exported[(r["profile"], r["member"])]["wall_seconds"], family=records.relative(args.dir),
+                      images=args.images, host=report["host"])
     return 1 if failures or any(r["target"] == "MISS" for r in rows) else 0
 
 

@@ -16,6 +16,9 @@ phase's seconds (the cache row also shows the cache build).  The rows train one 
     python benchmarks/external_cloud.py runs/omniglot                 # ~1 h on 2 CPU cores
     python benchmarks/external_cloud.py runs/omniglot --quick         # 3 edge epochs, 2 views: ~5 min
     python benchmarks/external_cloud.py runs/omniglot --keep runs/byo --rows unlabeled cached
+
+One record per row (``benchmarks/results/external_cloud/<family>-<row>[-quick].json``, row: native, unlabeled,
+cached, adapter-procrustes, adapter-affine-rank<r>) with the columns above.
 """
 from __future__ import annotations
 
@@ -25,14 +28,17 @@ import hashlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import records  # noqa: E402
 from hetero.config import parse_config  # noqa: E402
 from hetero.evaluate import evaluate  # noqa: E402
-from hetero.maths import compatibility_matrix
+from hetero.maths import compatibility_matrix  # noqa: E402
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.training import train  # noqa: E402
 
@@ -106,13 +112,25 @@ def median_epoch_seconds(store: FamilyStore, first_epoch: int = 1) -> float:
     return round(statistics.median(steps), 1) if steps else 0.0
 
 
-def summary(name: str, store: FamilyStore, report: dict, seconds: float, extra: dict | None = None,
+def summary(key: str, name: str, store: FamilyStore, report: dict, seconds: float, extra: dict | None = None,
             first_epoch: int = 1) -> dict:
-    return {"row": name, "dir": str(store.root), "space_id": store.space_id,
+    return {"key": key, "row": name, "dir": str(store.root), "space_id": store.space_id,
             "median_epoch_seconds": median_epoch_seconds(store, first_epoch),
             "edges": {e: round(v["edge_vs_cloud_top1"], 4) for e, v in report["edges"].items()},
             "cloud_cloud": round(report["matrix"][report["cloud"]][report["cloud"]]["top1"], 4),
             "label_free": report.get("label_free"), "edge_phase_seconds": round(seconds, 1), **(extra or {})}
+
+
+def write_record(row: dict, native: FamilyStore, args, epochs: int, views: int) -> Path:
+    """The row's record, written as soon as the row is measured (a long run stopped midway keeps its rows)."""
+    figures = {"edge_vs_cloud_top1": row["edges"], "cloud_cloud_top1": row["cloud_cloud"],
+               "label_free_agreement_top1": {e: v["agreement_top1"] for e, v in row["label_free"].items()}
+               if row.get("label_free") else None,
+               "edge_phase_s": row["edge_phase_seconds"], "median_epoch_s": row["median_epoch_seconds"]}
+    extra = {k: row[k] for k in ("space_id", "teacher_cache", "adapter") if k in row}
+    return records.write("external_cloud", records.key_of(native.name, row["key"], quick=args.quick), figures,
+                         wall_s=row["wall_s"], seeds=[native.config().train.seed], quick=args.quick, row=row["row"],
+                         family=records.relative(args.family), edge_epochs=epochs, views=views, **extra)
 
 
 def train_row(config: dict, out: Path) -> FamilyStore:
@@ -126,8 +144,8 @@ def adapter_rows(store: FamilyStore, report: dict, rank: int) -> list[dict]:
     from hetero.adapters import fit_affine
     from hetero.models import add_adapter, embed_images
 
-    rows = [summary("adapter: Procrustes on independently trained edges", store, report, edge_seconds(store),
-                    {"adapter": {m.name: m.adapter for m in store.edges}})]
+    rows = [summary("adapter-procrustes", "adapter: Procrustes on independently trained edges", store, report,
+                    edge_seconds(store), {"adapter": {m.name: m.adapter for m in store.edges}})]
     split = store.split()
     cloud = store.load_member(store.cloud.name)
     train_images, test_images = split.train.floats(), split.test.floats()
@@ -141,7 +159,8 @@ def adapter_rows(store: FamilyStore, report: dict, rank: int) -> list[dict]:
         embeddings[edge.name] = embed_images(member, test_images)
     matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
     cloud_name = store.cloud.name
-    rows.append({"row": f"adapter: affine, rank {rank}, same edges", "dir": str(store.root),
+    rows.append({"key": f"adapter-affine-rank{rank}", "row": f"adapter: affine, rank {rank}, same edges",
+                 "dir": str(store.root),
                  "edges": {e.name: round(matrix[e.name][cloud_name]["top1"], 4) for e in store.edges},
                  "cloud_cloud": round(matrix[cloud_name][cloud_name]["top1"], 4), "label_free": None,
                  "edge_phase_seconds": rows[0]["edge_phase_seconds"],
@@ -157,10 +176,11 @@ def main(argv=None) -> int:
     parser.add_argument("--edge-epochs", type=int, help="edge epochs of every row (default: the family's own)")
     parser.add_argument("--views", type=int, default=8, help="teacher cache views per image (default 8)")
     parser.add_argument("--rank", type=int, default=32, help="rank of the affine adapter (default 32)")
-    parser.add_argument("--quick", action="store_true", help="3 edge epochs and 2 views: checks the rows run")
+    parser.add_argument("--quick", action="store_true", help="3 edge epochs and 2 views: checks the rows run (a "
+                                                             "smoke test, never a result)")
     parser.add_argument("--keep", help="train the rows into this directory (a second run reuses finished rows)")
-    parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     native = FamilyStore.open(args.family)
     base = native.config().to_dict()
@@ -176,9 +196,12 @@ def main(argv=None) -> int:
     history = native.manifest.training.history
     cloud_phase_end = next((h.seconds for h in history if h.epoch == base["train"]["epochs"]), 0.0)
     native_edges = history[-1].seconds - cloud_phase_end if history else 0.0
-    rows = [summary(f"native: labeled, cloud trained in torch ({base['train']['edge_epochs']} edge epochs)", native,
-                    native_report, native_edges, first_epoch=base["train"]["epochs"] + 2)]
+    rows = [summary("native", f"native: labeled, cloud trained in torch ({base['train']['edge_epochs']} edge epochs)",
+                    native, native_report, native_edges, first_epoch=base["train"]["epochs"] + 2)]
+    rows[0]["wall_s"] = time.perf_counter() - started
+    write_record(rows[0], native, args, epochs, views)
     for name in args.rows:
+        started, before = time.perf_counter(), len(rows)
         out = work / f"row-{name}"
         if name == "unlabeled":
             store = train_row(row_config(base, cloud, images, epochs), out)
@@ -195,7 +218,10 @@ def main(argv=None) -> int:
             label = {"unlabeled": "unlabeled, ONNX cloud", "cached": f"unlabeled, ONNX cloud, teacher cache ({views} "
                                                                      f"views)"}[name]
             extra = {"teacher_cache": store.manifest.training.teacher_cache} if name == "cached" else {}
-            rows.append(summary(label, store, report, edge_seconds(store), extra))
+            rows.append(summary(name, label, store, report, edge_seconds(store), extra))
+        for row in rows[before:]:  # the adapter's two rows share their training
+            row["wall_s"] = time.perf_counter() - started
+            write_record(row, native, args, epochs, views)
         print(json.dumps(rows[-1]), flush=True)
 
     edges = list(rows[0]["edges"])
@@ -208,8 +234,6 @@ def main(argv=None) -> int:
         scores = " | ".join(f"{row['edges'][e]:.3f}" for e in edges)
         print(f"| {row['row']} | {scores} | {row['cloud_cloud']:.3f} | {agreement} | {row['edge_phase_seconds']:,.0f} | "
               f"{row['median_epoch_seconds']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

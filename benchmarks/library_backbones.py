@@ -8,11 +8,13 @@ architecture x profile table: `ok`, `FAIL (check)` when the file does not verify
     python benchmarks/library_backbones.py                         # the default edges below, ~15 min
     python benchmarks/library_backbones.py --edges timm/resnet10t --profiles server-onnx-fp32
     python benchmarks/library_backbones.py --config examples/timm_family.yaml --epochs 6
+
+One record per architecture (``benchmarks/results/library_backbones/<config or procedural>-<arch>.json``): its
+M[edge][cloud] in the small family, and its cell of the table per profile.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import records  # noqa: E402
 
 DEFAULT_EDGES = ["timm/resnet10t", "timm/resnet14t", "torchvision/resnet18", "timm/mobilenetv3_small_100",
                  "torchvision/mobilenet_v3_small", "timm/efficientnet_b0"]
@@ -42,7 +47,6 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of the small family (default 4)")
     parser.add_argument("--profiles", nargs="+", help="device profiles (default: every built-in one)")
     parser.add_argument("--out", help="family directory (default: a temporary one)")
-    parser.add_argument("--json", help="write the table to this JSON file")
     args = parser.parse_args(argv)
 
     from hetero.config import load_config, parse_config
@@ -61,11 +65,13 @@ def main(argv=None) -> int:
     store = FamilyStore.open(out) if (out / "manifest.json").is_file() else train(config, out, progress=False,
                                                                                     overwrite=True)
     report = evaluate(store)
-    print(f"trained {store.name} in {time.perf_counter() - started:.0f} s: M[edge][cloud] "
+    trained = time.perf_counter() - started
+    print(f"trained {store.name} in {trained:.0f} s: M[edge][cloud] "
           + ", ".join(f"{e} {r['edge_vs_cloud_top1']:.3f}" for e, r in report["edges"].items()), flush=True)
     profiles = [load_profile(p) for p in args.profiles] if args.profiles else all_profiles()
     table: dict[str, dict[str, str]] = {}
     for edge in store.edges:
+        began = time.perf_counter()
         for profile in profiles:
             try:
                 with store.lock("export"):
@@ -93,13 +99,17 @@ def main(argv=None) -> int:
                 cell += f", over the {'/'.join(over)} budget"
             table.setdefault(edge.arch, {})[profile.name] = cell
             print(f"{edge.arch} @ {profile.name}: {cell}", flush=True)
+        figures = {"edge_vs_cloud_top1": report["edges"][edge.name]["edge_vs_cloud_top1"],
+                   "profiles": table.get(edge.arch, {}), "family_train_s": trained}
+        records.write("library_backbones", records.key_of(Path(args.config).stem if args.config else "procedural",
+                                                          edge.arch), figures,
+                      wall_s=time.perf_counter() - began, recipe=records.relative(args.config),
+                      overrides=[f"train.epochs={args.epochs}"], seeds=[config.train.seed], epochs=args.epochs)
     print(f"\n| architecture | {' | '.join(p.name for p in profiles)} |")
     print("| --- |" + " --- |" * len(profiles))
     for arch, row in table.items():
         print(f"| {arch} | {' | '.join(row.get(p.name, '-') for p in profiles)} |")
     print(f"\n{time.perf_counter() - started:.0f} s in all")
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
     return 0
 
 

@@ -19,11 +19,12 @@ the mean over `--seeds` seeds and its spread (max - min).
     python benchmarks/lqf_update.py              # the README's Omniglot members (leaky ReLU), long
 
 --work DIR keeps the data folders and the old family there, so later runs reuse the (expensive) old family.
+One record per method, rewritten after every round of seeds
+(``benchmarks/results/lqf_update/<method>-<passes>passes[-quick].json``): each figure's mean and spread.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,11 +34,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import records  # noqa: E402
 from hetero.config import parse_config  # noqa: E402
 from hetero.data import OMNIGLOT_TEST_ALPHABETS, load_split, read_image_tree  # noqa: E402
 from hetero.evaluate import backward_summary  # noqa: E402
-from hetero.maths import compatibility_matrix, top1_correct
+from hetero.maths import compatibility_matrix, top1_correct  # noqa: E402
 from hetero.family import FamilyStore  # noqa: E402
 from hetero.training.lqf import load_linearised  # noqa: E402
 from hetero.models import embed_images  # noqa: E402
@@ -121,31 +124,51 @@ class LinearisedStore:
         return self.models[name]
 
 
+def method_figures(runs: list[dict]) -> dict:
+    """A method's figures over its runs (one per seed): the mean and the spread (max - min) of each."""
+    def stat(values):
+        return {"mean": statistics.mean(values), "spread": max(values) - min(values)}
+
+    return {"korean_top1": {n: stat([r["korean"][n] for r in runs]) for n in runs[0]["korean"]},
+            "new_vs_old_top1": stat([r["new_vs_old"] for r in runs]), "old_vs_old_top1": runs[0]["old_vs_old"],
+            "negative_flip_rate": stat([r["nfr"] for r in runs]),
+            "edges_vs_old_top1": statistics.mean(statistics.mean(r["edges_vs_old"].values()) for r in runs),
+            "train_s": statistics.mean(r["seconds"] for r in runs)}
+
+
 def report(rows: dict, names: list[str], title: str) -> None:
-    def cell(values):
-        return f"{statistics.mean(values):.3f} ({max(values) - min(values):.3f})"
+    def cell(stat):
+        return f"{stat['mean']:.3f} ({stat['spread']:.3f})"
 
     print(f"\n{title}")
     print(f"{'method':24} " + " ".join(f"{'Korean top-1 ' + n:>22}" for n in names) +
           f" {'M[new][old]':>16} {'M[old][old]':>11} {'NFR vs old':>16} {'edges vs old':>14} {'s/run':>6}")
     for method, runs in rows.items():
-        edges = [statistics.mean(r["edges_vs_old"].values()) for r in runs]
-        print(f"{method:24} " + " ".join(f"{cell([r['korean'][n] for r in runs]):>22}" for n in names) +
-              f" {cell([r['new_vs_old'] for r in runs]):>16} {runs[0]['old_vs_old']:11.3f} "
-              f"{cell([r['nfr'] for r in runs]):>16} {statistics.mean(edges):14.3f} "
-              f"{statistics.mean(r['seconds'] for r in runs):6.0f}", flush=True)
+        got = method_figures(runs)
+        print(f"{method:24} " + " ".join(f"{cell(got['korean_top1'][n]):>22}" for n in names) +
+              f" {cell(got['new_vs_old_top1']):>16} {got['old_vs_old_top1']:11.3f} "
+              f"{cell(got['negative_flip_rate']):>16} {got['edges_vs_old_top1']:14.3f} {got['train_s']:6.0f}",
+              flush=True)
+
+
+def write_records(rows: dict, args, passes: int) -> None:
+    """One record per method, over the seeds done so far (rewritten after every round)."""
+    for method, runs in rows.items():
+        records.write("lqf_update", records.key_of(method, f"{passes}passes", quick=args.quick),
+                      method_figures(runs), wall_s=sum(r["seconds"] for r in runs), seeds=list(range(len(runs))),
+                      quick=args.quick, method=method, passes=passes, lr=args.lr, compat_weight=args.compat_weight)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced recipe (QUICK) for the old family")
+    parser.add_argument("--quick", action="store_true", help="reduced recipe (QUICK) for the old family: a smoke "
+                                                             "test, never a result")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the update set (default: 10, "
                         "--quick 5)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the fine-tuning baselines")
     parser.add_argument("--compat-weight", type=float, default=0.0, help="LQF's compat term to the old cloud")
     parser.add_argument("--work", help="keep data and the old family here (reused when present)")
-    parser.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args()
     recipe = QUICK if args.quick else FULL
     epochs = args.epochs or recipe["passes"]
@@ -202,10 +225,9 @@ def main() -> None:
                         seconds=seconds))
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
             report(rows, names, title + f" (after seed {seed})")
+            write_records(rows, args, epochs)
 
     report(rows, names, title)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

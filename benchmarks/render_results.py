@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -141,7 +140,8 @@ def records_table(found: list[dict]) -> str:
     rows = []
     for record in found:
         figures = "<br>".join(f"{cell(name)}: {number(value)}" for name, value in flatten(record["figures"]))
-        details = "<br>".join(f"{cell(k)}: {number(v)}" for k, v in record.items() if k not in KNOWN)
+        details = "<br>".join(f"{cell(name)}: {number(value)}"
+                              for name, value in flatten({k: v for k, v in record.items() if k not in KNOWN}))
         rows.append([f"`{record['key']}`", status_cell(record), cell(record.get("date", "-")), commit(record),
                      machine(record), number(record.get("seeds")), number(record.get("wall_s")),
                      figures or "-", details or "-"])
@@ -157,12 +157,8 @@ def seed_summary(folder: Path, quick: bool) -> list[dict]:
         return []  # nothing to summarise: spare the import of recipe_seeds (and torch)
     import recipe_seeds
 
-    before = records.RESULTS
-    records.RESULTS = folder
-    try:
+    with records.results_in(folder):
         return recipe_seeds.summary(quick)
-    finally:
-        records.RESULTS = before
 
 
 def measured_on(folder: Path) -> str:
@@ -226,6 +222,10 @@ def render_page(found: dict[str, list[dict]], folder: Path) -> str:
             out += seeds_section(folder)
         if rows:
             out += [f"Records ({len(rows)}):\n", records_table(rows)]
+    waiting = [script.name for script in records.benchmark_scripts() if script.stem not in found]
+    if waiting:
+        out += ["## Not measured yet\n", "These benchmarks write records, but none is here yet (each script's "
+                "`--help` gives its commands): " + ", ".join(f"`{name}`" for name in waiting) + ".\n"]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -255,7 +255,7 @@ def replace_block(text: str, block: str, where: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the page or the README block is out of date")
-    parser.add_argument("--results", type=Path, default=Path(os.environ.get("HETERO_RESULTS_DIR", records.RESULTS)),
+    parser.add_argument("--results", type=Path, default=records.results_dir(),
                         help="the records folder (default: $HETERO_RESULTS_DIR, else benchmarks/results/)")
     parser.add_argument("--page", type=Path, default=PAGE, help="the results page to write (default: docs/results.md)")
     parser.add_argument("--readme", type=Path, default=README, help="the README whose block to rewrite")

@@ -14,6 +14,9 @@ Latency is the median wall time of one batch-1 call; throughput is images/s of o
 batch artifacts are called once per image, as a device would).  The int8 numbers here are speed only:
 accuracy of quantised artifacts is `hetero verify`'s job.  Threads: torch and onnxruntime both use
 --threads (default 1).
+
+One record per member (``benchmarks/results/runtime_latency/<family or config>-<member>-<threads>threads.json``):
+per runtime its batch-1 ms, batch-32 images/s and both against torch.
 """
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import records  # noqa: E402
 
 
 def _export_onnx(model, path: Path, metadata: dict) -> Path:
@@ -125,6 +132,7 @@ def main(argv=None) -> None:
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, meta in members:
+            started, skipped = time.perf_counter(), {}
             size = meta["input_size"]
             rng = np.random.default_rng(0)
             calib = rng.random((args.calibration, 3, size, size), dtype=np.float32)
@@ -146,6 +154,7 @@ def main(argv=None) -> None:
                                                                 load_profile(artifact.profile).verify.runtime)
                 except Exception as err:  # e.g. CoreML on Linux: say so, keep timing the others
                     print(f"{name:<8} | {label[:28]:<28} | skipped: {type(err).__name__}: {str(err)[:60]}")
+                    skipped[label] = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
                     continue
                 runtimes[label] = runtime.embed
             one = rng.random((1, 3, size, size), dtype=np.float32)
@@ -157,10 +166,19 @@ def main(argv=None) -> None:
                     times[label][1].append(_time(fn, many, warmup=1 if not times[label][1] else 0))
             base1 = statistics.median(times["torch eager fp32"][0])
             base32 = statistics.median(times["torch eager fp32"][1])
+            figures = {}
             for label, (b1, b32) in times.items():
                 t1, t32 = statistics.median(b1), statistics.median(b32)
                 print(f"{name:<8} | {label[:28]:<28} | {t1 * 1e3:>10.3f} | {32 / t32:>14,.0f} | "
                       f"{base1 / t1:>10.2f}x | {base32 / t32:>11.2f}x")
+                figures[label] = {"batch1_ms": t1 * 1e3, "batch32_images_per_s": 32 / t32,
+                                  "batch1_vs_torch": base1 / t1, "batch32_vs_torch": base32 / t32}
+            source = Path(args.family).name if args.family else Path(args.config).stem
+            records.write("runtime_latency", records.key_of(source, name, f"{args.threads}threads"),
+                          {**figures, **({"skipped": skipped} if skipped else {})},
+                          wall_s=time.perf_counter() - started, recipe=records.relative(args.config),
+                          family=records.relative(args.family), runs=args.runs, threads=args.threads,
+                          calibration=args.calibration)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak resident memory of this process: {peak:,.0f} MB")
 

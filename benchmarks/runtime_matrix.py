@@ -11,12 +11,14 @@
    the profile declares, and verify: one row per profile x runtime version, timed as a whole.
 
 Prints Markdown tables: the environments, the caught failure, and the matrix (min cosine to torch, top-1
-via the artifact against the cloud gallery, status), then the harness's wall time.
+via the artifact against the cloud gallery, status), then the harness's wall time.  Records
+(``benchmarks/results/runtime_matrix/``): one per matrix row (``<family>-matrix-<profile>-<member>-<runtime>``)
+and per caught-failure row (``<family>-caught-<member>-<runtime>``), and ``<family>-harness`` with the
+environments' creation seconds, the matrix's wall time and the exports skipped.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -25,6 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import records  # noqa: E402
+
+QUICKSTART = "examples/quickstart.yaml"
 
 
 def ensure_environments() -> list[dict]:
@@ -128,21 +135,39 @@ def quick_family(work: Path) -> Path:
     from hetero.training import train
 
     out = work / "quickstart"
-    evaluate(train(load_config(ROOT / "examples" / "quickstart.yaml"), out, progress=False))
+    evaluate(train(load_config(ROOT / QUICKSTART), out, progress=False))
     return out
+
+
+def write_records(family: str, args, environments: list[dict], caught: list[dict], rows: list[dict],
+                  seconds: float, problems: list[str], wall_s: float) -> None:
+    """A record per row of both tables, and one for the harness (all from the same run: its wall time)."""
+    figures = ("scheme", "fallback_reason", "min_cosine", "top1", "torch_top1", "status", "skipped")
+    common = {"wall_s": wall_s, "quick": args.quick, "recipe": QUICKSTART if args.quick else None,
+              "family": None if args.quick else records.relative(args.dir)}
+    for table_name, found in (("matrix", rows), ("caught", caught)):
+        for r in found:
+            parts = (family, table_name, r["profile"] if table_name == "matrix" else None, r["member"], r["runtime"])
+            records.write("runtime_matrix", records.key_of(*parts, quick=args.quick), {k: r[k] for k in figures},
+                          profile=r["profile"], member=r["member"], runtime=r["runtime"], **common)
+    records.write("runtime_matrix", records.key_of(family, "harness", quick=args.quick),
+                  {"matrix_verify_s": seconds, "matrix_runs": len(rows), "exports_skipped": problems,
+                   "environment_created_s": {env["environment"]: env["created_seconds"] for env in environments}},
+                  **common)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", type=Path, help="trained, evaluated family directory (left unchanged: "
                                                           "the benchmark works on a copy)")
-    parser.add_argument("--quick", action="store_true", help="train the quickstart family instead")
+    parser.add_argument("--quick", action="store_true", help="train the quickstart family instead (a smoke "
+                                                             "test, never a result)")
     parser.add_argument("--member", default=None, help="member for the caught-failure rows (default: the "
                                                        "first edge)")
-    parser.add_argument("--json", type=Path, help="also write everything as JSON here")
     args = parser.parse_args(argv)
     if not args.dir and not args.quick:
         parser.error("give a family DIR or --quick")
+    began = time.perf_counter()
 
     environments = ensure_environments()
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,6 +177,7 @@ def main(argv=None) -> int:
         member = args.member or store.edges[0].name
         caught = caught_failure(store, member, work)
         rows, seconds, problems = matrix(other)
+        family = store.name
 
     print("\nIsolated runtime environments (created once; seconds from each environment's record)\n")
     print("| environment | Python | creation s |\n| --- | --- | ---: |")
@@ -167,9 +193,7 @@ def main(argv=None) -> int:
     for problem in problems:
         print(f"\nexport skipped: {problem}")
     print(f"\nharness wall time for the matrix: {seconds:.1f} s ({len(rows)} runs, 10 latency runs each)")
-    if args.json:
-        args.json.write_text(json.dumps({"environments": environments, "caught": caught, "matrix": rows,
-                                         "seconds": seconds, "problems": problems}, indent=2, default=str))
+    write_records(family, args, environments, caught, rows, seconds, problems, time.perf_counter() - began)
     return 0
 
 

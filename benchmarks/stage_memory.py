@@ -6,12 +6,12 @@
 Each stage runs in a fresh Python process (`hetero.cli.main` with the stage's arguments), which reports its
 own peak RSS, so one stage's allocations never hide another's.  The stages are those a user runs: train,
 eval, export to each profile, verify, gallery build and gallery search.  Memory depends little on load;
-wall time does, so each figure is the median of --repeats runs of the stage.
+wall time does, so each figure is the median of --repeats runs of the stage.  One record per config
+(``benchmarks/results/stage_memory/<config>.json``): each stage's peak RSS and wall time.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import records  # noqa: E402
+
 OMNIGLOT_ZIP = ROOT.parent / "shared" / "data" / "omniglot" / "images_background_small2.zip"
 PROFILES = ["server-onnx-fp32", "rpi-onnx-int8", "android-litert-fp16", "android-litert-int8",
             "android-executorch-fp32", "iphone-coreml-fp16"]
@@ -51,8 +54,8 @@ def main() -> None:
     parser.add_argument("--gallery-images", default=str(OMNIGLOT_ZIP), help="folder or .zip for the gallery stages")
     parser.add_argument("--profiles", nargs="+", default=PROFILES)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each stage (median wall time)")
-    parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
+    began = time.perf_counter()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,8 +81,12 @@ def main() -> None:
     print(f"{'stage':36} {'peak RSS MiB':>12} {'wall s':>8}")
     for row in rows:
         print(f"{row['stage']:36} {row['peak_rss_mib']:12.0f} {row['seconds']:8.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    figures = {row["stage"]: {"peak_rss_mib": row["peak_rss_mib"], "wall_s": row["seconds"]} for row in rows}
+    path = records.write("stage_memory", records.key_of(Path(args.config).stem), figures,
+                         wall_s=time.perf_counter() - began, recipe=records.relative(args.config),
+                         repeats=args.repeats, profiles=args.profiles,
+                         gallery_images=records.relative(args.gallery_images))
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ cores); it gives the cloud (frozen, or the supernet's start) and the hand-picked
 Prints Markdown tables and writes OUT/results.json (`--tables` prints them again).  Wall time on 2 cores:
 about 12 min per design and seed at 6 epochs (search, eval, export, verify), plus the fine-tuning asked for
 (about 4 min per 5 epochs); --quick (2 epochs, both designs) about 20 min.
+
+Records (``benchmarks/results/student_search/``): one per run (``<design>-<schedule>-seed<s>-e<epochs>[-ft<n>]``)
+with each target's chosen student and its figures, ``reference-<dir>`` with the hand-picked family's, and
+``separate-epoch`` with the unit cost of training one candidate alone.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 HETERO = [sys.executable, "-m", "hetero"]
 PROFILE = "rpi-onnx-int8"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import records  # noqa: E402
 
 
 def search_config(reference: Path, design: str, seed: int, epochs: int, hand_picked: dict, schedule: str) -> dict:
@@ -137,7 +143,8 @@ def main() -> None:
     parser.add_argument("--schedule", default="sandwich", choices=["sandwich", "progressive"])
     parser.add_argument("--fine-tune", type=int, default=0, help="also fine-tune each chosen student this many "
                                                                  "epochs (a copy of the run, resumed)")
-    parser.add_argument("--quick", action="store_true", help="seed 0 only, 2 supernet epochs")
+    parser.add_argument("--quick", action="store_true", help="seed 0 only, 2 supernet epochs: a smoke test, never "
+                                                             "a result")
     parser.add_argument("--tables", action="store_true", help="only print the tables of OUT/results.json")
     args = parser.parse_args()
     if args.tables:
@@ -145,6 +152,7 @@ def main() -> None:
         return
     if args.quick:
         args.seeds, args.epochs = [0], 2
+    began = time.perf_counter()
     reference = args.reference
     if not (reference / "report.json").is_file():
         sys.exit(f"{reference}: no evaluated reference family; run `hetero train examples/omniglot.yaml --out "
@@ -167,6 +175,7 @@ def main() -> None:
                 run = run_search(args.out / name, config, log)
                 results["runs"][name] = {**summarise(run, design, seed), "schedule": args.schedule,
                                          "epochs": args.epochs}
+                write_record(name, results["runs"][name], args)
                 if args.fine_tune:  # the same supernet and candidates, then each chosen student fine-tuned
                     tuned = f"{name}-ft{args.fine_tune}"
                     if not (args.out / tuned).exists():
@@ -179,12 +188,27 @@ def main() -> None:
                     base, extra = results["runs"][name]["timing"], results["runs"][tuned]["timing"]
                     if base and extra:  # the fine-tuned run's cost includes its supernet and search
                         results["runs"][tuned]["timing"] = {k: base[k] + extra[k] for k in base}
+                    write_record(tuned, results["runs"][tuned], args)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if "separate_epoch" not in results:
         first = next(iter(results["runs"]))
         results["separate_epoch"] = separate_epoch_seconds(args.out / f"{first}.yaml")
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        records.write("student_search", records.key_of("separate-epoch", quick=args.quick), results["separate_epoch"],
+                      wall_s=results["separate_epoch"]["wall_s"], quick=args.quick)
+    records.write("student_search", records.key_of("reference", reference.name, quick=args.quick),
+                  results["reference"], wall_s=time.perf_counter() - began, quick=args.quick,
+                  reference=records.relative(reference))
     print_tables(results, args)
+
+
+def write_record(name: str, run: dict, args) -> Path:
+    """One run's record: each target's chosen student with its figures, the paragon, and the search's cost."""
+    figures = {k: run[k] for k in ("paragon", "students", "visited", "supernet_seconds", "timing")}
+    return records.write("student_search", records.key_of(name, quick=args.quick), figures,
+                         wall_s=(run["timing"] or {}).get("wall_s", 0.0), seeds=[run["seed"]], quick=args.quick,
+                         design=run["design"], schedule=run["schedule"], epochs=run["epochs"],
+                         fine_tune=run.get("fine_tune", 0), reference=records.relative(args.reference))
 
 
 def reference_seconds(reference: Path) -> dict:

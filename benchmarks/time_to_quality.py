@@ -16,6 +16,10 @@ the epochs of the recipe it belongs to (the earlier recipe's 30 + 60, or the cur
 recipes: trains examples/omniglot.yaml as it was (the "earlier" overrides below) and as it is, one after
 the other, evaluates both on the test split and prints M[cloud][cloud], M[edge][cloud] and the training
 wall seconds of each.  Two full trainings take about 40 minutes on a quiet 2-core machine.
+
+Records (``benchmarks/results/time_to_quality/``): one per lever (``<config>-levers-<lever>``), per scaling
+case (``<config>-scaling-<images>images-<edges>edges``) and per recipe (``<config>-recipes-<name>[-quick]``),
+each with its overrides of the config as the recipe's.
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ import torch
 from hetero.config import load_config  # dotted overrides (--set), validated like a config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import records  # noqa: E402
+
+BENCHMARK = "time_to_quality"
 OMNIGLOT = ROOT / "examples" / "omniglot.yaml"
 # examples/omniglot.yaml before the time-to-quality work: per-image augmentation, 30 + 60 epochs, no cache.
 EARLIER = ["data.augment_batched=false", "train.epochs=30", "train.edge_epochs=60", "train.teacher_cache=null"]
@@ -53,7 +61,7 @@ class Timed:
     def __init__(self, name: str, overrides: list[str], split, out: Path, config_path: str):
         from hetero.training import TrainingRun
 
-        self.name, self.config = name, load_config(config_path, overrides)
+        self.name, self.overrides, self.config = name, overrides, load_config(config_path, overrides)
         self.run = TrainingRun(self.config, out, split, progress=False)
         self.step_seconds: dict[int, list[float]] = {0: [], 1: []}
         self.one_off = 0.0
@@ -89,6 +97,13 @@ class Timed:
     def recipe_seconds(self) -> float:
         return sum(self.epoch_seconds(p) * epochs for p, (_, epochs) in enumerate(self.run.phases)) + self.one_off
 
+    def figures(self) -> dict:
+        phases = self.run.phases
+        return {"batch": self.run.batch_size, "epochs": [e for _, e in phases], "one_off_s": self.one_off,
+                "cloud_phase_s_per_epoch": self.epoch_seconds(0),
+                "edge_phase_s_per_epoch": self.epoch_seconds(1) if len(phases) > 1 else None,
+                "recipe_s": self.recipe_seconds()}
+
 
 def time_side_by_side(levers: dict[str, list[str]], config_path: str, split, steps: int, rounds: int,
                       warmup: int, tmp: Path) -> list[Timed]:
@@ -109,7 +124,7 @@ def interleave(timed: list[Timed], steps: int, rounds: int, warmup: int) -> None
                 lever.steps(phase, steps)
 
 
-def print_levers(timed: list[Timed], console) -> None:
+def print_levers(timed: list[Timed], console, config_path: str, wall_s: float) -> None:
     from rich.table import Table
 
     base = timed[0].recipe_seconds()
@@ -118,12 +133,22 @@ def print_levers(timed: list[Timed], console) -> None:
                    "recipe s", "vs earlier"):
         table.add_column(column, justify="left" if column == "lever" else "right")
     for lever in timed:
-        phases = lever.run.phases
-        table.add_row(lever.name, str(lever.run.batch_size),
-                      *(f"{lever.epoch_seconds(p):.1f}" if p < len(phases) else "-" for p in (0, 1)),
-                      f"{lever.one_off:.0f}", " + ".join(str(e) for _, e in phases),
-                      f"{lever.recipe_seconds():.0f}", f"{base / lever.recipe_seconds():.2f}x")
+        figures = {**lever.figures(), "vs_earlier": base / lever.recipe_seconds()}
+        table.add_row(lever.name, str(figures["batch"]),
+                      *("-" if s is None else f"{s:.1f}" for s in (figures["cloud_phase_s_per_epoch"],
+                                                                     figures["edge_phase_s_per_epoch"])),
+                      f"{lever.one_off:.0f}", " + ".join(map(str, figures["epochs"])),
+                      f"{figures['recipe_s']:.0f}", f"{figures['vs_earlier']:.2f}x")
+        write_record(config_path, ["levers", lever.name], figures, wall_s, lever.overrides)
     console.print(table)
+
+
+def write_record(config_path: str, cell: list, figures: dict, wall_s: float, overrides: list[str],
+                 quick: bool = False, **extra) -> Path:
+    """A record of one lever, scaling case or recipe, named by the config and the cell."""
+    return records.write(BENCHMARK, records.key_of(Path(config_path).stem, *cell, quick=quick), figures,
+                         wall_s=wall_s, recipe=records.relative(config_path), overrides=overrides, quick=quick,
+                         **extra)
 
 
 def doubled(split):
@@ -167,6 +192,12 @@ def recipes(config_path: str, quick: bool, tmp: Path, console) -> None:
         seconds = time.perf_counter() - started
         report = evaluate(store)
         rows.append((name, config, seconds, report))
+        matrix, cloud = report["matrix"], report["cloud"]
+        write_record(config_path, ["recipes", name], {
+            "epochs": [config.train.epochs, config.train.edge_epochs], "train_s": seconds,
+            "cloud_cloud_top1": matrix[cloud][cloud]["top1"],
+            "edge_vs_cloud_top1": {m: matrix[m][cloud]["top1"] for m in matrix if m != cloud}},
+            time.perf_counter() - started, overrides, quick=quick, seeds=[config.train.seed])
     table = Table(title="Recipes, trained one after the other" + (" (--quick: a sixth of the epochs)" if quick else ""))
     for column in ("recipe", "epochs", "train s", "M[cloud][cloud]", "M[edge][cloud] per edge"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
@@ -206,14 +237,14 @@ def main(argv=None) -> int:
             if args.mode == "levers":
                 levers = {**LEVERS, **(COMPILE if args.compile else {})}
                 timed = time_side_by_side(levers, args.config, split, args.steps, args.rounds, args.warmup, tmp)
-                print_levers(timed, console)
+                print_levers(timed, console, args.config, time.time() - began)
             else:
-                scaling(args, split, tmp, console)
+                scaling(args, split, tmp, console, began)
     console.print(f"took {time.time() - began:.0f} s on {torch.get_num_threads()} threads")
     return 0
 
 
-def scaling(args, split, tmp: Path, console) -> None:
+def scaling(args, split, tmp: Path, console, began: float) -> None:
     from rich.table import Table
 
     table = Table(title="How the current recipe's time scales (seconds per epoch, side by side)")
@@ -228,6 +259,9 @@ def scaling(args, split, tmp: Path, console) -> None:
     interleave([lever for *_, lever in timed], args.steps, args.rounds, args.warmup)
     for images, count, lever in timed:
         table.add_row(str(images), str(count), f"{lever.epoch_seconds(0):.1f}", f"{lever.epoch_seconds(1):.1f}")
+        figures = {"cloud_phase_s_per_epoch": lever.epoch_seconds(0), "edge_phase_s_per_epoch": lever.epoch_seconds(1)}
+        write_record(args.config, ["scaling", f"{images}images", f"{count}edges"], figures, time.time() - began,
+                     lever.overrides, training_images=images, edge_members=count)
     console.print(table)
 
 

@@ -17,6 +17,9 @@ step (`TrainingRun.train_step`).  Parts are the labelled ranges of hetero/traini
 Times are CPU wall milliseconds per step (median of per-step sums over the profiled steps is not available
 from the profiler, so the mean is reported), with the profiler's own overhead included; the total is also
 timed without the profiler.  Run on a quiet machine: other processes' load shows up as time.
+
+One record per phase (``benchmarks/results/train_profile/<config>[-<overrides>]-phase<n>.json``): ms per step
+of each part, the profiled and unprofiled step, and seconds per epoch.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER = "enumerate(DataLoader)"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import records  # noqa: E402
 
 
 def range_name(name: str) -> str | None:
@@ -130,6 +135,7 @@ def main(argv=None) -> int:
         console.print(f"{args.config} {' '.join(args.set)}: batch {run.batch_size}, {run.steps_per_epoch} steps per "
                       f"epoch, {torch.get_num_threads()} threads, amp {run.amp}, channels-last {run.channels_last}")
         for phase, (trained, epochs) in enumerate(run.phases):
+            started = time.perf_counter()
             parts, profiled, plain = profile_phase(run, phase, trained, args.steps, args.warmup)
             table = Table(title=f"phase {phase + 1}: training {', '.join(trained)} ({epochs} epochs); "
                                 f"{plain:.0f} ms per step unprofiled, {plain * run.steps_per_epoch / 1e3:.1f} s "
@@ -141,6 +147,14 @@ def main(argv=None) -> int:
                 table.add_row(name, f"{ms:.1f}", f"{ms / profiled:.0%}")
             table.add_row("total (profiled)", f"{profiled:.1f}", "100%")
             console.print(table)
+            figures = {"trained": trained, "epochs": epochs, "batch": run.batch_size,
+                       "steps_per_epoch": run.steps_per_epoch, "unprofiled_ms_per_step": plain,
+                       "s_per_epoch": plain * run.steps_per_epoch / 1e3, "profiled_ms_per_step": profiled,
+                       "parts_ms_per_step": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+            records.write("train_profile", records.key_of(Path(args.config).stem, *args.set, f"phase{phase + 1}"),
+                          figures, wall_s=time.perf_counter() - started, recipe=records.relative(args.config),
+                          overrides=args.set, seeds=[config.train.seed], steps=args.steps, warmup=args.warmup,
+                          amp=run.amp, channels_last=run.channels_last)
     console.print(f"took {time.time() - began:.0f} s")
     return 0
 

@@ -16,6 +16,9 @@ ratio, although a separate run would pay it once per member too.
 
 It also times the joint step with the members in float32 and in bfloat16 autocast (`train.amp`), side by
 side, and says whether this CPU computes bf16 in hardware (where `amp: auto` turns it on).
+
+One record per config and loader workers (``benchmarks/results/train_throughput/<config>-<n>workers.json``):
+seconds and images/s of each way, the speed-ups and their per-repeat values.
 """
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import records  # noqa: E402
 
 
 def _loader(split, config, workers: int):
@@ -110,27 +116,39 @@ def main(argv=None) -> None:
         separate.append(total)
 
     images = args.steps * batch
+    figures = {"read_s": read_seconds, "images_per_run": images}
     header = f"{'how':<34} | {'seconds':>8} | {'images/s':>9} | {'joint speed-up':>14}"
     print(header)
     print("-" * len(header))
     j = statistics.median(joint)
+    figures["joint"] = {"s": j, "images_per_s": images / j}
     print(f"{'joint (' + ' + '.join(members) + ')':<34} | {j:>8.2f} | {images / j:>9.1f} | {'':>14}")
     for name in members:
         m = statistics.median(per_member[name])
+        figures.setdefault("alone", {})[name] = {"s": m, "images_per_s": images / m}
         print(f"{'  ' + name + ' alone':<34} | {m:>8.2f} | {images / m:>9.1f} | {'':>14}")
     s = statistics.median(separate)
     ratios = [b / a for a, b in zip(joint, separate)]
+    figures["separate"] = {"s": s, "images_per_s": images / s, "joint_speed_up": statistics.median(ratios),
+                           "joint_speed_up_per_repeat": ratios, "target_met": statistics.median(ratios) >= 1.3}
     print(f"{'separate, one after the other':<34} | {s:>8.2f} | {images / s:>9.1f} | {statistics.median(ratios):>13.2f}x")
     verdict = "meets" if statistics.median(ratios) >= 1.3 else "misses"
     print(f"target (joint >= 1.3x faster than separate): {verdict} it; per-repeat ratios "
           f"{', '.join(f'{r:.2f}' for r in ratios)}")
     half = statistics.median(bf16)
     ratios = [fp32 / bf16_s for fp32, bf16_s in zip(joint, bf16)]
+    figures["joint_bf16"] = {"s": half, "images_per_s": images / half, "speed_up_vs_fp32": statistics.median(ratios),
+                             "speed_up_per_repeat": ratios, "native_bf16": cpu_has_native_bf16()}
     print(f"{'joint, members in bf16 autocast':<34} | {half:>8.2f} | {images / half:>9.1f} | "
           f"{statistics.median(ratios):>13.2f}x faster than fp32 (per repeat "
           f"{', '.join(f'{r:.2f}' for r in ratios)}); native bf16 on this CPU: {cpu_has_native_bf16()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak resident memory of this process: {peak:,.0f} MB")
+    path = records.write("train_throughput", records.key_of(Path(args.config).stem, f"{args.workers}workers"),
+                         figures, wall_s=time.perf_counter() - started, recipe=records.relative(args.config),
+                         seeds=[0], steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                         workers=args.workers, peak_rss_mb=round(peak))
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ makes them) and the same queries (other "photos" of gallery items):
   search call (FAISS `index.search`; Milvus `MilvusStore.search`, which crosses the client/server API);
 - recall@1 against exact search on the same vectors.
 The latency ratio column is Milvus's p50 over FAISS's at the same size and batch, measured in one run.
+One record per size (``benchmarks/results/vector_store/<rows>rows-d<dim>.json``), with these figures per store.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import records  # noqa: E402
 from gallery_search import synthetic  # noqa: E402
 
 
@@ -85,7 +87,7 @@ def milvus_store(gallery: np.ndarray, work: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--quick", action="store_true", help="10k and 100k")
+    parser.add_argument("--quick", action="store_true", help="10k and 100k: a smoke test, never a result")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=500, help="queries for recall@1")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per latency figure (batch-100: "
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for rows in sizes:
+            started = time.perf_counter()
             gallery, queries, _ = synthetic(rows, args.queries, args.dim, "clustered")
             exact = faiss.IndexFlatIP(args.dim)
             exact.add(gallery)
@@ -111,11 +114,18 @@ def main(argv=None) -> int:
                 one = timed(lambda: search(queries[:1]), args.repeats)
                 hundred = timed(lambda: search(queries[:100]), max(3, args.repeats // 5))
                 results.append((label, rate, one, hundred, recall))
-            base = results[0]
+            base, figures = results[0], {}
             for label, rate, one, hundred, recall in results:
                 print(f"| {rows:,} | {label} | {rate:,.0f} | {one[0]:.2f} / {one[1]:.2f} | {hundred[0]:.2f} / "
                       f"{hundred[1]:.2f} | {recall:.3f} | {one[0] / base[2][0]:.1f}x, {hundred[0] / base[3][0]:.1f}x |",
                       flush=True)
+                figures[label] = {"ingest_rows_per_s": rate, "batch1_p50_ms": one[0], "batch1_p95_ms": one[1],
+                                  "batch100_p50_ms": hundred[0], "batch100_p95_ms": hundred[1], "recall_at_1": recall,
+                                  "batch1_p50_vs_faiss": one[0] / base[2][0],
+                                  "batch100_p50_vs_faiss": hundred[0] / base[3][0]}
+            records.write("vector_store", records.key_of(f"{rows}rows", f"d{args.dim}", quick=args.quick), figures,
+                          wall_s=time.perf_counter() - started, quick=args.quick, rows=rows, dim=args.dim,
+                          queries=args.queries, repeats=args.repeats)
     return 0
 
 

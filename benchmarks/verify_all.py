@@ -1,20 +1,28 @@
 """Benchmark: full `hetero verify` of every artifact of a family, and the per-profile figures.
 
-    python benchmarks/verify_all.py runs/quickstart [--export-all] [--latency-runs 30] [--json out.json]
+    python benchmarks/verify_all.py runs/quickstart [--export-all] [--latency-runs 30]
 
 Prints the wall time of the whole verification (torch reference embeddings + every artifact in every
 available runtime; target: under 2 minutes for all profiles on the reference 2-core CPU) and a Markdown
 table per artifact: min/mean cosine to torch, top-1 via the runtime and via torch against the cloud
 gallery, top-1 agreement, batch-1 latency and file size.  --export-all first exports every edge member for
 every built-in profile whose budgets it fits (export failures are listed, not fatal).
+
+Records (``benchmarks/results/verify_all/``): ``<family>-total`` with the times and check counts, and one per
+artifact run (``<family>-<profile>-<member>-<runtime>``) with its row of the table.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import records  # noqa: E402
+
+ROW_FIGURES = ("precision", "min_cosine", "mean_cosine", "top1", "torch_top1", "agreement", "latency_ms", "size_mb",
+               "status", "skipped")
 
 
 def export_all(store) -> list[str]:
@@ -38,7 +46,6 @@ def main(argv=None) -> int:
     parser.add_argument("--export-all", action="store_true", help="export every edge member for every profile first")
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--images", type=int, help="held-out queries (default: the config's export.verify_images)")
-    parser.add_argument("--json", help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -84,11 +91,15 @@ def main(argv=None) -> int:
                 print(f"FAIL {a['member']}@{a['profile']} ({a['runtime']}) {c['name']}: {c['detail']}")
     for line in problems + report["notes"]:
         print(f"note: {line}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "family": report["family"], "verify_seconds": t2 - t0, "reference_seconds": t1 - t0,
-            "checks_seconds": t2 - t1, "import_seconds": imported, "rows": rows, "counts": report["counts"],
-            "export_problems": problems, "host": report["host"]}, indent=2))
+    common = {"wall_s": t2 - t0, "family": records.relative(run_dir), "latency_runs": args.latency_runs,
+              "host": report["host"]}
+    records.write("verify_all", records.key_of(report["family"], "total"), {
+        "verify_s": t2 - t0, "reference_s": t1 - t0, "checks_s": t2 - t1, "import_s": imported,
+        "artifact_runs": len(rows), "profiles": len(profiles), "queries": report["queries"],
+        "counts": report["counts"], "passed": report["passed"], "export_problems": problems}, **common)
+    for r in rows:
+        records.write("verify_all", records.key_of(report["family"], r["profile"], r["member"], r["runtime"]),
+                      {k: r[k] for k in ROW_FIGURES}, **common)
     return 0
 
 

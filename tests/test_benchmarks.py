@@ -1,0 +1,164 @@
+"""The benchmarks write their figures as results records: every script in benchmarks/ calls `records.write`,
+and the cheapest ones, run end to end in their smallest mode, write a record that names its command, commit and
+machine and carries the figures the script printed.  Records go to a temporary $HETERO_RESULTS_DIR, never
+into benchmarks/results/."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import records  # noqa: E402
+import render_results  # noqa: E402
+
+
+def _calls_records_write(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "records":
+            return True
+    return False
+
+
+def test_every_benchmark_writes_records():
+    scripts = records.benchmark_scripts()
+    assert {"gallery_search", "recipe_seeds", "time_to_quality"} <= {p.stem for p in scripts}
+    assert not {p.stem for p in scripts} & records.TOOLS
+    silent = [p.name for p in scripts if not _calls_records_write(p)]
+    assert not silent, f"benchmarks that measure without writing a record (call records.write): {silent}"
+
+
+def test_record_keys_name_the_cell_and_mark_smoke_tests():
+    assert records.key_of("omniglot", "independent (compat: none)", "seed0") == "omniglot-independent-compat-none-seed0"
+    assert records.key_of("clustered", None, "10000rows", "", quick=True) == "clustered-10000rows-quick"
+    assert records.key_of("timm/resnet10t") == "timm-resnet10t"
+
+
+def test_records_go_to_hetero_results_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(records.ENV, str(tmp_path))
+    path = records.write("demo", "cell", {"top1": 0.123456789}, wall_s=1.23, recipe="examples/quickstart.yaml",
+                         quick=True, argv=[str(ROOT / "benchmarks" / "demo.py"), "--quick"])
+    assert path == tmp_path / "demo" / "cell.json"
+    record = json.loads(path.read_text())
+    assert record["command"] == "python benchmarks/demo.py --quick"  # the script as the docs write it
+    assert record["figures"] == {"top1": 0.123457} and record["quick"] is True
+    assert record["config_hash"] == records.config_hash("examples/quickstart.yaml")
+    assert records.read_all("demo") == [record]
+    other = tmp_path / "other"
+    with records.results_in(other):
+        assert records.results_dir() == other and records.read_all() == []
+    assert records.results_dir() == tmp_path
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A temporary records folder, and a check that benchmarks/results/ was left as it was."""
+    before = sorted(p.relative_to(records.RESULTS) for p in records.RESULTS.rglob("*"))
+    yield tmp_path / "records"
+    assert sorted(p.relative_to(records.RESULTS) for p in records.RESULTS.rglob("*")) == before
+
+
+def _run(script: str, *args: str, results: Path) -> str:
+    done = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, records.ENV: str(results)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _record(results: Path, benchmark: str, key: str, command: str, quick: bool) -> dict:
+    path = results / benchmark / f"{key}.json"
+    assert path.is_file(), f"no record {path}: {sorted(p.name for p in (results / benchmark).glob('*'))}"
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == benchmark and record["key"] == key
+    assert record["command"].startswith(f"python benchmarks/{command}")
+    assert re.fullmatch(r"[0-9a-f]{40}", record["commit"]["sha"] or "")
+    assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1
+    assert record["quick"] is quick and record["wall_s"] >= 0
+    return record
+
+
+def _same(printed: str, value: float) -> bool:
+    """Whether `printed` (as the script formatted it) is `value` to the digits it shows (a record keeps six
+    significant digits)."""
+    text = printed.replace(",", "").rstrip("x")
+    decimals = len(text.partition(".")[2])
+    return math.isclose(float(text), value, rel_tol=1e-5, abs_tol=10 ** -decimals)
+
+
+@pytest.mark.slow
+def test_gallery_search_quick_writes_a_record_of_each_index(results, tmp_path):
+    out = _run("gallery_search", "--quick", "--sizes", "2000", "--queries", "200", "--nprobe", "8",
+               "--hnsw-max", "0", results=results)
+    record = _record(results, "gallery_search", "clustered-2000rows-d128-quick", "gallery_search.py --quick",
+                     quick=True)
+    indexes = record["figures"]["indexes"]
+    assert "flat (exact)" in indexes and any(name.startswith("ivf") and "nprobe=8" in name for name in indexes)
+    assert not any(name.startswith("hnsw") for name in indexes)  # --hnsw-max 0
+    assert record["figures"]["auto_index"] == "flat" and indexes["flat (exact)"]["auto"]
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        label = cells[1].removesuffix(" *auto") if len(cells) == 7 else None
+        if label in indexes:  # rows | index | build s | MB | queries/s | recall@1 | speed-up
+            figures = indexes.pop(label)
+            assert _same(cells[4], figures["queries_per_s"]) and _same(cells[5], figures["recall_at_1"])
+            assert _same(cells[6], figures["speed_up"])
+    assert not indexes, f"indexes in the record but not printed: {list(indexes)}"
+    assert f"record: {results / 'gallery_search' / 'clustered-2000rows-d128-quick.json'}" in out
+
+    # the results page renders it as a smoke test, never a result
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{render_results.BEGIN}\n{render_results.END}\n")
+    assert render_results.main(["--results", str(results), "--page", str(page), "--readme", str(readme)]) == 0
+    row = next(line for line in page.read_text().splitlines() if "`clustered-2000rows-d128-quick`" in line)
+    assert "## gallery_search" in page.read_text() and "smoke test" in row
+    assert "indexes.flat (exact).recall_at_1: 1" in row
+
+
+@pytest.mark.slow
+def test_vector_store_writes_a_record_per_size(results):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    out = _run("vector_store", "--sizes", "2000", "--queries", "50", "--repeats", "3", results=results)
+    record = _record(results, "vector_store", "2000rows-d128", "vector_store.py --sizes 2000", quick=False)
+    stores = record["figures"]
+    assert len(stores) == 2 and any(s.startswith("faiss") for s in stores) and any("milvus" in s for s in stores)
+    for line in out.splitlines():  # | rows | store | ingest rows/s | batch-1 p50 / p95 | batch-100 ... | recall@1 |
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1] in stores:
+            figures = stores.pop(cells[1])
+            one, hundred = cells[3].split(" / "), cells[4].split(" / ")
+            assert _same(cells[2], figures["ingest_rows_per_s"]) and _same(cells[5], figures["recall_at_1"])
+            assert _same(one[0], figures["batch1_p50_ms"]) and _same(one[1], figures["batch1_p95_ms"])
+            assert _same(hundred[0], figures["batch100_p50_ms"])
+    assert not stores, f"stores in the record but not printed: {list(stores)}"
+
+
+@pytest.mark.slow
+def test_runtime_latency_records_each_member_with_its_recipe(results):
+    out = _run("runtime_latency", "--config", "examples/quickstart.yaml", "--runs", "1", "--calibration", "8",
+               results=results)
+    for member in ("edge-m", "edge-s"):
+        record = _record(results, "runtime_latency", f"quickstart-{member}-1threads", "runtime_latency.py",
+                         quick=False)
+        assert record["recipe"] == "examples/quickstart.yaml"
+        assert record["config_hash"] == records.config_hash("examples/quickstart.yaml")
+        runtimes = record["figures"]
+        assert {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8 QDQ static"} <= set(runtimes)
+        for line in out.splitlines():  # member | runtime | batch-1 ms | batch-32 img/s | vs torch b1 | b32
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) == 6 and cells[0] == member and cells[1] in runtimes:
+                assert _same(cells[2], runtimes[cells[1]]["batch1_ms"])
+                assert _same(cells[3], runtimes[cells[1]]["batch32_images_per_s"])
