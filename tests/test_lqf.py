@@ -155,3 +155,71 @@ def test_init_starts_every_member_from_the_earlier_family(tiny_family_dir):
     config = parse_config(data, "ft.yaml")
     with pytest.raises(ConfigError, match=r"'edge-b' has input_size 32, the same member in train\.init .* 24"):
         start_from_family(Family(config, 8, [0.5] * 3, [0.25] * 3), config)
+
+
+# ------------------------------------------------------------------ previous families an update cannot build on
+
+
+def replace_weights(family, member: str, change) -> FamilyStore:
+    """`member`'s checkpoint replaced by `change` of its tensors, its sha256 in the manifest updated to match."""
+    from hetero.family import save_weights
+    from hetero.files import sha256_file
+
+    store = FamilyStore.open(family)
+    tensors = {k: change(k, v) for k, v in store.load_member(member).state_dict().items()}
+    path = family / store.member(member).checkpoint.file
+    save_weights(path, tensors, {"member": member, "family": store.name})
+    store.member(member).checkpoint.sha256 = sha256_file(path)
+    store.save()
+    return store
+
+
+@pytest.mark.parametrize("mode", ["lqf", "backward"])
+def test_a_previous_family_whose_cloud_was_replaced_is_refused_by_its_space_id(family_copy, tmp_path, mode):
+    """The update would inherit a space id (and the galleries in it) that the replaced cloud does not give."""
+    store = replace_weights(family_copy, "cloud", lambda k, v: v * 1.1 if k.startswith("project") else v)
+    data = lqf_config(family_copy)
+    data["train"].update(mode=mode, epochs=1)
+    with pytest.raises(ConfigError, match=rf"train\.previous .*space id {store.space_id} is not the one the weights "
+                                          rf"of its cloud 'cloud' .*give, hs-[0-9a-f]{{16}}: that file was replaced"):
+        train(parse_config(data, "u.yaml"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_lqf_refuses_multi_exit_members_in_its_config():
+    data = lqf_config("earlier")
+    data["family"]["members"][1]["exits"] = "auto"
+    with pytest.raises(ConfigError, match=r"'edge-a' has exits; mode 'lqf' .* does not support multi-exit members"):
+        parse_config(data, "u.yaml")
+
+
+@pytest.mark.slow
+def test_lqf_refuses_a_previous_family_with_a_multi_exit_member_naming_it(tmp_path):
+    earlier = tiny_config(epochs=1)
+    earlier["family"]["members"][1]["exits"] = "auto"
+    earlier["data"].update(num_classes=24, samples_per_class=6)
+    train(parse_config(earlier, "earlier.yaml"), tmp_path / "earlier", progress=False)
+    with pytest.raises(ConfigError, match=r"train\.previous .*member 'edge-a' is a multi-exit member \(exits after "
+                                          r"stages .*does not support multi-exit members. Leave 'edge-a' out"):
+        train(parse_config(lqf_config(tmp_path / "earlier"), "u.yaml"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_lqf_says_to_raise_the_damping_when_the_curvature_cannot_be_inverted(family_copy, tmp_path, capsys):
+    import yaml
+
+    from hetero.cli import main
+
+    replace_weights(family_copy, "edge-a", lambda k, v: v + 0.01 if v.is_floating_point() else v)  # huge activations
+    data = lqf_config(family_copy)
+    data["train"]["epochs"] = 1
+    path = tmp_path / "u.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.startswith("error: train.lqf.damping: the curvature (K-FAC) of member 'edge-a' plus damping "
+                              "0.001 is not positive definite"), printed
+    assert "raise train.lqf.damping" in printed and "Traceback" not in printed
+    data["train"]["lqf"] = {"damping": 1.0}  # what the paragraph says to change
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path), "--out", str(tmp_path / "fixed"), "--quiet"]) == 0

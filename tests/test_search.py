@@ -325,3 +325,26 @@ def test_the_example_search_config_is_valid_and_its_cloud_path_is_relative_to_th
     config = load_config(path)
     assert Path(config.search.cloud) == (path.parent / ".." / "runs" / "omniglot").resolve()
     assert config.search.design == "frozen-cloud" and len(search_space(config.search)) == 70
+
+
+@pytest.mark.slow
+def test_a_log_gets_one_line_per_supernet_and_fine_tuning_epoch(tmp_path, capsys):
+    """`hetero search` in CI: progress bars show nothing in a log, so each epoch prints a line (issue 31)."""
+    import re
+
+    import yaml
+
+    from hetero.cli import main
+
+    config = search_config(epochs=2, fine_tune_epochs=1, widths=[0.25, 0.5], depths=[0.5], input_sizes=[24],
+                           evaluations=2, population=2, latency_runs=1, bn_images=32)
+    config["family"]["members"][0].update(depth=0.5, input_size=24)  # shared-cloud: the largest sub-network
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["search", str(path), "--out", str(tmp_path / "out")]) == 0  # capsys: stdout is not a terminal
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
+    elapsed = r"loss \d+\.\d{4} \[\d+:\d\d:\d\d elapsed\]"
+    assert len(lines) == 3, lines
+    for epoch, line in enumerate(lines[:2], start=1):
+        assert re.fullmatch(rf"supernet epoch {epoch}/2: {elapsed}", line), line
+    assert re.fullmatch(rf"fine-tuning \S+ epoch 1/1: {elapsed}", lines[2]), lines[2]

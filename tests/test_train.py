@@ -345,3 +345,21 @@ def test_a_frozen_cloud_that_returns_nan_stops_training_by_name(tmp_path, overri
     with pytest.raises(TrainingError, match=words):
         train(parse_config(data, "nan-cloud"), tmp_path / "out", progress=False)
     _assert_nothing_non_finite_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["given", "default"])
+def test_a_teacher_cache_dir_that_is_a_file_is_refused_before_the_cloud_trains(tmp_path, where):
+    """The cache is opened when the edge phase starts; a file in its place must not cost the cloud's epochs."""
+    import re
+
+    out = tmp_path / "out"
+    cache = tmp_path / "cache" if where == "given" else out / "teacher_cache"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text("not a folder")
+    config = small_config(epochs=1, teacher_cache={"views": 1, **({"dir": str(cache)} if where == "given" else {})})
+    finished = []
+    with pytest.raises(ConfigError, match=rf"train\.teacher_cache\.dir {re.escape(str(cache))}: is a file; give a "
+                                          rf"directory"):
+        train(config, out, progress=False, callbacks=[finished.append])
+    assert finished == [] and not (out / TRAIN_STATE).exists()
+    assert cache.read_text() == "not a folder"

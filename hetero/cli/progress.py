@@ -1,7 +1,8 @@
 """Where the command speaks: the console (wide in logs) and plain progress lines for logs.
 
-A terminal gets rich's progress bars; a file, a pipe or a CI log gets one line per finished training epoch and
-per stage of `hetero run` instead, since progress bars show nothing there.
+A terminal gets rich's progress bars; a file, a pipe or a CI log gets one line per finished training epoch (of
+`hetero train`, and of the supernet and each fine-tuning in `hetero search`) and per stage of `hetero run`
+instead, since progress bars show nothing there.
 """
 from __future__ import annotations
 
@@ -39,5 +40,9 @@ class LogLines:
             console.print(f"{text} [{elapsed} elapsed]", markup=False, highlight=False)
 
     def epoch(self, end) -> None:
-        """A training callback (hetero.training.EpochEnd)."""
-        self.say(f"epoch {end.epoch}/{end.epochs} (phase {end.phase + 1}): loss {end.loss:.4f}")
+        """A training callback (hetero.training.EpochEnd): the family's epochs, or a search's supernet and
+        fine-tuning epochs, which name their stage."""
+        if end.stage:
+            self.say(f"{end.stage} epoch {end.epoch}/{end.epochs}: loss {end.loss:.4f}")
+        else:
+            self.say(f"epoch {end.epoch}/{end.epochs} (phase {end.phase + 1}): loss {end.loss:.4f}")

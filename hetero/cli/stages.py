@@ -172,8 +172,9 @@ def cmd_search(args) -> int:
     from hetero.config import load_config
     from hetero.search import search
 
+    lines = LogLines(args.quiet)  # in a log: one line per supernet and fine-tuning epoch
     store = search(load_config(args.config, args.overrides), args.out, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.quiet)
+                   progress=not args.quiet, callbacks=[lines.epoch])
     console.print(format_search(store))
     console.print(f"Pareto fronts and plots: {escape(str(store.root / 'search'))}; next: hetero eval {escape(args.out)}")
     return 0

@@ -49,6 +49,10 @@ class Config:
         if multi_exit and self.train.compat != "shared":
             raise ValueError(f"train.compat: multi-exit member {multi_exit[0]!r} trains every exit against the "
                              f"cloud; compat {self.train.compat!r} does not (use 'shared')")
+        if multi_exit and self.train.mode == "lqf":
+            raise ValueError(f"family.members: {multi_exit[0]!r} has exits; mode 'lqf' linearises single-output "
+                             f"networks and does not support multi-exit members: remove its `exits` (or leave it "
+                             f"out, if the earlier family's {multi_exit[0]!r} has exits), or use mode 'backward'")
         if cloud.external and self.train.mode != "sequential":
             raise ValueError(f"train.mode: {self.train.mode!r} trains the cloud too, but {cloud.name!r} is external "
                              f"(frozen); use 'sequential', whose edge phase is all there is to train")

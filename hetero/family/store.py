@@ -12,7 +12,8 @@ from hetero.config import Config, load_config, unknown_message
 from hetero.errors import ManifestError
 from hetero.family.manifest import (CONFIG, MANIFEST, ArtifactRecord, CompatibilityRecord, FileRecord, Manifest,
                                     MemberRecord, schema_problems)
-from hetero.files import DirectoryLock, atomic_path, atomic_write_json, resolve_inside, sha256_file
+from hetero.family.manifest import space_id as space_id_of
+from hetero.files import DirectoryLock, atomic_path, atomic_write_json, resolve_inside, sha256_file, tensors_digest
 
 
 def save_weights(path: Path, tensors: dict, metadata: dict) -> None:
@@ -222,6 +223,49 @@ class FamilyStore:
         if model.dim != record.dim:
             raise ManifestError(f"{path}: returns {model.dim}-d vectors, the manifest says {record.dim}")
         return model
+
+    # -- the space id
+
+    def check_space_id(self, cloud=None) -> None:
+        """Refuse a family whose space id is not the one the weights that define it give (`cloud`: its cloud
+        member, when already loaded): a cloud file replaced after training, its sha256 in the manifest updated
+        to match, would otherwise lend the id of galleries it never embedded to every family built on top.
+
+        An original family's id is recomputed from its cloud's weights; for an external cloud, whose id hashes
+        the file's fingerprint, the fingerprint is recomputed from the file (a converted one keeps only its ONNX,
+        not the file the fingerprint was taken of).  An update (mode backward or lqf) inherits the id of the
+        family it updated, whose cloud defined it: that id must be the one its `previous` records.
+        """
+        manifest, where = self.manifest, self.root / MANIFEST
+        if manifest.previous is not None:
+            if manifest.space_id != manifest.previous.space_id:
+                raise ManifestError(f"{where}: space id {manifest.space_id} differs from {manifest.previous.space_id}, "
+                                    f"the one it records for the family it updated ({manifest.previous.family!r}), "
+                                    f"whose space an update keeps; the manifest was edited. Use the family as it "
+                                    f"was written, or train it again (--overwrite)")
+            return
+        record = self.cloud
+        path = self.checked_file(record.checkpoint, f"checkpoint of member {record.name!r}")
+        if record.kind == "external":  # the id hashes the file's fingerprint (and preprocessing the record rounds)
+            from hetero.config import EXTERNAL_KINDS
+            from hetero.external import fingerprint
+
+            kind = record.arch if record.arch in EXTERNAL_KINDS else "weights"
+            recorded = record.fingerprint
+            computed = fingerprint(path, kind) if record.converted_from is None and recorded else recorded
+            what = f"fingerprint {recorded}"
+        else:
+            cloud = cloud if cloud is not None else self.load_member(record.name)
+            recorded = manifest.space_id
+            computed = space_id_of(manifest.family, manifest.version, manifest.embedding_dim,
+                                   tensors_digest(cloud.state_dict()))
+            what = f"space id {recorded}"
+        if computed != recorded:
+            raise ManifestError(f"{where}: {what} is not the one the weights of its cloud {record.name!r} ({path}) "
+                                f"give, {computed}: that file was replaced after the family was trained (and its "
+                                f"sha256 in the manifest updated), so nothing embedded in space {manifest.space_id} "
+                                f"came from it. Use the family as it was trained, or train this one again "
+                                f"(--overwrite) for a space of its own")
 
     # -- config and data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from hetero.config import Config, MemberConfig
@@ -17,15 +18,18 @@ from hetero.search.scoring import Scorer, static_records
 from hetero.search.selection import check_runtime, feasible_pools, find_students, pareto_front
 from hetero.search.space import Candidate, search_space
 from hetero.search.supernet import Teacher, recalibrate, train_supernet
-from hetero.training import Family, write_family
+from hetero.training import Callback, Family, write_family
 
 SEARCH_DIR = "search"
 CANDIDATES = "candidates.json"
 
 
 def search(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
-           progress: bool | None = None) -> FamilyStore:
-    """`hetero search`: train the supernet, search it per target, write the family with the chosen students."""
+           progress: bool | None = None, callbacks: Sequence[Callback] = ()) -> FamilyStore:
+    """`hetero search`: train the supernet, search it per target, write the family with the chosen students.
+
+    Each callback gets an EpochEnd after every epoch of the supernet and of each fine-tuning (its `stage`
+    says which)."""
     settings = config.search
     if settings is None:
         raise ConfigError("search: the config has no `search` section (targets, search space) for `hetero search`")
@@ -50,7 +54,8 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         # A supernet whose largest sub-network is the cloud's architecture starts from the cloud's weights.
         cloud_cfg = config.family.cloud
         start = given if max(space) == Candidate(cloud_cfg.width, cloud_cfg.depth, cloud_cfg.input_size) else None
-        supernet = train_supernet(config, out, inner.train, space, teacher, start, settings.epochs, progress)
+        supernet = train_supernet(config, out, inner.train, space, teacher, start, settings.epochs, progress,
+                                  callbacks=callbacks)
         bn_images = inner.train.spread(settings.bn_images)
         cloud = teacher.model if teacher.model is not None else recalibrate(supernet.extract(max(space)), bn_images)
         folder = out / SEARCH_DIR
@@ -62,7 +67,8 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         found = {pick["candidate"] for pick in chosen.values()}
         members = {c: scorer.member(c) for c in sorted(found)}
         if settings.fine_tune_epochs:  # once per sub-network, however many targets chose it
-            members = {c: fine_tune(config, out, m, cloud, inner.train, progress) for c, m in members.items()}
+            members = {c: fine_tune(config, out, m, cloud, inner.train, progress, callbacks)
+                       for c, m in members.items()}
         students = {name: members[pick["candidate"]] for name, pick in chosen.items()}
         write_search_results(folder, scorer, chosen, profiles)
         _write_searched_family(config, out, split, cloud, students, chosen, scorer, supernet.history)
@@ -89,13 +95,13 @@ def given_cloud(config: Config) -> Embedder:
 
 
 def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, images: ImageSet,
-              progress: bool | None) -> Embedder:
+              progress: bool | None, callbacks: Sequence[Callback] = ()) -> Embedder:
     """A chosen student alone against the frozen final cloud for `fine_tune_epochs` (resumable)."""
     candidate = Candidate(student.width, student.depth, student.input_size)
     epochs = config.search.fine_tune_epochs
     state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
     tuned = train_supernet(config, state_dir, images, [candidate], Teacher(cloud.requires_grad_(False)), student,
-                           epochs, progress, sort=False)
+                           epochs, progress, sort=False, callbacks=callbacks, stage=f"fine-tuning {candidate.key}")
     return recalibrate(tuned.extract(candidate), images.spread(config.search.bn_images))
 
 

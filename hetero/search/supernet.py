@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from hetero.family import TRAIN_STATE
 from hetero.losses import SharedClassifier, build_cross_model_losses
 from hetero.models import Embedder, embed_images, resize_to
 from hetero.search.space import Candidate, progressive_space, sandwich
-from hetero.training import (check_finite_weights, load_state, lr_factor, matching_inputs, save_state,
-                             seed_everything, seeded)
+from hetero.training import (Callback, EpochEnd, check_finite_weights, load_state, lr_factor, matching_inputs,
+                             save_state, seed_everything, seeded)
 
 # One logger for the whole stage, whichever room logs.
 log = logging.getLogger("hetero.search")
@@ -173,10 +174,12 @@ class Teacher:
 
 
 def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: list[Candidate], teacher: Teacher,
-                   start: Embedder | None, epochs: int, progress: bool | None = None, sort: bool = True) -> Supernet:
+                   start: Embedder | None, epochs: int, progress: bool | None = None, sort: bool = True,
+                   callbacks: Sequence[Callback] = (), stage: str = "supernet") -> Supernet:
     """Train the supernet of `space` on `images` for `epochs`, checkpointing every epoch into `state_dir`
     (a run resumed there continues from its last finished epoch, with the same batches).  `start`: weights
-    of the largest sub-network to begin from, channel-sorted unless `sort` is False."""
+    of the largest sub-network to begin from, channel-sorted unless `sort` is False.  Each callback gets an
+    EpochEnd named `stage` after every checkpointed epoch."""
     settings, train_cfg = config.search, config.train
     mean, std = channel_stats(images.images)
     supernet = seeded(train_cfg.seed, "supernet", lambda: Supernet("resnet", max(space), config.family.embedding_dim,
@@ -229,6 +232,8 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         log.info("supernet epoch %d: loss %.4f", epoch, history[-1]["loss"])
         check_finite_weights(dict(state.items()), f"supernet epoch {epoch}")
         save_state(state_dir, state, optimizer, epoch, history)
+        for callback in callbacks:
+            callback(EpochEnd(epoch, epochs, 0, epoch == epochs, history[-1]["loss"], state_dir, stage))
     supernet.history = history
     return supernet.eval()
 

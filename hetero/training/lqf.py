@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
-from hetero.errors import ConfigError
+from hetero.errors import ConfigError, TrainingError, reason
 from hetero.models import Embedder, is_library_arch, resize_to
 
 log = logging.getLogger("hetero.training.lqf")
@@ -162,7 +162,13 @@ def fine_tune(member: Embedder, name: str, images: torch.Tensor, labels: torch.T
     names, frozen = kfac_parameters(member, name)
     started = time.time()
     targets = settings.target_scale * F.one_hot(labels, len(prototypes)).float()
-    inverse = _kfac_inverse(member, names, prototypes, images, targets, batch_size, settings.damping)
+    try:
+        inverse = _kfac_inverse(member, names, prototypes, images, targets, batch_size, settings.damping)
+    except torch.linalg.LinAlgError as err:  # curvlinops inverts each damped Kronecker factor by Cholesky
+        raise TrainingError(f"train.lqf.damping: the curvature (K-FAC) of member {name!r} plus damping "
+                            f"{settings.damping:g} is not positive definite, so it cannot be inverted ({reason(err)}); "
+                            f"raise train.lqf.damping, ten times at a time (try {settings.damping * 10:g}). A member "
+                            f"whose activations are very large needs more: check its weights in train.previous") from None
     kfac_seconds = time.time() - started
     model = Linearised(member, names)
     compat = settings.compat_weight if reference is not None else 0.0

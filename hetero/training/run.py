@@ -27,6 +27,7 @@ from hetero.errors import ConfigError, TrainingError
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
                            tensors_digest, write_config, writing)
 from hetero.family.writer import check_finite_weights, write_family
+from hetero.files import check_output
 from hetero.models import MultiExitEmbedder, add_adapter, embed_images
 from hetero.training.exits import fit_exit_rule
 from hetero.training.model import Family, resolve_external_input_size
@@ -50,6 +51,7 @@ class EpochEnd:
     phase_done: bool  # the last epoch of its phase
     loss: float
     out: Path
+    stage: str = ""  # what trained, where it is not the family's training (`hetero search`: supernet, fine-tuning)
 
 
 Callback = Callable[[EpochEnd], None]
@@ -70,6 +72,9 @@ def train(config: Config, out: str | Path, resume: bool = False, progress: bool 
     distributed.init_from_env()
     resolve_external_input_size(config)
     out = output_directory(out)
+    cache = config.train.teacher_cache
+    if cache is not None:  # opened when the edge phase starts, after the cloud's: refuse a file in its place now
+        check_output(cache.dir or out / "teacher_cache", "train.teacher_cache.dir", folder=True)
     with new_directory(out), writing(out, "train"):
         distributed.on_main_then_share(lambda: claim_for_training(out, config, resume, overwrite))
         split = load_split(config.data, config.load_size)  # a bad data path fails before anything is written

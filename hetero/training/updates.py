@@ -28,6 +28,7 @@ def read_previous(config: Config) -> dict:
             raise ManifestError(f"its embedding_dim is {store.manifest.embedding_dim}, this family's is "
                                 f"{config.family.embedding_dim}: a new family must keep the old dimension")
         cloud = store.load_member(store.cloud.name).requires_grad_(False)
+        store.check_space_id(cloud)  # the update inherits that space id: its weights must be the ones it names
     except ManifestError as err:
         raise ConfigError(f"train.previous ({run_dir}): not a usable earlier family: {err}") from None
     return {"store": store, "cloud": cloud}
@@ -69,6 +70,16 @@ def lqf_update(config: Config, split) -> tuple[Family, dict, dict[str, Embedder]
     store = previous["store"]
     try:
         previous_members_match(config, store, "previous")
+        for cfg in config.family.members:
+            record = store.member(cfg.name)
+            if record.kind != "trained":  # a multi-exit trunk has weights its last output never uses
+                shape = (f"exits after stages {', '.join(str(e.stage) for e in record.exits)}" if record.exits
+                         else f"a {record.arch} file")
+                raise ConfigError(f"train.previous ({store.root}): member {cfg.name!r} is a {record.kind} member "
+                                  f"({shape}); mode lqf linearises single-output networks that hetero trained and "
+                                  f"does not support {record.kind} members. Leave {cfg.name!r} out of "
+                                  f"family.members (the update then holds the others), or update the family with "
+                                  f"mode: backward")
         members = {cfg.name: store.load_member(cfg.name) for cfg in config.family.members}
     except ManifestError as err:
         raise ConfigError(f"train.previous ({store.root}): not a usable earlier family: {err}") from None
