@@ -61,15 +61,18 @@ def test_bundle_round_trip_without_the_family(bundled, tmp_path):
     assert [row["member"] for row in expected] == ["edge-a", "edge-b"]
 
 
-def test_bundle_cli_round_trip(bundled, tmp_path):
+def test_bundle_cli_round_trip(bundled, tmp_path, capsys):
     from hetero.cli import main
 
     _, bundle = bundled
     copy = tmp_path / "ci" / "bundle.zip"
     copy.parent.mkdir()
     shutil.copy(bundle, copy)
+    capsys.readouterr()
     assert main(["verify", "--bundle", str(copy), "--latency-runs", "2", "--junit", str(tmp_path / "j.xml")]) == 0
     assert json.loads((copy.parent / "bundle.verify.json").read_text())["passed"]
+    printed = capsys.readouterr().out.splitlines()
+    assert any("Per artifact" in line for line in printed) and "None" not in printed  # the summary table itself
 
 
 def test_gallery_from_another_space_fails_identity_for_every_artifact(bundled, tmp_path):

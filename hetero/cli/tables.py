@@ -118,6 +118,7 @@ def format_summary(report: dict) -> Table:
                       num(row["min_cosine"], "{:.6f}"), num(row["mean_cosine"], "{:.6f}"), num(row["top1"], "{:.3f}"),
                       num(row["torch_top1"], "{:.3f}"), num(row["agreement"], "{:.1%}"),
                       num(row["latency_ms"], "{:.2f}"), num(row["size_mb"], "{:.2f}"), status)
+    return table
 
 
 # -------------------------------------------------------------------------------- search, profiles, runtimes
