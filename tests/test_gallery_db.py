@@ -120,6 +120,9 @@ def test_a_collection_another_tool_wrote_is_refused_until_adopted(tiny_family_di
                  str(gallery_images), "--sample", "10"]) == 0
     assert "10 re-embedded images match" in " ".join(capsys.readouterr().out.split())
     assert MilvusStore(uri, "theirs").identity().space_id == store.space_id
+    # searched through its own key and vector fields, it answers as the collection hetero wrote does
+    assert top_names(G.search_images(MilvusStore(uri, "theirs"), gallery_images, model, k=3)) == \
+        top_names(G.search_images(MilvusStore(str(tmp_path / "ours.db"), "g"), gallery_images, model, k=3))
 
 
 def test_migrate_builds_a_new_collection_then_moves_the_alias(tiny_family_dir, family_copy,
@@ -144,6 +147,28 @@ def test_migrate_builds_a_new_collection_then_moves_the_alias(tiny_family_dir, f
     assert MilvusStore(uri, "gallery").collection == second["collection"] != first["collection"]
     assert len(G.search_images(MilvusStore(uri, "gallery"), gallery_images, G.open_query_model(new))) == 30
     assert MilvusStore(uri, first["collection"]).count() == 30  # kept, for the queries of the old family
+
+
+def test_migrate_after_a_plain_build_frees_the_name_for_the_alias(tiny_family_dir, family_copy,  # noqa: F811
+                                                                   gallery_images, tmp_path, capsys):  # noqa: F811
+    """The guide's order: `gallery build --store milvus` (a collection named gallery), later `gallery migrate`."""
+    old, new = S(tiny_family_dir), with_space(family_copy, "hs-00000000000000aa")
+    uri = str(tmp_path / "served.db")
+    assert main(["gallery", "build", str(tiny_family_dir), "--images", str(gallery_images), "--store", "milvus",
+                 "--uri", uri, "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
+    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--batch-size", "8",
+                 "--workers", "0", "--quiet"]) == 2  # DIR's own database would be an empty, new one
+    assert "needs --uri" in " ".join(capsys.readouterr().out.split())
+    assert not (family_copy / "gallery.db").exists()
+    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--uri", uri,
+                 "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
+    served = MilvusStore(uri, "gallery")
+    assert served.collection == "gallery_hs_00000000000000aa" and served.space_id == new.space_id
+    kept = MilvusStore(uri, "gallery_" + old.space_id.replace("-", "_"))
+    assert kept.count() == 30 and kept.space_id == old.space_id  # the old gallery, renamed after its space
+    assert len(G.search_images(served, gallery_images, G.open_query_model(new))) == 30
+    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--uri", uri]) == 2
+    assert "nothing to migrate" in " ".join(capsys.readouterr().out.split())
 
 
 def test_other_dimension_metric_or_builder_is_refused(tiny_family_dir, family_copy, gallery_images,  # noqa: F811

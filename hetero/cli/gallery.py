@@ -56,8 +56,11 @@ def _search(args, store, target) -> None:
 def _gallery_db(args, store) -> int:
     """The gallery verbs on a Milvus collection (embedded by default, in DIR/gallery.db)."""
     from hetero.gallery import db as gallery_db
-    from hetero.gallery.stores import MilvusStore
+    from hetero.gallery.stores import MilvusStore, StoreError
 
+    if args.action == "migrate" and not args.uri:  # DIR's own database is the new family's: it holds no gallery yet
+        raise StoreError("gallery migrate needs --uri: the database the gallery is served from (the earlier "
+                         "family's DIR/gallery.db, or http://host:19530)")
     uri = args.uri or str(store.root / "gallery.db")
     if args.action == "search":
         _search(args, store, MilvusStore(uri, args.collection))

@@ -152,13 +152,26 @@ def migrate(store: FamilyStore, images: str | Path, uri: str, alias: str = "gall
     """Re-embed the gallery with this family into a new collection, then move `alias` to it.
 
     Searches go through the alias, so they see the old collection until the new one is complete; a
-    migration that stops resumes into the same new collection.  The old collection is kept.
+    migration that stops resumes into the same new collection.  The old collection is kept.  When `alias`
+    is a collection's own name (`gallery build` wrote it), that collection is renamed after its space first,
+    so the name can become an alias: searches by that name fail between the rename and the alias (one call).
     """
-    target = f"{alias}_{store.space_id.replace('-', '_')}"
+    served = MilvusStore(uri, alias, create=True)  # a first migration may start the database
+    if served.exists() and served.space_id == store.space_id:
+        raise StoreError(f"{uri} {alias!r} already holds space {store.space_id} (family {store.name!r}); nothing to "
+                         f"migrate: `hetero gallery update` re-embeds changed images in place")
+    target = _space_collection(alias, store.space_id)
     record = build(store, images, uri, target, **options)
     db = MilvusStore(uri, target)
     if db.count() < record["images"] - len(record["skipped"]):
         raise StoreError(f"{uri} collection {target!r} is incomplete ({db.count()} rows); run migrate again")
-    previous = MilvusStore(uri, alias).collection if MilvusStore(uri, alias).exists() else None
+    previous = served.collection if served.exists() else None
+    if previous == alias:
+        previous = _space_collection(alias, served.space_id or "unstamped")
+        served.rename(previous)
     db.point_alias(alias)
     return {**record, "alias": alias, "collection": target, "previous": previous}
+
+
+def _space_collection(alias: str, space_id: str) -> str:
+    return f"{alias}_{space_id.replace('-', '_')}"

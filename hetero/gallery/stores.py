@@ -264,6 +264,10 @@ class MilvusStore:
     def drop(self) -> None:
         self._call("dropping it", self.client.drop_collection, self.collection)
 
+    def rename(self, new_name: str) -> None:
+        self._call(f"renaming it to {new_name!r}", self.client.rename_collection, self.collection, new_name)
+        self.name = new_name
+
     def fields(self) -> tuple[str, str, int]:
         """(id field, vector field, dimension) of any collection, hetero's or another tool's."""
         described = self._call("describing it", self.client.describe_collection, self.collection)
@@ -307,9 +311,10 @@ class MilvusStore:
         """Per query, (id, score) of its k nearest rows, best first (`nprobe`: IVF lists to visit)."""
         params = {"metric_type": METRIC, "params": {"nprobe": nprobe or IVF_NPROBE}}
         data = np.asarray(queries, np.float32).tolist()
+        primary, vector, _ = self.fields()  # an adopted collection names its key and vector fields its own way
         answer = self._call("searching", self.client.search, self._load(), data=data, limit=k, search_params=params,
-                            output_fields=[ID])
-        return [[(hit["id"], float(hit["distance"])) for hit in hits] for hits in answer]
+                            anns_field=vector, output_fields=[primary])
+        return [[(hit["entity"][primary], float(hit["distance"])) for hit in hits] for hits in answer]
 
     def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
                 nprobe: int | None = None) -> list[list[dict]]:
