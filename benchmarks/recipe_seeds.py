@@ -37,10 +37,12 @@ RECIPES = {
     "earlier": ["data.augment_batched=false", "train.epochs=30", "train.edge_epochs=60", "train.teacher_cache=null"],
 }
 PRECISIONS = {"fp32": "train.amp='off'", "bf16": "train.amp=bf16"}
+SUMMARY_FIELDS = ("machine", "recipe", "precision", "seeds", "train_s")  # a summary row's fields besides members
 
 
 def cell_key(recipe: str, precision: str, seed: int, quick: bool) -> str:
-    return f"{recipe}-{precision}-seed{seed}" + ("-quick" if quick else "")
+    """One record per machine, too: a seed measured on another machine is another cell, never a match."""
+    return f"{records.machine_tag(records.machine())}-{recipe}-{precision}-seed{seed}" + ("-quick" if quick else "")
 
 
 def overrides_of(recipe: str, precision: str, seed: int) -> list[str]:
@@ -115,15 +117,18 @@ def is_current(record: dict | None) -> bool:
 
 
 def summary(quick: bool) -> list[dict]:
-    """Mean and spread (max - min) of each member's top-1 against the cloud gallery, per recipe and precision."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Mean and spread (max - min) of each member's top-1 against the cloud gallery, per machine, recipe and
+    precision (seeds are compared on one machine only)."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for record in records.read_all(BENCHMARK):
         if record["quick"] == quick and is_current(record):
-            groups.setdefault((record["recipe_name"], record["precision"]), []).append(record)
+            cell = (records.machine_tag(record["machine"]), record["recipe_name"], record["precision"])
+            groups.setdefault(cell, []).append(record)
     rows = []
-    for (recipe, precision), found in sorted(groups.items()):
+    for (machine, recipe, precision), found in sorted(groups.items()):
         members = found[0]["figures"]["top1_vs_cloud_gallery"]
-        row = {"recipe": recipe, "precision": precision, "seeds": sorted(r["seeds"][0] for r in found),
+        row = {"machine": machine, "recipe": recipe, "precision": precision,
+               "seeds": sorted(r["seeds"][0] for r in found),
                "train_s": statistics.mean(r["figures"]["train_s"] or 0 for r in found)}
         for member in members:
             values = [r["figures"]["top1_vs_cloud_gallery"][member] for r in found]
@@ -150,9 +155,10 @@ def main(argv=None) -> int:
                         continue
                     run_cell(recipe, precision, seed, args.quick)
     for row in summary(args.quick):
-        members = [k for k in row if k not in ("recipe", "precision", "seeds", "train_s")]
+        members = [k for k in row if k not in SUMMARY_FIELDS]
         cells = ", ".join(f"{m} {row[m][0]:.4f} (spread {row[m][1] * 100:.1f} pts)" for m in members)
-        print(f"{row['recipe']:8s} {row['precision']:5s} seeds {row['seeds']}: {cells}; train {row['train_s']:.0f} s")
+        print(f"{row['machine']} {row['recipe']:8s} {row['precision']:5s} seeds {row['seeds']}: {cells}; "
+              f"train {row['train_s']:.0f} s")
     return 0
 
 

@@ -114,6 +114,17 @@ def machine() -> dict:
             "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
+def machine_tag(found: dict) -> str:
+    """A short name of a machine (`machine()`'s dict) for record keys: two machines' figures are two cells."""
+    words = re.sub(r"\(r\)|\(tm\)|processor|\bcpu\b|@.*", " ", found["cpu"].lower())
+    tag = "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
+    if found.get("cpu_bf16"):
+        tag += "-bf16"
+    if found.get("gpu"):
+        tag += "-" + "-".join(re.findall(r"[a-z0-9]+", found["gpu"].lower()))
+    return tag
+
+
 def config_hash(recipe: str | Path, overrides: list[str] = ()) -> str:
     """The recipe a figure belongs to: sha256 of the config file's YAML data and the --set overrides on it.
 

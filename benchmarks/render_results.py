@@ -169,22 +169,25 @@ def measured_on(folder: Path) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    fixed = ("recipe", "precision", "seeds", "train_s")
+    import recipe_seeds
+
+    fixed = recipe_seeds.SUMMARY_FIELDS
     members = [k for k in rows[0] if k not in fixed]
     for row in rows[1:]:
         members += [k for k in row if k not in fixed and k not in members]
     body = []
     for row in rows:
         cells = [f"{row[m][0]:.4f} (spread {row[m][1] * 100:.1f} pts)" if m in row else "-" for m in members]
-        body.append([cell(row["recipe"]), cell(row["precision"]), number(row["seeds"]), *cells,
-                     f"{row['train_s']:.0f}"])
-    return table(["recipe", "precision", "seeds", *[f"{cell(m)}: top-1 vs cloud gallery" for m in members],
+        body.append([cell(row["machine"]), cell(row["recipe"]), cell(row["precision"]), number(row["seeds"]),
+                     *cells, f"{row['train_s']:.0f}"])
+    return table(["machine", "recipe", "precision", "seeds", *[f"{cell(m)}: top-1 vs cloud gallery" for m in members],
                   "mean train s"], body)
 
 
 def seeds_section(folder: Path) -> list[str]:
     out = ["Mean over seeds of each member's top-1 against the cloud's gallery, and the spread (max - min), "
-           "from `recipe_seeds.summary()` over the current records only (stale ones are left out). `fp32` "
+           "per machine (its CPU, `-bf16` where it has native bf16), from `recipe_seeds.summary()` over the "
+           "current records only (stale ones are left out). `fp32` "
            "trains with `train.amp=off`, `bf16` with `train.amp=bf16`: the same seed moves between the two, "
            "so compare a figure only with one of the same precision. `python benchmarks/recipe_seeds.py "
            "summary` prints the same.\n"]

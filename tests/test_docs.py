@@ -219,6 +219,19 @@ def _seed_record(folder, seed, top1, quick=False):
                    recipe_name="current", precision="fp32")
 
 
+def test_seed_summaries_keep_machines_apart(tmp_path):
+    """A seed measured on another machine (another CPU, or native bf16) is never averaged with this one's."""
+    folder = tmp_path / "results"
+    _seed_record(folder, 0, 0.80)
+    other = _seed_record(folder, 1, 0.90)
+    record = json.loads(other.read_text())
+    record["machine"] = {**record["machine"], "cpu": "Intel(R) Xeon(R) Other CPU @ 2.1GHz", "cpu_bf16": True}
+    other.write_text(json.dumps(record))
+    rows = render.seed_summary(folder, quick=False)
+    assert [(row["machine"], row["seeds"], row["edge-m"]) for row in rows] == \
+        [("intel-xeon-other-bf16", [1], (0.9, 0.0)), ("test", [0], (0.8, 0.0))]
+
+
 def _outputs(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# project\n\n{render.BEGIN}\nold text\n{render.END}\n\nafter\n")
