@@ -180,9 +180,28 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
         member=member, profile=profile.name, format=profile.format, precision=profile.precision,
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
         bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
-        checked_on=declared, **done)
+        checked_on=declared, **done, **kept_profile(store, profile))
     store.register_artifact(artifact)
     return artifact
+
+
+def kept_profile(store: FamilyStore, profile) -> dict:
+    """A profile that is not built in (a file the user gave) is copied beside its exports: later verifies of
+    the family, bundles and the pytest plugin read it there, wherever the file went."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from hetero.files import atomic_write_text
+    from hetero.profiles import builtin_profile_files, read_profile
+
+    builtin = builtin_profile_files().get(profile.name)
+    if builtin is not None and read_profile(builtin) == profile:
+        return {}
+    path = store.path(f"exports/{profile.name}/profile.yaml", "profile copy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(asdict(profile), sort_keys=False))
+    return {"profile_file": path.relative_to(store.root).as_posix()}
 
 
 def exit_metadata(entry: MemberRecord) -> dict:
@@ -221,7 +240,7 @@ def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, p
         member=entry.name, profile=profile.name, format=profile.format, precision=profile.precision,
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
         bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
-        checked_on=["onnxruntime"], **done)
+        checked_on=["onnxruntime"], **done, **kept_profile(store, profile))
     store.register_artifact(artifact)
     return artifact
 

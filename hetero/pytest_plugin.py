@@ -46,7 +46,7 @@ class CompatSuite(pytest.Collector):
     def _runs(self) -> list[tuple[str, str, str]]:
         """(member, profile, runtime with version) of every verification run, as `hetero verify` plans them."""
         from hetero.profiles import is_profile_path, load_profile
-        from hetero.verify import planned_runs
+        from hetero.verify import artifact_profile, planned_runs
 
         wanted = self.config.getoption("hetero_profile")
         profiles = {}
@@ -63,7 +63,7 @@ class CompatSuite(pytest.Collector):
             override = load_profile(wanted)
             wanted, profiles[override.name] = override.name, override
         chosen = [a for a in artifacts if wanted in (None, a.profile)]
-        plan = planned_runs(chosen, lambda name: profiles[name] if name in profiles else load_profile(name))
+        plan = planned_runs(chosen, lambda a: artifact_profile(a, Path(self.source), profiles, self.source))
         return [(a.member, a.profile, target.label if target else "?") for a, _, target in plan]
 
     def report(self) -> dict:

@@ -195,6 +195,29 @@ def test_onnx_fp16_keeps_float_io_and_parity(family_copy, tmp_path):
     assert runtime.batch == 0  # dynamic batch kept
 
 
+def test_a_profile_file_is_kept_in_the_family_for_later_verifies(family_copy, tmp_path, capsys):
+    """Exported for a profile file that is then moved away, the family still verifies, plainly and as a plugin."""
+    from hetero.cli import main
+    from hetero.family.outputs import family_files
+    from hetero.verify import artifact_profile, planned_runs, verify
+
+    given = Path(_profile_file(tmp_path, "server-onnx-fp32", name="my-board", budgets__max_params=10_000_000))
+    assert main(["export", str(family_copy), "--profile", str(given), "--member", MEMBER]) == 0
+    given.unlink()
+    store = FamilyStore.open(family_copy)
+    (artifact,) = store.artifacts("my-board")
+    assert artifact.profile_file == "exports/my-board/profile.yaml"
+    report, _ = verify(store, write=False, latency_runs=2)
+    (result,) = [a for a in report["artifacts"] if a["profile"] == "my-board"]
+    assert {c["status"] for c in result["checks"]} <= {"pass", "skip"}, result["checks"]
+    kept = artifact_profile(artifact, family_copy, {}, str(family_copy))
+    assert (kept.name, kept.budgets.max_params) == ("my-board", 10_000_000)
+    assert planned_runs([artifact], lambda a: artifact_profile(a, family_copy, {}, str(family_copy)))[0][1] == kept
+    assert family_copy / artifact.profile_file in family_files(family_copy)  # --overwrite removes the copy too
+    builtin = export(family_copy, MEMBER, load_profile("server-onnx-fp32"))
+    assert builtin.profile_file is None and not (family_copy / "exports/server-onnx-fp32/profile.yaml").exists()
+
+
 def test_member_is_chosen_automatically_within_budget(family_copy):
     artifact = export(family_copy, None, load_profile("server-onnx-fp32"))
     assert artifact.member in [m.name for m in FamilyStore.open(family_copy).edges]

@@ -99,6 +99,7 @@ def family_files(root: Path) -> list[Path]:
         listed = [m.checkpoint.file for m in manifest.members]
         listed += [m.linearised_at.file for m in manifest.members if m.linearised_at is not None]
         listed += [manifest.previous.checkpoint.file] if manifest.previous is not None else []
+        listed += [a.profile_file for a in manifest.artifacts if a.profile_file]
         files = [store.path(name, "checkpoint of the earlier family") for name in listed]
     elif _is_training_state(root / TRAIN_STATE):
         artifacts, files = [], []

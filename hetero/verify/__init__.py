@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from hetero.verify.chains import EXIT_AGREEMENT
 from hetero.verify.checks import PRECISION_DTYPES, structure_problems
-from hetero.verify.harness import (build_report, host_description, planned_runs, resolve_profile, run_checks,
-                                   select_artifacts, verify, verify_artifact)
+from hetero.verify.harness import (artifact_profile, build_report, host_description, planned_runs, resolve_profile,
+                                   run_checks, select_artifacts, verify, verify_artifact)
 from hetero.verify.reference import REFERENCES, Reference, ReferenceCache, reference_from_store
 from hetero.verify.results import CHECKS, DEFAULT_LATENCY_RUNS, NUMERIC, ArtifactResult, Check
 
 __all__ = [
     "CHECKS", "DEFAULT_LATENCY_RUNS", "EXIT_AGREEMENT", "NUMERIC", "PRECISION_DTYPES", "REFERENCES", "ArtifactResult",
-    "Check", "Reference", "ReferenceCache", "build_report", "host_description", "planned_runs", "reference_from_store",
-    "resolve_profile", "run_checks", "select_artifacts", "structure_problems", "verify", "verify_artifact",
+    "Check", "Reference", "ReferenceCache", "artifact_profile", "build_report", "host_description", "planned_runs",
+    "reference_from_store", "resolve_profile", "run_checks", "select_artifacts", "structure_problems", "verify",
+    "verify_artifact",
 ]

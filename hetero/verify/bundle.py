@@ -66,7 +66,7 @@ def write_bundle(reference: Reference, path: str | Path, report: dict | None = N
     profiles = {}
     for artifact in reference.artifacts:
         try:
-            profiles[artifact.profile] = asdict(resolve_profile(artifact.profile, reference))
+            profiles[artifact.profile] = asdict(resolve_profile(artifact, reference))
         except Exception:  # an unknown profile stays unknown; the identity check will say so in the bundle too
             pass
     meta = BundleMeta(

@@ -13,7 +13,7 @@ from pathlib import Path
 from hetero import runtimes
 from hetero.errors import ConfigError
 from hetero.family import ArtifactRecord, FamilyStore
-from hetero.files import path_bytes
+from hetero.files import path_bytes, resolve_inside
 from hetero.models import resize_to
 from hetero.verify.chains import check_exit_chain
 from hetero.verify.checks import (check_file_identity, check_numeric, check_space_identity, check_static_budgets,
@@ -32,7 +32,7 @@ def planned_runs(artifacts: list[ArtifactRecord], profile_of, every: bool = Fals
     plan = []
     for artifact in artifacts:
         try:
-            profile = profile_of(artifact.profile)
+            profile = profile_of(artifact)
         except Exception as err:
             plan.append((artifact, err, None))
             continue
@@ -40,12 +40,21 @@ def planned_runs(artifacts: list[ArtifactRecord], profile_of, every: bool = Fals
     return plan
 
 
-def resolve_profile(name: str, reference: Reference):
-    if name in reference.profiles:
-        return reference.profiles[name]
-    from hetero.profiles import load_profile
+def artifact_profile(artifact: ArtifactRecord, root: Path, given: dict, source: str):
+    """The artifact's profile: `given` for this run (a bundle's, --profile), kept in the family under `root`
+    (a profile file it was exported with), or built in."""
+    from hetero.profiles import load_profile, read_profile
 
-    return load_profile(name)
+    if artifact.profile in given:
+        return given[artifact.profile]
+    if artifact.profile_file:
+        return read_profile(resolve_inside(root, artifact.profile_file, f"{source}: profile of artifact "
+                                                                        f"{artifact.file!r}"))
+    return load_profile(artifact.profile)
+
+
+def resolve_profile(artifact: ArtifactRecord, reference: Reference):
+    return artifact_profile(artifact, reference.root, reference.profiles, reference.source)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -94,7 +103,7 @@ def run_checks(reference: Reference, latency_runs: int = DEFAULT_LATENCY_RUNS, s
     """
     started = time.perf_counter()
     results = []
-    for artifact, profile, target in planned_runs(reference.artifacts, lambda n: resolve_profile(n, reference),
+    for artifact, profile, target in planned_runs(reference.artifacts, lambda a: resolve_profile(a, reference),
                                                   all_runtimes):
         try:
             result = verify_artifact(reference, artifact, profile, target, latency_runs)
