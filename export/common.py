@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from hetero.errors import ExportError, RuntimeUnavailable  # noqa: F401 -- the converters' errors
+from hetero.errors import ExportError, PlatformUnavailable, RuntimeUnavailable  # noqa: F401 -- the converters' errors
 
 METADATA_KEY = "hetero"
 

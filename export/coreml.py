@@ -1,7 +1,7 @@
 """CoreML (.mlpackage, ML Program) export with coremltools, metadata, and the CoreML adapter.
 
 CoreML models only execute on macOS: on other hosts the adapter reads the spec and metadata (so identity
-and structure are verified) and raises RuntimeUnavailable for the numeric checks, which verification then
+and structure are verified) and raises PlatformUnavailable for the numeric checks, which verification then
 reports as skipped.  int8-weights stores per-channel int8 weights (constexpr_affine_dequantize).
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetero.export.common import METADATA_KEY, ExportError, RuntimeAdapter, RuntimeUnavailable, example_input, graph_for
+from hetero.export.common import (METADATA_KEY, ExportError, PlatformUnavailable, RuntimeAdapter, example_input,
+                                  graph_for)
 
 TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
 
@@ -121,7 +122,7 @@ def _shape(feature) -> list[int]:
 
 
 class CoreMLAdapter(RuntimeAdapter):
-    """coremltools' MLModel.predict (macOS only); elsewhere RuntimeUnavailable after reading the metadata."""
+    """coremltools' MLModel.predict (macOS only); elsewhere PlatformUnavailable after reading the metadata."""
 
     name = "coreml"
 
@@ -129,8 +130,8 @@ class CoreMLAdapter(RuntimeAdapter):
         self.path = Path(path)
         self.metadata = read_coreml_metadata(self.path)  # works on any host
         if platform.system() != "Darwin":
-            raise RuntimeUnavailable(f"CoreML models execute only on macOS (this host: {platform.system()}); "
-                                     f"identity, metadata and structure were read from the spec instead")
+            raise PlatformUnavailable(f"CoreML models execute only on macOS (this host: {platform.system()}); "
+                                      f"identity, metadata and structure were read from the spec instead", "macOS")
         import coremltools as ct
 
         self.model = ct.models.MLModel(str(self.path))

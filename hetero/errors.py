@@ -46,6 +46,18 @@ class RuntimeUnavailable(ExportError):
     """
 
 
+class PlatformUnavailable(RuntimeUnavailable):
+    """The runtime executes only on another platform (CoreML: macOS), so no install on this host can run it.
+
+    Its skipped checks are not counted by `verify --strict` (no machine of this kind could run them); the
+    report says which platform runs them.
+    """
+
+    def __init__(self, message: str, platform: str):
+        super().__init__(message)
+        self.platform = platform
+
+
 class CalibrationError(HeteroError):
     """An early-exit rule that cannot be calibrated or applied as asked (an unmeetable target, thresholds
     that stop nothing)."""

@@ -330,7 +330,7 @@ def _coreml_profile():
 
 
 @pytest.mark.slow
-def test_coreml_on_linux_checks_structure_and_skips_numerics(family, tmp_path):
+def test_coreml_on_linux_checks_structure_and_skips_numerics(family, tmp_path, capsys):
     import platform
 
     if platform.system() == "Darwin":
@@ -351,6 +351,19 @@ def test_coreml_on_linux_checks_structure_and_skips_numerics(family, tmp_path):
     for name in NUMERIC:
         assert checks[name]["status"] == "skip" and "skipped" in checks[name]["detail"]
     assert checks["budget_params"]["status"] == "skip"  # the test profile sets no budgets: not a pass either
+    assert run_verify(family, profile=str(profile_file), latency_runs=RUNS, strict=True)["passed"] is False
+
+    # --strict cannot demand on Linux what only macOS runs: with budgets set, only the numerics are skipped
+    from hetero.cli import main
+
+    budgeted = {**asdict(_coreml_profile()), "budgets": {"max_file_mb": 100, "max_params": 10**8, "max_mflops": 10**6}}
+    profile_file.write_text(yaml.safe_dump(budgeted))
+    report = run_verify(family, profile=str(profile_file), latency_runs=RUNS, strict=True)
+    assert report["passed"] and report["counts"]["skip"] == report["counts"]["skip_platform"] == len(NUMERIC)
+    capsys.readouterr()
+    assert main(["verify", str(family), "--profile", str(profile_file), "--latency-runs", "2", "--strict"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "3 of them run only on macOS" in said and "--bundle FILE --strict" in said
 
     # a profile that expects fp32 weights fails the structure check on the fp16 file, naming both
     from hetero.verify import structure_problems

@@ -63,6 +63,7 @@ class Opened:
     metadata: dict
     facts: dict | None  # structure read without running (when the runtime cannot run)
     unavailable: str | None  # why it cannot run here
+    platform: str | None = None  # the only platform it runs on, when no install here could run it
 
 
 def check_file_identity(result: ArtifactResult, reference: Reference,
@@ -89,7 +90,7 @@ def open_artifact(result: ArtifactResult, reference: Reference, artifact: Artifa
     from hetero.export.common import converter_output
 
     spec = formats.FORMATS.get(artifact.format)
-    runtime, unavailable = None, None
+    runtime, unavailable, platform = None, None, None
     if spec is None:
         unavailable = f"this install has no {artifact.format!r} format"
     else:
@@ -98,7 +99,7 @@ def open_artifact(result: ArtifactResult, reference: Reference, artifact: Artifa
                 runtime = target.open(spec, path)
                 _probe(runtime, reference, artifact)
         except RuntimeUnavailable as err:
-            runtime, unavailable = None, str(err)
+            runtime, unavailable, platform = None, str(err), getattr(err, "platform", None)
         except ModuleNotFoundError as err:
             runtime, unavailable = None, f"runtime package {err.name!r} is not installed"
         except Exception as err:
@@ -119,7 +120,7 @@ def open_artifact(result: ArtifactResult, reference: Reference, artifact: Artifa
     if not isinstance(facts.get("metadata"), dict):
         raise result.stop("identity", "fail", f"{artifact.file}: no 'hetero' metadata in the file",
                           "not run: identity failed")
-    return Opened(None, facts["metadata"], facts, unavailable)
+    return Opened(None, facts["metadata"], facts, unavailable, platform)
 
 
 def _probe(runtime, reference: Reference, artifact: ArtifactRecord) -> None:
@@ -185,8 +186,9 @@ def check_numeric(result: ArtifactResult, reference: Reference, artifact: Artifa
                   profile, floats: torch.Tensor, runtime_name: str, latency_runs: int) -> None:
     """Parity, retrieval and latency, where the runtime runs here and the structure holds."""
     if opened.runtime is None:
+        elsewhere = {"needs_platform": opened.platform} if opened.platform else {}
         for name in NUMERIC:
-            result.add(name, "skip", f"skipped: {opened.unavailable}")
+            result.add(name, "skip", f"skipped: {opened.unavailable}", **elsewhere)
         return
     if result.check("structure").status == "fail":
         for name in NUMERIC:

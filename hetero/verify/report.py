@@ -212,8 +212,9 @@ def _summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
 def _headline(report: dict) -> str:
     counts = report["counts"]
     verdict = "PASSED" if report["passed"] else "FAILED"
-    return (f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped checks over "
-            f"{len(report['artifacts'])} artifact(s) of family {report['family']} (space {report['space_id']}); "
+    elsewhere = f" ({counts['skip_platform']} run only on another platform)" if counts.get("skip_platform") else ""
+    return (f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped checks{elsewhere} "
+            f"over {len(report['artifacts'])} artifact(s) of family {report['family']} (space {report['space_id']}); "
             f"{report['queries']} held-out queries vs {report['gallery']} cloud-gallery images; host "
             f"{report.get('host', '?')}; {report.get('seconds', 0):.1f} s")
 
