@@ -62,13 +62,14 @@ def export_cloud(store: FamilyStore, path: Path) -> Path:
 
 def unlabeled_copy(store: FamilyStore, folder: Path) -> int:
     """The training images of the family's data, copied flat into `folder` under hashed names: no classes."""
-    from hetero.data import OMNIGLOT_TEST_ALPHABETS, image_sources
+    from hetero.data import OMNIGLOT_TEST_ALPHABETS, ImageReader, list_images
 
     config = store.config()
     held_out = set(config.data.test_groups or OMNIGLOT_TEST_ALPHABETS)
     folder.mkdir(parents=True, exist_ok=True)
-    seen = set()
-    for rel, reader in image_sources(Path(config.data.path)):
+    seen, reader = set(), ImageReader()
+    for entry in list_images(Path(config.data.path)):
+        rel = entry.name
         parts = PurePosixPath(rel).parts
         key = "/".join(parts[1:] if len(parts) > 3 else parts)  # as the family reads it: zips hold a top folder
         if key.split("/")[0] in held_out or key in seen:  # the same drawing in two zips is read once there too
@@ -76,7 +77,7 @@ def unlabeled_copy(store: FamilyStore, folder: Path) -> int:
         seen.add(key)
         target = folder / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}{PurePosixPath(rel).suffix}"
         if not target.exists():
-            target.write_bytes(reader())
+            target.write_bytes(reader.read(entry))
     return len(seen)
 
 

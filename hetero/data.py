@@ -144,49 +144,79 @@ def loader_context(workers: int):
     return multiprocessing.get_context("forkserver")
 
 
-def _too_large(size: int):
-    def reader():
-        raise ImageError(f"the file is {size:,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
-    return reader
+@dataclass(frozen=True)
+class ImageEntry:
+    name: str  # its relative posix path: below the folder, or inside the zip ([zip name/] with name_archives)
+    archive: str | None  # the zip that holds it, None for a plain file
+    member: str  # path of the file (plain) or of the member inside `archive`
+    size: int  # bytes, as listed (a zip member's uncompressed size)
 
 
-def image_sources(root: Path):
-    """Yield (relative posix path, reader) for every image under a folder, a zip, or zips in a folder."""
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMG_EXTENSIONS
+
+
+def list_images(root: str | Path, name_archives: bool = False) -> list[ImageEntry]:
+    """Every image (by extension) below a folder, in a zip, or in zips in a folder; nothing is read yet.
+
+    A folder with plain images ignores zips beside them (an extracted copy wins).  Files come in path order,
+    zips in name order and their members in name order.  With `name_archives`, members of zips found in a
+    folder are named `<zip name>/<member>`, so two zips holding the same path give two names.
+    """
+    root = Path(root)
     if root.is_file() and root.suffix.lower() == ".zip":
-        zips = [root]
+        archives = [root]
     elif root.is_dir():
-        zips = sorted(root.glob("*.zip"))
-        plain = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+        plain = [p for p in sorted(root.rglob("*")) if p.is_file() and is_image_name(p.name)]
         if plain:
-            zips = []  # an extracted copy wins over archives lying beside it
-            for path in plain:
-                size = path.stat().st_size
-                yield path.relative_to(root).as_posix(), path.read_bytes if size <= MAX_FILE_BYTES else _too_large(size)
+            return [ImageEntry(p.relative_to(root).as_posix(), None, str(p), p.stat().st_size) for p in plain]
+        archives = sorted(root.glob("*.zip"))
     else:
         raise DataError(f"{root}: no such folder or .zip file")
-    for archive in zips:
+    entries = []
+    for archive in archives:
         try:
             with zipfile.ZipFile(archive) as handle:
-                for info in sorted(handle.infolist(), key=lambda i: i.filename):
-                    if info.is_dir() or PurePosixPath(info.filename).suffix.lower() not in IMG_EXTENSIONS:
-                        continue
-                    if info.file_size > MAX_FILE_BYTES:
-                        yield info.filename, _too_large(info.file_size)
-                        continue
-                    try:
-                        payload = handle.read(info.filename)
-                    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as err:
-                        yield info.filename, _unreadable(err)
-                        continue
-                    yield info.filename, (lambda payload=payload: payload)
-        except zipfile.BadZipFile as err:
+                infos = sorted((i for i in handle.infolist() if not i.is_dir() and is_image_name(i.filename)),
+                               key=lambda i: i.filename)
+        except (zipfile.BadZipFile, OSError) as err:
             raise DataError(f"{archive}: not a readable zip file ({err})") from None
+        prefix = f"{archive.name}/" if name_archives and root.is_dir() else ""
+        entries += [ImageEntry(prefix + i.filename, str(archive), i.filename, i.file_size) for i in infos]
+    return entries
 
 
-def _unreadable(err: Exception):
-    def reader():
-        raise ImageError(f"cannot be read from its archive: {type(err).__name__}: {err}")
-    return reader
+class ImageReader:
+    """The bytes of listed images, one at a time (never a whole zip in memory); each zip is opened once, on
+    first use, in the process that reads (a dataset's reader is copied to its loader workers unopened)."""
+
+    def __init__(self):
+        self._zips: dict[str, zipfile.ZipFile] = {}
+
+    def __getstate__(self):
+        return {"_zips": {}}
+
+    def read(self, entry: ImageEntry) -> bytes:
+        """The file's bytes; ImageError for one that is too large or cannot be read from its archive."""
+        if entry.size > MAX_FILE_BYTES:
+            raise ImageError(f"the file is {entry.size:,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
+        if entry.archive is None:
+            data = Path(entry.member).read_bytes()
+        else:
+            try:
+                if entry.archive not in self._zips:
+                    self._zips[entry.archive] = zipfile.ZipFile(entry.archive)
+                data = self._zips[entry.archive].read(entry.member)
+            except (zipfile.BadZipFile, KeyError, EOFError, NotImplementedError, RuntimeError) as err:
+                raise ImageError(f"cannot be read from its archive: {type(err).__name__}: {err}") from None
+        if len(data) > MAX_FILE_BYTES:  # it grew since it was listed
+            raise ImageError(f"the file is {len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
+        return data
+
+    def close(self) -> None:
+        for handle in self._zips.values():
+            handle.close()
+        self._zips.clear()
 
 
 UNLABELED = "unlabeled"
@@ -201,32 +231,34 @@ def read_image_tree(root: str | Path, size: int, strip_top_level: bool = False, 
     seen twice under the same class and file name are read once.
     """
     root = Path(root)
-    by_key: dict[str, tuple[str, object]] = {}
-    for rel, reader in image_sources(root):
-        parts = PurePosixPath(rel).parts
+    by_key: dict[str, ImageEntry] = {}
+    for entry in list_images(root):
+        parts = PurePosixPath(entry.name).parts
         if strip_top_level and len(parts) > 2:
             parts = parts[1:]
         if len(parts) < 2 and labeled:
             continue  # images at the top level have no class folder
-        by_key.setdefault("/".join(parts), (rel, reader))
+        by_key.setdefault("/".join(parts), entry)
     if not by_key:
         where = "in class folders" if labeled else "anywhere below it"
         raise DataError(f"{root}: found no images ({', '.join(IMG_EXTENSIONS)}) {where}")
 
     images, labels, names, skipped = [], [], [], []
     class_ids: dict[str, int] = {}
+    reader = ImageReader()
     for key in tqdm(sorted(by_key), desc=f"reading {root.name}", unit="img", leave=False, disable=None):
-        rel, reader = by_key[key]
+        entry = by_key[key]
         try:
-            pixels = decode_image(reader(), size, background, max_pixels)
-        except (ImageError, OSError, zipfile.BadZipFile) as err:
-            log.warning("skipping unreadable image %s: %s", f"{root}/{rel}", err)
-            skipped.append(f"{root}/{rel}")
+            pixels = decode_image(reader.read(entry), size, background, max_pixels)
+        except (ImageError, OSError) as err:
+            log.warning("skipping unreadable image %s: %s", f"{root}/{entry.name}", err)
+            skipped.append(f"{root}/{entry.name}")
             continue
         class_name = str(PurePosixPath(key).parent) if labeled else UNLABELED
         labels.append(class_ids.setdefault(class_name, len(class_ids)))
         images.append(torch.from_numpy(pixels).permute(2, 0, 1))
         names.append(key)
+    reader.close()
     if not images:
         raise DataError(f"{root}: none of the {len(by_key)} images could be read")
     return ImageSet(torch.stack(images), torch.tensor(labels), list(class_ids), names, skipped)

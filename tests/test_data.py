@@ -72,6 +72,26 @@ def test_zip_and_extracted_folder_read_the_same(tmp_path):
     assert torch.equal(from_folder.images, from_zip.images)
 
 
+def test_training_and_galleries_list_alike_and_a_zip_is_read_one_image_at_a_time(tmp_path, monkeypatch):
+    """One listing and one reader for training and galleries; a zip's members are read as they are decoded,
+    so a zip of many (or large) entries is never held in memory whole."""
+    from hetero import data
+    from hetero.gallery import list_images as gallery_images
+
+    root = write_folder(tmp_path / "set", mode="RGB")
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(root.rglob("*.png")):
+            handle.write(path, path.relative_to(root).as_posix())
+    assert [e.name for e in data.list_images(archive)] == [e.name for e in gallery_images(archive)] == \
+        [e.name for e in data.list_images(root)]
+    events, read, decode = [], zipfile.ZipFile.read, data.decode_image
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: events.append("read") or read(self, name, *a))
+    monkeypatch.setattr(data, "decode_image", lambda *a: events.append("decode") or decode(*a))
+    assert len(read_image_tree(archive, 16)) == 24
+    assert events == ["read", "decode"] * 24  # never a second payload before the first is decoded
+
+
 def test_bad_paths_and_groups_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_split(DataConfig(source="imagefolder", path=str(tmp_path / "missing")), 16)

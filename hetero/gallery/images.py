@@ -4,57 +4,30 @@ for every gallery path (build, import's proof, Milvus ingestion, search)."""
 from __future__ import annotations
 
 import logging
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
-from hetero.data import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImageError, decode_image, loader_context
+from hetero.data import (DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImageEntry, ImageError, ImageReader, decode_image,
+                         loader_context)
+from hetero.data import list_images as data_list_images
+from hetero.errors import DataError
 from hetero.gallery.base import GalleryError
 
 log = logging.getLogger("hetero.gallery")
 
 
-@dataclass(frozen=True)
-class ImageEntry:
-    name: str  # stable, unique name: path below the folder, or [zip name/]path inside the zip
-    archive: str | None  # the zip that holds it, None for a plain file
-    member: str  # path of the file (plain) or of the member inside `archive`
-
-
-def _is_image(name: str) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    return PurePosixPath(name).suffix.lower() in IMG_EXTENSIONS
-
-
 def list_images(root: str | Path) -> list[ImageEntry]:
-    """Every image (any file Pillow may read, by extension) below a folder, in a zip, or in zips in a folder.
+    """Every image below a folder, in a zip, or in zips in a folder (`hetero.data.list_images`, the listing
+    training uses), by name: the same files give the same order (and the same shards) on every machine.
 
-    Unlike training data, gallery images need no class folders; names are sorted, so the same files give
-    the same order (and the same shards) on every machine.  A folder with plain images ignores zips beside
-    them (an extracted copy wins), as the training reader does.
+    Unlike training data, gallery images need no class folders; a zip's members are named after the zip when
+    a folder holds several, so every name is unique.
     """
-    root = Path(root)
-    if root.is_file() and root.suffix.lower() == ".zip":
-        archives, prefix = [root], False
-    elif root.is_dir():
-        plain = [p for p in root.rglob("*") if p.is_file() and _is_image(p.name)]
-        if plain:
-            entries = [ImageEntry(p.relative_to(root).as_posix(), None, str(p)) for p in plain]
-            return sorted(entries, key=lambda e: e.name)
-        archives, prefix = sorted(root.glob("*.zip")), True
-    else:
-        raise GalleryError(f"--images {root}: no such folder or .zip file")
-    entries = []
-    for archive in archives:
-        try:
-            with zipfile.ZipFile(archive) as handle:
-                names = [i.filename for i in handle.infolist() if not i.is_dir() and _is_image(i.filename)]
-        except zipfile.BadZipFile as err:
-            raise GalleryError(f"{archive}: not a readable zip file ({err})") from None
-        entries += [ImageEntry(f"{archive.name}/{n}" if prefix else n, str(archive), n) for n in names]
+    try:
+        entries = data_list_images(root, name_archives=True)
+    except DataError as err:
+        raise GalleryError(f"--images {err}") from None
     if not entries:
         raise GalleryError(f"--images {root}: found no image files (by extension) there")
     return sorted(entries, key=lambda e: e.name)
@@ -66,31 +39,19 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, entries: list[ImageEntry], size: int, background=DEFAULT_BACKGROUND,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.entries, self.size, self.background, self.max_pixels = entries, size, background, max_pixels
-        self._zips: dict[str, zipfile.ZipFile] = {}  # per worker process, opened on first use
+        self.reader = ImageReader()
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _read(self, entry: ImageEntry) -> bytes:
-        if entry.archive is None:
-            return Path(entry.member).read_bytes()
-        if entry.archive not in self._zips:
-            self._zips[entry.archive] = zipfile.ZipFile(entry.archive)
-        return self._zips[entry.archive].read(entry.member)
-
     def __getitem__(self, index: int):
-        from hetero.data import MAX_FILE_BYTES
-
         entry = self.entries[index]
         try:
-            data = self._read(entry)
-            if len(data) > MAX_FILE_BYTES:
-                raise ImageError(f"{len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image")
-            pixels = torch.from_numpy(decode_image(data, self.size, self.background, self.max_pixels)).permute(2, 0, 1)
-        except (ImageError, OSError, zipfile.BadZipFile, KeyError, EOFError, NotImplementedError) as err:
+            pixels = decode_image(self.reader.read(entry), self.size, self.background, self.max_pixels)
+        except (ImageError, OSError) as err:
             log.warning("skipping unreadable image %s: %s", entry.name, err)
             return entry.name, None
-        return entry.name, pixels
+        return entry.name, torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def collate_images(items):
@@ -98,7 +59,6 @@ def collate_images(items):
     skipped = [name for name, pixels in items if pixels is None]
     pixels = [p for _, p in items if p is not None]
     return names, skipped, (torch.stack(pixels) if pixels else None)
-
 
 
 def in_batches(count: int, batch_size: int) -> list[list[int]]:
