@@ -120,19 +120,20 @@ def architecture_known(arch: str) -> bool:
     return prefix is not None and arch[len(prefix):] in library_models(prefix)
 
 
-def library_backbone(arch: str) -> tuple[nn.Module, int]:
-    """A timm or torchvision model without its classifier (pooled features out), and its feature width."""
+def library_backbone(arch: str, pretrained: bool = False) -> tuple[nn.Module, int]:
+    """A timm or torchvision model without its classifier (pooled features out), and its feature width;
+    with `pretrained`, holding its library's default pretrained weights, found as that library finds them."""
     prefix, name = arch.split("/", 1)
     if prefix == "timm":
         try:
             import timm
         except ImportError:
             raise KeyError(f"architecture {arch!r} needs timm: pip install timm") from None
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     else:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
         head = next((h for h in TORCHVISION_HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
         if head is None:
             raise KeyError(f"architecture {arch!r}: no classifier attribute ({', '.join(TORCHVISION_HEADS)}) to "
@@ -161,6 +162,30 @@ def load_backbone_weights(backbone: nn.Module, path, arch: str) -> None:
     if mismatch:
         raise ValueError(f"{path}: does not fit {arch}: {mismatch}")
     backbone.load_state_dict({k: tensors[k] for k in expected})
+
+
+def load_pretrained(backbone: nn.Module, arch: str) -> None:
+    """Initialise a library backbone with its library's pretrained weights: timm's from the Hugging Face hub,
+    torchvision's from torch.hub, each through its own cache, so a machine without network needs the file
+    there.  ValueError, saying where the cache is, when they cannot be had."""
+    try:
+        source, _ = library_backbone(arch, pretrained=True)
+    except Exception as err:  # no network, a missing cache entry, a model without pretrained weights
+        raise ValueError(f"pretrained weights of {arch} could not be loaded ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}); without network, put the file where "
+                         f"{pretrained_cache(arch)}, or give a local file as `weights`") from None
+    backbone.load_state_dict(source.state_dict())
+
+
+def pretrained_cache(arch: str) -> str:
+    """Where a library looks for its pretrained weights before it downloads them."""
+    if arch.startswith("timm/"):
+        from huggingface_hub import constants
+
+        return f"the Hugging Face hub cache holds it ({constants.HF_HUB_CACHE}; HF_HOME or HF_HUB_CACHE move it)"
+    import torch.hub
+
+    return f"torch.hub keeps it ({torch.hub.get_dir()}/checkpoints; TORCH_HOME moves it)"
 
 
 def first_mismatch(tensors: dict, expected: dict, keys=None) -> str | None:
@@ -351,7 +376,8 @@ def count_flops(model: Embedder) -> int:
 
 
 def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Embedder:
-    """A trainable member from its config; a library backbone starts from `weights` when given."""
+    """A trainable member from its config; a library backbone starts from `weights` or, `pretrained`, from its
+    library's weights.  ValueError when those do not fit or cannot be had."""
     activation = getattr(member_cfg, "activation", "relu")
     if getattr(member_cfg, "exits", None) is not None:
         return MultiExitEmbedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size,
@@ -360,6 +386,8 @@ def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
                      activation)
     if getattr(member_cfg, "weights", None):
         load_backbone_weights(model.backbone, member_cfg.weights, member_cfg.arch)
+    elif getattr(member_cfg, "pretrained", False):
+        load_pretrained(model.backbone, member_cfg.arch)
     return model
 
 

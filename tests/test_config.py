@@ -224,3 +224,45 @@ def test_a_path_that_exists_only_from_the_working_directory_is_kept(tmp_path, mo
     path.write_text(yaml.safe_dump(tiny_config(init="here")))
     monkeypatch.chdir(tmp_path)
     assert load_config(path).train.init == "here"
+
+
+# ------------------------------------------------------------------------------------------- pretrained
+
+
+def test_pretrained_is_for_library_backbones_that_train():
+    message = error_for(lambda d: d["family"]["members"][1].update(pretrained=True))  # hetero's own resnet
+    assert "family.members.1" in message and "only a timm/ or torchvision/ member" in message
+    message = error_for(lambda d: d["family"]["members"][1].update(arch="torchvision/resnet18", width=1.0, depth=1.0,
+                                                                    pretrained=True, weights="w.safetensors"))
+    assert "keep one of the two" in message
+
+
+def test_a_pretrained_torchvision_member_starts_from_the_file_in_the_torch_hub_cache(tmp_path, monkeypatch):
+    """As torchvision does: the weights are read from torch.hub's cache, and downloaded only when absent."""
+    import torch
+    import torch.hub
+    import torchvision
+
+    from hetero.models import build_member
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    data = copy.deepcopy(tiny_config())
+    data["family"]["members"][1].update(arch="torchvision/resnet18", width=1.0, depth=1.0, pretrained=True)
+    member = parse_config(data, "family.yaml").family.members[1]
+
+    def offline(url, *args, **kwargs):
+        raise OSError(f"no network to fetch {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match=r"could not be loaded .*no network.*" + str(tmp_path / "hub" / "checkpoints")):
+        build_member(member, 32)
+    config = tmp_path / "family.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2  # a paragraph, no traceback
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    torch.manual_seed(7)
+    published = torchvision.models.resnet18()  # stands in for the published ImageNet weights
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(published.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    started = build_member(member, 32).backbone.state_dict()
+    assert all(torch.equal(started[k], v) for k, v in published.state_dict().items() if not k.startswith("fc."))

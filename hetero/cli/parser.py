@@ -161,12 +161,16 @@ def _gallery_verbs(verbs) -> None:
                                      "gallery of vectors you already have, once a sample proves their space.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def store_options(a, milvus_only: bool = False):
+    def store_options(a, milvus_only: bool = False, served: bool = False):
         if not milvus_only:
             a.add_argument("--store", choices=["faiss", "milvus"], default="faiss",
                            help="faiss: files on this machine (default); milvus: a Milvus collection")
-        a.add_argument("--uri", help="milvus: a local path (embedded Milvus Lite; default DIR/gallery.db) or "
-                                     "http://host:19530 (a server or cluster)")
+        if served:
+            a.add_argument("--uri", help="milvus (required): the database the gallery is served from (the "
+                                                        "earlier family's DIR/gallery.db, or http://host:19530)")
+        else:
+            a.add_argument("--uri", help="milvus: a local path (embedded Milvus Lite; default DIR/gallery.db) or "
+                                         "http://host:19530 (a server or cluster)")
         a.add_argument("--collection", default="gallery", help="milvus: collection or alias (default: gallery)")
 
     def embedding_options(a):
@@ -218,7 +222,7 @@ def _gallery_verbs(verbs) -> None:
         a.add_argument("dir", help="family directory")
         if needs_images:
             a.add_argument("--images", required=True, help="folder or .zip of images, named as the collection's ids")
-        store_options(a, milvus_only=True)
+        store_options(a, milvus_only=True, served=name == "migrate")
         if name == "delete":
             a.add_argument("--ids", nargs="+", required=True, help="image names to remove")
         elif name == "adopt":

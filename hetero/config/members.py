@@ -50,6 +50,9 @@ class MemberConfig:
     trust_model_file: bool = False
     # safetensors weights: a library backbone's starting point, or with `frozen` the external cloud itself.
     weights: str | None = None
+    # A timm/ or torchvision/ backbone starts from its library's pretrained weights, fetched (or read from the
+    # library's cache) as the library does; `weights` gives a local file instead.
+    pretrained: bool = False
     frozen: bool = False  # a cloud that is never trained (implied by `model`)
     # An external cloud's preprocessing, applied to [0, 1] RGB images before its model (else the file's own).
     mean: RGB3 | None = None
@@ -85,6 +88,15 @@ class MemberConfig:
                              f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; {len(offered)} models offered")
         return check_known(value, ARCHITECTURES, "architecture (or timm/<name>, torchvision/<name>)")
 
+    def _check_pretrained(self) -> None:
+        from hetero.models import is_library_arch
+
+        if self.external or not is_library_arch(self.arch or ""):
+            raise ValueError(f"pretrained: only a timm/ or torchvision/ member that trains starts from its library's "
+                             f"weights; {self.arch or self.model!r} is not one")
+        if self.weights:
+            raise ValueError("pretrained: `weights` already gives the starting point; keep one of the two")
+
     @field_validator("std")
     @classmethod
     def _positive_std(cls, value):
@@ -102,6 +114,8 @@ class MemberConfig:
             raise ValueError("frozen: a frozen cloud needs its `weights` (with arch) or a `model` file")
         if not self.model and not self.arch:
             raise ValueError("arch: required key is missing (or give `model` for an external cloud)")
+        if self.pretrained:
+            self._check_pretrained()
         if self.exits is not None:
             self._check_exits()
         if self.activation != "relu" and (self.external or ":" in (self.arch or "") or "/" in (self.arch or "")):

@@ -15,6 +15,13 @@ from hetero.training.objective import family_loss
 from hetero.training.plumbing import seeded
 
 
+def _member(member, dim: int, mean, std) -> Embedder:
+    try:
+        return build_member(member, dim, mean, std)
+    except ValueError as err:  # its weights do not fit, or its pretrained ones cannot be had
+        raise ConfigError(f"family.members[{member.name}]: {err}") from None
+
+
 class Family(torch.nn.Module):
     """The members of one family plus their classifier(s), built from a config."""
 
@@ -27,7 +34,7 @@ class Family(torch.nn.Module):
         # Each part starts from its own seed, so a cloud starts (and in sequential mode, ends) the same
         # whatever edge members sit beside it: recipes that differ in the edges share their cloud.
         self.members = torch.nn.ModuleDict({
-            m.name: seeded(train.seed, f"member:{m.name}", lambda m=m: build_member(m, fam.embedding_dim, mean, std))
+            m.name: seeded(train.seed, f"member:{m.name}", lambda m=m: _member(m, fam.embedding_dim, mean, std))
             for m in fam.members if not m.external})
         head = lambda: SharedClassifier(num_classes, fam.embedding_dim, train.classifier, train.margin, train.scale)  # noqa: E731
         names = [m.name for m in fam.members] if train.compat in ("none", "adapter") else ["shared"]
