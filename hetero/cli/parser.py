@@ -167,7 +167,7 @@ def _gallery_verbs(verbs) -> None:
                            help="faiss: files on this machine (default); milvus: a Milvus collection")
         if served:
             a.add_argument("--uri", help="milvus (required): the database the gallery is served from (the "
-                                                        "earlier family's DIR/gallery.db, or http://host:19530)")
+                                         "earlier family's DIR/gallery.db, or http://host:19530)")
         else:
             a.add_argument("--uri", help="milvus: a local path (embedded Milvus Lite; default DIR/gallery.db) or "
                                          "http://host:19530 (a server or cluster)")
