@@ -12,6 +12,7 @@ import torch
 from hetero.errors import ExportError, PlatformUnavailable, RuntimeUnavailable  # noqa: F401 -- the converters' errors
 
 METADATA_KEY = "hetero"
+EXIT_AGREEMENT = 0.99  # the exit a device's chained run picks must be torch's for this share of queries
 
 
 class _ChannelsLastInput(torch.nn.Module):
@@ -27,6 +28,21 @@ class _ChannelsLastInput(torch.nn.Module):
 
 def make_inputs_nhwc(model: torch.nn.Module) -> torch.nn.Module:
     return _ChannelsLastInput(model)
+
+
+def chain_exit_agreement(chain, model, images: torch.Tensor, rule: dict) -> tuple[float, list[float]]:
+    """How often a device's chained run (stage by stage, stopping by the calibrated `rule`) stops at the exit
+    torch's rule picks for `images`, and the share stopping at each exit (the cloud last).  Export holds a
+    chain to what verify will hold it to."""
+    from hetero.maths import apply_rule
+    from hetero.models import exit_embeddings, exit_entropies
+
+    device, _, _ = chain.run_chain(images.numpy(), rule["thresholds"], rule["escalate_above"])
+    device = torch.from_numpy(np.asarray(device))
+    torch_exit = apply_rule(exit_entropies(model, exit_embeddings(model, images)), rule["thresholds"],
+                            rule["escalate_above"])
+    shares = [float((device == k).float().mean()) for k in range(len(model.exits) + 1)]
+    return float((device == torch_exit).float().mean()), shares
 
 
 class RuntimeAdapter:

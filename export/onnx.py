@@ -167,8 +167,9 @@ def _quantize_static(source: Path, target: Path, profile, calibration: torch.Ten
             "quantized_ops": ["Conv", "Add", "Relu", "GlobalAveragePool", "MaxPool"]}
 
 
-def _quantize_weights(source: Path, target: Path) -> dict:
-    """int8 weights (per output channel, symmetric) dequantised in-graph; activations stay float32."""
+def _quantize_weights(source: Path, target: Path, chosen=None) -> dict:
+    """int8 weights (per output channel, symmetric) dequantised in-graph; activations stay float32.
+    `chosen(node)`: whether to quantise that node's weight (default: every Conv/Gemm/MatMul)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -177,7 +178,7 @@ def _quantize_weights(source: Path, target: Path) -> dict:
     initializers = {i.name: i for i in graph.initializer}
     dequantize, quantized = [], []
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or (chosen and not chosen(node)):
             continue
         weight = initializers.pop(node.input[1], None)  # popped: a weight two nodes share is quantised once
         if weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) < 2:
@@ -273,9 +274,10 @@ class _AllExits(torch.nn.Module):
         return torch.stack(embeddings, dim=1), torch.stack(entropies, dim=1)
 
 
-def export_exit_chain(model, folder: Path, profile, metadata: dict) -> dict:
+def export_exit_chain(model, folder: Path, profile, metadata: dict, trunk_only: bool = False) -> dict:
     """A multi-exit member as a folder: stage<k>.onnx chained graphs, all_exits.onnx, and chain.json listing
-    every file's sha256.  Each graph's metadata carries the chain's id, so stages of two exports never mix."""
+    every file's sha256.  Each graph's metadata carries the chain's id, so stages of two exports never mix.
+    `trunk_only` (int8): the exit heads and the entropy stay float32, only the trunk's weights are int8."""
     import uuid
 
     from hetero.files import sha256_file
@@ -294,7 +296,7 @@ def export_exit_chain(model, folder: Path, profile, metadata: dict) -> dict:
         outputs = ["embedding", "entropy"] + ([] if module.last else ["features"])
         path = folder / f"stage{index + 1}.onnx"
         _export_graph(module, x, path, profile, inputs, outputs)
-        quantization = _lower_precision(path, profile)
+        quantization = _lower_precision(path, profile, trunk_only)
         _finish(path, {**metadata, "quantization": quantization, "inputs": inputs, "outputs": outputs,
                        "chain": {"id": chain_id, "index": index + 1, "of": len(model.exits),
                                  "exit_stage": model.exits[index]}})
@@ -306,7 +308,7 @@ def export_exit_chain(model, folder: Path, profile, metadata: dict) -> dict:
     path = folder / "all_exits.onnx"
     _export_graph(_AllExits(model), example_input(profile, metadata["input_size"]), path, profile, ["images"],
                   ["embeddings", "entropies"])
-    _lower_precision(path, profile)
+    _lower_precision(path, profile, trunk_only)
     _finish(path, {**metadata, "quantization": dict(quantization), "chain": {"id": chain_id, "index": 0,
                                                                              "of": len(model.exits)}})
     chain = {"format": CHAIN_FORMAT, "id": chain_id, "metadata": metadata, "stages": stages,
@@ -321,11 +323,16 @@ def _export_graph(module, example, path: Path, profile, inputs: list[str], outpu
                       dynamic_axes=dynamic, opset_version=profile.opset, dynamo=False)
 
 
-def _lower_precision(path: Path, profile) -> dict:
+def _lower_precision(path: Path, profile, trunk_only: bool = False) -> dict:
     """fp16 as for plain members; int8 as int8 weights (dequantised in-graph): static int8 would need
-    activation ranges per segment, which the chain's parity gate has not been measured with."""
+    activation ranges per segment, which the chain's parity gate has not been measured with.  The exit
+    decision compares entropies with thresholds, so it is the first to move: `trunk_only` keeps the heads
+    and the entropy (every node outside the trunk's segments) in float32."""
     if profile.precision == "fp16":
         return _to_fp16(path)
+    if profile.precision == "int8" and trunk_only:
+        return {**_quantize_weights(path, path, lambda node: "segments." in node.name),
+                "float32_nodes": "exit heads and entropy"}
     if profile.precision == "int8":
         return _quantize_weights(path, path)
     return {"scheme": "none"}

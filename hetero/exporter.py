@@ -214,27 +214,27 @@ def exit_metadata(entry: MemberRecord) -> dict:
 
 def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, problems: list[str]) -> ArtifactRecord:
     """A multi-exit member as chained stage graphs plus an all-exits graph, in one folder (see the format's
-    exit_chain exporter); checked for parity exit by exit before it is registered."""
-    import torch
-
-    from hetero.export.common import cosine_rows
+    exit_chain exporter); checked for parity exit by exit, and for the exit its chained run stops at, before it
+    is registered."""
+    import shutil
 
     exporter = spec.exit_chain_function(profile.name)
     model = store.load_member(entry.name)
     metadata = {**artifact_metadata(store, entry, profile), "early_exit": exit_metadata(entry)}
     path = store.path(f"exports/{profile.name}/{entry.name}.exits", "export path")
+    images = calibration_images(store, entry.input_size, max(32, profile.calibration_images))
     started = time.perf_counter()
     with atomic_folder(path) as tmp:
         done = exporter(model, tmp, profile, metadata)
-        images = calibration_images(store, entry.input_size, 32)
-        with torch.no_grad():
-            reference = torch.stack(model.forward_exits(images), dim=1).numpy()
-        ours = spec.open_exit_chain(tmp).exits(images.numpy())[0]
-        low = min(float(cosine_rows(ours[:, k], reference[:, k]).min()) for k in range(reference.shape[1]))
-        if low < profile.tolerances.min_cosine:
+        refused = _chain_refusal(spec.open_exit_chain(tmp), model, images, profile, metadata["early_exit"]["rule"])
+        if refused and profile.precision == "int8":  # as single graphs do: a scheme that holds, else refuse
+            shutil.rmtree(tmp)
+            done = exporter(model, tmp, profile, metadata, trunk_only=True)
+            done["quantization"].update(fallback_from="int8-weights everywhere", fallback_reason=refused)
+            refused = _chain_refusal(spec.open_exit_chain(tmp), model, images, profile, metadata["early_exit"]["rule"])
+        if refused:
             raise ExportError(f"member {entry.name!r} for profile {profile.name!r} ({profile.format} "
-                              f"{profile.precision}): an exit's cosine to torch falls to {low:.4f} (tolerance "
-                              f"{profile.tolerances.min_cosine}); nothing was written")
+                              f"{profile.precision}): {refused}; nothing was written")
         file_bytes = path_bytes(tmp)
     artifact = ArtifactRecord(
         member=entry.name, profile=profile.name, format=profile.format, precision=profile.precision,
@@ -243,6 +243,27 @@ def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, p
         checked_on=["onnxruntime"], **done, **kept_profile(store, profile))
     store.register_artifact(artifact)
     return artifact
+
+
+def _chain_refusal(chain, model, images, profile, rule: dict | None) -> str | None:
+    """Why an exported chain would fail verify's parity check (each exit's cosine to torch, and with a
+    calibrated rule the exit its chained run stops at), on training images; None when it holds."""
+    import torch
+
+    from hetero.export.common import EXIT_AGREEMENT, chain_exit_agreement, cosine_rows
+
+    with torch.no_grad():
+        reference = torch.stack(model.forward_exits(images), dim=1).numpy()
+    ours = chain.exits(images.numpy())[0]
+    low = min(float(cosine_rows(ours[:, k], reference[:, k]).min()) for k in range(reference.shape[1]))
+    if low < profile.tolerances.min_cosine:
+        return f"an exit's cosine to torch falls to {low:.4f} (tolerance {profile.tolerances.min_cosine})"
+    if rule is not None:
+        agreement, _ = chain_exit_agreement(chain, model, images, rule)
+        if agreement < EXIT_AGREEMENT:
+            return (f"its chained run stops at torch's exit for {agreement:.1%} of {len(images)} training images "
+                    f"(verify needs {EXIT_AGREEMENT:.0%})")
+    return None
 
 
 def _conversion_failed(err: Exception, member: str, profile, spec, output, verbose: bool) -> ExportError:

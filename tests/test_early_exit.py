@@ -194,3 +194,47 @@ def test_chained_export_verifies_per_exit_and_refuses_stages_of_another_export(m
     report, _ = verify(store, profile="server-onnx-fp32", latency_runs=2)
     assert not report["passed"]
 
+
+
+def test_an_int8_chain_is_held_at_export_to_what_verify_checks_and_falls_back_to_a_float_exit_decision(
+        multi_exit_copy, monkeypatch):
+    """Export runs verify's parity gate (cosine per exit and the exit the chained run stops at); an int8 chain
+    that misses it is exported again with the heads and the entropy in float32, or refused with nothing written."""
+    import onnx
+
+    from hetero import exporter
+    from hetero.training.exits import calibrate
+    from hetero.family import FamilyStore
+    from hetero.profiles import load_profile
+    from hetero.verify import verify
+
+    store = FamilyStore.open(multi_exit_copy)
+    calibrate(store, "edge-a", top1_loss=0.05)
+    int8 = load_profile("rpi-onnx-int8")
+    real, calls = exporter._chain_refusal, []
+
+    def first_refused(*args):
+        calls.append(real(*args))
+        return "its chained run stops at torch's exit for 96.9% of 256 training images" if len(calls) == 1 else calls[-1]
+
+    monkeypatch.setattr(exporter, "_chain_refusal", first_refused)
+    with store.lock("export"):
+        artifact = exporter.export_member(store, "edge-a", int8)
+    assert len(calls) == 2 and calls[1] is None  # the trunk-only chain holds
+    quantization = artifact.quantization
+    assert quantization["fallback_from"] == "int8-weights everywhere" and "96.9%" in quantization["fallback_reason"]
+    assert quantization["float32_nodes"] == "exit heads and entropy"
+    stage = onnx.load(str(store.artifact_path(artifact) / "stage1.onnx")).graph
+    dequantized = {n.name for n in stage.node if n.op_type == "DequantizeLinear"}
+    int8_nodes = [n.name for n in stage.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                  and n.input[1] + "_dequantize" in dequantized]
+    assert int8_nodes and all("segments." in name for name in int8_nodes)  # the head's and entropy's stay float
+    report, _ = verify(store, profile="rpi-onnx-int8", latency_runs=2)
+    checks = {c["name"]: c for c in report["artifacts"][0]["checks"]}
+    assert checks["parity"]["status"] == "pass" and checks["parity"]["values"]["exit_agreement"] >= 0.99
+
+    monkeypatch.setattr(exporter, "_chain_refusal", lambda *args: "an exit's cosine to torch falls to 0.9000")
+    before = sorted(p.name for p in store.artifact_path(artifact).iterdir())
+    with store.lock("export"), pytest.raises(ExportError, match="falls to 0.9000; nothing was written"):
+        exporter.export_member(store, "edge-a", int8)
+    assert sorted(p.name for p in store.artifact_path(artifact).iterdir()) == before  # the earlier export kept

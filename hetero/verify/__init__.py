@@ -24,7 +24,7 @@ The rooms, top to bottom: ``bundle`` (self-contained bundles), ``harness`` (the 
 """
 from __future__ import annotations
 
-from hetero.verify.chains import EXIT_AGREEMENT
+from hetero.export.common import EXIT_AGREEMENT
 from hetero.verify.checks import PRECISION_DTYPES, structure_problems
 from hetero.verify.harness import (artifact_profile, build_report, host_description, planned_runs, resolve_profile,
                                    run_checks, select_artifacts, verify, verify_artifact)

@@ -7,6 +7,7 @@ import torch
 
 from hetero import formats
 from hetero.errors import ExportError, ManifestError
+from hetero.export.common import EXIT_AGREEMENT, chain_exit_agreement
 from hetero.family import ArtifactRecord, FamilyStore
 from hetero.files import path_bytes
 from hetero.maths import retrieval_metrics
@@ -15,7 +16,6 @@ from hetero.verify.checks import check_latency, check_space_identity, check_stat
 from hetero.verify.reference import Reference
 from hetero.verify.results import CHECKS, ArtifactResult
 
-EXIT_AGREEMENT = 0.99  # the exit a device's chained run picks must be torch's for this share of queries
 
 
 def check_exit_chain(result: ArtifactResult, reference: Reference, artifact: ArtifactRecord, path: Path, sha: str,
@@ -23,8 +23,7 @@ def check_exit_chain(result: ArtifactResult, reference: Reference, artifact: Art
     """A multi-exit artifact: the chain's files are the ones exported together; every exit keeps parity and
     retrieval against the cloud gallery; the chained run, stage by stage with the calibrated rule, picks the
     exit torch picks for >= 99% of queries."""
-    from hetero.maths import apply_rule
-    from hetero.models import exit_embeddings, exit_entropies
+    from hetero.models import exit_embeddings
 
     if target.environment is not None:
         raise result.stop("identity", "skip", f"{target.label} runs in an isolated environment, which does not run "
@@ -60,10 +59,7 @@ def check_exit_chain(result: ArtifactResult, reference: Reference, artifact: Art
     agreement_note, agreement = "no calibrated rule in the artifact (run `hetero calibrate`, then export): the " \
                                 "chained run was not checked", None
     if rule is not None:
-        device, _, _ = chain.run_chain(floats.numpy(), rule["thresholds"], rule["escalate_above"])
-        torch_exit = apply_rule(exit_entropies(model, theirs), rule["thresholds"], rule["escalate_above"])
-        agreement = float((torch.from_numpy(device) == torch_exit).float().mean())
-        shares = [float((torch.from_numpy(device) == k).float().mean()) for k in range(len(stages) + 1)]
+        agreement, shares = chain_exit_agreement(chain, model, floats, rule)
         agreement_note = (f"chained run stage by stage with the calibrated rule: the exit chosen equals torch's for "
                           f"{agreement:.1%} of {len(floats)} queries (needed {EXIT_AGREEMENT:.0%}); shares per exit "
                           f"{' / '.join(f'{x:.2f}' for x in shares[:-1])}, to the cloud {shares[-1]:.2f}")
