@@ -64,21 +64,22 @@ def needs_calibration(profile) -> bool:
     return profile.precision == "int8"
 
 
-def runtime_gate(store: FamilyStore, entry: MemberRecord, profile, model):
-    """(accept, labels): accept(file) is None when the file keeps parity on every isolated runtime the
-    profile declares, else says where it does not; labels name every declared runtime.
+def runtime_gate(store: FamilyStore, entry: MemberRecord, profile, model, announce=None):
+    """(accept, checked, unchecked): accept(file) is None when the file keeps parity on every isolated runtime
+    the profile declares, else says where it does not; checked labels the runtimes it is held to, unchecked
+    the declared ones that could not be had here, with why.
 
     The converter's own parity gate covers the runtime in this process; an isolated runtime (an older
-    release devices still run) is checked here, on training images not used for calibration.  A declared
-    runtime with no environment here stops the export: its scheme could not be chosen for it.
+    release devices still run) is checked here, on training images not used for calibration, in an
+    environment created on first use.  One that cannot be created (no network) does not stop the export: it
+    is recorded as unchecked, and verify reports its checks as skipped.
     """
     from hetero.export.common import keeps_parity, parity
 
+    not_created = runtimes.provide(profile, announce)
     targets = runtimes.targets(profile)
-    missing = [t for t in targets if t.missing]
-    if missing:
-        raise ExportError(f"profile {profile.name!r} promises to work on {', '.join(t.requirement for t in missing)}, "
-                          f"which cannot be checked here: {missing[0].missing}")
+    unchecked = [f"{t.requirement}: {not_created.get(t.requirement, t.missing)}" for t in targets if t.missing]
+    targets = [t for t in targets if not t.missing]
     isolated = [t for t in targets if t.environment is not None]
     held = calibration_images(store, entry.input_size, profile.calibration_images)[1::2] if isolated else None
     spec = formats.get(profile.format)
@@ -97,7 +98,7 @@ def runtime_gate(store: FamilyStore, entry: MemberRecord, profile, model):
                 return f"on {target.label}: min cosine {check['min_cosine']:.4f} ({check['images']} images)"
         return None
 
-    return accept, [t.label for t in targets]
+    return accept, [t.label for t in targets], unchecked
 
 
 def artifact_metadata(store: FamilyStore, entry: MemberRecord, profile) -> dict:
@@ -118,10 +119,11 @@ def artifact_metadata(store: FamilyStore, entry: MemberRecord, profile) -> dict:
 
 
 def export_member(store: FamilyStore, member: str | None, profile, allow_over_budget: bool = False,
-                  calibration=None, verbose: bool = False) -> ArtifactRecord:
+                  calibration=None, verbose: bool = False, announce=None) -> ArtifactRecord:
     """Export one member (chosen automatically when None) for `profile`; register it in the manifest.
 
-    The caller holds the family's lock (`store.lock("export")`).
+    The caller holds the family's lock (`store.lock("export")`); `announce(text)` hears of slow first-use
+    steps (creating a runtime environment).
     """
     from hetero.export.common import converter_output
 
@@ -153,7 +155,7 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
 
         calibration = (calibration_images(store, entry.input_size, profile.calibration_images)
                        if calibration is None else resize_to(calibration, entry.input_size))
-    accept, declared = runtime_gate(store, entry, profile, model)
+    accept, declared, unchecked = runtime_gate(store, entry, profile, model, announce)
     with atomic_folder(path) as tmp:
         failure = None
         with converter_output(verbose) as output:
@@ -180,7 +182,7 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
         member=member, profile=profile.name, format=profile.format, precision=profile.precision,
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
         bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
-        checked_on=declared, **done, **kept_profile(store, profile))
+        checked_on=declared, unchecked_on=unchecked, **done, **kept_profile(store, profile))
     store.register_artifact(artifact)
     return artifact
 

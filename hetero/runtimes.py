@@ -360,6 +360,25 @@ def _resolve(spec: formats.Format, text: str) -> Target:
     return Target(runtime, None, None, text, missing=why)
 
 
+def provide(profile, announce=None) -> dict[str, str]:
+    """Create, on first use, the environments the profile declares and this machine lacks (one pip install
+    each, kept in `home()` for later exports and verifies); return {requirement: why} for those that could
+    not be created (no network, no wheel for this platform), which export then leaves unchecked."""
+    failed = {}
+    for text in declared(profile):
+        requirement, _, runtime = formats.parse_requirement(text)
+        if runtime.engine is None or not _resolve(formats.get(profile.format), text).missing:
+            continue
+        if announce is not None:
+            announce(f"creating the {text} environment in {home()} (once: later exports and verifies reuse it; "
+                     f"`hetero runtimes list` shows it)")
+        try:
+            ensure(text)
+        except (RuntimeEnvError, OSError, subprocess.TimeoutExpired) as err:
+            failed[text] = " ".join(str(err).split())[:400]
+    return failed
+
+
 def declared(profile) -> list[str]:
     """The runtime requirements a profile promises; a profile that lists none, its verify.runtime here."""
     if profile.runtimes:

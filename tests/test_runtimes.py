@@ -147,14 +147,31 @@ def test_add_list_remove_and_a_version_the_registry_does_not_have(tmp_path, monk
 # ------------------------------------------------------------------------------------- export and verify
 
 
-def test_export_refuses_a_profile_whose_runtimes_cannot_be_checked_here(tiny_family_dir, tmp_path, monkeypatch):
+def test_a_first_export_creates_the_declared_environments_or_exports_them_unchecked(tiny_family_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A newcomer's first export is never refused for a runtime environment: it is created (with a line saying
+    where), and one that cannot be created (no network here) is recorded as unchecked, which verify skips."""
     monkeypatch.setenv("HETERO_RUNTIMES", str(tmp_path / "none-yet"))
     family = tmp_path / "family"
     shutil.copytree(tiny_family_dir, family)
-    with pytest.raises(ExportError, match=r"promises to work on tflite-runtime==2.14.0.*hetero runtimes add "
-                                          r"tflite-runtime==2.14.0"):
-        export(family, "edge-a", load_profile("android-litert-fp16"))
-    assert FamilyStore.open(family).artifacts() == []
+    asked = []
+
+    def offline(text, python=None):
+        asked.append(text)
+        raise runtimes.RuntimeEnvError(f"pip install {text} failed: ERROR: No matching distribution (offline)")
+
+    monkeypatch.setattr(runtimes, "add", offline)
+    assert main(["export", str(family), "--profile", "android-litert-fp16", "--member", "edge-a", "--quiet"]) == 0
+    out = said(capsys)
+    assert asked == [TFLITE_OLD]
+    assert f"creating the {TFLITE_OLD} environment in {tmp_path / 'none-yet'}" in out
+    assert f"not checked on {TFLITE_OLD}: pip install {TFLITE_OLD} failed" in out
+    (artifact,) = FamilyStore.open(family).artifacts()
+    assert len(artifact.checked_on) == 1 and artifact.checked_on[0].startswith("ai-edge-litert")
+    assert artifact.unchecked_on[0].startswith(f"{TFLITE_OLD}: pip install {TFLITE_OLD} failed")
+    report, _ = verify(FamilyStore.open(family), latency_runs=1)
+    old = [a for a in report["artifacts"] if a["runtime"] == TFLITE_OLD]
+    assert old and {c["status"] for c in old[0]["checks"]} == {"skip"}  # never passed, never a failed export
 
 
 @pytest.mark.slow

@@ -62,11 +62,15 @@ def export_family(store, profiles: list, members: list[str | None], *, allow_ove
         for profile, member in jobs:
             progress.update(task, description=f"exporting {member or 'the best edge'} for {profile.name}",
                             refresh=True)
-            artifact = export_member(store, member, profile, allow_over_budget=allow_over_budget, verbose=verbose)
+            artifact = export_member(store, member, profile, allow_over_budget=allow_over_budget, verbose=verbose,
+                                     announce=lambda text: console.print(text, highlight=False, markup=False))
             artifacts.append(artifact)
             progress.update(task, advance=1, refresh=True)
             console.print(f"exported {artifact.member} for {profile.name}: {artifact.file} "
                           f"({artifact.bytes / 2**20:.2f} MB, {artifact.export_seconds} s)", highlight=False)
+            for unchecked in artifact.unchecked_on:
+                console.print(f"[yellow]not checked on {escape(unchecked)}[/]; verify reports it as skipped (`hetero "
+                              f"runtimes add` it, then export again)", highlight=False)
     return artifacts
 
 

@@ -113,6 +113,7 @@ class ArtifactRecord(Record):
     quantization: dict[str, Any] = Field(default_factory=dict)
     minimum_deployment_target: str | None = None
     checked_on: list[str] = Field(default_factory=list)  # the runtimes (with versions) export held it to
+    unchecked_on: list[str] = Field(default_factory=list)  # declared runtimes it could not be held to: why
     profile_file: str | None = None  # a profile that is not built in, kept in the family for later verifies
 
     @property
