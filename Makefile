@@ -12,7 +12,6 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all,dev]'
-	$(PY) -m pip install --quiet -e '.[timm]'  # after the rest: see the timm extra in pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
