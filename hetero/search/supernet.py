@@ -199,7 +199,13 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
     cross = build_cross_model_losses(train_cfg.losses)
     dataset = TrainImages(images, config.data.augment_affine, config.data.augment_hflip, config.data.augment_batched)
     unit = train_cfg.samples_per_class
-    batch_size = min(train_cfg.batch_size, len(dataset) // unit * unit)
+    # The held-in part of the training split may be smaller than a batch, or hold fewer classes than a batch of
+    # samples_per_class each: the batch shrinks to what it can fill (MPerClassSampler asserts otherwise).
+    classes = int(torch.unique(images.labels).numel())
+    batch_size = min(train_cfg.batch_size, len(dataset) // unit * unit, unit * classes)
+    if batch_size < unit:
+        raise ConfigError(f"train.samples_per_class: {unit}, but the search's held-in images ({len(dataset)} in "
+                          f"{classes} classes) cannot fill one batch of a class; lower it")
     steps = len(dataset) // batch_size
     warmup = max(1, int(train_cfg.warmup_epochs * steps))
     started = time.time()
