@@ -1,4 +1,4 @@
-"""FAISS files against the embedded vector database (Milvus Lite), side by side: ingestion and queries.
+"""FAISS files against the embedded vector databases (Milvus Lite, LanceDB), side by side: ingestion and queries.
 
     python benchmarks/vector_store.py                      # 100k and 1M synthetic unit vectors, d=128
     python benchmarks/vector_store.py --quick              # 10k and 100k (a few minutes on 2 cores)
@@ -13,7 +13,9 @@ makes them) and the same queries (other "photos" of gallery items):
 - query latency, p50 and p95 over repeated calls, at batch 1 and batch 100, each store through its own
   search call (FAISS `index.search`; Milvus `MilvusStore.search`, which crosses the client/server API);
 - recall@1 against exact search on the same vectors.
-The latency ratio column is Milvus's p50 over FAISS's at the same size and batch, measured in one run.
+LanceDB takes the rows through `hetero.gallery.lance.LanceStore.upsert` (the same batches; a merge on the id),
+then the index its build creates for that size, and answers through `LanceStore.search` (one call per batch).
+The latency ratio column is each store's p50 over FAISS's at the same size and batch, measured in one run.
 One record per size (``benchmarks/results/vector_store/<rows>rows-d<dim>.json``), with these figures per store.
 """
 from __future__ import annotations
@@ -84,6 +86,28 @@ def milvus_store(gallery: np.ndarray, work: Path):
     return search, len(gallery) / seconds, f"milvus-lite {kind}"
 
 
+def lance_store(gallery: np.ndarray, work: Path):
+    from hetero.gallery.lance import LanceStore
+    from hetero.gallery.stores import FLAT_MAX_ROWS, Identity
+
+    db = LanceStore(str(work / f"bench-{len(gallery)}.lance"), "bench", create=True)
+    db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
+    ids = [f"item-{i:07d}" for i in range(len(gallery))]
+    started = time.perf_counter()
+    for begin in range(0, len(gallery), 1000):
+        db.upsert(ids[begin:begin + 1000], gallery[begin:begin + 1000])
+    db.flush()  # builds the index `hetero gallery build --store lance` builds for that size
+    db.count()
+    seconds = time.perf_counter() - started
+    position = {name: i for i, name in enumerate(ids)}
+
+    def search(queries, k=1):
+        return np.array([[position[name] for name, _ in hits] for hits in db.search(queries, k)])
+
+    kind = "flat" if len(gallery) <= FLAT_MAX_ROWS else "ivf nprobe 32"
+    return search, len(gallery) / seconds, f"lancedb {kind}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -108,7 +132,7 @@ def main(argv=None) -> int:
             exact.add(gallery)
             truth = exact.search(queries, 1)[1][:, 0]
             results = []
-            for make in (faiss_store, lambda g: milvus_store(g, Path(tmp))):
+            for make in (faiss_store, lambda g: milvus_store(g, Path(tmp)), lambda g: lance_store(g, Path(tmp))):
                 search, rate, label = make(gallery)
                 recall = float((search(queries)[:, 0] == truth).mean())
                 one = timed(lambda: search(queries[:1]), args.repeats)

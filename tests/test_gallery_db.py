@@ -1,6 +1,8 @@
-"""Galleries in Milvus: embedded (Milvus Lite) and a server on loopback, the space id enforced by the store."""
+"""Galleries in a vector database, every backend through the same tests: Milvus (embedded Milvus Lite, and a
+server on loopback) and LanceDB (an embedded database folder); the space id enforced by the store."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -10,30 +12,75 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
-
-from hetero import gallery as G  # noqa: E402
-from hetero.gallery import db as gallery_db  # noqa: E402
-from hetero.cli import main  # noqa: E402
-from hetero.gallery.stores import PREFIX, MilvusStore, StoreError, StoreSpaceMismatch  # noqa: E402
+from hetero import gallery as G
+from hetero.cli import main
+from hetero.gallery import db as gallery_db
+from hetero.gallery.db import open_store
+from hetero.gallery.stores import WRITER, MilvusStore, StoreError, StoreSpaceMismatch
 from tests.test_gallery import S, gallery_images  # noqa: F401  (fixture)
-from tests.test_gallery import set_space_id as with_space  # noqa: E402
+from tests.test_gallery import set_space_id as with_space
+
+MILVUS = all(importlib.util.find_spec(name) is not None for name in ("pymilvus", "milvus_lite"))
+LANCE = importlib.util.find_spec("lancedb") is not None
+needs_milvus = pytest.mark.skipif(not MILVUS, reason="Milvus needs pymilvus and milvus-lite (hetero[milvus])")
+
+
+@pytest.fixture(params=[pytest.param("milvus", marks=needs_milvus),
+                        pytest.param("lance", marks=pytest.mark.skipif(not LANCE, reason="LanceDB needs lancedb"))])
+def backend(request) -> str:
+    return request.param
+
+
+def store_class(backend: str):
+    from hetero.gallery.lance import LanceStore
+
+    return MilvusStore if backend == "milvus" else LanceStore
+
+
+def write_as_another_tool(backend: str, uri: str, name: str, rows: dict) -> None:
+    """A collection (table) another tool wrote: its own key and vector field names, no hetero properties."""
+    if backend == "milvus":
+        from pymilvus import DataType, MilvusClient
+
+        client = MilvusClient(uri)
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("emb", DataType.FLOAT_VECTOR, dim=32)
+        index = client.prepare_index_params()
+        index.add_index(field_name="emb", index_type="FLAT", metric_type="IP")
+        client.create_collection(name, schema=schema, index_params=index)
+        client.insert(name, [{"pk": key, "emb": vector.tolist()} for key, vector in rows.items()])
+        client.close()
+        return
+    import lancedb
+    import pyarrow as pa
+
+    table = pa.table({"pk": list(rows), "emb": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.concatenate(list(rows.values())).astype(np.float32)), 32)})
+    lancedb.connect(uri).create_table(name, data=table)
+
+
+def write_claim(db, claim: dict) -> None:
+    """Record a builder's claim as another process would (a running builder, or one that crashed)."""
+    if isinstance(db, MilvusStore):
+        db.client.alter_collection_properties(db.collection, properties={WRITER: json.dumps(claim)})
+    else:
+        db.table().update_field_metadata({"path": "vector", "metadata": {WRITER: json.dumps(claim)}})
 
 
 def top_names(results: list[dict]) -> list[list[str]]:
     return [[hit["name"] for hit in query["results"]] for query in results]
 
 
-def test_milvus_gallery_holds_the_faiss_gallery_rows_and_answers_alike(tiny_family_dir, gallery_images,  # noqa: F811
-                                                                       tmp_path):
+def test_a_database_gallery_holds_the_faiss_gallery_rows_and_answers_alike(backend, tiny_family_dir,
+                                                                           gallery_images, tmp_path):  # noqa: F811
     store = S(tiny_family_dir)
     uri = str(tmp_path / "g.db")
-    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=8)
+    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=8, backend=backend)
     assert (record["written"], record["rows"], record["already_there"]) == (30, 30, 0)
     G.build_gallery(store, gallery_images, tmp_path / "faiss", shard_size=16, batch_size=8)
     faiss = G.Gallery(tmp_path / "faiss")
-    db = MilvusStore(uri, "g")
+    db = open_store(uri, "g", backend)
     stored = db.vectors(faiss.names())
     np.testing.assert_allclose(np.stack([stored[n] for n in faiss.names()]), faiss.embeddings(), atol=1e-6)
     model = G.open_query_model(store, member="edge-a")
@@ -43,24 +90,27 @@ def test_milvus_gallery_holds_the_faiss_gallery_rows_and_answers_alike(tiny_fami
     assert (identity.space_id, identity.member, identity.dim, identity.metric) == (store.space_id, "cloud", 32, "IP")
 
 
-def test_another_space_is_refused_before_any_query_or_image_is_read(tiny_family_dir, family_copy,  # noqa: F811
+def test_another_space_is_refused_before_any_query_or_image_is_read(backend, tiny_family_dir,
+                                                                      family_copy,
                                                                       gallery_images, tmp_path):  # noqa: F811
     uri = str(tmp_path / "g.db")
-    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
     foreign = with_space(family_copy, "hs-0123456789abcdef")
     model = G.open_query_model(foreign, member="edge-a")
     with pytest.raises(StoreSpaceMismatch) as refused:
-        G.search_images(MilvusStore(uri, "g"), tmp_path / "no-such-images", model)  # images never listed
+        G.search_images(open_store(uri, "g", backend), tmp_path / "no-such-images", model)  # images never listed
     assert "hs-0123456789abcdef" in str(refused.value) and S(tiny_family_dir).space_id in str(refused.value)
     # a backward-compatible update keeps the space id: its queries run on the existing collection as they are
     update = with_space(family_copy, S(tiny_family_dir).space_id)
-    assert len(G.search_images(MilvusStore(uri, "g"), gallery_images, G.open_query_model(update, member="edge-b"))) \
+    assert len(G.search_images(open_store(uri, "g", backend), gallery_images,
+                               G.open_query_model(update, member="edge-b"))) \
         == 30
 
 
-def test_a_resumed_build_duplicates_nothing(tiny_family_dir, gallery_images, tmp_path, monkeypatch):  # noqa: F811
+def test_a_resumed_build_duplicates_nothing(backend, tiny_family_dir, gallery_images, tmp_path,  # noqa: F811
+                                            monkeypatch):
     uri, store = str(tmp_path / "g.db"), S(tiny_family_dir)
-    real, calls = MilvusStore.upsert, []
+    real, calls = store_class(backend).upsert, []
 
     def crash_on_third(self, ids, vectors):
         if len(calls) == 2:
@@ -68,126 +118,125 @@ def test_a_resumed_build_duplicates_nothing(tiny_family_dir, gallery_images, tmp
         calls.append(len(ids))
         return real(self, ids, vectors)
 
-    monkeypatch.setattr(MilvusStore, "upsert", crash_on_third)
+    monkeypatch.setattr(store_class(backend), "upsert", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        gallery_db.build(store, gallery_images, uri, "g", batch_size=4)
-    monkeypatch.setattr(MilvusStore, "upsert", real)
-    assert MilvusStore(uri, "g").count() == 8 and not MilvusStore(uri, "g").properties().get(PREFIX + "writer")
-    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=4)
+        gallery_db.build(store, gallery_images, uri, "g", batch_size=4, backend=backend)
+    monkeypatch.setattr(store_class(backend), "upsert", real)
+    assert open_store(uri, "g", backend).count() == 8 and not open_store(uri, "g", backend).properties().get(WRITER)
+    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=4, backend=backend)
     assert (record["already_there"], record["written"], record["rows"]) == (8, 22, 30)
 
 
-def test_rows_are_deleted_and_updated_by_name(tiny_family_dir, gallery_images, tmp_path, capsys):  # noqa: F811
+def test_rows_are_deleted_and_updated_by_name(backend, tiny_family_dir, gallery_images, tmp_path,  # noqa: F811
+                                              capsys):
     uri, store = str(tmp_path / "g.db"), S(tiny_family_dir)
-    gallery_db.build(store, gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(store, gallery_images, uri, "g", batch_size=8, backend=backend)
     names = sorted(p.relative_to(gallery_images).as_posix() for p in gallery_images.rglob("*.png"))
-    assert main(["gallery", "delete", str(tiny_family_dir), "--uri", uri, "--collection", "g", "--ids", names[0],
+    assert main(["gallery", "delete", str(tiny_family_dir), "--store", backend, "--uri", uri, "--collection", "g",
+                 "--ids", names[0],
                  names[1], "not-there.png"]) == 0
     assert "deleted 2 of 3" in " ".join(capsys.readouterr().out.split())
-    assert MilvusStore(uri, "g").count() == 28
-    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=8, replace=True)  # `gallery update`
+    assert open_store(uri, "g", backend).count() == 28
+    record = gallery_db.build(store, gallery_images, uri, "g", batch_size=8, backend=backend,
+                              replace=True)  # `gallery update`
     assert (record["written"], record["rows"]) == (30, 30)
 
 
-def test_a_collection_another_tool_wrote_is_refused_until_adopted(tiny_family_dir, gallery_images,  # noqa: F811
+def test_a_collection_another_tool_wrote_is_refused_until_adopted(backend, tiny_family_dir,
+                                                                   gallery_images,  # noqa: F811
                                                                    tmp_path, capsys):
-    from pymilvus import DataType, MilvusClient
-
     uri, store = str(tmp_path / "theirs.db"), S(tiny_family_dir)
-    gallery_db.build(store, gallery_images, str(tmp_path / "ours.db"), "g", batch_size=8)
-    ours = MilvusStore(str(tmp_path / "ours.db"), "g")
+    gallery_db.build(store, gallery_images, str(tmp_path / "ours.db"), "g", batch_size=8, backend=backend)
+    ours = open_store(str(tmp_path / "ours.db"), "g", backend)
     names = sorted(p.relative_to(gallery_images).as_posix() for p in gallery_images.rglob("*.png"))
     vectors = ours.vectors(names)
     ours.close()
-    client = MilvusClient(uri)  # another tool: its own field names, no hetero properties
-    schema = MilvusClient.create_schema(auto_id=False)
-    schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
-    schema.add_field("emb", DataType.FLOAT_VECTOR, dim=32)
-    index = client.prepare_index_params()
-    index.add_index(field_name="emb", index_type="FLAT", metric_type="IP")
-    client.create_collection("theirs", schema=schema, index_params=index)
-    client.insert("theirs", [{"pk": n, "emb": vectors[n].tolist()} for n in names])
-    client.close()
+    write_as_another_tool(backend, uri, "theirs", {n: vectors[n] for n in names})  # its own field names
 
     model = G.open_query_model(store)
     with pytest.raises(StoreSpaceMismatch, match="gallery adopt"):
-        G.search_images(MilvusStore(uri, "theirs"), gallery_images, model)
+        G.search_images(open_store(uri, "theirs", backend), gallery_images, model)
     wrong = S(tiny_family_dir)
     with pytest.raises(StoreError, match=r"stored vectors is min .* needed >= 0.999.*nothing was stamped"):
-        gallery_db.adopt(wrong, uri, "theirs", gallery_images, member="edge-a")  # another member's space
-    assert MilvusStore(uri, "theirs").identity() is None
-    assert main(["gallery", "adopt", str(tiny_family_dir), "--uri", uri, "--collection", "theirs", "--images",
+        gallery_db.adopt(wrong, uri, "theirs", gallery_images, member="edge-a", backend=backend)  # another space
+    assert open_store(uri, "theirs", backend).identity() is None
+    assert main(["gallery", "adopt", str(tiny_family_dir), "--store", backend, "--uri", uri, "--collection", "theirs",
+                 "--images",
                  str(gallery_images), "--sample", "10"]) == 0
     assert "10 re-embedded images match" in " ".join(capsys.readouterr().out.split())
-    assert MilvusStore(uri, "theirs").identity().space_id == store.space_id
+    assert open_store(uri, "theirs", backend).identity().space_id == store.space_id
     # searched through its own key and vector fields, it answers as the collection hetero wrote does
-    assert top_names(G.search_images(MilvusStore(uri, "theirs"), gallery_images, model, k=3)) == \
-        top_names(G.search_images(MilvusStore(str(tmp_path / "ours.db"), "g"), gallery_images, model, k=3))
+    assert top_names(G.search_images(open_store(uri, "theirs", backend), gallery_images, model, k=3)) == \
+        top_names(G.search_images(open_store(str(tmp_path / "ours.db"), "g", backend), gallery_images, model, k=3))
 
 
-def test_migrate_builds_a_new_collection_then_moves_the_alias(tiny_family_dir, family_copy,
+def test_migrate_builds_a_new_collection_then_moves_the_alias(backend, tiny_family_dir, family_copy,
                                                               gallery_images, tmp_path, monkeypatch):  # noqa: F811
     uri = str(tmp_path / "g.db")
     old, new = S(tiny_family_dir), with_space(family_copy, "hs-00000000000000aa")
-    first = gallery_db.migrate(old, gallery_images, uri, "gallery", batch_size=8)
-    assert MilvusStore(uri, "gallery").collection == first["collection"]
+    first = gallery_db.migrate(old, gallery_images, uri, "gallery", batch_size=8, backend=backend)
+    assert open_store(uri, "gallery", backend).collection == first["collection"]
     with pytest.raises(StoreSpaceMismatch):  # the incompatible family is refused by the collection in service
-        G.search_images(MilvusStore(uri, "gallery"), gallery_images, G.open_query_model(new))
+        G.search_images(open_store(uri, "gallery", backend), gallery_images, G.open_query_model(new))
 
-    real, seen = MilvusStore.upsert, []
+    real, seen = store_class(backend).upsert, []
 
     def look(self, ids, vectors):  # while the new collection fills, searches still reach the old one
-        seen.append(MilvusStore(uri, "gallery").collection)
+        seen.append(open_store(uri, "gallery", backend).collection)
         return real(self, ids, vectors)
 
-    monkeypatch.setattr(MilvusStore, "upsert", look)
-    second = gallery_db.migrate(new, gallery_images, uri, "gallery", batch_size=8)
-    monkeypatch.setattr(MilvusStore, "upsert", real)
+    monkeypatch.setattr(store_class(backend), "upsert", look)
+    second = gallery_db.migrate(new, gallery_images, uri, "gallery", batch_size=8, backend=backend)
+    monkeypatch.setattr(store_class(backend), "upsert", real)
     assert set(seen) == {first["collection"]} and second["previous"] == first["collection"]
-    assert MilvusStore(uri, "gallery").collection == second["collection"] != first["collection"]
-    assert len(G.search_images(MilvusStore(uri, "gallery"), gallery_images, G.open_query_model(new))) == 30
-    assert MilvusStore(uri, first["collection"]).count() == 30  # kept, for the queries of the old family
+    assert open_store(uri, "gallery", backend).collection == second["collection"] != first["collection"]
+    assert len(G.search_images(open_store(uri, "gallery", backend), gallery_images, G.open_query_model(new))) == 30
+    assert open_store(uri, first["collection"], backend).count() == 30  # kept, for the queries of the old family
 
 
-def test_migrate_after_a_plain_build_frees_the_name_for_the_alias(tiny_family_dir, family_copy,  # noqa: F811
+def test_migrate_after_a_plain_build_frees_the_name_for_the_alias(backend, tiny_family_dir, family_copy,
                                                                    gallery_images, tmp_path, capsys):  # noqa: F811
     """The guide's order: `gallery build --store milvus` (a collection named gallery), later `gallery migrate`."""
     old, new = S(tiny_family_dir), with_space(family_copy, "hs-00000000000000aa")
     uri = str(tmp_path / "served.db")
-    assert main(["gallery", "build", str(tiny_family_dir), "--images", str(gallery_images), "--store", "milvus",
+    assert main(["gallery", "build", str(tiny_family_dir), "--images", str(gallery_images), "--store", backend,
                  "--uri", uri, "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
-    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--batch-size", "8",
+    assert main(["gallery", "migrate", str(family_copy), "--store", backend, "--images", str(gallery_images),
+                 "--batch-size", "8",
                  "--workers", "0", "--quiet"]) == 2  # DIR's own database would be an empty, new one
     assert "needs --uri" in " ".join(capsys.readouterr().out.split())
     assert not (family_copy / "gallery.db").exists()
-    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--uri", uri,
+    assert main(["gallery", "migrate", str(family_copy), "--store", backend, "--images", str(gallery_images),
+                 "--uri", uri,
                  "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
-    served = MilvusStore(uri, "gallery")
+    served = open_store(uri, "gallery", backend)
     assert served.collection == "gallery_hs_00000000000000aa" and served.space_id == new.space_id
-    kept = MilvusStore(uri, "gallery_" + old.space_id.replace("-", "_"))
+    kept = open_store(uri, "gallery_" + old.space_id.replace("-", "_"), backend)
     assert kept.count() == 30 and kept.space_id == old.space_id  # the old gallery, renamed after its space
     assert len(G.search_images(served, gallery_images, G.open_query_model(new))) == 30
-    assert main(["gallery", "migrate", str(family_copy), "--images", str(gallery_images), "--uri", uri]) == 2
+    assert main(["gallery", "migrate", str(family_copy), "--store", backend, "--images", str(gallery_images),
+                 "--uri", uri]) == 2
     assert "nothing to migrate" in " ".join(capsys.readouterr().out.split())
 
 
-def test_other_dimension_metric_or_builder_is_refused(tiny_family_dir, family_copy, gallery_images,  # noqa: F811
+def test_other_dimension_metric_or_builder_is_refused(backend, tiny_family_dir, family_copy,
+                                                      gallery_images,  # noqa: F811
                                                       tmp_path):
     uri = str(tmp_path / "g.db")
-    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
     other = with_space(family_copy, "hs-00000000000000bb")
     with pytest.raises(StoreError, match=r"holds another gallery: space_id .*--overwrite"):
-        gallery_db.build(other, gallery_images, uri, "g", batch_size=8)
-    db = MilvusStore(uri, "g")
-    db.client.alter_collection_properties("g", properties={PREFIX + "writer": json.dumps(
-        {"pid": 1, "host": "elsewhere", "renewed": time.time()})})
+        gallery_db.build(other, gallery_images, uri, "g", batch_size=8, backend=backend)
+    db = open_store(uri, "g", backend)
+    write_claim(db, {"pid": 1, "host": "elsewhere", "renewed": time.time()})
     with pytest.raises(StoreError, match="being written by another builder .pid 1 on elsewhere"):
-        gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
-    db.client.alter_collection_properties("g", properties={PREFIX + "writer": json.dumps(
-        {"pid": 1, "host": "elsewhere", "renewed": time.time() - 3600})})  # a builder that crashed an hour ago
-    assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)["already_there"] == 30
+        gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
+    write_claim(db, {"pid": 1, "host": "elsewhere", "renewed": time.time() - 3600})  # crashed an hour ago
+    assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8,
+                            backend=backend)["already_there"] == 30
 
 
+@needs_milvus
 def test_an_unreachable_server_is_one_clear_error(tmp_path, tiny_family_dir, gallery_images, capsys):  # noqa: F811
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -199,6 +248,7 @@ def test_an_unreachable_server_is_one_clear_error(tmp_path, tiny_family_dir, gal
 
 
 @pytest.mark.slow
+@needs_milvus
 def test_a_milvus_server_on_loopback_takes_the_same_calls(tiny_family_dir, gallery_images, tmp_path):  # noqa: F811
     """The cluster path: a server process and a network URI, the same client code as the embedded mode."""
     with socket.socket() as probe:
@@ -227,39 +277,44 @@ def test_a_milvus_server_on_loopback_takes_the_same_calls(tiny_family_dir, galle
         server.wait(timeout=30)
 
 
-def test_search_with_a_mistyped_uri_creates_nothing(tiny_family_dir, gallery_images, tmp_path, capsys):  # noqa: F811
+def test_search_with_a_mistyped_uri_creates_nothing(backend, tiny_family_dir, gallery_images, tmp_path,  # noqa: F811
+                                                    capsys):
     uri = str(tmp_path / "g.db")
-    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
     typo = tmp_path / "gallry.db"
-    for argv in (["gallery", "search", str(tiny_family_dir), "--images", str(gallery_images), "--store", "milvus"],
-                 ["gallery", "delete", str(tiny_family_dir), "--ids", "a.png"]):
+    for argv in (["gallery", "search", str(tiny_family_dir), "--images", str(gallery_images), "--store", backend],
+                 ["gallery", "delete", str(tiny_family_dir), "--store", backend, "--ids", "a.png"]):
         assert main([*argv, "--uri", str(typo), "--collection", "g"]) == 2
         out = " ".join(capsys.readouterr().out.split())
-        assert f"error: --uri {typo}: no Milvus Lite database there" in out and "Traceback" not in out
+        database = "Milvus Lite" if backend == "milvus" else "LanceDB"
+        assert f"error: --uri {typo}: no {database} database there" in out and "Traceback" not in out
         assert sorted(p.name for p in tmp_path.iterdir()) == ["g.db"]  # no database, no folder beside it
 
 
-def test_deleting_names_that_are_not_there_is_a_no_op_that_says_so(tiny_family_dir, gallery_images,  # noqa: F811
+def test_deleting_names_that_are_not_there_is_a_no_op_that_says_so(backend, tiny_family_dir,
+                                                                   gallery_images,  # noqa: F811
                                                                    tmp_path, capsys):
     uri = str(tmp_path / "g.db")
-    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
     names = sorted(p.relative_to(gallery_images).as_posix() for p in gallery_images.rglob("*.png"))[:2]
-    argv = ["gallery", "delete", str(tiny_family_dir), "--uri", uri, "--collection", "g", "--ids", *names]
+    argv = ["gallery", "delete", str(tiny_family_dir), "--store", backend, "--uri", uri, "--collection", "g",
+            "--ids", *names]
     assert main(argv) == 0
     assert main(argv) == 0  # the same delete again
     out = " ".join(capsys.readouterr().out.split())
     assert "deleted 2 of 2 row(s)" in out and "deleted 0 of 2 row(s)" in out and "; 2 not there" in out, out
-    assert MilvusStore(uri, "g").count() == 28
+    assert open_store(uri, "g", backend).count() == 28
 
 
-def test_the_claim_of_a_builder_killed_on_this_host_is_stale_at_once(tiny_family_dir, gallery_images,  # noqa: F811
+def test_the_claim_of_a_builder_killed_on_this_host_is_stale_at_once(backend, tiny_family_dir,
+                                                                    gallery_images,  # noqa: F811
                                                                     tmp_path):
     uri = str(tmp_path / "g.db")
-    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)
+    gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8, backend=backend)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process, as after `kill -9` of a builder
-    db = MilvusStore(uri, "g")
-    db.client.alter_collection_properties("g", properties={PREFIX + "writer": json.dumps(
-        {"pid": gone.pid, "host": socket.gethostname(), "renewed": time.time()})})
+    db = open_store(uri, "g", backend)
+    write_claim(db, {"pid": gone.pid, "host": socket.gethostname(), "renewed": time.time()})
     db.close()
-    assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8)["already_there"] == 30
+    assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8,
+                            backend=backend)["already_there"] == 30

@@ -1,6 +1,7 @@
-"""One suite for every gallery store (`hetero.gallery.stores.VectorStore`): FAISS files and a Milvus collection
-(embedded Milvus Lite, when pymilvus and milvus-lite are installed) built from the same images hold the same
-rows, give the same answers, and refuse a query from another space before any search runs."""
+"""One suite for every gallery store (`hetero.gallery.stores.VectorStore`): FAISS files, a Milvus collection
+(embedded Milvus Lite, when pymilvus and milvus-lite are installed) and a LanceDB table (when lancedb is)
+built from the same images hold the same rows, give the same answers, and refuse a query from another space
+before any search runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,10 @@ from hetero.gallery.stores import StoreSpaceMismatch, VectorStore
 from tests.test_gallery import gallery_images  # noqa: F401  (fixture)
 
 MILVUS = all(importlib.util.find_spec(name) is not None for name in ("pymilvus", "milvus_lite"))
+LANCE = importlib.util.find_spec("lancedb") is not None
 BACKENDS = ["faiss", pytest.param("milvus", marks=pytest.mark.skipif(
-    not MILVUS, reason="Milvus needs pymilvus and milvus-lite (pip install hetero[milvus])"))]
+    not MILVUS, reason="Milvus needs pymilvus and milvus-lite (pip install hetero[milvus])")),
+            pytest.param("lance", marks=pytest.mark.skipif(not LANCE, reason="LanceDB needs lancedb (hetero[lance])"))]
 FOREIGN = "hs-0123456789abcdef"
 # the members of the VectorStore protocol: a backend may hold them as methods, properties or attributes
 PROTOCOL = ("space_id", "count", "check_space", "nearest")
@@ -47,7 +50,7 @@ def built(request, tiny_family_dir, gallery_images, tmp_path_factory):  # noqa: 
         return request.param, where / "g"
     from hetero.gallery import db as gallery_db
 
-    gallery_db.build(family, gallery_images, str(where / "g.db"), "g", batch_size=8)
+    gallery_db.build(family, gallery_images, str(where / "g.db"), "g", batch_size=8, backend=request.param)
     return request.param, str(where / "g.db")
 
 
@@ -56,9 +59,9 @@ def store(built) -> VectorStore:
     backend, where = built
     if backend == "faiss":
         return G.Gallery(where)
-    from hetero.gallery.stores import MilvusStore
+    from hetero.gallery.db import open_store
 
-    return MilvusStore(where, "g")
+    return open_store(where, "g", backend)
 
 
 def forbid_search(store, monkeypatch) -> None:
@@ -68,8 +71,10 @@ def forbid_search(store, monkeypatch) -> None:
 
     if isinstance(store, G.Gallery):
         monkeypatch.setattr(G.Gallery, "index", property(searched))  # FAISS: loading the index is the search
+    elif hasattr(store, "client"):
+        monkeypatch.setattr(store.client, "search", searched)  # Milvus
     else:
-        monkeypatch.setattr(store.client, "search", searched)
+        monkeypatch.setattr(type(store.table()), "search", searched)  # LanceDB
 
 
 def test_every_store_offers_the_protocol(store, tiny_family_dir, gallery_images):  # noqa: F811

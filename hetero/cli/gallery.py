@@ -15,7 +15,7 @@ def cmd_gallery(args) -> int:
         from hetero.files import check_output
 
         check_output(args.json, "--json")
-    if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") == "milvus":
+    if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") != "faiss":
         return _gallery_db(args, store)
     if args.action == "import":
         record = gallery.import_gallery(store, args.vectors, args.images, args.out, ids=args.ids, member=args.member,
@@ -54,19 +54,21 @@ def _search(args, store, target) -> None:
 
 
 def _gallery_db(args, store) -> int:
-    """The gallery verbs on a Milvus collection (embedded by default, in DIR/gallery.db)."""
+    """The gallery verbs on a Milvus collection (embedded by default, in DIR/gallery.db) or a LanceDB table
+    (DIR/gallery.lance)."""
     from hetero.gallery import db as gallery_db
-    from hetero.gallery.stores import MilvusStore, StoreError
+    from hetero.gallery.stores import StoreError
 
     if args.action == "migrate" and not args.uri:  # DIR's own database is the new family's: it holds no gallery yet
         raise StoreError("gallery migrate needs --uri: the database the gallery is served from (the earlier "
                          "family's DIR/gallery.db, or http://host:19530)")
-    uri = args.uri or str(store.root / "gallery.db")
+    backend = args.store
+    uri = args.uri or str(store.root / ("gallery.lance" if backend == "lance" else "gallery.db"))
     if args.action == "search":
-        _search(args, store, MilvusStore(uri, args.collection))
+        _search(args, store, gallery_db.open_store(uri, args.collection, backend))
     elif args.action in ("build", "update", "migrate"):
         options = {"member": args.member, "batch_size": args.batch_size, "workers": args.workers,
-                   "progress": not args.quiet}
+                   "progress": not args.quiet, "backend": backend}
         if args.action == "migrate":
             record = gallery_db.migrate(store, args.images, uri, args.collection, **options)
         else:
@@ -77,11 +79,12 @@ def _gallery_db(args, store) -> int:
                       f"{record['rows']} rows in all) in {record['seconds']:.1f} s, {record['rows_per_s']:.0f} rows/s"
                       + (f"; alias {escape(record['alias'])} now names it" if args.action == "migrate" else ""))
     elif args.action == "delete":
-        removed, absent = gallery_db.delete(store, uri, args.collection, args.ids)
+        removed, absent = gallery_db.delete(store, uri, args.collection, args.ids, backend)
         console.print(f"deleted {removed} of {len(args.ids)} row(s) from {escape(uri)} collection "
                       f"{escape(args.collection)}" + (f"; {absent} not there" if absent else ""))
     else:
-        record = gallery_db.adopt(store, uri, args.collection, args.images, member=args.member, sample=args.sample)
+        record = gallery_db.adopt(store, uri, args.collection, args.images, member=args.member, sample=args.sample,
+                                  backend=backend)
         console.print(f"adopted {escape(uri)} collection {escape(args.collection)}: {record['checked']} re-embedded "
                       f"images match their stored vectors (min cosine {record['min_cosine']:.6f}); it now says space "
                       f"{record['space_id']}")

@@ -162,16 +162,23 @@ def _gallery_verbs(verbs) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def store_options(a, milvus_only: bool = False, served: bool = False):
-        if not milvus_only:
-            a.add_argument("--store", choices=["faiss", "milvus"], default="faiss",
-                           help="faiss: files on this machine (default); milvus: a Milvus collection")
+        if milvus_only:
+            a.add_argument("--store", choices=["milvus", "lance"], default="milvus",
+                           help="milvus: a Milvus collection (default); lance: a LanceDB table")
+        else:
+            a.add_argument("--store", choices=["faiss", "milvus", "lance"], default="faiss",
+                           help="faiss: files on this machine (default); milvus: a Milvus collection; lance: a "
+                                "LanceDB table (an embedded database folder)")
         if served:
-            a.add_argument("--uri", help="milvus (required): the database the gallery is served from (the "
-                                         "earlier family's DIR/gallery.db, or http://host:19530)")
+            a.add_argument("--uri", help="milvus, lance (required): the database the gallery is served from (the "
+                                         "earlier family's DIR/gallery.db or DIR/gallery.lance, or "
+                                         "http://host:19530)")
         else:
             a.add_argument("--uri", help="milvus: a local path (embedded Milvus Lite; default DIR/gallery.db) or "
-                                         "http://host:19530 (a server or cluster)")
-        a.add_argument("--collection", default="gallery", help="milvus: collection or alias (default: gallery)")
+                                         "http://host:19530 (a server or cluster); lance: a database folder "
+                                         "(default DIR/gallery.lance)")
+        a.add_argument("--collection", default="gallery", help="milvus, lance: collection (table) or alias "
+                                                               "(default: gallery)")
 
     def embedding_options(a):
         a.add_argument("--member", help="member that embeds the gallery (default: the cloud member)")

@@ -1,4 +1,4 @@
-"""Galleries in a vector database (Milvus): build, search, change, adopt and migrate a collection.
+"""Galleries in a vector database (Milvus, or LanceDB): build, search, change, adopt and migrate a collection.
 
 Building streams the images in batches: decode, embed with the family's member, write the rows (keyed by
 the image's name).  A build that stops resumes where it stopped: the names already in the collection are
@@ -24,6 +24,19 @@ from hetero.gallery.images import ImageFiles, embed_batches, in_batches, list_im
 from hetero.gallery.stores import Identity, MilvusStore, StoreError
 from hetero.gallery.vectors import prove_space
 
+BACKENDS = ("milvus", "lance")
+
+
+def open_store(uri: str, collection: str, backend: str = "milvus", create: bool = False):
+    """A collection in Milvus (embedded or a server) or a table in LanceDB (a database folder)."""
+    if backend == "lance":
+        from hetero.gallery.lance import LanceStore
+
+        return LanceStore(uri, collection, create=create)
+    if backend != "milvus":
+        raise StoreError(f"--store {backend!r}: a database store is one of {', '.join(BACKENDS)}")
+    return MilvusStore(uri, collection, create=create)
+
 
 def identity_of(store: FamilyStore, entry: MemberRecord) -> Identity:
     return Identity(space_id=store.space_id, family=store.name, member=entry.name, dim=entry.dim)
@@ -42,7 +55,7 @@ def _batches(store: FamilyStore, entry: MemberRecord, entries, batch_size: int, 
 
 def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "gallery", *, member: str | None = None,
           batch_size: int = 256, workers: int = 0, overwrite: bool = False, replace: bool = False,
-          progress: bool = False) -> dict:
+          progress: bool = False, backend: str = "milvus") -> dict:
     """Embed every image under `images` into the collection; return what was done (rows/s included).
 
     A collection of another space, dimension or metric is refused unless `overwrite` (dropped first).
@@ -56,7 +69,7 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
     entry = member_record(store, member)
     identity = identity_of(store, entry)
     entries = list_images(images)
-    db = MilvusStore(uri, collection, create=not replace)  # an update needs the database it updates
+    db = open_store(uri, collection, backend, create=not replace)  # an update needs the database it updates
     _prepare(db, identity, overwrite, len(entries))
     started, written, skipped, kept = time.perf_counter(), 0, [], 0
     db.claim()
@@ -86,7 +99,7 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
             "rows_per_s": round(written / seconds, 1) if seconds else 0}
 
 
-def _prepare(db: MilvusStore, identity: Identity, overwrite: bool, rows_hint: int) -> None:
+def _prepare(db, identity: Identity, overwrite: bool, rows_hint: int) -> None:
     if db.exists() and overwrite:
         db.drop()
     if not db.exists():
@@ -103,10 +116,10 @@ def _prepare(db: MilvusStore, identity: Identity, overwrite: bool, rows_hint: in
                          f"--overwrite to replace it, another --collection, or `hetero gallery migrate`")
 
 
-def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> tuple[int, int]:
+def delete(store: FamilyStore, uri: str, collection: str, ids: list[str], backend: str = "milvus") -> tuple[int, int]:
     """Remove rows by image name; return (rows removed, names that were not there).  Deleting an absent name
     is a no-op, so the same delete can run twice."""
-    db = MilvusStore(uri, collection)
+    db = open_store(uri, collection, backend)
     db.check_space(store.space_id, f"family {store.name!r}")
     there = db.present(ids)
     if there:  # Milvus refuses a delete by an empty list of keys
@@ -115,14 +128,14 @@ def delete(store: FamilyStore, uri: str, collection: str, ids: list[str]) -> tup
 
 
 def search(uri: str, collection: str, queries: np.ndarray, k: int, query_space: str | None, label: str,
-           nprobe: int | None = None) -> list[list[tuple[str, float]]]:
-    db = MilvusStore(uri, collection)
+           nprobe: int | None = None, backend: str = "milvus") -> list[list[tuple[str, float]]]:
+    db = open_store(uri, collection, backend)
     db.check_space(query_space, label)  # before any query is sent
     return db.search(queries, k, nprobe)
 
 
 def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, member: str | None = None,
-          sample: int = 64) -> dict:
+          sample: int = 64, backend: str = "milvus") -> dict:
     """Stamp a collection another tool wrote with the family's space, once a sample proves it.
 
     Up to `sample` of the listed images (named as in the collection) are embedded again with the member;
@@ -130,7 +143,7 @@ def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, 
     error says how far off they are.
     """
     entry = member_record(store, member)
-    db = MilvusStore(uri, collection)
+    db = open_store(uri, collection, backend)
     if not db.exists():
         raise StoreError(f"{uri}: no collection {collection!r} to adopt")
     _, _, dim = db.fields()
@@ -148,7 +161,8 @@ def adopt(store: FamilyStore, uri: str, collection: str, images: str | Path, *, 
             "space_id": store.space_id}
 
 
-def migrate(store: FamilyStore, images: str | Path, uri: str, alias: str = "gallery", **options) -> dict:
+def migrate(store: FamilyStore, images: str | Path, uri: str, alias: str = "gallery", backend: str = "milvus",
+            **options) -> dict:
     """Re-embed the gallery with this family into a new collection, then move `alias` to it.
 
     Searches go through the alias, so they see the old collection until the new one is complete; a
@@ -156,13 +170,13 @@ def migrate(store: FamilyStore, images: str | Path, uri: str, alias: str = "gall
     is a collection's own name (`gallery build` wrote it), that collection is renamed after its space first,
     so the name can become an alias: searches by that name fail between the rename and the alias (one call).
     """
-    served = MilvusStore(uri, alias, create=True)  # a first migration may start the database
+    served = open_store(uri, alias, backend, create=True)  # a first migration may start the database
     if served.exists() and served.space_id == store.space_id:
         raise StoreError(f"{uri} {alias!r} already holds space {store.space_id} (family {store.name!r}); nothing to "
                          f"migrate: `hetero gallery update` re-embeds changed images in place")
     target = _space_collection(alias, store.space_id)
-    record = build(store, images, uri, target, **options)
-    db = MilvusStore(uri, target)
+    record = build(store, images, uri, target, backend=backend, **options)
+    db = open_store(uri, target, backend)
     if db.count() < record["images"] - len(record["skipped"]):
         raise StoreError(f"{uri} collection {target!r} is incomplete ({db.count()} rows); run migrate again")
     previous = served.collection if served.exists() else None

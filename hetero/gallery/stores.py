@@ -28,6 +28,7 @@ from hetero.errors import ManifestError
 FORMAT = "hetero-gallery/1"
 PREFIX = "hetero."
 ID, VECTOR = "id", "vector"
+WRITER = PREFIX + "writer"  # the property holding the one builder's claim
 MAX_ID_LENGTH = 2048
 METRIC = "IP"  # unit vectors: inner product is the cosine
 # A builder's claim on a collection expires when it has not been renewed for this long (a crashed builder).
@@ -107,6 +108,18 @@ class Identity:
                        dim=int(values["dim"]), metric=values.get("metric", METRIC), format=values.get("format", FORMAT))
         except (KeyError, ValueError):
             return None
+
+
+def new_claim(recorded: str | None, where: str, flag: str) -> str:
+    """This process's claim as the one builder of a store (to record in its properties), after refusing while
+    the claim `recorded` there is another live builder's and fresh."""
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "renewed": time.time()}
+    other = _claim_holder(recorded)
+    if other is not None and (other["pid"], other["host"]) != (mine["pid"], mine["host"]) and \
+            time.time() - other["renewed"] < LEASE_SECONDS and _may_be_alive(other):
+        raise StoreError(f"{where} is being written by another builder (pid {other['pid']} on {other['host']}, last "
+                         f"seen {time.time() - other['renewed']:.0f} s ago); wait for it, or use another {flag}")
+    return json.dumps(mine)
 
 
 def _claim_holder(text: str | None) -> dict | None:
@@ -326,20 +339,12 @@ class MilvusStore:
 
     def claim(self) -> None:
         """Record this process as the collection's one builder; refuse while another one's claim is fresh."""
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "renewed": time.time()}
-        other = _claim_holder(self.properties().get(PREFIX + "writer"))
-        if other is not None:
-            if (other["pid"], other["host"]) != (mine["pid"], mine["host"]) and \
-                    time.time() - other["renewed"] < LEASE_SECONDS and _may_be_alive(other):
-                raise StoreError(f"{self.uri} collection {self.name!r} is being written by another builder (pid "
-                                 f"{other['pid']} on {other['host']}, last seen {time.time() - other['renewed']:.0f} s "
-                                 f"ago); wait for it, or use another --collection")
+        mine = new_claim(self.properties().get(WRITER), f"{self.uri} collection {self.name!r}", "--collection")
         self._call("claiming it", self.client.alter_collection_properties, self.collection,
-                   properties={PREFIX + "writer": json.dumps(mine)})
+                   properties={WRITER: mine})
 
     def release(self) -> None:
-        self._call("releasing it", self.client.drop_collection_properties, self.collection,
-                   property_keys=[PREFIX + "writer"])
+        self._call("releasing it", self.client.drop_collection_properties, self.collection, property_keys=[WRITER])
 
     def point_alias(self, alias: str) -> None:
         """Make `alias` name this collection (created, or moved in one step from the collection it named)."""
