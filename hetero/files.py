@@ -254,9 +254,15 @@ class DirectoryLock:
             log.warning("%s: taking over the lock of `hetero %s` (pid %s on %s, since %s), which ended without "
                         "releasing it", self.directory, self.stale.get("verb"), self.stale.get("pid"),
                         self.stale.get("host"), self.stale.get("since"))
-        atomic_write_json(self.directory / LOCK_HOLDER, {
-            "pid": os.getpid(), "host": socket.gethostname(), "verb": self.verb,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        record = self.directory / LOCK_HOLDER
+        try:
+            atomic_write_json(record, {"pid": os.getpid(), "host": socket.gethostname(), "verb": self.verb,
+                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        except OSError as err:  # a folder, or a link, where the record goes
+            lock.release()
+            self._lock = None
+            raise LockError(f"{record}: cannot be written ({err.strerror}); hetero's lock record is a small file "
+                            f"it writes itself. Remove {record} (it holds no data) and run again") from None
         for leftover in sweep_temporaries(self.directory):
             log.warning("removed %s, left by a writer that was killed", leftover)
         return self

@@ -411,3 +411,83 @@ def test_any_output_path_is_writable_once_accepted(parts, folder):
         else:
             atomic_write_text(path, "written")
             assert path.read_text() == "written"
+
+
+# ------------------------------------------------------------------------------- lock files, model files
+
+LOCK_SHAPES = st.sampled_from(["absent", "bytes", "folder", "dangling-link", "link-loop"])
+
+
+def _place(path: Path, shape: str, payload: bytes) -> None:
+    if shape == "bytes":
+        path.write_bytes(payload)
+    elif shape == "folder":
+        path.mkdir()
+        (path / "inside").write_bytes(payload)
+    elif shape == "dangling-link":
+        path.symlink_to(path.parent / "nowhere")
+    elif shape == "link-loop":
+        path.symlink_to(path)
+
+
+@settings(max_examples=120, deadline=None, database=None)
+@given(lock=LOCK_SHAPES, holder=LOCK_SHAPES, payload=st.binary(max_size=64) | st.sampled_from(
+    [b'{"pid": 1, "host": "elsewhere", "verb": "train"}', b"[]", b'{"pid": null}', b"\xff\xfe"]))
+def test_any_lock_file_and_holder_record_is_taken_over_or_refused_by_name(lock, holder, payload):
+    """A family's lock and its holder record, whatever a crash or a user left there: the lock is taken (and
+    released, leaving no record) or refused with a LockError that names the file."""
+    from hetero.errors import LockError
+    from hetero.files import LOCK_FILE, LOCK_HOLDER, DirectoryLock
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "family"
+        root.mkdir()
+        _place(root / LOCK_FILE, lock, payload)
+        _place(root / LOCK_HOLDER, holder, payload)
+        try:
+            with DirectoryLock(root, "export"):
+                pass
+        except LockError as err:
+            assert LOCK_FILE in str(err) or LOCK_HOLDER in str(err)
+            return
+        assert not (root / LOCK_HOLDER).is_file() or holder == "folder"
+
+
+@pytest.fixture(scope="module")
+def small_onnx_model(tmp_path_factory) -> bytes:
+    import torch
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.conv(x).mean(dim=(2, 3)), dim=1)
+
+    path = tmp_path_factory.mktemp("onnx") / "cloud.onnx"
+    torch.onnx.export(Embed().eval(), (torch.rand(1, 3, 16, 16),), str(path), input_names=["images"],
+                      output_names=["embedding"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    return path.read_bytes()
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_onnx_cloud_file_is_opened_or_refused_with_a_config_error(small_onnx_model, data):
+    """An external cloud's model file, damaged anywhere (header, graph, weights) or cut short: opened and
+    embedding, or refused naming the file; never a protobuf or runtime traceback."""
+    import torch
+
+    from hetero.errors import ConfigError
+    from hetero.external import ExternalCloud, Preprocessing
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cloud.onnx"
+        path.write_bytes(_damaged(small_onnx_model, data.draw))
+        try:
+            cloud = ExternalCloud(path, "onnx", Preprocessing(16, (0.0,) * 3, (1.0,) * 3))
+            out = cloud(torch.rand(2, 3, 16, 16))
+        except ConfigError as err:
+            assert "cloud.onnx" in str(err)
+            return
+        assert out.shape[0] == 2
