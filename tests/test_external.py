@@ -300,8 +300,17 @@ def test_the_teacher_cache_holds_the_clouds_answers_resumes_and_refuses_another_
         assert torch.allclose(answers[0], reference, atol=1e-5) and torch.allclose(answers[1], matching_reference,
                                                                                     atol=1e-5)
 
-    # A lost shard is rebuilt and nothing else; a second run over a complete cache builds nothing.
+    # Rows are read through memory maps of the shards, the very values the shard file holds.
+    from safetensors.torch import load_file
+
     shard = cache_dir / "shards" / "shard-00000.safetensors"
+    written = load_file(str(shard))
+    for image, view in ((0, 0), (3, 1), (len(images) - 1, 1)):
+        assert all(torch.equal(got, written[name][image, view])
+                   for got, name in zip(cache.row(image, view), ("params", "view", "matching")))
+    assert pickled_and_back(cache)._shards == {}  # a loader worker maps what it reads itself
+
+    # A lost shard is rebuilt and nothing else; a second run over a complete cache builds nothing.
     before = shard.read_bytes()
     shard.unlink()
     again = train(parse_config(config, "cached"), tmp_path / "again", progress=False)
@@ -323,6 +332,12 @@ def test_the_teacher_cache_holds_the_clouds_answers_resumes_and_refuses_another_
     with pytest.raises(ManifestError, match="a teacher cache made by another cloud"):
         train(parse_config(byo_config(other, unlabeled_images, teacher_cache={"views": 2, "dir": str(cache_dir)}),
                            "other"), tmp_path / "other", progress=False)
+
+
+def pickled_and_back(value):
+    import pickle
+
+    return pickle.loads(pickle.dumps(value))
 
 
 def test_augmentation_parameters_reproduce_the_training_augmentation_ranges():

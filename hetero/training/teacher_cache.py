@@ -10,8 +10,9 @@ cloud's answers instead of running the cloud.  A directory holds::
     shards/shard-00000.safetensors      "params" [n, K, 14], "view" [n, K, D], "matching" [n, K, D]
 
 Shards are written atomically one by one and a build resumes after the last finished one.  A cache made by
-another cloud (or for other images, views or augmentation) is refused: its plan differs.  Training reads the
-shards into memory (images x views x dim x 8 bytes: 22 MB for Omniglot's 2,720 images, 8 views, 128-d).
+another cloud (or for other images, views or augmentation) is refused: its plan differs.  Training maps the
+shards into memory (read-only memory maps, paged in by the OS as rows are read), so a cache of millions of
+images costs address space, not resident memory.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -93,7 +95,10 @@ class TeacherCache:
     def __init__(self, root: Path, plan: dict):
         self.root, self.plan = Path(root), plan
         self.views = plan["views"]
-        self._shards: dict[int, dict] = {}
+        self._shards: dict[int, dict[str, np.ndarray]] = {}
+
+    def __getstate__(self):  # a loader worker maps the shards it reads itself
+        return {**self.__dict__, "_shards": {}}
 
     @classmethod
     def plan_for(cls, cloud_identity: str, names: list[str], views: int, seed: int, load_size: int, affine: bool,
@@ -146,8 +151,11 @@ class TeacherCache:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}
         except (SafetensorError, OSError) as err:
             raise ManifestError(f"{path}: a damaged teacher cache shard ({err}); {fix}") from None
+        if dtypes != {"F32"}:
+            raise ManifestError(f"{path}: a teacher cache shard holding {sorted(dtypes)} values, not float32; {fix}")
         view = shapes.get("view", ())
         if shapes.get("params") != (rows, self.views, PARAMS) or shapes.get("matching") != view or \
                 len(view) != 3 or view[:2] != (rows, self.views):
@@ -205,16 +213,26 @@ class TeacherCache:
 
     def row(self, image: int, view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(params, the cloud's view embedding, its matching-input embedding) of one image and view."""
-        from safetensors.torch import load_file
-
         shard = image // SHARD_IMAGES
         if shard not in self._shards:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise ManifestError(f"{path}: missing; build the teacher cache first")
-            self._shards[shard] = load_file(str(path))  # checked when the cache was opened
-        tensors, offset = self._shards[shard], image - shard * SHARD_IMAGES
-        return tensors["params"][offset, view], tensors["view"][offset, view], tensors["matching"][offset, view]
+            self._shards[shard] = map_safetensors(path)  # checked when the cache was opened
+        arrays, offset = self._shards[shard], image - shard * SHARD_IMAGES
+        return tuple(torch.from_numpy(np.array(arrays[name][offset, view])) for name in ("params", "view", "matching"))
+
+
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of a safetensors file as read-only memory maps (its header gives each tensor's place
+    in the file: an 8-byte length, the JSON header, then the data), so reading a row pages in that row only."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    start = 8 + length
+    return {name: np.memmap(path, dtype="<f4", mode="r", offset=start + info["data_offsets"][0],
+                            shape=tuple(info["shape"]))
+            for name, info in header.items() if name != "__metadata__"}
 
 
 class CachedViews(torch.utils.data.Dataset):
