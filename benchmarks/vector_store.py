@@ -65,10 +65,13 @@ def faiss_store(gallery: np.ndarray):
                                                               else "")
 
 
-def milvus_store(gallery: np.ndarray, work: Path):
-    from hetero.gallery.stores import FLAT_MAX_ROWS, Identity, MilvusStore
+def database_store(backend: str, gallery: np.ndarray, work: Path):
+    """A gallery in an embedded database (`milvus`: Milvus Lite; `lance`: LanceDB), written through the calls
+    `hetero gallery build --store BACKEND` makes: upserts of 1,000 rows, then the flush that indexes them."""
+    from hetero.gallery.db import open_store
+    from hetero.gallery.stores import FLAT_MAX_ROWS, Identity
 
-    db = MilvusStore(str(work / f"bench-{len(gallery)}.db"), "bench", create=True)
+    db = open_store(str(work / f"bench-{len(gallery)}.{backend}"), "bench", backend, create=True)
     db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
     ids = [f"item-{i:07d}" for i in range(len(gallery))]
     started = time.perf_counter()
@@ -83,29 +86,7 @@ def milvus_store(gallery: np.ndarray, work: Path):
         return np.array([[position[name] for name, _ in hits] for hits in db.search(queries, k)])
 
     kind = "flat" if len(gallery) <= FLAT_MAX_ROWS else "ivf nprobe 32"
-    return search, len(gallery) / seconds, f"milvus-lite {kind}"
-
-
-def lance_store(gallery: np.ndarray, work: Path):
-    from hetero.gallery.lance import LanceStore
-    from hetero.gallery.stores import FLAT_MAX_ROWS, Identity
-
-    db = LanceStore(str(work / f"bench-{len(gallery)}.lance"), "bench", create=True)
-    db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
-    ids = [f"item-{i:07d}" for i in range(len(gallery))]
-    started = time.perf_counter()
-    for begin in range(0, len(gallery), 1000):
-        db.upsert(ids[begin:begin + 1000], gallery[begin:begin + 1000])
-    db.flush()  # builds the index `hetero gallery build --store lance` builds for that size
-    db.count()
-    seconds = time.perf_counter() - started
-    position = {name: i for i, name in enumerate(ids)}
-
-    def search(queries, k=1):
-        return np.array([[position[name] for name, _ in hits] for hits in db.search(queries, k)])
-
-    kind = "flat" if len(gallery) <= FLAT_MAX_ROWS else "ivf nprobe 32"
-    return search, len(gallery) / seconds, f"lancedb {kind}"
+    return search, len(gallery) / seconds, f"{'milvus-lite' if backend == 'milvus' else 'lancedb'} {kind}"
 
 
 def main(argv=None) -> int:
@@ -132,7 +113,8 @@ def main(argv=None) -> int:
             exact.add(gallery)
             truth = exact.search(queries, 1)[1][:, 0]
             results = []
-            for make in (faiss_store, lambda g: milvus_store(g, Path(tmp)), lambda g: lance_store(g, Path(tmp))):
+            for make in (faiss_store, lambda g: database_store("milvus", g, Path(tmp)),
+                         lambda g: database_store("lance", g, Path(tmp))):
                 search, rate, label = make(gallery)
                 recall = float((search(queries)[:, 0] == truth).mean())
                 one = timed(lambda: search(queries[:1]), args.repeats)

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.gallery.stores import (FLAT_MAX_ROWS, ID, IVF_NPROBE, MAX_ID_LENGTH, VECTOR, WRITER, Identity,
-                                   StoreError, StoreSpaceMismatch, new_claim)
+from hetero.gallery.stores import (FLAT_MAX_ROWS, ID, IVF_NPROBE, MAX_ID_LENGTH, VECTOR, WRITER, DatabaseStore,
+                                   Identity, StoreError, new_claim)
 
 ALIASES = "_aliases"  # alias -> table: LanceDB has no aliases of its own
 
 
-class LanceStore:
+class LanceStore(DatabaseStore):
     """One table (or alias) in a LanceDB database folder; every call names the folder and table in its errors.
 
     Opening a folder that does not exist creates a database there, so only a builder passes `create`: a
     search, delete or adopt with a mistyped --uri is refused instead of leaving an empty one.
     """
+
+    noun, flag = "table", "lance"
 
     def __init__(self, uri: str, collection: str, create: bool = False):
         self.uri, self.name = str(uri), collection
@@ -77,32 +79,6 @@ class LanceStore:
         _, vector, _ = self.fields()
         field = self.table().schema.field(vector)
         return {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
-
-    def identity(self) -> Identity | None:
-        return Identity.from_properties(self.properties())
-
-    @property
-    def space_id(self) -> str | None:
-        identity = self.identity()
-        return identity.space_id if identity is not None else None
-
-    def check_space(self, query_space: str | None, query: str) -> Identity:
-        """The table's identity, after refusing a query from another space (before any query is sent)."""
-        if not self.exists():
-            raise StoreError(f"{self.uri}: no table or alias {self.name!r}; build one with `hetero gallery build "
-                             f"--store lance`")
-        identity = self.identity()
-        if identity is None:
-            raise StoreSpaceMismatch(
-                f"{self.uri} table {self.name!r} does not say which embedding space its vectors are in (it was not "
-                f"written by hetero); prove it with `hetero gallery adopt`, which re-embeds a sample first")
-        if identity.space_id != query_space:
-            raise StoreSpaceMismatch(
-                f"{query} embeds into space {query_space!r} but {self.uri} table {self.name!r} holds space "
-                f"{identity.space_id!r} (family {identity.family!r}, member {identity.member!r}); their vectors are "
-                f"not comparable. Query with a model of that family, or migrate the gallery "
-                f"(`hetero gallery migrate`).")
-        return identity
 
     def create(self, identity: Identity, rows_hint: int = 0) -> None:
         import pyarrow as pa
@@ -208,12 +184,6 @@ class LanceStore:
         for query, name, distance in zip(which, found[primary].to_pylist(), found["_distance"].to_pylist()):
             out[query].append((name, 1.0 - float(distance)))  # LanceDB's dot distance is 1 - <q, v>
         return [sorted(hits, key=lambda hit: -hit[1]) for hits in out]
-
-    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
-                nprobe: int | None = None) -> list[list[dict]]:
-        """Per query, its k nearest rows as {"name", "score"}, best first (`hetero gallery search`)."""
-        self.check_space(query_space, query)
-        return [[{"name": name, "score": score} for name, score in hits] for hits in self.search(queries, k, nprobe)]
 
     # -- writers and aliases
 

@@ -152,7 +152,51 @@ def is_embedded(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
 
-class MilvusStore:
+class DatabaseStore:
+    """What a gallery in a vector database offers whatever the database (Milvus, LanceDB): the identity in the
+    collection's (table's) own properties, the space check before any query, and `nearest` over the
+    backend's `search`.  A backend names its `noun` and `flag` (the `--store` value) in messages."""
+
+    uri: str
+    name: str
+    noun = "collection"
+    flag = "milvus"
+
+    def identity(self) -> Identity | None:
+        return Identity.from_properties(self.properties())
+
+    @property
+    def space_id(self) -> str | None:
+        """The space in the collection's properties; None for one that does not say (another tool wrote it)."""
+        identity = self.identity()
+        return identity.space_id if identity is not None else None
+
+    def check_space(self, query_space: str | None, query: str) -> Identity:
+        """The collection's identity, after refusing a query from another space (before any query is sent)."""
+        where = f"{self.uri} {self.noun} {self.name!r}"
+        if not self.exists():
+            raise StoreError(f"{self.uri}: no {self.noun} or alias {self.name!r}; build one with `hetero gallery "
+                             f"build --store {self.flag}`")
+        identity = self.identity()
+        if identity is None:
+            raise StoreSpaceMismatch(
+                f"{where} does not say which embedding space its vectors are in (it was not written by hetero); "
+                f"prove it with `hetero gallery adopt`, which re-embeds a sample first")
+        if identity.space_id != query_space:
+            raise StoreSpaceMismatch(
+                f"{query} embeds into space {query_space!r} but {where} holds space {identity.space_id!r} (family "
+                f"{identity.family!r}, member {identity.member!r}); their vectors are not comparable. Query with a "
+                f"model of that family, or migrate the gallery (`hetero gallery migrate`).")
+        return identity
+
+    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
+                nprobe: int | None = None) -> list[list[dict]]:
+        """Per query, its k nearest rows as {"name", "score"}, best first (`hetero gallery search`)."""
+        self.check_space(query_space, query)
+        return [[{"name": name, "score": score} for name, score in hits] for hits in self.search(queries, k, nprobe)]
+
+
+class MilvusStore(DatabaseStore):
     """One collection (or alias) in Milvus; every call names the URI and collection in its errors.
 
     Opening a Milvus Lite path that does not exist creates a database there, so only a builder passes
@@ -226,33 +270,6 @@ class MilvusStore:
 
     def properties(self) -> dict:
         return self._call("describing it", self.client.describe_collection, self.collection).get("properties") or {}
-
-    def identity(self) -> Identity | None:
-        return Identity.from_properties(self.properties())
-
-    @property
-    def space_id(self) -> str | None:
-        """The space in the collection's properties; None for one that does not say (another tool wrote it)."""
-        identity = self.identity()
-        return identity.space_id if identity is not None else None
-
-    def check_space(self, query_space: str | None, query: str) -> Identity:
-        """The collection's identity, after refusing a query from another space (before any query is sent)."""
-        if not self.exists():
-            raise StoreError(f"{self.uri}: no collection or alias {self.name!r}; build one with `hetero gallery "
-                             f"build --store milvus`")
-        identity = self.identity()
-        if identity is None:
-            raise StoreSpaceMismatch(
-                f"{self.uri} collection {self.name!r} does not say which embedding space its vectors are in (it was "
-                f"not written by hetero); prove it with `hetero gallery adopt`, which re-embeds a sample first")
-        if identity.space_id != query_space:
-            raise StoreSpaceMismatch(
-                f"{query} embeds into space {query_space!r} but {self.uri} collection {self.name!r} holds space "
-                f"{identity.space_id!r} (family {identity.family!r}, member {identity.member!r}); their vectors are "
-                f"not comparable. Query with a model of that family, or migrate the gallery "
-                f"(`hetero gallery migrate`).")
-        return identity
 
     def create(self, identity: Identity, rows_hint: int = 0) -> None:
         from pymilvus import DataType, MilvusClient
@@ -328,12 +345,6 @@ class MilvusStore:
         answer = self._call("searching", self.client.search, self._load(), data=data, limit=k, search_params=params,
                             anns_field=vector, output_fields=[primary])
         return [[(hit["entity"][primary], float(hit["distance"])) for hit in hits] for hits in answer]
-
-    def nearest(self, queries: np.ndarray, k: int, query_space: str | None, query: str = "the query model",
-                nprobe: int | None = None) -> list[list[dict]]:
-        """Per query, its k nearest rows as {"name", "score"}, best first (`hetero gallery search`)."""
-        self.check_space(query_space, query)
-        return [[{"name": name, "score": score} for name, score in hits] for hits in self.search(queries, k, nprobe)]
 
     # -- writers and aliases
 
