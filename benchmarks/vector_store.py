@@ -71,7 +71,8 @@ def database_store(backend: str, gallery: np.ndarray, work: Path):
     from hetero.gallery.db import open_store
     from hetero.gallery.stores import FLAT_MAX_ROWS, Identity
 
-    db = open_store(str(work / f"bench-{len(gallery)}.{backend}"), "bench", backend, create=True)
+    suffix = ".db" if backend == "milvus" else ".lance"  # Milvus Lite takes a file ending in .db
+    db = open_store(str(work / f"bench-{len(gallery)}{suffix}"), "bench", backend, create=True)
     db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
     ids = [f"item-{i:07d}" for i in range(len(gallery))]
     started = time.perf_counter()

@@ -131,10 +131,12 @@ def test_gallery_search_quick_writes_a_record_of_each_index(results, tmp_path):
 def test_vector_store_writes_a_record_per_size(results):
     pytest.importorskip("pymilvus")
     pytest.importorskip("milvus_lite")
+    pytest.importorskip("lancedb")
     out = _run("vector_store", "--sizes", "2000", "--queries", "50", "--repeats", "3", results=results)
     record = _record(results, "vector_store", "2000rows-d128", "vector_store.py --sizes 2000", quick=False)
     stores = record["figures"]
-    assert len(stores) == 2 and any(s.startswith("faiss") for s in stores) and any("milvus" in s for s in stores)
+    assert len(stores) == 3 and any(s.startswith("faiss") for s in stores) and any("milvus" in s for s in stores)
+    assert any(s.startswith("lancedb") for s in stores)
     for line in out.splitlines():  # | rows | store | ingest rows/s | batch-1 p50 / p95 | batch-100 ... | recall@1 |
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[1] in stores:
