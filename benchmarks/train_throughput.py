@@ -40,7 +40,7 @@ import records  # noqa: E402
 def _loader(split, config, workers: int):
     from pytorch_metric_learning.samplers import MPerClassSampler
 
-    from hetero.data import TrainImages
+    from hetero.augment import TrainImages
 
     dataset = TrainImages(split.train, config.data.augment_affine, config.data.augment_hflip)
     batch = config.train.batch_size
@@ -75,7 +75,8 @@ def _steps(family, trained: list[str], loader, steps: int, warmup: int, detach: 
 
 def main(argv=None) -> None:
     from hetero.config import load_config
-    from hetero.data import channel_stats, load_split
+    from hetero.augment import channel_stats
+    from hetero.data import load_split
     from hetero.training import Family, cpu_has_native_bf16
 
     default = ROOT / "examples" / "omniglot.yaml"

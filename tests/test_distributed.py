@@ -131,7 +131,8 @@ def _train_two_processes(tmp_path, config: dict, out, resume: bool = False):
 
 def _initial_members(config: dict) -> dict:
     from hetero.config import parse_config
-    from hetero.data import channel_stats, load_split
+    from hetero.augment import channel_stats
+    from hetero.data import load_split
     from hetero.training import Family, seed_everything
 
     config = parse_config(config, "tiny")

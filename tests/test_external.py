@@ -272,7 +272,7 @@ def test_label_free_figures_on_known_cases():
 
 def test_the_teacher_cache_holds_the_clouds_answers_resumes_and_refuses_another_cloud(
         byo_family, onnx_cloud, unlabeled_images, tiny_family_dir, tmp_path):
-    from hetero.data import border_fill
+    from hetero.augment import border_fill
     from hetero.models import resize_to
     from hetero.training.teacher_cache import TeacherCache
 

@@ -12,7 +12,7 @@ import yaml
 
 from hetero import runtimes
 from hetero.cli import main
-from hetero.errors import ConfigError, ExportError
+from hetero.errors import ConfigError
 from hetero.family import FamilyStore
 from hetero.profiles import builtin_profile_files, load_profile
 from hetero.verify import verify

@@ -244,7 +244,7 @@ def test_a_frozen_cloud_embeds_batch_and_matching_inputs_in_one_forward_with_the
 
 
 def test_batched_augmentation_draws_within_the_ranges_and_is_seeded():
-    from hetero.data import AFFINE, TrainImages, random_affine_params
+    from hetero.augment import AFFINE, TrainImages, random_affine_params
 
     params = random_affine_params(4000, affine=True, hflip=True)
     bounds = [AFFINE["degrees"], AFFINE["translate"], AFFINE["translate"], None, AFFINE["shear"]]

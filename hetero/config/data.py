@@ -59,7 +59,7 @@ class DataConfig:
     image_size: int | None = None  # load resolution; defaults to the largest member input size
     augment_affine: bool = True
     augment_hflip: bool = False
-    # Augment a whole batch in one warp (hetero.data.augment) instead of image by image through torchvision:
+    # Augment a whole batch in one warp (hetero.augment.augment) instead of image by image through torchvision:
     # the same ranges, other random draws; it matters when a step is short (benchmarks/train_profile.py).
     augment_batched: bool = True
     # Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited onto this RGB colour

@@ -17,7 +17,8 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from hetero.config import Config
-from hetero.data import ImageSet, TrainImages, channel_stats
+from hetero.augment import TrainImages, channel_stats
+from hetero.data import ImageSet
 from hetero.errors import ConfigError
 from hetero.family import TRAIN_STATE
 from hetero.losses import SharedClassifier, build_cross_model_losses

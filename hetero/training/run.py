@@ -22,7 +22,8 @@ from tqdm import tqdm
 from hetero import distributed
 from hetero.adapters import fit_adapter
 from hetero.config import Config
-from hetero.data import TrainImages, border_fill, channel_stats, load_split, loader_context
+from hetero.augment import TrainImages, border_fill, channel_stats
+from hetero.data import load_split, loader_context
 from hetero.errors import ConfigError, TrainingError
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
                            tensors_digest, write_config, writing)

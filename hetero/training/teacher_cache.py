@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hetero.data import AFFINE, augment
+from hetero.augment import AFFINE, augment
 from hetero.errors import ManifestError, TrainingError
 from hetero.files import atomic_write_json, check_output, resolve_inside
 
