@@ -1,12 +1,14 @@
 """The default Omniglot recipe against the earlier one, over seeds and both precisions, one run at a time.
 
-    python benchmarks/recipe_seeds.py run                      # every missing cell, in order (many hours)
+    python benchmarks/recipe_seeds.py run                      # every missing cell of both recipes (many hours)
     python benchmarks/recipe_seeds.py run --recipes current --precisions fp32 --seeds 0 1 2
+    python benchmarks/recipe_seeds.py run --recipes views8 edges60 --precisions fp32   # edge-phase levers
     python benchmarks/recipe_seeds.py run --quick --seeds 0    # a sixth of the epochs: a smoke test
     python benchmarks/recipe_seeds.py summary                  # mean and spread per recipe, precision, member
 
 A cell is one recipe (``current``: examples/omniglot.yaml as it is; ``earlier``: 30 + 60 epochs, per-image
-augmentation, no teacher cache), one precision (``fp32``: ``train.amp=off``; ``bf16``: ``train.amp=bf16``,
+augmentation, no teacher cache; or one of the edge-phase levers below, which start from ``current``'s cloud
+phase), one precision (``fp32``: ``train.amp=off``; ``bf16``: ``train.amp=bf16``,
 emulated and slow on a CPU without native bf16) and one seed.  Each cell trains into
 ``runs/recipe_seeds/<cell>`` with ``hetero train`` (resumed from its last finished epoch if a session ended
 in the middle), evaluates on the test split and writes a record to ``benchmarks/results/recipe_seeds/``.
@@ -31,10 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "examples/omniglot.yaml"
 RUNS = ROOT / "runs" / "recipe_seeds"
 BENCHMARK = "recipe_seeds"
+# The current recipe with one edge-phase lever changed each (issue 32: which time-to-quality lever costs the
+# edges their points).  A lever differs from `current` only in the edge phase, so it starts from `current`'s
+# cloud phase of the same precision and seed on this machine (trained once, kept beside the runs): the same
+# cloud, so a lever's edges compare with `current`'s seed by seed, and its training seconds count that cloud
+# phase too, as if it had trained alone.
+EDGE_LEVERS = {
+    "views8": ["train.teacher_cache.views=8"],  # twice the cached views (each a view and its matching input)
+    "views16": ["train.teacher_cache.views=16"],
+    "edges60": ["train.edge_epochs=60"],  # the earlier recipe's edge epochs, through the same 4-view cache
+}
 RECIPES = {
     "current": [],
     # examples/omniglot.yaml before the time-to-quality work (commit 811f774 and before)
     "earlier": ["data.augment_batched=false", "train.epochs=30", "train.edge_epochs=60", "train.teacher_cache=null"],
+    **EDGE_LEVERS,
 }
 PRECISIONS = {"fp32": "train.amp='off'", "bf16": "train.amp=bf16"}
 SUMMARY_FIELDS = ("machine", "recipe", "precision", "seeds", "train_s")  # a summary row's fields besides members
@@ -52,9 +65,9 @@ def overrides_of(recipe: str, precision: str, seed: int) -> list[str]:
 class TrainingClock:
     """Seconds spent training a cell, summed over sessions and saved every minute (a killed run keeps them)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, before: float = 0.0):
         self.path = path
-        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else before
         self.started = time.perf_counter()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._tick, daemon=True)
@@ -79,7 +92,14 @@ class TrainingClock:
         self._save()
 
 
+def cloud_phase_of(precision: str, seed: int, quick: bool) -> Path:
+    """Where `current`'s training state after its cloud phase is kept (with its training seconds beside it)."""
+    return RUNS / f"{cell_key('current', precision, seed, quick)}.cloud-phase.pt"
+
+
 def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
+    import shutil
+
     from hetero.evaluate import evaluate
     from hetero.family import TRAIN_STATE, FamilyStore
     from hetero.training import train
@@ -91,12 +111,31 @@ def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
         config.train.edge_epochs = max(1, (config.train.edge_epochs or config.train.epochs) // 6)
     out = RUNS / key
     clock_file = RUNS / f"{key}.seconds.json"
+    cloud_phase = cloud_phase_of(precision, seed, quick)
     trained = (out / "manifest.json").is_file()
     if not trained:
         resume = (out / TRAIN_STATE).is_file()
-        print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}", flush=True)
-        with TrainingClock(clock_file):
-            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False)
+        start_from, before = None, 0.0
+        if recipe in EDGE_LEVERS and not resume:
+            if not cloud_phase.is_file():
+                print(f"{key}: starts from `current`'s cloud phase, which is trained first", flush=True)
+                if (RUNS / cell_key("current", precision, seed, quick) / "manifest.json").is_file():
+                    raise SystemExit(f"{RUNS / cell_key('current', precision, seed, quick)} was trained without "
+                                     f"keeping its cloud phase ({cloud_phase.name}): remove it to train it again")
+                run_cell("current", precision, seed, quick)
+            start_from = cloud_phase
+            before = json.loads(cloud_phase.with_suffix(".seconds.json").read_text())["seconds"]
+
+        with TrainingClock(clock_file, before) as clock:
+            def keep_cloud_phase(end):
+                if recipe == "current" and end.phase == 0 and end.phase_done:
+                    shutil.copy(end.out / TRAIN_STATE, cloud_phase)
+                    cloud_phase.with_suffix(".seconds.json").write_text(json.dumps({"seconds": clock.seconds()}))
+
+            print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}"
+                  + (f" from {start_from.name}" if start_from else ""), flush=True)
+            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False,
+                  callbacks=[keep_cloud_phase], start_from=start_from)
     seconds = json.loads(clock_file.read_text())["seconds"] if clock_file.is_file() else None
     store = FamilyStore.open(out)
     report = evaluate(store)
@@ -106,7 +145,8 @@ def run_cell(recipe: str, precision: str, seed: int, quick: bool) -> Path:
                "train_s": seconds, "epochs": [config.train.epochs, config.train.edge_epochs],
                "amp_bf16": store.manifest.training.amp_bf16}
     path = records.write(BENCHMARK, key, figures, wall_s=seconds or 0.0, recipe=RECIPE, overrides=overrides,
-                         seeds=[seed], quick=quick, recipe_name=recipe, precision=precision)
+                         seeds=[seed], quick=quick, recipe_name=recipe, precision=precision,
+                         cloud_phase_from="current" if recipe in EDGE_LEVERS else None)
     print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(figures['top1_vs_cloud_gallery'])} -> {path}",
           flush=True)
     return path
@@ -140,7 +180,7 @@ def summary(quick: bool) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["run", "summary"])
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["current", "earlier"])
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a sixth of the epochs: a smoke test, never a result")
