@@ -182,11 +182,11 @@ def check_output(path: str | Path, flag: str, *, folder: bool = False) -> Path:
     return path
 
 
-def check_npy_size(handle, size: int) -> None:
+def check_npy_size(handle, size: int) -> tuple[tuple, bool, object]:
     """Refuse (ValueError) a .npy stream whose header declares more data than its `size` bytes hold.
 
     numpy allocates an array's declared shape before reading it, so a crafted header of a few bytes could
-    ask for hundreds of GiB.  Leaves `handle` after the header.
+    ask for hundreds of GiB.  Leaves `handle` after the header; returns (shape, fortran order, dtype).
     """
     import math
 
@@ -195,7 +195,7 @@ def check_npy_size(handle, size: int) -> None:
     try:
         major, _ = npy.read_magic(handle)
         read_header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
+        shape, fortran_order, dtype = read_header(handle)
     except ValueError:
         raise
     except Exception as err:  # numpy parses the header with tokenize and ast, whose errors are their own kinds
@@ -204,6 +204,67 @@ def check_npy_size(handle, size: int) -> None:
     if declared > held:
         raise ValueError(f"its header declares {dtype} of shape {shape} ({declared:,} bytes) but only {held:,} "
                          f"bytes follow")
+    return shape, fortran_order, dtype
+
+
+class RowFile:
+    """The rows of an array stored contiguously in a file (a C-order .npy, a safetensors tensor), read with
+    positioned reads.  Nothing is mapped: a memory map keeps every page it touched resident until it is unmapped,
+    so reading all rows of a 10 GB file through one would grow to 10 GB; this keeps the rows asked for only."""
+
+    def __init__(self, path: str | Path, offset: int, dtype, shape: tuple[int, ...]):
+        import math
+
+        import numpy as np
+
+        self.path, self.offset, self.dtype, self.shape = Path(path), offset, np.dtype(dtype), tuple(shape)
+        self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        end, size = offset + self.shape[0] * self.row_bytes, self.path.stat().st_size
+        if end > size:
+            raise ValueError(f"its header places {self.shape} of {self.dtype} at bytes {offset:,}-{end:,}, past the "
+                             f"end of the file ({size:,} bytes)")
+        self._fd = None
+
+    def __getstate__(self):  # a data loader worker opens the file itself
+        return {**self.__dict__, "_fd": None}
+
+    def read(self, begin: int, count: int):
+        """Rows begin .. begin + count - 1 (fewer at the end), as a new array."""
+        import numpy as np
+
+        rows = np.empty((max(0, min(count, self.shape[0] - begin)), *self.shape[1:]), self.dtype)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buffer, done = memoryview(rows).cast("B"), 0
+        while done < len(buffer):  # one read returns at most ~2 GiB, and less from some file systems
+            got = os.preadv(self._fd, [buffer[done:]], self.offset + begin * self.row_bytes + done)
+            if not got:
+                raise ValueError(f"{self.path}: ends before row {begin + len(rows) - 1} (shortened since opened?)")
+            done += got
+        return rows
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
+
+
+def safetensors_rows(path: str | Path) -> dict[str, RowFile]:
+    """The float tensors of a safetensors file as RowFiles (its layout: an 8-byte header length, the JSON header
+    giving each tensor's dtype, shape and byte range, then the data); tensors of other dtypes are left out."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    start = 8 + length
+    return {name: RowFile(path, start + info["data_offsets"][0], SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+            for name, info in header.items() if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES}
 
 
 # ------------------------------------------------------------------------------------------------- locks

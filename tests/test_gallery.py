@@ -1,6 +1,7 @@
 """Galleries: sharded streaming build, resume, FAISS index choice, search with members and artifacts, space ids."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -302,3 +303,39 @@ def test_import_stamps_vectors_only_once_a_sample_proves_their_space(tiny_family
     (tmp_path / "short.txt").write_text("\n".join(names[:-1]))
     with pytest.raises(G.GalleryError, match=f"{len(names)} vectors but {len(names) - 1} ids"):
         G.import_gallery(store, tmp_path / "v.npy", gallery_images, tmp_path / "short", ids=tmp_path / "short.txt")
+
+
+def test_a_vectors_file_is_read_in_chunks_and_checked_to_its_last_row(tmp_path, monkeypatch):
+    """Rows and ids are read a chunk at a time (never the whole file): the rows come back in order, ids from
+    --ids line up with the rows of every format, and a fault in a late chunk is found and named by row or id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hetero.gallery import vectors as V
+
+    monkeypatch.setattr(V, "CHUNK_ROWS", 7)
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((30, 4)).astype(np.float32)
+    names = [f"img-{i:02d}.png" for i in range(30)]
+    np.save(tmp_path / "v.npy", matrix)
+    (tmp_path / "ids.txt").write_text("\ufeff" + "\r\n".join(names) + "\r\n\r\n")
+    pq.write_table(pa.table({"id": [f"other-{i}" for i in range(30)], "embedding": matrix.tolist()}),
+                   tmp_path / "v.parquet", row_group_size=4)  # batches that never line up with the chunks
+    for path in ("v.npy", "v.parquet"):
+        source = V.VectorsFile(tmp_path / path, tmp_path / "ids.txt")
+        chunks = list(source.chunks())
+        assert len(chunks) > 4 and all(len(ids) == len(rows) for ids, rows in chunks)
+        assert sum((ids for ids, _ in chunks), []) == names
+        np.testing.assert_array_equal(np.concatenate([rows for _, rows in chunks]), matrix)
+        listing, found = source.scan({"img-29.png", "absent.png"})
+        assert listing == hashlib.sha256("\n".join(names).encode()).hexdigest() and list(found) == ["img-29.png"]
+        np.testing.assert_array_equal(found["img-29.png"], matrix[29])
+
+    broken = matrix.copy()
+    broken[23, 2] = np.nan
+    np.save(tmp_path / "nan.npy", broken)
+    with pytest.raises(G.GalleryError, match=r"nan.npy: holds NaN or infinite values \(row 23\)"):
+        V.VectorsFile(tmp_path / "nan.npy", tmp_path / "ids.txt").scan()
+    (tmp_path / "repeated.txt").write_text("\n".join(names[:27] + ["img-03.png", "img-11.png", "img-29.png"]))
+    with pytest.raises(G.GalleryError, match=r"2 id\(s\) repeated \('img-03.png', 'img-11.png'\)"):
+        V.VectorsFile(tmp_path / "v.npy", tmp_path / "repeated.txt").scan()

@@ -110,6 +110,7 @@ def test_another_space_is_refused_before_any_query_or_image_is_read(backend, tin
 def test_a_resumed_build_duplicates_nothing(backend, tiny_family_dir, gallery_images, tmp_path,  # noqa: F811
                                             monkeypatch):
     uri, store = str(tmp_path / "g.db"), S(tiny_family_dir)
+    monkeypatch.setattr(gallery_db, "UPSERT_ROWS", 4)  # blocks of 4 images, each written in one upsert
     real, calls = store_class(backend).upsert, []
 
     def crash_on_third(self, ids, vectors):
@@ -318,3 +319,46 @@ def test_the_claim_of_a_builder_killed_on_this_host_is_stale_at_once(backend, ti
     db.close()
     assert gallery_db.build(S(tiny_family_dir), gallery_images, uri, "g", batch_size=8,
                             backend=backend)["already_there"] == 30
+
+
+def test_vectors_are_imported_into_a_collection_in_chunks_and_a_rerun_after_a_crash_duplicates_nothing(
+        backend, tiny_family_dir, gallery_images, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`gallery import --store`: the sample's proof first (a foreign file creates nothing), then upserts a chunk
+    at a time; killed after one chunk, the same command again leaves every row once, answering as FAISS does."""
+    from tests.test_gallery import _in_memory_embeddings
+
+    store = S(tiny_family_dir)
+    names, embeddings = _in_memory_embeddings(tiny_family_dir, gallery_images, 8)
+    np.save(tmp_path / "v.npy", embeddings.numpy())
+    np.save(tmp_path / "foreign.npy", embeddings.numpy()[:, ::-1].copy())
+    (tmp_path / "ids.txt").write_text("\n".join(names) + "\n")
+    uri = str(tmp_path / "g.db")
+
+    def import_(vectors: str) -> int:
+        return main(["gallery", "import", str(tiny_family_dir), "--vectors", str(tmp_path / vectors), "--ids",
+                     str(tmp_path / "ids.txt"), "--images", str(gallery_images), "--sample", "8", "--store", backend,
+                     "--uri", uri, "--collection", "g"])
+
+    assert import_("foreign.npy") == 2
+    assert "not in the space of" in " ".join(capsys.readouterr().out.split()) and not (tmp_path / "g.db").exists()
+    monkeypatch.setattr(gallery_db, "UPSERT_ROWS", 12)
+    real, calls = store_class(backend).upsert, []
+
+    def crash_on_second(self, ids, vectors):
+        if calls:
+            raise KeyboardInterrupt  # killed after one chunk was written
+        calls.append(len(ids))
+        return real(self, ids, vectors)
+
+    monkeypatch.setattr(store_class(backend), "upsert", crash_on_second)
+    assert import_("v.npy") == 130  # the CLI's exit on Ctrl-C
+    monkeypatch.setattr(store_class(backend), "upsert", real)
+    assert open_store(uri, "g", backend).count() == 12
+    assert import_("v.npy") == 0
+    assert "imported 30 vectors" in " ".join(capsys.readouterr().out.split())
+    db = open_store(uri, "g", backend)
+    assert db.count() == 30 and db.identity().space_id == store.space_id
+    G.build_gallery(store, gallery_images, tmp_path / "faiss", batch_size=8)
+    model = G.open_query_model(store, member="edge-a")
+    assert top_names(G.search_images(db, gallery_images, model, k=3)) == \
+        top_names(G.search_images(G.Gallery(tmp_path / "faiss"), gallery_images, model, k=3))

@@ -9,6 +9,7 @@ from hetero.cli.stages import open_family
 
 def cmd_gallery(args) -> int:
     from hetero import distributed, gallery
+    from hetero.gallery import GalleryError
 
     store = open_family(args.dir)
     if getattr(args, "json", None):
@@ -18,6 +19,8 @@ def cmd_gallery(args) -> int:
     if args.action in ("delete", "update", "adopt", "migrate") or getattr(args, "store", "faiss") != "faiss":
         return _gallery_db(args, store)
     if args.action == "import":
+        if not args.out:
+            raise GalleryError("gallery import --store faiss needs --out: the gallery directory to write")
         record = gallery.import_gallery(store, args.vectors, args.images, args.out, ids=args.ids, member=args.member,
                                         sample=args.sample, index=args.index, overwrite=args.overwrite)
         proof = record["proof"]
@@ -78,6 +81,15 @@ def _gallery_db(args, store) -> int:
                       f"({record['already_there']} already there, {len(record['skipped'])} unreadable skipped; "
                       f"{record['rows']} rows in all) in {record['seconds']:.1f} s, {record['rows_per_s']:.0f} rows/s"
                       + (f"; alias {escape(record['alias'])} now names it" if args.action == "migrate" else ""))
+    elif args.action == "import":
+        record = gallery_db.import_vectors(store, args.vectors, args.images, uri, args.collection, ids=args.ids,
+                                           member=args.member, sample=args.sample, overwrite=args.overwrite,
+                                           backend=backend)
+        proof = record["proof"]
+        console.print(f"imported {record['written']} vectors into {escape(uri)} collection "
+                      f"{escape(record['collection'])} ({record['rows']} rows in all) at {record['rows_per_s']:.0f} "
+                      f"rows/s: {proof['checked']} re-embedded images match their stored vectors (min cosine "
+                      f"{proof['min_cosine']:.6f}); stamped with space {record['space_id']}")
     elif args.action == "delete":
         removed, absent = gallery_db.delete(store, uri, args.collection, args.ids, backend)
         console.print(f"deleted {removed} of {len(args.ids)} row(s) from {escape(uri)} collection "

@@ -209,18 +209,19 @@ def _gallery_verbs(verbs) -> None:
     s.add_argument("--nprobe", type=count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=count(0), default=20, help="queries to print (default 20)")
     s.add_argument("--json", help="write every query's neighbours to this JSON file")
-    i = actions.add_parser("import", help="a FAISS gallery from vectors you already have, once a sample proves "
-                                          "their space")
+    i = actions.add_parser("import", help="a gallery (FAISS files or a collection) from vectors you already have, "
+                                          "once a sample proves their space")
     i.add_argument("dir", help="family directory (its cloud, or --member, re-embeds the sample)")
     i.add_argument("--vectors", required=True, help=".npy, .safetensors (tensor 'embeddings') or .parquet (columns "
                                                     "'id', 'embedding')")
     i.add_argument("--ids", help="item ids, one per line in row order (needed for .npy)")
     i.add_argument("--images", required=True, help="folder or .zip of the listed images, named as their ids")
-    i.add_argument("--out", required=True, help="gallery directory to write")
+    i.add_argument("--out", help="faiss (required): gallery directory to write")
     i.add_argument("--member", help="member that embedded the vectors (default: the cloud member)")
     i.add_argument("--sample", type=count(1), default=64, help="images to re-embed (default 64)")
     i.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto", help="as for build")
-    i.add_argument("--overwrite", action="store_true", help="replace what is in --out")
+    i.add_argument("--overwrite", action="store_true", help="replace what is in --out (or the collection)")
+    store_options(i)
     for name, help_, needs_images in (("update", "embed images again and replace their rows", True),
                                       ("migrate", "re-embed into a new collection, then move the alias", True),
                                       ("adopt", "stamp a collection another tool wrote, once a sample proves it", True),

@@ -4,15 +4,16 @@ gallery (`hetero gallery import`; a Milvus collection's `adopt` uses the same pr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hetero.family import FamilyStore, MemberRecord, writing
-from hetero.files import check_npy_size, check_output, sha256_file
+from hetero.files import (SAFETENSORS_DTYPES, RowFile, check_npy_size, check_output, safetensors_rows,
+                          sha256_file)
 from hetero.gallery.base import GalleryError, member_record
 from hetero.gallery.build import clear_gallery, finish_gallery, plan_fingerprint, write_shard
 from hetero.gallery.images import ImageFiles, embed_batches, in_batches, list_images
@@ -21,96 +22,232 @@ COSINE_TO_ACCEPT = 0.999  # a stored vector and our re-embedding of its image: t
 VECTOR_SUFFIXES = (".npy", ".safetensors", ".parquet")
 
 
-def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[str], np.ndarray]:
-    """(item ids, float32 vectors) from .npy (ids from --ids, one per line), .safetensors (the one 2-D tensor, or
-    "embeddings"; ids from --ids or its metadata "ids") or .parquet (columns "id" and "embedding")."""
-    path = Path(path)
-    if not path.is_file():
-        raise GalleryError(f"--vectors {path}: no such file")
-    suffix = path.suffix.lower()
-    stated: list[str] | None = None
-    try:
-        if suffix == ".npy":
-            with open(path, "rb") as handle:
-                check_npy_size(handle, path.stat().st_size)
-                handle.seek(0)
-                vectors = np.load(handle, allow_pickle=False)
-        elif suffix == ".safetensors":
-            from safetensors import safe_open
+CHUNK_ROWS = 65_536  # rows read at a time: 32 MiB of 128-d float32, whatever the file's size
 
-            with safe_open(str(path), framework="np") as handle:
-                keys = list(handle.keys())
-                key = "embeddings" if "embeddings" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise GalleryError(f"--vectors {path}: holds tensors {keys}; name the vectors 'embeddings'")
-                vectors = handle.get_tensor(key)
-                meta = handle.metadata() or {}
-            stated = _item_ids(json.loads(meta["ids"]), path) if "ids" in meta else None
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            missing = [c for c in ("id", "embedding") if c not in table.column_names]
-            if missing:
-                raise GalleryError(f"--vectors {path}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
-                                   f"a parquet gallery needs 'id' and 'embedding'")
-            stated = _item_ids(table.column("id").to_pylist(), path)
-            vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+class VectorsFile:
+    """A vectors file read a chunk of rows at a time, never whole, so that importing 10M rows takes the memory
+    of one chunk: .npy and .safetensors rows by positioned reads (hetero.files.RowFile), .parquet by record
+    batches.
+
+    The ids come from --ids (one per line, read as the rows are), the safetensors metadata "ids" (in the
+    file's header, so held whole) or the parquet "id" column (read with its rows).  Opening checks what the
+    file's header says (kind, shape, ids given); :meth:`scan` reads every row once and checks the values.
+    """
+
+    def __init__(self, path: str | Path, ids: str | Path | None = None):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise GalleryError(f"--vectors {path}: no such file")
+        self.suffix = suffix = path.suffix.lower()
+        self.ids_file = Path(ids) if ids is not None else None
+        self.stated: list[str] | None = None  # ids held in the file's header (safetensors)
+        try:
+            if suffix == ".npy":
+                shape, dtype = self._open_npy()
+            elif suffix == ".safetensors":
+                shape, dtype = self._open_safetensors()
+            elif suffix == ".parquet":
+                shape, dtype = self._open_parquet()
+            else:
+                raise GalleryError(f"--vectors {path}: cannot read {suffix!r} files; give {', '.join(VECTOR_SUFFIXES)}")
+        except GalleryError:
+            raise
+        except ImportError as err:
+            raise GalleryError(f"--vectors {path}: reading {suffix} needs {err.name} (pip install {err.name})"
+                               ) from None
+        except Exception as err:  # numpy, safetensors and pyarrow each raise their own kinds for a damaged file
+            raise GalleryError(f"--vectors {path}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+        if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
+            raise GalleryError(f"--vectors {path}: holds {dtype} of shape {shape}; a gallery is a 2-D float array "
+                               f"(items x dim)")
+        self.rows, self.dim = shape
+        if self.ids_file is not None:
+            self.id_count = sum(1 for _ in _ids_in(self.ids_file))
+        elif self.stated is not None:
+            self.id_count = len(self.stated)
+        elif suffix != ".parquet":
+            raise GalleryError(f"--vectors {path}: no item ids; give --ids FILE (one id per line, in row order)")
         else:
-            raise GalleryError(f"--vectors {path}: cannot read {suffix!r} files; give {', '.join(VECTOR_SUFFIXES)}")
-    except GalleryError:
-        raise
-    except ImportError as err:
-        raise GalleryError(f"--vectors {path}: reading {suffix} needs {err.name} (pip install {err.name})") from None
-    except Exception as err:  # numpy, safetensors and pyarrow each raise their own kinds for a damaged file
-        raise GalleryError(f"--vectors {path}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
-    if ids is not None:
-        stated = _read_ids(Path(ids))
-    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-        raise GalleryError(f"--vectors {path}: holds {vectors.dtype} of shape {vectors.shape}; a gallery is a 2-D "
-                           f"float array (items x dim)")
-    if stated is None:
-        raise GalleryError(f"--vectors {path}: no item ids; give --ids FILE (one id per line, in row order)")
-    if len(stated) != len(vectors) or len(set(stated)) != len(stated):
-        raise GalleryError(f"--vectors {path}: {len(vectors)} vectors but {len(stated)} ids "
-                           f"({len(stated) - len(set(stated))} repeated); every row needs its own id")
-    if not np.isfinite(vectors).all():
-        raise GalleryError(f"--vectors {path}: holds NaN or infinite values (row {int(np.argwhere(~np.isfinite(vectors))[0][0])})")
-    return stated, vectors.astype(np.float32)
+            self.id_count = self.rows
+        if self.id_count != self.rows:
+            raise GalleryError(f"--vectors {path}: {self.rows} vectors but {self.id_count} ids; every row needs its "
+                               f"own id")
+
+    def _open_npy(self):
+        with open(self.path, "rb") as handle:
+            shape, fortran_order, dtype = check_npy_size(handle, self.path.stat().st_size)
+            offset = handle.tell()
+        if len(shape) == 2 and np.issubdtype(dtype, np.floating):
+            self._rows = (RowFile(self.path, offset, dtype, shape) if not fortran_order  # rows lie apart otherwise:
+                          else np.load(self.path, mmap_mode="r", allow_pickle=False))  # mapped, slower and larger
+        return shape, dtype
+
+    def _open_safetensors(self):
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="np") as handle:
+            keys = list(handle.keys())
+            key = "embeddings" if "embeddings" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise GalleryError(f"--vectors {self.path}: holds tensors {keys}; name the vectors 'embeddings'")
+            part = handle.get_slice(key)
+            shape, stored = tuple(part.get_shape()), part.get_dtype()
+            meta = handle.metadata() or {}
+        if stored not in SAFETENSORS_DTYPES:
+            raise GalleryError(f"--vectors {self.path}: holds {stored} values; a gallery is float16, float32 or "
+                               f"float64")
+        self._rows = safetensors_rows(self.path)[key]
+        if "ids" in meta and self.ids_file is None:
+            self.stated = _item_ids(json.loads(meta["ids"]), self.path)
+        return shape, np.dtype(SAFETENSORS_DTYPES[stored])
+
+    def _open_parquet(self):
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(self.path)
+        missing = [c for c in ("id", "embedding") if c not in schema.names]
+        if missing:
+            raise GalleryError(f"--vectors {self.path}: no column {missing[0]!r} (columns: {', '.join(schema.names)}); "
+                               f"a parquet gallery needs 'id' and 'embedding'")
+        rows = pq.ParquetFile(self.path).metadata.num_rows
+        first = next(self._parquet_batches(1), None)
+        dim = first[1].shape[1] if first is not None else 0
+        return (rows, dim), np.dtype(np.float32)
+
+    def _parquet_batches(self, size: int):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        columns = ["embedding"] if self.ids_file is not None else ["id", "embedding"]
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=size, columns=columns):
+            column = batch.column("embedding")
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            values = column.flatten()
+            if column.null_count or values.null_count or len(set(lengths.tolist())) > 1:
+                raise ValueError("column 'embedding' holds missing values or lists of different lengths")
+            dim = int(lengths[0]) if len(lengths) else 0
+            matrix = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(batch), dim)
+            ids = None if self.ids_file is not None else batch.column("id").to_pylist()
+            yield ids, matrix
+
+    def _row_chunks(self, size: int):
+        """(ids stated in the file or None, float32 rows) in row order."""
+        if self.suffix in (".npy", ".safetensors"):
+            for begin in range(0, self.rows, size):
+                rows = (self._rows.read(begin, size) if isinstance(self._rows, RowFile)
+                        else self._rows[begin:begin + size])
+                yield None, np.asarray(rows, dtype=np.float32)
+        else:
+            yield from self._parquet_batches(size)
+
+    def chunks(self, size: int | None = None):
+        """(item ids, float32 rows) of consecutive rows, `size` (CHUNK_ROWS) at a time (parquet: up to that)."""
+        size = size or CHUNK_ROWS
+        ids_from_file = _ids_in(self.ids_file) if self.ids_file is not None else None
+        begin = 0
+        try:
+            for ids, matrix in self._row_chunks(size):
+                if ids_from_file is not None:
+                    ids = list(itertools.islice(ids_from_file, len(matrix)))
+                elif ids is None:
+                    ids = self.stated[begin:begin + len(matrix)]
+                else:
+                    ids = _item_ids(ids, self.path, first_row=begin)
+                yield ids, matrix
+                begin += len(matrix)
+        except GalleryError:
+            raise
+        except Exception as err:
+            raise GalleryError(f"--vectors {self.path}: cannot be read at row {begin} ({type(err).__name__}: "
+                               f"{str(err)[:200]})") from None
+
+    def scan(self, wanted: set[str] = frozenset()) -> tuple[str, dict[str, np.ndarray]]:
+        """Read every row once: refuse NaN or infinite values (by row) and repeated ids; return the sha256 of the
+        ids in row order (one per line) and the rows of the ids in `wanted`."""
+        listing, found, hashes, begin = hashlib.sha256(), {}, [], 0
+        for ids, matrix in self.chunks():
+            if not len(matrix):
+                continue
+            bad = ~np.isfinite(matrix)
+            if bad.any():
+                raise GalleryError(f"--vectors {self.path}: holds NaN or infinite values (row "
+                                   f"{begin + int(np.argwhere(bad)[0][0])})")
+            listing.update(("\n" if begin else "").encode() + "\n".join(ids).encode())
+            hashes.append(np.fromiter((hash(i) for i in ids), np.int64, len(ids)))
+            found.update((name, matrix[i].copy()) for i, name in enumerate(ids) if name in wanted)
+            begin += len(matrix)
+        repeated = self._repeated(np.concatenate(hashes) if hashes else np.zeros(0, np.int64))
+        if repeated:
+            raise GalleryError(f"--vectors {self.path}: {self.rows} vectors but {len(repeated)} id(s) repeated "
+                               f"({', '.join(map(repr, sorted(repeated)[:3]))}); every row needs its own id")
+        return listing.hexdigest(), found
+
+    def _repeated(self, hashes: np.ndarray) -> set[str]:
+        """The ids stated more than once: 8-byte hashes find the candidates in the memory of 8 bytes per row,
+        a second pass over the ids of those hashes only tells true repeats from collisions."""
+        ordered = np.sort(hashes)
+        same = ordered[1:][ordered[1:] == ordered[:-1]]
+        if not len(same):
+            return set()
+        suspects, seen, repeated = set(same.tolist()), set(), set()
+        for ids, _ in self.chunks():
+            for name in ids:
+                if hash(name) in suspects:
+                    (repeated if name in seen else seen).add(name)
+        return repeated
 
 
-def _item_ids(values, path: Path) -> list[str]:
+def read_vectors(path: str | Path, ids: str | Path | None = None) -> tuple[list[str], np.ndarray]:
+    """(item ids, float32 vectors) of a whole vectors file, checked (see :class:`VectorsFile`; an import reads
+    it in chunks instead)."""
+    vectors = VectorsFile(path, ids)
+    vectors.scan()
+    names, parts = [], []
+    for chunk_ids, matrix in vectors.chunks():
+        names += chunk_ids
+        parts.append(matrix)
+    return names, (np.concatenate(parts) if parts else np.zeros((0, vectors.dim), np.float32))
+
+
+def _item_ids(values, path: Path, first_row: int = 0) -> list[str]:
     """The ids a vectors file states, one per row (text or whole numbers); a missing or unusable one is
     refused by its row: the ids name the images that prove the space, and the rows a search answers with."""
     if not isinstance(values, list):
         raise GalleryError(f"--vectors {path}: its ids are {type(values).__name__}, not a list of one id per row")
     for row, value in enumerate(values):
         if value is None:
-            raise GalleryError(f"--vectors {path}: row {row} has no id (null); every row needs its own id")
+            raise GalleryError(f"--vectors {path}: row {first_row + row} has no id (null); every row needs its own id")
         try:
             usable = isinstance(value, (str, int)) and not isinstance(value, bool) and bool(str(value).encode())
         except UnicodeEncodeError:  # a lone surrogate, which JSON can spell
             usable = False
         if not usable:
-            raise GalleryError(f"--vectors {path}: row {row} has id {value!r}; ids are text or whole numbers")
+            raise GalleryError(f"--vectors {path}: row {first_row + row} has id {value!r}; ids are text or whole "
+                               f"numbers")
     return [str(v) for v in values]
 
 
-def _read_ids(path: Path) -> list[str]:
-    """--ids: one item id per line, UTF-8 text; blank lines are skipped."""
+def _ids_in(path: Path):
+    """--ids: one item id per line, UTF-8 text, blank lines skipped; read a line at a time."""
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "no such file"
         raise GalleryError(f"--ids {path}: {problem}; give a text file with one item id per line, in row order")
+    offset = 0
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            for raw in handle:
+                try:
+                    text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise GalleryError(f"--ids {path}: not UTF-8 text (byte {offset + err.start} is "
+                                       f"{raw[err.start:err.start + 1]!r}); save the ids as UTF-8") from None
+                offset += len(raw)
+                for line in text.splitlines():
+                    if line.strip():
+                        yield line.strip()
     except OSError as err:
         raise GalleryError(f"--ids {path}: cannot be read ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise GalleryError(f"--ids {path}: not UTF-8 text (byte {err.start} is {raw[err.start:err.start + 1]!r}); "
-                           f"save the ids as UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def prove_space(store: FamilyStore, entry: MemberRecord, stored: dict[str, np.ndarray], images: str | Path,
@@ -149,22 +286,34 @@ def prove_space(store: FamilyStore, entry: MemberRecord, stored: dict[str, np.nd
     return {"checked": len(names), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
 
 
+def proven_vectors(store: FamilyStore, vectors: str | Path, images: str | Path, *, ids: str | Path | None = None,
+                   member: str | None = None, sample: int = 64) -> tuple[MemberRecord, VectorsFile, str, dict]:
+    """Open a vectors file, read it once to check every row, and prove its space on a sample of the images:
+    (the member, the file, the sha256 of its ids in row order, the proof).  Only the images' own rows are kept
+    in memory, so a file of any size is checked in the memory of a chunk."""
+    entry = member_record(store, member)
+    source = VectorsFile(vectors, ids)
+    if source.dim != entry.dim:
+        raise GalleryError(f"--vectors {vectors}: {source.dim}-d vectors; member {entry.name!r} embeds into "
+                           f"{entry.dim} dimensions, so they cannot be its space")
+    listing, found = source.scan({e.name for e in list_images(images)})
+    return entry, source, listing, prove_space(store, entry, found, images, sample)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
 def import_gallery(store: FamilyStore, vectors: str | Path, images: str | Path, out: str | Path, *,
                    ids: str | Path | None = None, member: str | None = None, sample: int = 64, index: str = "auto",
                    overwrite: bool = False, shard_size: int = 4096) -> dict:
     """A gallery from vectors the user already has, stamped with the family's space id only after a sample
-    of the listed images, re-embedded by the member (the cloud by default), proves they are its vectors."""
+    of the listed images, re-embedded by the member (the cloud by default), proves they are its vectors.
+    The vectors are read a shard at a time; the FAISS index built at the end holds them all (as it must)."""
     out = check_output(out, "--out", folder=True)
-    entry = member_record(store, member)
-    names, matrix = read_vectors(vectors, ids)
-    if matrix.shape[1] != entry.dim:
-        raise GalleryError(f"--vectors {vectors}: {matrix.shape[1]}-d vectors; member {entry.name!r} embeds into "
-                           f"{entry.dim} dimensions, so they cannot be its space")
-    proof = prove_space(store, entry, dict(zip(names, matrix)), images, sample)
-    matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-    listing = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    entry, source, listing, proof = proven_vectors(store, vectors, images, ids=ids, member=member, sample=sample)
     plan = {"space_id": store.space_id, "member": entry.name, "dim": entry.dim, "imported": str(Path(vectors)),
-            "vectors_sha256": sha256_file(Path(vectors)), "images": len(names), "listing_sha256": listing,
+            "vectors_sha256": sha256_file(Path(vectors)), "images": source.rows, "listing_sha256": listing,
             "shard_size": shard_size}
     plan_id = plan_fingerprint(plan)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -173,11 +322,9 @@ def import_gallery(store: FamilyStore, vectors: str | Path, images: str | Path, 
         if overwrite:
             clear_gallery(out)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        shards = math.ceil(len(names) / shard_size)
-        for shard in range(shards):
-            rows = slice(shard * shard_size, (shard + 1) * shard_size)
-            write_shard(out, shard, plan, plan_id, torch.from_numpy(matrix[rows]), names[rows], [])
+        shards = 0
+        for names, matrix in source.chunks(shard_size):
+            write_shard(out, shards, plan, plan_id, torch.from_numpy(unit_rows(matrix)), names, [])
+            shards += 1
         record = finish_gallery(out, plan, plan_id, shards, index, str(Path(vectors)), 0.0)
     return {**record, "proof": proof}
-
-
