@@ -10,9 +10,9 @@ cloud's answers instead of running the cloud.  A directory holds::
     shards/shard-00000.safetensors      "params" [n, K, 14], "view" [n, K, D], "matching" [n, K, D]
 
 Shards are written atomically one by one and a build resumes after the last finished one.  A cache made by
-another cloud (or for other images, views or augmentation) is refused: its plan differs.  Training maps the
-shards into memory (read-only memory maps, paged in by the OS as rows are read), so a cache of millions of
-images costs address space, not resident memory.
+another cloud (or for other images, views or augmentation) is refused: its plan differs.  Training reads
+the rows it needs from the shards with positioned reads (hetero.files.RowFile), so a cache of millions of
+images costs disk, not resident memory.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from hetero.augment import AFFINE, augment
 from hetero.errors import ManifestError, TrainingError
-from hetero.files import atomic_write_json, check_output, resolve_inside
+from hetero.files import RowFile, atomic_write_json, check_output, resolve_inside, safetensors_rows
 
 PLAN = "cache.json"
 FORMAT = "hetero-teacher-cache/1"
@@ -95,7 +94,7 @@ class TeacherCache:
     def __init__(self, root: Path, plan: dict):
         self.root, self.plan = Path(root), plan
         self.views = plan["views"]
-        self._shards: dict[int, dict[str, np.ndarray]] = {}
+        self._shards: dict[int, dict[str, RowFile]] = {}
 
     def __getstate__(self):  # a loader worker maps the shards it reads itself
         return {**self.__dict__, "_shards": {}}
@@ -218,21 +217,10 @@ class TeacherCache:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise ManifestError(f"{path}: missing; build the teacher cache first")
-            self._shards[shard] = map_safetensors(path)  # checked when the cache was opened
+            self._shards[shard] = safetensors_rows(path)  # checked when the cache was opened
         arrays, offset = self._shards[shard], image - shard * SHARD_IMAGES
-        return tuple(torch.from_numpy(np.array(arrays[name][offset, view])) for name in ("params", "view", "matching"))
-
-
-def map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The float32 tensors of a safetensors file as read-only memory maps (its header gives each tensor's place
-    in the file: an 8-byte length, the JSON header, then the data), so reading a row pages in that row only."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    start = 8 + length
-    return {name: np.memmap(path, dtype="<f4", mode="r", offset=start + info["data_offsets"][0],
-                            shape=tuple(info["shape"]))
-            for name, info in header.items() if name != "__metadata__"}
+        return tuple(torch.from_numpy(arrays[name].read(offset, 1)[0, view])
+                     for name in ("params", "view", "matching"))
 
 
 class CachedViews(torch.utils.data.Dataset):
