@@ -159,15 +159,17 @@ class LanceStore(DatabaseStore):
             self._call("deleting rows", self.table().delete, f"{primary} IN ({chunk})")
 
     def flush(self) -> None:
-        """Index what was written: exact search up to FLAT_MAX_ROWS rows, IVF-Flat above (nlist ~ sqrt(rows),
-        as for FAISS files), rebuilt when the rows have grown since the index was made."""
+        """Compact the table (each upsert wrote a small file of its own) and index it: exact search up to
+        FLAT_MAX_ROWS rows, IVF-Flat above, trained as FAISS files are (nlist ~ sqrt(rows), 64 training vectors
+        per list, 10 k-means iterations; LanceDB's defaults, 256 and 50, took 1.8x as long on 400k rows)."""
+        self._call("compacting it", self.table().optimize)  # older versions are kept (their readers may be on them)
         rows = self.count()
         if rows <= FLAT_MAX_ROWS:
             return
         _, vector, _ = self.fields()
         lists = max(1, 2 ** round(math.log2(math.sqrt(rows))))
         self._call("indexing it", self.table().create_index, metric="dot", num_partitions=lists,
-                   vector_column_name=vector, index_type="IVF_FLAT", replace=True)
+                   vector_column_name=vector, index_type="IVF_FLAT", replace=True, sample_rate=64, max_iterations=10)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> list[list[tuple[str, float]]]:
         """Per query, (id, score) of its k nearest rows, best first (`nprobe`: IVF lists to visit)."""
