@@ -13,6 +13,7 @@ run on the existing collection, with no re-index.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,7 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
     db = open_store(uri, collection, backend, create=not replace)  # an update needs the database it updates
     _prepare(db, identity, overwrite, len(entries))
     started, written, skipped, kept = time.perf_counter(), 0, [], 0
-    db.claim()
-    try:
+    with one_writer(db):
         bar = tqdm(total=len(entries), desc=f"writing {collection}", unit="img", disable=not progress, leave=False)
         for begin in range(0, len(entries), UPSERT_ROWS):  # resume: ask the store per block, write it in one go
             block = entries[begin:begin + UPSERT_ROWS]
@@ -96,14 +96,22 @@ def build(store: FamilyStore, images: str | Path, uri: str, collection: str = "g
             bar.update(len(block) - len(todo))
             db.claim()  # renew: a claim not renewed for LEASE_SECONDS is another builder's to take
         bar.close()
-        db.flush()
-    finally:
-        db.release()
     seconds = time.perf_counter() - started
     return {"uri": uri, "collection": collection, "space_id": identity.space_id, "member": entry.name,
             "images": len(entries), "written": written, "already_there": kept, "skipped": skipped,
             "rows": db.count(), "seconds": round(seconds, 2),
             "rows_per_s": round(written / seconds, 1) if seconds else 0}
+
+
+@contextmanager
+def one_writer(db):
+    """Claim the collection as its one writer, flush (index) what was written, and always give the claim back."""
+    db.claim()
+    try:
+        yield
+        db.flush()
+    finally:
+        db.release()
 
 
 def _prepare(db, identity: Identity, overwrite: bool, rows_hint: int) -> None:
@@ -179,15 +187,11 @@ def import_vectors(store: FamilyStore, vectors: str | Path, images: str | Path, 
     db = open_store(uri, collection, backend, create=True)
     _prepare(db, identity_of(store, entry), overwrite, source.rows)
     started, written = time.perf_counter(), 0
-    db.claim()
-    try:
+    with one_writer(db):
         for names, matrix in source.chunks(UPSERT_ROWS):
             db.upsert(names, unit_rows(matrix))
             written += len(names)
             db.claim()
-        db.flush()
-    finally:
-        db.release()
     seconds = time.perf_counter() - started
     return {"uri": uri, "collection": collection, "space_id": store.space_id, "member": entry.name,
             "written": written, "rows": db.count(), "seconds": round(seconds, 2),
