@@ -296,7 +296,13 @@ def proven_vectors(store: FamilyStore, vectors: str | Path, images: str | Path, 
     if source.dim != entry.dim:
         raise GalleryError(f"--vectors {vectors}: {source.dim}-d vectors; member {entry.name!r} embeds into "
                            f"{entry.dim} dimensions, so they cannot be its space")
-    listing, found = source.scan({e.name for e in list_images(images)})
+    try:
+        listed, unlisted = {e.name for e in list_images(images)}, None
+    except GalleryError as err:  # the vectors file's own faults are said first: they are found without images
+        listed, unlisted = set(), err
+    listing, found = source.scan(listed)
+    if unlisted is not None:
+        raise unlisted
     return entry, source, listing, prove_space(store, entry, found, images, sample)
 
 
