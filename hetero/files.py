@@ -257,14 +257,15 @@ SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
 
 def safetensors_rows(path: str | Path) -> dict[str, RowFile]:
     """The float tensors of a safetensors file as RowFiles (its layout: an 8-byte header length, the JSON header
-    giving each tensor's dtype, shape and byte range, then the data); tensors of other dtypes are left out."""
+    giving each tensor's dtype, shape and byte range, then the data); scalars and other dtypes are left out."""
     path = Path(path)
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(length))
     start = 8 + length
     return {name: RowFile(path, start + info["data_offsets"][0], SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
-            for name, info in header.items() if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES}
+            for name, info in header.items()
+            if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES and info["shape"]}  # no 0-d: no rows
 
 
 # ------------------------------------------------------------------------------------------------- locks
