@@ -217,13 +217,13 @@ class RowFile:
 
         import numpy as np
 
+        self._fd = None  # first: __del__ runs even when a check below refuses the file
         self.path, self.offset, self.dtype, self.shape = Path(path), offset, np.dtype(dtype), tuple(shape)
         self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
         end, size = offset + self.shape[0] * self.row_bytes, self.path.stat().st_size
         if end > size:
             raise ValueError(f"its header places {self.shape} of {self.dtype} at bytes {offset:,}-{end:,}, past the "
                              f"end of the file ({size:,} bytes)")
-        self._fd = None
 
     def __getstate__(self):  # a data loader worker opens the file itself
         return {**self.__dict__, "_fd": None}
