@@ -362,3 +362,62 @@ def test_vectors_are_imported_into_a_collection_in_chunks_and_a_rerun_after_a_cr
     model = G.open_query_model(store, member="edge-a")
     assert top_names(G.search_images(db, gallery_images, model, k=3)) == \
         top_names(G.search_images(G.Gallery(tmp_path / "faiss"), gallery_images, model, k=3))
+
+
+@pytest.mark.skipif(not LANCE, reason="LanceDB needs lancedb")
+def test_lance_appends_new_ids_merges_known_ones_and_sees_another_writers_rows(tmp_path, monkeypatch):
+    from lancedb.table import LanceTable
+
+    from hetero.gallery.lance import KeyDigest, LanceStore
+    from hetero.gallery.stores import Identity
+
+    def unit(n: int, seed: int) -> np.ndarray:
+        rows = np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def table_rows(store) -> dict[str, np.ndarray]:
+        rows = store.table().to_arrow()
+        return dict(zip(rows["id"].to_pylist(), np.asarray(rows["vector"].to_pylist(), np.float32)))
+
+    merges, real_merge = [], LanceTable.merge_insert
+    monkeypatch.setattr(LanceTable, "merge_insert", lambda self, key: merges.append(key) or real_merge(self, key))
+    first = LanceStore(str(tmp_path / "db"), "t", create=True)
+    first.create(Identity("hs-digest", "f", "cloud", 4))
+    first.upsert([f"a{i}" for i in range(10)], unit(10, 0))
+    assert merges == []  # a fresh table is appended to: a merge would join every write with every key
+
+    other = LanceStore(str(tmp_path / "db"), "t")  # another writer moves the table on
+    other.upsert(["a0", "b0"], unit(2, 1))
+    update = unit(3, 2)
+    first.upsert(["a0", "b0", "c0"], update)  # first's digest must see b0, or b0 would be appended twice
+    assert merges == ["id", "id"]  # one merge per write, of the ids the table may hold
+    rows = table_rows(first)
+    assert len(first.table().to_arrow()) == len(rows) == 12
+    for name, vector in zip(["a0", "b0", "c0"], update):
+        np.testing.assert_allclose(rows[name], vector, atol=1e-6)
+    assert first.present(["a3", "b0", "c0", "zz"]) == {"a3", "b0", "c0"}
+
+    monkeypatch.setattr(KeyDigest, "of", staticmethod(lambda ids: np.zeros(len(ids), np.int64)))
+    colliding = LanceStore(str(tmp_path / "db"), "t")  # every id's hash is every other's: all go the exact way
+    colliding.upsert(["a1", "d0"], unit(2, 3))
+    assert len(colliding.table().to_arrow()) == len(table_rows(colliding)) == 13
+    assert colliding.present(["a1", "d0", "zz"]) == {"a1", "d0"}
+
+
+@pytest.mark.skipif(not LANCE, reason="LanceDB needs lancedb")
+def test_a_lance_table_past_the_exact_search_size_is_indexed_and_still_finds_every_row(tmp_path, monkeypatch):
+    from hetero.gallery import lance
+    from hetero.gallery.stores import Identity
+
+    monkeypatch.setattr(lance, "FLAT_MAX_ROWS", 100)
+    rows = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    ids = [f"img-{i:03d}" for i in range(len(rows))]
+    store = lance.LanceStore(str(tmp_path / "db"), "t", create=True)
+    store.create(Identity("hs-index", "f", "cloud", 8))
+    store.upsert(ids, rows)
+    store.flush()
+    indices = store.table().list_indices()
+    assert [(index.index_type, index.columns) for index in indices] == [("IvfFlat", ["vector"])]
+    found = store.search(rows[:50], k=1)  # 32 lists probed of the 16 that 400 rows get: every list is seen
+    assert [hits[0][0] for hits in found] == ids[:50]

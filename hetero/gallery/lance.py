@@ -3,10 +3,12 @@ disk or in object storage), with the same contract as a Milvus collection.
 
 A table holds one row per image (`id`, `vector`); its embedding space (space id, family, member, dimension,
 metric) is the metadata of its vector column, so a query from another space is refused before any search,
-whoever wrote the table.  Rows are upserted by id (a merge on the key, committed as one version), so a
-resumed ingestion never duplicates.  LanceDB has no aliases: a one-row-per-alias table (`_aliases`) names
-the table each alias serves (looked up before a table of that name), and moving an alias is one committed
-merge, so a search sees the old table or the new one, never a half-built one.
+whoever wrote the table.  Rows are upserted by id, so a resumed ingestion never duplicates: ids the table may
+hold go through a merge on the key, the others are appended (a merge joins the batch with every key in the
+table, so a build by merges alone slows and grows with the table; see `KeyDigest`).  LanceDB has no aliases:
+a one-row-per-alias table (`_aliases`) names the table each alias serves (looked up before a table of that
+name), and moving an alias is one committed merge, so a search sees the old table or the new one, never a
+half-built one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,34 @@ from hetero.gallery.stores import (FLAT_MAX_ROWS, ID, IVF_NPROBE, MAX_ID_LENGTH,
                                    Identity, StoreError, new_claim)
 
 ALIASES = "_aliases"  # alias -> table: LanceDB has no aliases of its own
+DIGEST_RUNS = 32  # sorted runs of fresh hashes a KeyDigest keeps before it merges them
+
+
+class KeyDigest:
+    """8-byte hashes of the ids a table holds, read from it once (8 bytes a row, never the ids themselves), then
+    kept up to date with this process's own writes.  A hash is in the digest when its id may be in the table:
+    deleted rows and hash collisions only send an id the slow, exact way, so the digest may hold too much but
+    never too little; the store rereads it when the table moved on by another writer's commit."""
+
+    def __init__(self, hashes: np.ndarray, version: int):
+        self.runs, self.version = [np.sort(hashes)], version
+
+    @staticmethod
+    def of(ids: list[str]) -> np.ndarray:
+        return np.fromiter((hash(i) for i in ids), np.int64, len(ids))
+
+    def may_hold(self, ids: list[str]) -> np.ndarray:
+        wanted = self.of(ids)
+        found = np.zeros(len(ids), bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, wanted), max(len(run) - 1, 0))
+            found |= run[at] == wanted if len(run) else False
+        return found
+
+    def add(self, ids: list[str]) -> None:
+        self.runs.append(np.sort(self.of(ids)))
+        if len(self.runs) > DIGEST_RUNS:  # merge: a search per run per write would grow with the ingestion
+            self.runs = [np.sort(np.concatenate(self.runs))]
 
 
 class LanceStore(DatabaseStore):
@@ -40,7 +70,7 @@ class LanceStore(DatabaseStore):
         except ImportError:
             raise StoreError("galleries in LanceDB need lancedb: pip install lancedb") from None
         self.db = self._call("opening the database", lancedb.connect, self.uri)
-        self._table = None
+        self._table, self._digest = None, None
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -86,6 +116,7 @@ class LanceStore(DatabaseStore):
         schema = pa.schema([pa.field(ID, pa.string()),
                             pa.field(VECTOR, pa.list_(pa.float32(), identity.dim), metadata=identity.properties())])
         self._table = self._call("creating it", self.db.create_table, self.collection, schema=schema)
+        self._digest = None
 
     def _set_properties(self, what: str, values: dict) -> None:
         _, vector, _ = self.fields()
@@ -96,7 +127,7 @@ class LanceStore(DatabaseStore):
 
     def drop(self) -> None:
         self._call("dropping it", self.db.drop_table, self.collection)
-        self._table = None
+        self._table, self._digest = None, None
 
     def fields(self) -> tuple[str, str, int]:
         """(id field, vector field, dimension): hetero's, or another tool's (its one string column and its one
@@ -127,9 +158,24 @@ class LanceStore(DatabaseStore):
         return found
 
     def present(self, ids: list[str]) -> set[str]:
-        """Which of `ids` the table already holds (a resumed build skips them)."""
+        """Which of `ids` the table already holds (a resumed build skips them); only those the digest may hold
+        are looked up."""
         primary, _, _ = self.fields()
-        return {name for rows in self._rows(list(ids), [primary]) for name in rows[primary].to_pylist()}
+        ids = list(ids)
+        maybe = [name for name, hit in zip(ids, self.digest().may_hold(ids)) if hit] if ids else []
+        return {name for rows in self._rows(maybe, [primary]) for name in rows[primary].to_pylist()}
+
+    def digest(self) -> KeyDigest:
+        """The table's KeyDigest: read in batches of ids on first use, and again once another writer commits."""
+        table = self.table()
+        self._call("reading its version", table.checkout_latest)
+        if self._digest is None or self._digest.version != table.version:
+            primary, _, _ = self.fields()
+            reader = self._call("reading its ids", lambda: table.search().select([primary]).limit(None)
+                                .to_batches(65_536))
+            hashes = [KeyDigest.of(batch.column(primary).to_pylist()) for batch in reader]
+            self._digest = KeyDigest(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), table.version)
+        return self._digest
 
     def vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
         primary, vector, _ = self.fields()
@@ -146,11 +192,22 @@ class LanceStore(DatabaseStore):
         if long:
             raise StoreError(f"image name {long[0][:80]!r}... is longer than {MAX_ID_LENGTH} bytes, the key limit")
         primary, vector, dim = self.fields()
-        values = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)
-        rows = pa.table({primary: pa.array(list(ids), pa.string()),
-                         vector: pa.FixedSizeListArray.from_arrays(pa.array(values), dim)})
-        self._call("writing rows", lambda: self.table().merge_insert(primary).when_matched_update_all()
-                   .when_not_matched_insert_all().execute(rows.cast(self.table().schema)))
+        ids, digest = list(ids), self.digest()
+        values = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), dim)
+        maybe = digest.may_hold(ids)
+        for part in (maybe, ~maybe):  # two commits at most, each whole or absent after a crash
+            if not part.any():
+                continue
+            rows = pa.table({primary: pa.array([i for i, keep in zip(ids, part) if keep], pa.string()),
+                             vector: pa.FixedSizeListArray.from_arrays(pa.array(values[part].reshape(-1)), dim)})
+            rows = rows.cast(self.table().schema)
+            if part is maybe:
+                self._call("writing rows", lambda: self.table().merge_insert(primary).when_matched_update_all()
+                           .when_not_matched_insert_all().execute(rows))
+            else:
+                self._call("writing rows", self.table().add, rows)
+        digest.add(ids)
+        digest.version = self.table().version
 
     def delete(self, ids: list[str]) -> None:
         primary, _, _ = self.fields()
@@ -162,14 +219,16 @@ class LanceStore(DatabaseStore):
         """Compact the table (each upsert wrote a small file of its own) and index it: exact search up to
         FLAT_MAX_ROWS rows, IVF-Flat above, trained as FAISS files are (nlist ~ sqrt(rows), 64 training vectors
         per list, 10 k-means iterations; LanceDB's defaults, 256 and 50, took 1.8x as long on 400k rows)."""
+        from lancedb.index import IvfFlat
+
         self._call("compacting it", self.table().optimize)  # older versions are kept (their readers may be on them)
         rows = self.count()
         if rows <= FLAT_MAX_ROWS:
             return
         _, vector, _ = self.fields()
         lists = max(1, 2 ** round(math.log2(math.sqrt(rows))))
-        self._call("indexing it", self.table().create_index, metric="dot", num_partitions=lists,
-                   vector_column_name=vector, index_type="IVF_FLAT", replace=True, sample_rate=64, max_iterations=10)
+        config = IvfFlat(distance_type="dot", num_partitions=lists, sample_rate=64, max_iterations=10)
+        self._call("indexing it", self.table().create_index, vector, config=config, replace=True)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> list[list[tuple[str, float]]]:
         """Per query, (id, score) of its k nearest rows, best first (`nprobe`: IVF lists to visit)."""
@@ -215,7 +274,7 @@ class LanceStore(DatabaseStore):
                    .when_matched_update_all().when_not_matched_insert_all().execute(row))
 
     def close(self) -> None:
-        self._table = None
+        self._table, self._digest = None, None
 
 
 def _quote(text: str) -> str:
