@@ -387,3 +387,16 @@ def test_yaml_switch_words_are_read_as_written(tmp_path, key, written, read):
     text = yaml.safe_dump(tiny_config()).replace("train:\n", f"train:\n  {key}: {written}\n", 1)
     config = load_config(write(tmp_path / "c.yaml", text))
     assert getattr(config.train, key) == read
+
+
+def test_ctrl_c_exits_130_and_says_how_each_kind_of_run_goes_on(monkeypatch, capsys):
+    import hetero.cli.parser as parser
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parser, "cmd_gallery", interrupted)
+    assert main(["gallery", "build", "fam", "--images", "imgs", "--store", "lance"]) == 130
+    out, _ = said(capsys)
+    assert "nothing half-written was kept" in out and "--resume" in out
+    assert "a gallery build (or an import into a database) keeps the rows it wrote" in out

@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"error: {err}", style="bold red", markup=False, highlight=False)
             return 2
         except KeyboardInterrupt:
-            console.print("interrupted; nothing half-written was kept (finished training epochs are checkpointed: "
-                          "use --resume)", style="yellow")
+            console.print("interrupted; nothing half-written was kept. To go on, run the command again: a training "
+                          "with --resume starts from its last finished epoch, a gallery build (or an import into a "
+                          "database) keeps the rows it wrote and skips them", style="yellow")
             return 130
 
 
