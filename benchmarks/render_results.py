@@ -207,6 +207,49 @@ def seeds_section(folder: Path) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------- galleries at scale
+
+
+def growth_section(found: list[dict]) -> list[str]:
+    """scale_memory: each stage's peak RSS per size, and how much the largest size's peak exceeds the
+    smallest's, per machine (the goal is flat within 20%)."""
+    full = sorted((r for r in found if not r.get("quick")), key=lambda r: (machine(r), r.get("rows", 0)))
+    machines = sorted({machine(r) for r in full})
+    out = []
+    for where in machines:
+        sized = [r for r in full if machine(r) == where]
+        stages = [s for s in sized[0]["figures"] if all(s in r["figures"] for r in sized)]
+        rows = []
+        for stage in stages:
+            peaks = [r["figures"][stage]["peak_rss_mib"] for r in sized]
+            growth = f"{(peaks[-1] / peaks[0] - 1) * 100:+.0f}%" if len(peaks) > 1 else "-"
+            rows.append([cell(stage), *[f"{peak:,.0f}" for peak in peaks], growth])
+        out += [f"Peak RSS (MiB) of each stage, a process of its own, on {where}:\n",
+                table(["stage", *[f"{r.get('rows', 0):,} rows" for r in sized], "largest vs smallest"], rows)]
+    return out
+
+
+def stores_section(found: list[dict]) -> list[str]:
+    """vector_store: the stores side by side, one row per size and store, as measured in one run."""
+    rows = []
+    for record in sorted((r for r in found if not r.get("quick")), key=lambda r: (machine(r), r.get("rows", 0))):
+        for store, f in record["figures"].items():
+            rows.append([f"{record.get('rows', 0):,}", cell(store), f"{f['ingest_rows_per_s']:,.0f} "
+                         f"({f['write_rows_per_s']:,.0f})", f"{f['batch1_p50_ms']:.2f}",
+                         f"{f['batch100_p50_ms']:.1f}", f"{f['recall_at_1']:.3f}",
+                         f"{f['batch1_p50_vs_faiss']:.1f}x, {f['batch100_p50_vs_faiss']:.1f}x", machine(record)])
+    if not rows:
+        return []
+    return ["Each size measured in one run, every store on the same rows and queries: ingestion end to end "
+            "(written and indexed) and, in brackets, the writes alone; p50 latency at batch 1 and batch 100; "
+            "recall@1 against exact search; p50 over FAISS's.\n",
+            table(["rows", "store", "ingest rows/s (writes)", "batch-1 p50 ms", "batch-100 p50 ms", "recall@1",
+                   "p50 vs FAISS (b1, b100)", "machine"], rows)]
+
+
+SECTIONS = {"scale_memory": growth_section, "vector_store": stores_section}
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 
 
@@ -227,6 +270,8 @@ def render_page(found: dict[str, list[dict]], folder: Path) -> str:
         out.append(f"## {bench}\n")
         if bench == HEADLINE:
             out += seeds_section(folder)
+        elif bench in SECTIONS:
+            out += SECTIONS[bench](rows)
         if rows:
             out += [f"Records ({len(rows)}):\n", records_table(rows)]
     waiting = [script.name for script in records.benchmark_scripts() if script.stem not in found]

@@ -168,3 +168,23 @@ def test_runtime_latency_records_each_member_with_its_recipe(results):
             if len(cells) == 6 and cells[0] == member and cells[1] in runtimes:
                 assert _same(cells[2], runtimes[cells[1]]["batch1_ms"])
                 assert _same(cells[3], runtimes[cells[1]]["batch32_images_per_s"])
+
+
+def test_the_results_page_says_how_much_each_stage_grew_and_sets_the_stores_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv(records.ENV, str(tmp_path / "results"))
+    for rows, ingest in ((1_000_000, 1500.0), (10_000_000, 1800.0)):
+        records.write("scale_memory", f"m-{rows}rows-d128", {"ingest": {"peak_rss_mib": ingest, "rows_per_s": 9.0},
+                                                            "teacher-cache": {"peak_rss_mib": 900.0}},
+                      wall_s=1.0, rows=rows, dim=128, argv=["benchmarks/scale_memory.py"])
+    store = {"ingest_rows_per_s": 40_000.0, "write_rows_per_s": 120_000.0, "batch1_p50_ms": 8.0,
+             "batch100_p50_ms": 140.0, "recall_at_1": 0.982, "batch1_p50_vs_faiss": 5.0, "batch100_p50_vs_faiss": 1.25}
+    records.write("vector_store", "m-1000000rows-d128", {"lancedb ivf nprobe 32": store}, wall_s=1.0,
+                  rows=1_000_000, argv=["benchmarks/vector_store.py"])
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{render_results.BEGIN}\n{render_results.END}\n")
+    assert render_results.main(["--results", str(tmp_path / "results"), "--page", str(page),
+                                "--readme", str(readme)]) == 0
+    lines = page.read_text().splitlines()
+    assert "| ingest | 1,500 | 1,800 | +20% |" in lines and "| teacher-cache | 900 | 900 | +0% |" in lines
+    row = next(line for line in lines if line.startswith("| 1,000,000 | lancedb ivf nprobe 32 |"))
+    assert "| 40,000 (120,000) | 8.00 | 140.0 | 0.982 | 5.0x, 1.2x |" in row
