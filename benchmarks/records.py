@@ -74,14 +74,16 @@ def relative(path: str | Path | None) -> str | None:
 
 
 def commit() -> dict:
-    """The checkout's commit and whether tracked files differ from it (a record of a dirty tree says so)."""
+    """The checkout's commit and whether tracked files differ from it (a record of a dirty tree says so); the
+    records folder is left out: a record an earlier cell of the same run wrote changes no code."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
 
 
 def cpu_flags() -> set[str]:
