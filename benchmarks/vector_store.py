@@ -2,6 +2,8 @@
 
     python benchmarks/vector_store.py                      # 100k and 1M synthetic unit vectors, d=128
     python benchmarks/vector_store.py --quick              # 10k and 100k (a few minutes on 2 cores)
+    python benchmarks/vector_store.py --stores faiss milvus-server --milvus-uri http://127.0.0.1:19530
+                                                           # a Milvus server (standalone) on loopback
 
 Per size, both stores get the same synthetic gallery (clustered unit vectors, as benchmarks/gallery_search.py
 makes them) and the same queries (other "photos" of gallery items):
@@ -78,14 +80,20 @@ def faiss_store(gallery: np.ndarray):
         f"faiss {kind}" + (f" nprobe {params['nprobe']}" if "nprobe" in params else "")
 
 
-def database_store(backend: str, gallery: np.ndarray, work: Path):
-    """A gallery in an embedded database (`milvus`: Milvus Lite; `lance`: LanceDB), written through the calls
-    `hetero gallery build --store BACKEND` makes: upserts of UPSERT_ROWS rows, then the flush that indexes them."""
+def database_store(backend: str, gallery: np.ndarray, work: Path, server: str | None = None):
+    """A gallery in a database (`milvus`: Milvus Lite; `lance`: LanceDB; `milvus-server`: the Milvus server at
+    `server`), written through the calls `hetero gallery build --store BACKEND` makes: upserts of UPSERT_ROWS
+    rows, then the flush that indexes them."""
     from hetero.gallery.db import UPSERT_ROWS, open_store
     from hetero.gallery.stores import FLAT_MAX_ROWS, Identity
 
-    suffix = ".db" if backend == "milvus" else ".lance"  # Milvus Lite takes a file ending in .db
-    db = open_store(str(work / f"bench-{len(gallery)}{suffix}"), "bench", backend, create=True)
+    if backend == "milvus-server":
+        db = open_store(server, f"bench_{len(gallery)}", "milvus", create=True)
+        if db.exists():  # a collection an earlier run left on the server
+            db.drop()
+    else:
+        suffix = ".db" if backend == "milvus" else ".lance"  # Milvus Lite takes a file ending in .db
+        db = open_store(str(work / f"bench-{len(gallery)}{suffix}"), "bench", backend, create=True)
     db.create(Identity("hs-bench", "bench", "cloud", gallery.shape[1]), rows_hint=len(gallery))
     ids = [f"item-{i:07d}" for i in range(len(gallery))]
     started = time.perf_counter()
@@ -102,10 +110,10 @@ def database_store(backend: str, gallery: np.ndarray, work: Path):
 
     kind = "flat" if len(gallery) <= FLAT_MAX_ROWS else "ivf nprobe 32"
     return search, Ingestion(len(gallery), seconds, written - started), \
-        f"{'milvus-lite' if backend == 'milvus' else 'lancedb'} {kind}"
+        f"{ {'milvus': 'milvus-lite', 'lance': 'lancedb'}.get(backend, backend)} {kind}"
 
 
-STORES = ("faiss", "milvus", "lance")
+STORES = ("faiss", "milvus", "lance", "milvus-server")
 
 
 def main(argv=None) -> int:
@@ -116,10 +124,14 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="queries for recall@1")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per latency figure (batch-100: "
                                                                  "a fifth, at least 3)")
-    parser.add_argument("--stores", nargs="+", choices=STORES, default=list(STORES),
+    parser.add_argument("--stores", nargs="+", choices=STORES, default=list(STORES[:3]),
                         help="which stores (FAISS, the baseline of the ratio column, always runs); Milvus Lite "
                              "walks every row in Python per query: at 1M rows its 500 recall queries take minutes")
+    parser.add_argument("--milvus-uri", help="the Milvus server `milvus-server` measures (http://HOST:PORT), "
+                                             "e.g. a standalone one on loopback")
     args = parser.parse_args(argv)
+    if "milvus-server" in args.stores and not args.milvus_uri:
+        parser.error("--stores milvus-server needs --milvus-uri http://HOST:PORT (the server to measure)")
     sizes = [10_000, 100_000] if args.quick else args.sizes
 
     import faiss
@@ -137,7 +149,7 @@ def main(argv=None) -> int:
             results = []
             for store in ["faiss"] + [s for s in args.stores if s != "faiss"]:
                 search, ingestion, label = (faiss_store(gallery) if store == "faiss"
-                                            else database_store(store, gallery, Path(tmp)))
+                                            else database_store(store, gallery, Path(tmp), args.milvus_uri))
                 recall = float((search(queries)[:, 0] == truth).mean())
                 one = timed(lambda: search(queries[:1]), args.repeats)
                 hundred = timed(lambda: search(queries[:100]), max(3, args.repeats // 5))

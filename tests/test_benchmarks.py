@@ -188,3 +188,11 @@ def test_the_results_page_says_how_much_each_stage_grew_and_sets_the_stores_side
     assert "| ingest | 1,500 | 1,800 | +20% |" in lines and "| teacher-cache | 900 | 900 | +0% |" in lines
     row = next(line for line in lines if line.startswith("| 1,000,000 | lancedb ivf nprobe 32 |"))
     assert "| 40,000 (120,000) | 8.00 | 140.0 | 0.982 | 5.0x, 1.2x |" in row
+
+
+def test_vector_store_asks_for_the_server_it_is_to_measure(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/vector_store.py", "--stores", "faiss", "milvus-server"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, records.ENV: str(tmp_path)})
+    assert done.returncode == 2 and "--stores milvus-server needs --milvus-uri http://HOST:PORT" in done.stderr
+    assert not any(tmp_path.rglob("*.json"))  # nothing measured, nothing recorded
