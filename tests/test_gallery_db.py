@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hetero import gallery as G
 from hetero.cli import main
@@ -421,3 +423,17 @@ def test_a_lance_table_past_the_exact_search_size_is_indexed_and_still_finds_eve
     assert [(index.index_type, index.columns) for index in indices] == [("IvfFlat", ["vector"])]
     found = store.search(rows[:50], k=1)  # 32 lists probed of the 16 that 400 rows get: every list is seen
     assert [hits[0][0] for hits in found] == ids[:50]
+
+
+@given(st.lists(st.lists(st.text(max_size=12), max_size=6), min_size=1, max_size=40), st.sets(st.text(max_size=12)))
+@settings(max_examples=60, deadline=None)
+def test_a_key_digest_never_forgets_an_id_it_was_given(writes, others):
+    from hetero.gallery.lance import KeyDigest
+
+    digest = KeyDigest(KeyDigest.of(writes[0]), version=0)  # the table as read, then this process's writes
+    for ids in writes[1:]:  # 40 writes pass DIGEST_RUNS: the runs are merged on the way
+        digest.add(ids)
+    given = [i for ids in writes for i in ids]
+    assert digest.may_hold(given).all()
+    unseen = sorted(others - set(given))
+    assert not digest.may_hold(unseen).any()  # 64-bit hashes: a collision among a few ids does not happen

@@ -34,15 +34,14 @@ class KeyDigest:
         self.runs, self.version = [np.sort(hashes)], version
 
     @staticmethod
-    def of(ids: list[str]) -> np.ndarray:
+    def of(ids: list[str]) -> np.ndarray:  # Python's hash is salted per process: a digest is never stored
         return np.fromiter((hash(i) for i in ids), np.int64, len(ids))
 
     def may_hold(self, ids: list[str]) -> np.ndarray:
         wanted = self.of(ids)
         found = np.zeros(len(ids), bool)
-        for run in self.runs:
-            at = np.minimum(np.searchsorted(run, wanted), max(len(run) - 1, 0))
-            found |= run[at] == wanted if len(run) else False
+        for run in filter(len, self.runs):
+            found |= run[np.minimum(np.searchsorted(run, wanted), len(run) - 1)] == wanted
         return found
 
     def add(self, ids: list[str]) -> None:
