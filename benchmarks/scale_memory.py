@@ -199,6 +199,19 @@ def measure(stage: str, rows: int, dim: int, work: Path) -> dict:
     return {**json.loads(line.split(" ", 1)[1]), "wall_s": time.perf_counter() - started}
 
 
+def without_work(argv: list[str]) -> list[str]:
+    """The command as a record gives it: --work only says which disk held the data (a path of one machine)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--work="):
+            skip = False
+        elif arg == "--work":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -235,7 +248,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
             key = records.key_of(records.machine_tag(records.machine()), f"{rows}rows", f"d{args.dim}")
             records.write("scale_memory", key, figures, wall_s=time.perf_counter() - started, rows=rows,
-                          dim=args.dim, stages=args.stages)
+                          dim=args.dim, stages=args.stages, argv=without_work(sys.argv))
     return 0
 
 

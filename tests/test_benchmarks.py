@@ -196,3 +196,12 @@ def test_vector_store_asks_for_the_server_it_is_to_measure(tmp_path):
                           env={**os.environ, records.ENV: str(tmp_path)})
     assert done.returncode == 2 and "--stores milvus-server needs --milvus-uri http://HOST:PORT" in done.stderr
     assert not any(tmp_path.rglob("*.json"))  # nothing measured, nothing recorded
+
+
+def test_scale_memory_records_its_command_without_the_machines_work_folder():
+    import scale_memory
+
+    argv = ["benchmarks/scale_memory.py", "--rows", "1000", "--work", "/mnt/big", "--stages", "ingest"]
+    assert scale_memory.without_work(argv) == ["benchmarks/scale_memory.py", "--rows", "1000", "--stages", "ingest"]
+    script = "benchmarks/scale_memory.py"
+    assert scale_memory.without_work([script, "--work=/mnt/big"]) == [script]
