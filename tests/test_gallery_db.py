@@ -431,7 +431,7 @@ def test_a_key_digest_never_forgets_an_id_it_was_given(writes, others):
     from hetero.gallery.lance import KeyDigest
 
     digest = KeyDigest(KeyDigest.of(writes[0]), version=0)  # the table as read, then this process's writes
-    for ids in writes[1:]:  # 40 writes pass DIGEST_RUNS: the runs are merged on the way
+    for ids in writes[1:]:  # up to 39 writes: past DIGEST_RUNS the runs are merged on the way
         digest.add(ids)
     given = [i for ids in writes for i in ids]
     assert digest.may_hold(given).all()
