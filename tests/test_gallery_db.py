@@ -399,10 +399,18 @@ def test_lance_appends_new_ids_merges_known_ones_and_sees_another_writers_rows(t
         np.testing.assert_allclose(rows[name], vector, atol=1e-6)
     assert first.present(["a3", "b0", "c0", "zz"]) == {"a3", "b0", "c0"}
 
+    reads = []
+    monkeypatch.setattr(LanceStore, "digest", lambda self, real=LanceStore.digest: reads.append(
+        self._digest is None or self._digest.version != self.table().version) or real(self))
+    first.claim()  # a builder renews its claim per block: a metadata commit must not make it reread every id
+    first.upsert(["e0"], unit(1, 4))
+    first.release()
+    assert reads == [False]  # the digest was still the table's: nothing reread
+
     monkeypatch.setattr(KeyDigest, "of", staticmethod(lambda ids: np.zeros(len(ids), np.int64)))
     colliding = LanceStore(str(tmp_path / "db"), "t")  # every id's hash is every other's: all go the exact way
     colliding.upsert(["a1", "d0"], unit(2, 3))
-    assert len(colliding.table().to_arrow()) == len(table_rows(colliding)) == 13
+    assert len(colliding.table().to_arrow()) == len(table_rows(colliding)) == 14
     assert colliding.present(["a1", "d0", "zz"]) == {"a1", "d0"}
 
 

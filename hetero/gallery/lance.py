@@ -119,7 +119,12 @@ class LanceStore(DatabaseStore):
 
     def _set_properties(self, what: str, values: dict) -> None:
         _, vector, _ = self.fields()
-        self._call(what, self.table().update_field_metadata, {"path": vector, "metadata": values})
+        table = self.table()
+        self._call("reading its version", table.checkout_latest)
+        current = self._digest is not None and self._digest.version == table.version
+        self._call(what, table.update_field_metadata, {"path": vector, "metadata": values})
+        if current:  # a metadata commit (a builder renews its claim per block) moves no row: keep the digest
+            self._digest.version = table.version
 
     def stamp(self, identity: Identity) -> None:
         self._set_properties("writing its identity", identity.properties())
