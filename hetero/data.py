@@ -324,18 +324,24 @@ def split_open_set(data: ImageSet, test_groups: list[str] | None, test_fraction:
         raise DataError("the open-set split left no training or no test classes; check test_groups/test_fraction")
     train, test = data.subset(torch.nonzero(~in_test).flatten()), data.subset(torch.nonzero(in_test).flatten())
 
+    gallery, queries = gallery_and_queries(test.labels, test.names)
+    if not len(queries):
+        raise DataError("no test class has 2 or more images; retrieval cannot be evaluated")
+    return Split(train, test, gallery, queries)
+
+
+def gallery_and_queries(labels: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gallery rows, query rows): per class, the first half of its images in file order and the rest; a
+    class with one image can be neither query nor gallery in a useful way and is left out."""
     gallery, queries = [], []
-    for label in range(len(test.class_names)):
-        rows = torch.nonzero(test.labels == label).flatten().tolist()
-        rows.sort(key=lambda r: test.names[r])
+    for label in torch.unique(labels).tolist():
+        rows = sorted(torch.nonzero(labels == label).flatten().tolist(), key=lambda r: names[r])
         if len(rows) < 2:
-            continue  # a class with one image can be neither query nor gallery in a useful way
+            continue
         half = math.ceil(len(rows) / 2)
         gallery += rows[:half]
         queries += rows[half:]
-    if not queries:
-        raise DataError("no test class has 2 or more images; retrieval cannot be evaluated")
-    return Split(train, test, torch.tensor(gallery), torch.tensor(queries))
+    return torch.tensor(gallery, dtype=torch.long), torch.tensor(queries, dtype=torch.long)
 
 
 def load_split(data_cfg, load_size: int) -> Split:
@@ -399,11 +405,21 @@ def load_eval_split(data_cfg, load_size: int) -> Split:
     return split
 
 
-def calibration_split(train: ImageSet, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows trained on, rows held out) of a training set: per class, the last `fraction` of its images (in
-    file order, at least one kept for training) are held out for calibrating multi-exit members."""
+def calibration_split(train: ImageSet, fraction: float, by: str = "classes", seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows trained on, rows held out) of a training set, for calibrating multi-exit members.
+
+    `classes`: a seeded draw of `fraction` of the classes (at least 2, at least one left), every image of
+    them; a training set of fewer than 3 classes (unlabeled data) holds out images instead.  `images`: per
+    class, the last `fraction` of its images (in file order, at least one kept for training)."""
+    classes = torch.unique(train.labels)
+    if by == "classes" and len(classes) >= 3:
+        count = min(max(2, math.ceil(fraction * len(classes))), len(classes) - 1)
+        order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))
+        held_out = torch.isin(train.labels, classes[order[:count]])
+        return torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
     keep, held = [], []
-    for label in torch.unique(train.labels).tolist():
+    for label in classes.tolist():
         rows = torch.nonzero(train.labels == label).flatten()
         out = min(math.ceil(fraction * len(rows)), len(rows) - 1)
         keep.append(rows[:len(rows) - out])

@@ -114,3 +114,40 @@ def test_omniglot_standard_open_set_split():
     drawers = lambda rows: {int(split.test.names[r].rsplit("_", 1)[1][:2]) for r in rows.tolist()}  # noqa: E731
     assert drawers(split.gallery_index) == set(range(1, 11))
     assert drawers(split.query_index) == set(range(11, 21))
+
+
+# ------------------------------------------------------------------------- calibration held out of training
+
+
+def _labeled(counts: list[int]):
+    from hetero.data import ImageSet
+
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    names = [f"c{int(c)}/{i:03d}.png" for i, c in enumerate(labels)]
+    return ImageSet(torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8), labels,
+                    [f"c{c}" for c in range(len(counts))], names)
+
+
+def test_calibration_holds_out_whole_classes_by_default_and_images_on_request():
+    from hetero.data import calibration_split
+
+    train = _labeled([8] * 30)
+    keep, held = calibration_split(train, 0.1, "classes", seed=0)
+    held_classes, kept_classes = set(train.labels[held].tolist()), set(train.labels[keep].tolist())
+    assert len(held_classes) == 3 and not held_classes & kept_classes  # queries of classes never trained on
+    assert len(held) == 3 * 8 and len(keep) + len(held) == len(train)
+    assert torch.equal(calibration_split(train, 0.1, "classes", seed=0)[1], held)  # the draw is seeded
+    assert not torch.equal(calibration_split(train, 0.1, "classes", seed=1)[1], held)
+    keep, held = calibration_split(train, 0.1, "images")
+    assert len(held) == 30 and set(train.labels[held].tolist()) == set(range(30))  # the last image of each class
+    # one class (unlabeled data) or two cannot give unseen classes and keep one to train on: images instead
+    keep, held = calibration_split(_labeled([10]), 0.2, "classes")
+    assert len(held) == 2 and len(keep) == 8
+
+
+def test_gallery_and_queries_split_each_class_in_file_order():
+    from hetero.data import gallery_and_queries
+
+    train = _labeled([4, 1, 3])
+    gallery, queries = gallery_and_queries(train.labels, train.names)
+    assert gallery.tolist() == [0, 1, 5, 6] and queries.tolist() == [2, 3, 7]  # class 1 (one image) left out

@@ -4,15 +4,15 @@ At exit k a query stops when the entropy of softmax(cos(embedding, anchors) / T_
 the last edge exit always answers, unless the rule escalates: a last-exit entropy above `escalate_above`
 sends the image to the cloud.  Anchors are the shared classifier's prototypes (labeled families) or k-means
 centres of the cloud's training embeddings (unlabeled); T_k is fitted on training images.  `calibrate` picks
-the thresholds on the training images held out of training (`train.early_exit.held_out`): training
-classes, never test classes.
+the thresholds on the training data held out of training (`train.early_exit.held_out`, by default whole
+classes, so the rule is fitted on classes the members never saw, as test classes are), never on test data.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from hetero.data import calibration_split
+from hetero.data import calibration_split, gallery_and_queries
 from hetero.errors import CalibrationError
 from hetero.family import FamilyStore
 from hetero.maths import apply_rule, correct_per_exit, rule_figures, spherical_kmeans
@@ -35,8 +35,9 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
     """
     images = train_images.floats()
     reference = embed_images(cloud, images)
-    if head is not None:
-        anchors, source = F.normalize(head.loss.W.detach().T.float(), dim=1), "shared classifier prototypes"
+    if head is not None:  # the prototypes of the classes trained on (held-out classes have no images)
+        prototypes = head.loss.W.detach().T.float()[torch.unique(train_images.labels)]
+        anchors, source = F.normalize(prototypes, dim=1), "shared classifier prototypes"
     else:
         anchors, source = spherical_kmeans(reference, settings.anchors), "k-means of the cloud's training embeddings"
     model.anchors = anchors.clone()
@@ -49,7 +50,7 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
         temperatures.append(float(TEMPERATURES[losses.argmin()]))
     model.temperatures = torch.tensor(temperatures)
     return {"anchors": {"source": source, "count": len(anchors)}, "temperatures": temperatures,
-            "calibration_images_held_out": settings.held_out}
+            "calibration_images_held_out": settings.held_out, "held_out_by": settings.held_out_by}
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -59,25 +60,35 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
 
 
 def calibration_data(store: FamilyStore, member: str) -> dict:
-    """The held-out training images as queries, each exit's embeddings and entropies, against the cloud's
-    gallery of the training images that were trained on."""
+    """Each exit's embeddings and entropies of the held-out training images as queries, and whether each
+    retrieves right against the cloud's gallery: with classes held out, the gallery is the first half of
+    each held-out class's images and the queries the rest (as test queries, of classes never trained on);
+    with images held out, the gallery is the images trained on.  Without classes (unlabeled data), right
+    means the cloud's own top answer."""
     entry = store.member(member)
     if entry.kind != "multi-exit":
         raise CalibrationError(f"member {member!r} of {store.name!r} has no exits (kind {entry.kind!r}); "
                                f"multi-exit members: {', '.join(m.name for m in store.members if m.exits) or 'none'}")
     config, split = store.config(), store.split()
-    keep, held = calibration_split(split.train, config.train.early_exit.held_out)
+    settings = config.train.early_exit
+    keep, held = calibration_split(split.train, settings.held_out, settings.held_out_by, config.data.split_seed)
     if len(held) == 0:
         raise CalibrationError(f"{store.root}: no training images were held out for calibration "
-                               f"(train.early_exit.held_out is {config.train.early_exit.held_out}); retrain "
-                               f"with a share such as 0.1")
+                               f"(train.early_exit.held_out is {settings.held_out}); retrain with a share such as 0.1")
+    labels = split.train.labels
+    if not torch.isin(labels[held], labels[keep]).any():  # whole classes held out: retrieval among them
+        gallery_rows, query_rows = gallery_and_queries(labels[held], [split.train.names[i] for i in held.tolist()])
+        if len(query_rows) == 0:
+            raise CalibrationError(f"{store.root}: the {len(held)} images of the classes held out for calibration "
+                                   f"give no query (a class needs 2 or more images); retrain with "
+                                   f"train.early_exit.held_out_by: images")
+        keep, held = held[gallery_rows], held[query_rows]
     model, cloud = store.load_member(member), store.load_member(store.cloud.name)
     floats = split.train.floats()
     queries = exit_embeddings(model, floats[held])
     gallery = embed_images(cloud, floats[keep])
-    labels = split.train.labels
     cloud_queries = embed_images(cloud, floats[held])
-    agreement = None if split.labeled else cloud_queries
+    agreement = cloud_queries if len(split.train.class_names) < 2 else None
     return {"cloud_correct": correct_per_exit(cloud_queries[None], gallery, labels[held], labels[keep], agreement)[0],
             "entropies": exit_entropies(model, queries), "flops": [e.flops for e in entry.exits],
             "stages": [e.stage for e in entry.exits], "images": len(held),

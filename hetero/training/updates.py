@@ -113,11 +113,13 @@ def prototypes_from(family: Family, old_cloud: Embedder, images) -> None:
 
 
 def hold_out_for_calibration(config: Config, split):
-    """With a multi-exit member, keep `early_exit.held_out` of each training class out of training (every
-    member's), for `hetero calibrate`; other families train on every training image as before."""
+    """With a multi-exit member, keep `early_exit.held_out` of the training classes (or of each class's
+    images) out of training (every member's), for `hetero calibrate`; other families train on every
+    training image as before."""
     import dataclasses
 
-    if not any(m.exits is not None for m in config.family.members) or config.train.early_exit.held_out == 0:
+    settings = config.train.early_exit
+    if not any(m.exits is not None for m in config.family.members) or settings.held_out == 0:
         return split
-    keep, _ = calibration_split(split.train, config.train.early_exit.held_out)
+    keep, _ = calibration_split(split.train, settings.held_out, settings.held_out_by, config.data.split_seed)
     return dataclasses.replace(split, train=split.train.subset(keep))
