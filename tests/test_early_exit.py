@@ -246,3 +246,56 @@ def test_an_int8_chain_is_held_at_export_to_what_verify_checks_and_falls_back_to
     with store.lock("export"), pytest.raises(ExportError, match="falls to 0.9000; nothing was written"):
         exporter.export_member(store, "edge-a", int8)
     assert sorted(p.name for p in store.artifact_path(artifact).iterdir()) == before  # the earlier export kept
+
+
+@pytest.mark.slow
+def test_gallery_search_with_an_exported_chain_stops_where_torch_does_and_escalates_to_the_cloud(multi_exit_copy,
+                                                                                               tmp_path):
+    from PIL import Image
+
+    from hetero import gallery as G
+    from hetero.exporter import export_member
+    from hetero.family import FamilyStore
+    from hetero.maths import apply_rule
+    from hetero.models import exit_embeddings, exit_entropies, resize_to
+    from hetero.profiles import load_profile
+    from hetero.training.exits import calibrate
+
+    store = FamilyStore.open(multi_exit_copy)
+    with store.lock("export"):  # a chain exported before calibration carries no rule: search says what to do
+        uncalibrated = store.artifact_path(export_member(store, "edge-a", load_profile("server-onnx-fp32")))
+    with pytest.raises(G.GalleryError, match="carries no calibrated exit rule; run `hetero calibrate`"):
+        G.open_query_model(store, artifact=uncalibrated)
+    rule = calibrate(store, "edge-a", top1_loss=0.05, escalate=0.25)
+    with store.lock("export"):
+        chain = store.artifact_path(export_member(store, "edge-a", load_profile("server-onnx-fp32")))
+    split = store.split()
+    for role, rows in (("gallery", split.gallery_index), ("queries", split.query_index)):
+        for row in rows.tolist():
+            path = tmp_path / role / f"{split.test.names[row]}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(split.test.images[row].permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+    G.build_gallery(store, tmp_path / "gallery", tmp_path / "g", batch_size=16)
+
+    model = G.open_query_model(store, artifact=chain)
+    found = G.search_images(tmp_path / "g", tmp_path / "queries", model, k=3, batch_size=16)
+    # torch's choice of exit on the same decoded pixels
+    torch_member = store.load_member("edge-a")
+    floats = torch.stack([G.ImageFiles(G.list_images(tmp_path / "queries"), store.config().load_size)[i][1]
+                          for i in range(len(found))]).float().div(255)
+    with torch.no_grad():
+        entropies = exit_entropies(torch_member, exit_embeddings(torch_member, resize_to(floats, 32)))
+    expected = apply_rule(entropies, rule["thresholds"], rule["escalate_above"])
+    names = ["stage 1", "stage 2", "stage 3", "stage 4", "cloud"]
+    agreement = sum(q["exit"] == names[c] for q, c in zip(found, expected.tolist())) / len(found)
+    assert agreement >= 0.98, agreement
+    escalated = [q for q in found if q["exit"] == "cloud"]
+    assert escalated and len(escalated) < len(found)
+    by_cloud = {q["query"]: q for q in G.search_images(tmp_path / "g", tmp_path / "queries",
+                                                       G.open_query_model(store, member="cloud"), k=3)}
+    assert all([r["row"] for r in q["results"]] == [r["row"] for r in by_cloud[q["query"]]["results"]]
+               for q in escalated)  # an escalated query is the cloud's own query
+    summary = G.exit_summary(found, model)
+    assert sum(summary["shares"].values()) == pytest.approx(1.0)
+    assert summary["shares"]["cloud"] == len(escalated) / len(found)
+    assert summary["mean_edge_mflops"] <= store.member("edge-a").exits[-1].flops / 1e6

@@ -48,12 +48,17 @@ def _search(args, store, target) -> None:
     model = gallery.open_query_model(store, member=args.member, artifact=args.artifact)
     results = gallery.search_images(target, args.images, model, k=args.k, nprobe=args.nprobe)
     where = f"{target.uri} collection {target.name}" if hasattr(target, "uri") else str(target)
+    exits = gallery.exit_summary(results, model)
     if args.json:
         from hetero.files import atomic_write_json
 
         atomic_write_json(args.json, {"gallery": where, "query_model": model.label, "space_id": model.space_id,
-                                      "k": args.k, "queries": results})
+                                      "k": args.k, **({"exits": exits} if exits else {}), "queries": results})
     _print_search(results, model, where, args)
+    if exits:
+        shares = ", ".join(f"{where} {share:.1%}" for where, share in exits["shares"].items())
+        console.print(f"exits of {exits['queries']} queries: {shares}; mean edge cost "
+                      f"{exits['mean_edge_mflops']:.2f} MFLOPs per query")
 
 
 def _gallery_db(args, store) -> int:

@@ -204,7 +204,10 @@ def _gallery_verbs(verbs) -> None:
     store_options(s)
     who = s.add_mutually_exclusive_group()
     who.add_argument("--member", help="member that embeds the queries (default: the cloud member)")
-    who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime")
+    who.add_argument("--artifact", help="exported file (.onnx, ...) that embeds the queries in its runtime, or a "
+                                        "multi-exit member's exported chain (<member>.exits/): each query runs stage "
+                                        "by stage to the exit its calibrated rule stops at, or goes to the cloud "
+                                        "member, and is reported with that exit")
     s.add_argument("-k", type=count(1), default=5, help="neighbours per query (default 5)")
     s.add_argument("--nprobe", type=count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=count(0), default=20, help="queries to print (default 20)")

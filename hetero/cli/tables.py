@@ -140,12 +140,15 @@ def format_search(store) -> Table:
 def format_search_results(results: list[dict], model, location, k: int, show: int) -> Table:
     """The first `show` queries of a gallery search with their `k` neighbours."""
     table = Table(title=f"{len(results)} queries by {escape(model.label)} against {escape(str(location))}")
+    chained = any("exit" in item for item in results)
     table.add_column("query")
+    if chained:
+        table.add_column("answered by")
     table.add_column(f"top {k} (score)")
     for item in results[: show]:
         found = "skipped (unreadable)" if item.get("skipped") else ", ".join(
             f"{r['name']} ({r['score']:.3f})" for r in item["results"])
-        table.add_row(escape(item["query"]), escape(found))
+        table.add_row(escape(item["query"]), *([item.get("exit", "-")] if chained else []), escape(found))
     return table
 
 

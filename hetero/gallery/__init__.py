@@ -21,7 +21,7 @@ from hetero.gallery.build import build_gallery, clear_gallery, finish_gallery, p
 from hetero.gallery.images import ImageEntry, ImageFiles, collate_images, embed_batches, in_batches, list_images
 from hetero.gallery.index import (FLAT_MAX_ROWS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_KINDS,
                                   IVF_NPROBE, Gallery, build_index, choose_index, iter_shards, ivf_lists, make_index)
-from hetero.gallery.query import QueryModel, open_query_model, search_images
+from hetero.gallery.query import QueryModel, exit_summary, open_query_model, search_images
 from hetero.gallery.stores import MutableVectorStore, VectorStore
 from hetero.gallery.vectors import COSINE_TO_ACCEPT, VECTOR_SUFFIXES, import_gallery, prove_space, read_vectors
 
@@ -31,7 +31,7 @@ __all__ = [
     "Gallery", "GalleryError", "ImageEntry", "ImageFiles", "MutableVectorStore", "QueryModel", "SpaceMismatch",
     "VectorStore",
     "build_gallery", "build_index", "choose_index", "clear_gallery", "collate_images", "embed_batches",
-    "finish_gallery", "import_gallery", "in_batches", "iter_shards", "ivf_lists", "list_images", "make_index",
-    "member_record", "open_query_model", "plan_fingerprint", "prove_space", "read_vectors", "search_images",
-    "write_shard",
+    "exit_summary", "finish_gallery", "import_gallery", "in_batches", "iter_shards", "ivf_lists", "list_images",
+    "make_index", "member_record", "open_query_model", "plan_fingerprint", "prove_space", "read_vectors",
+    "search_images", "write_shard",
 ]

@@ -28,6 +28,10 @@ class QueryModel:
     encode: object  # callable: float32 NCHW images in [0, 1] at input_size -> unit vectors (numpy)
     background: tuple = DEFAULT_BACKGROUND
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # An exit chain: images -> (unit vectors, which exit answered each, "stage k" or "cloud"), used instead
+    # of `encode`; and what each exit costs, for the summary.
+    route: object = None
+    exit_mflops: dict | None = None
 
 
 def open_query_model(store: FamilyStore | None = None, member: str | None = None,
@@ -55,6 +59,8 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
 
     if not path.exists():
         raise GalleryError(f"--artifact {path}: no such file")
+    if path.is_dir() and (path / "chain.json").is_file():
+        return _chain_model(path, store)
     registered = store.artifact_for_file(path) if store is not None else None
     if registered is not None:
         spec, runtime_name = formats.get(registered.format), load_profile(registered.profile).verify.runtime
@@ -81,6 +87,61 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
                       meta["input_size"], load_size, runtime.embed, background, max_pixels)
 
 
+def _chain_model(folder: Path, store: FamilyStore | None) -> QueryModel:
+    """A multi-exit member's exported chain as a device runs it: stage by stage, each query stopping at the
+    first exit sure enough by the calibrated rule in the chain's metadata; the queries the rule escalates
+    are embedded by the family's cloud member."""
+    import json
+
+    from hetero import formats
+
+    try:
+        first = json.loads((folder / "chain.json").read_text())["stages"][0]["file"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise GalleryError(f"--artifact {folder}: chain.json is not a readable exit chain "
+                           f"({type(err).__name__}: {err})") from None
+    spec = formats.for_path(first)
+    if spec is None or spec.exit_chain_runtime is None:
+        raise GalleryError(f"--artifact {folder}: its stages ({first}) are not of a format with exit chains")
+    chain = spec.open_exit_chain(folder)
+    meta, early = chain.metadata, chain.metadata.get("early_exit") or {}
+    exits = early.get("exits") or []
+    rule = early.get("rule")
+    if rule is None:
+        raise GalleryError(f"--artifact {folder}: the chain carries no calibrated exit rule; run `hetero calibrate` "
+                           f"on the family, export the member again, and search with the new chain (or search "
+                           f"with --member {meta.get('member')} for its last exit alone)")
+    escalates = rule.get("escalate_above") is not None
+    if escalates and store is None:
+        raise GalleryError(f"--artifact {folder}: its rule sends the least sure queries to the cloud member, which "
+                           f"needs the family directory")
+    cloud = store.load_member(store.cloud.name) if escalates else None
+    names = [f"stage {e['stage']}" for e in exits] + ["cloud"]
+
+    def route(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """`images` at the size they were loaded at: the chain and the cloud each resize them to their own,
+        as a device sends the cloud the image it has, not the one its own model saw."""
+        from hetero.models import resize_to
+
+        pixels = torch.from_numpy(images)
+        on_device = resize_to(pixels, int(meta["input_size"])).numpy()
+        chosen, vectors, _ = chain.run_chain(on_device, rule["thresholds"], rule.get("escalate_above"))
+        sent = np.nonzero(chosen == len(exits))[0]
+        if len(sent):
+            with torch.inference_mode():
+                vectors[sent] = cloud(resize_to(pixels[sent], cloud.input_size)).numpy()
+        return vectors, [names[c] for c in chosen]
+
+    load_size, background, max_pixels = meta["input_size"], DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
+    if store is not None:
+        data = store.config().data
+        load_size, background, max_pixels = store.config().load_size, tuple(data.background), data.max_image_pixels
+    mflops = {f"stage {e['stage']}": e["flops"] / 1e6 for e in exits}
+    return QueryModel(f"exit chain {folder} ({meta.get('member')}, {chain.name}"
+                      + (f", escalating to {store.cloud.name!r})" if escalates else ")"), meta.get("space_id"),
+                      load_size, load_size, lambda images: route(images)[0], background, max_pixels, route, mflops)
+
+
 def search_images(gallery: VectorStore | str | Path, images: str | Path, model: QueryModel, k: int = 5,
                   batch_size: int = 64, nprobe: int | None = None) -> list[dict]:
     """Embed every image under `images` with `model` and return its k nearest gallery items.
@@ -93,12 +154,35 @@ def search_images(gallery: VectorStore | str | Path, images: str | Path, model: 
     gallery.check_space(model.space_id, model.label)
     entries = list_images(images)
     dataset = ImageFiles(entries, model.load_size, model.background, model.max_pixels)
-    results = []
-    for names, skipped, embedded in embed_batches(dataset, in_batches(len(entries), batch_size),
-                                                  lambda batch: model.encode(batch.numpy()), model.input_size):
+    results, answered = [], []
+
+    def encode(batch: torch.Tensor) -> np.ndarray:
+        if model.route is None:
+            return model.encode(batch.numpy())
+        vectors, exits = model.route(batch.numpy())
+        answered[:] = exits  # the batch embed_batches yields next
+        return vectors
+
+    for names, skipped, embedded in embed_batches(dataset, in_batches(len(entries), batch_size), encode,
+                                                  model.input_size):
         results += [{"query": name, "skipped": True, "results": []} for name in skipped]
         if embedded is None:
             continue
         found = gallery.nearest(embedded, k, model.space_id, model.label, nprobe)
-        results += [{"query": name, "results": hits} for name, hits in zip(names, found)]
+        exits = answered if model.route is not None else [None] * len(names)
+        results += [{"query": name, "results": hits, **({"exit": where} if where else {})}
+                    for name, hits, where in zip(names, found, exits)]
     return results
+
+
+def exit_summary(results: list[dict], model: QueryModel) -> dict | None:
+    """For a chain's search: the share of queries each exit answered, the share sent to the cloud, and the
+    mean edge MFLOPs per query (an escalated query ran every stage first); None for other query models."""
+    answered = [r["exit"] for r in results if "exit" in r]
+    if model.route is None or not answered:
+        return None
+    costs = model.exit_mflops or {}
+    last = max(costs.values(), default=0.0)
+    shares = {where: answered.count(where) / len(answered) for where in [*costs, "cloud"]}
+    mean = sum(costs.get(where, last) for where in answered) / len(answered)
+    return {"queries": len(answered), "shares": shares, "mean_edge_mflops": mean}
