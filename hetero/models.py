@@ -264,16 +264,34 @@ class Embedder(nn.Module):
         return x
 
 
-class ExitHead(nn.Module):
-    """An exit: pooled stage features -> projection -> BatchNorm -> unit vector of the family dimension."""
+EXIT_HEADS = ("pooled", "grid")
 
-    def __init__(self, channels: int, dim: int):
+
+class ExitHead(nn.Module):
+    """An exit: pooled stage features -> projection -> BatchNorm -> unit vector of the family dimension.
+
+    `pooled`: one global average.  `grid` (the feature reduction of Shallow-Deep Networks, Kaya et al., ICML
+    2019): the feature map pooled to a grid of up to 4 x 4 cells, a learned mix of max and average pooling,
+    so an early exit keeps where its features are, which a global average of shallow features loses.  The
+    grid is the largest of 4, 3, 2 that divides the map's side (`size`), so every pooling window is whole and
+    every converter exports it as a plain pooling op.
+    """
+
+    def __init__(self, channels: int, dim: int, kind: str = "pooled", size: int = 1):
         super().__init__()
-        self.project = nn.Linear(channels, dim, bias=False)
+        self.grid = next((g for g in (4, 3, 2) if size % g == 0), 1) if kind == "grid" else 1
+        self.window = size // self.grid
+        self.mix = nn.Parameter(torch.zeros(1)) if self.grid > 1 else None  # sigmoid(mix): the max pooling's share
+        self.project = nn.Linear(channels * self.grid * self.grid, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.bn(self.project(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))), dim=1)
+        if self.mix is None:
+            pooled = F.adaptive_avg_pool2d(features, 1)
+        else:
+            share = torch.sigmoid(self.mix)
+            pooled = share * F.max_pool2d(features, self.window) + (1 - share) * F.avg_pool2d(features, self.window)
+        return F.normalize(self.bn(self.project(torch.flatten(pooled, 1))), dim=1)
 
 
 class MultiExitEmbedder(nn.Module):
@@ -286,17 +304,26 @@ class MultiExitEmbedder(nn.Module):
     """
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int, exits: list[int],
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64, activation: str = "relu"):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64, activation: str = "relu",
+                 exit_head: str = "pooled"):
         super().__init__()
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
-        self.activation = activation
+        self.activation, self.exit_head = activation, exit_head
         backbone, _ = build_backbone(arch, width, depth, activation)
         ends, widths = backbone.stage_ends, backbone.stage_widths
         self.exits = resolve_exits(exits, len(ends), arch)
         starts = [0] + [ends[stage - 1] for stage in self.exits[:-1]]
         self.segments = nn.ModuleList(nn.Sequential(*list(backbone)[start:ends[stage - 1]])
                                       for start, stage in zip(starts, self.exits))
-        self.heads = nn.ModuleList(ExitHead(widths[stage - 1], dim) for stage in self.exits)
+        sizes, x = [], torch.zeros(1, 3, input_size, input_size)
+        with torch.no_grad():
+            for segment in self.segments:
+                x = segment.eval()(x)
+                sizes.append(x.shape[-1])
+        self.segments.train()
+        # the last exit is the member itself: pooled as a single-exit member is, whatever the earlier heads
+        self.heads = nn.ModuleList(ExitHead(widths[stage - 1], dim, exit_head if k < len(self.exits) - 1 else "pooled",
+                                            sizes[k]) for k, stage in enumerate(self.exits))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("anchors", F.normalize(torch.ones(anchors, dim), dim=1))
@@ -381,7 +408,7 @@ def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     activation = getattr(member_cfg, "activation", "relu")
     if getattr(member_cfg, "exits", None) is not None:
         return MultiExitEmbedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size,
-                                 member_cfg.exits, mean, std, activation=activation)
+                                 member_cfg.exits, mean, std, activation=activation, exit_head=member_cfg.exit_head)
     model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std,
                      activation)
     if getattr(member_cfg, "weights", None):

@@ -72,6 +72,41 @@ def test_exits_chain_stage_by_stage_and_cost_little_over_the_plain_trunk(arch, s
     assert plain < flops[-1] < 1.05 * plain  # the exit machinery: under 5% of the last exit
 
 
+@pytest.mark.parametrize("arch", ["resnet", "mobilenet"])
+def test_grid_exit_heads_see_where_features_are_and_export_as_plain_pooling(arch, tmp_path):
+    from hetero import formats
+    from hetero.models import ExitHead
+    from hetero.profiles import load_profile
+
+    torch.manual_seed(0)
+    model = MultiExitEmbedder(arch, 0.5, 0.5, 32, 48, "auto", exit_head="grid").eval()
+    assert [h.grid for h in model.heads][0] == 4 and model.heads[-1].grid == 1  # the last exit is the member
+    plain = count_flops(Embedder(arch, 0.5, 0.5, 32, 48))
+    assert plain < exit_flops(model)[-1] < 1.25 * plain  # the grid heads' cost is in the exits' FLOPs
+    # two maps of equal channel means, their mass in opposite corners: a global average cannot tell them apart
+    left, right = torch.zeros(1, 8, 12, 12), torch.zeros(1, 8, 12, 12)
+    left[..., :6, :6], right[..., 6:, 6:] = 1.0, 1.0
+    pooled, grid = ExitHead(8, 16).eval(), ExitHead(8, 16, "grid", 12).eval()
+    torch.testing.assert_close(pooled(left), pooled(right))
+    assert torch.nn.functional.cosine_similarity(grid(left), grid(right)).item() < 0.99
+
+    folder = tmp_path / "chain"
+    formats.get("onnx").exit_chain_function("server-onnx-fp32")(
+        model, folder, load_profile("server-onnx-fp32"), {"input_size": 48, "embedding_dim": 32, "member": "m"})
+    images = torch.rand(5, 3, 48, 48)
+    ours, _ = formats.get("onnx").open_exit_chain(folder).exits(images.numpy())
+    with torch.no_grad():
+        theirs = torch.stack(model.forward_exits(images), dim=1)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(ours), theirs, dim=2).min() > 0.9999
+
+
+def test_a_grid_exit_head_needs_exits():
+    config = tiny_config()
+    config["family"]["members"][1]["exit_head"] = "grid"
+    with pytest.raises(ConfigError, match="exit_head: 'grid' shapes the heads of a multi-exit member; give `exits`"):
+        parse_config(config, "tiny")
+
+
 # ------------------------------------------------------------------------------------ trained end to end
 
 

@@ -71,6 +71,7 @@ class MemberRecord(Record):
     # compat: adapter: the map from this member's own space into the cloud's, applied inside its graph
     adapter: dict[str, Any] | None = None
     exits: list[ExitRecord] | None = None  # multi-exit members, shallowest first; the last is the member itself
+    exit_head: Literal["pooled", "grid"] = "pooled"  # multi-exit members: how the earlier exits pool
     # multi-exit members: the entropy rule's anchors and temperatures, and the thresholds `hetero calibrate` set
     early_exit: dict[str, Any] | None = None
     activation: Literal["relu", "leaky_relu"] = "relu"  # the architecture's activation variant

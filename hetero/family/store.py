@@ -191,7 +191,7 @@ class FamilyStore:
             model = MultiExitEmbedder(record.arch, record.width, record.depth, record.dim, record.input_size,
                                       [e.stage for e in record.exits], record.mean, record.std,
                                       int((record.early_exit or {}).get("anchors", {}).get("count", 64)),
-                                      record.activation)
+                                      record.activation, record.exit_head)
         else:
             model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
                              record.std, record.activation)

@@ -65,6 +65,7 @@ def write_family(config: Config, out: Path, family: TrainedFamily, split, histor
         if member.name in (exit_rules or {}):
             model = family.members[member.name]
             member.kind, member.early_exit = "multi-exit", exit_rules[member.name]
+            member.exit_head = model.exit_head
             member.exits = [ExitRecord(stage=stage, flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4))
                             for stage, flops in zip(model.exits, exit_flops(model))]
         if linearised and member.name in linearised:  # mode lqf: w0, the point the member was linearised at
