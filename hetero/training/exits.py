@@ -71,7 +71,9 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
                                f"multi-exit members: {', '.join(m.name for m in store.members if m.exits) or 'none'}")
     config, split = store.config(), store.split()
     settings = config.train.early_exit
-    keep, held = calibration_split(split.train, settings.held_out, settings.held_out_by, config.data.split_seed)
+    # what this family held out when it trained (families trained before `held_out_by` held out images)
+    held_out_by = (entry.early_exit or {}).get("held_out_by", "images")
+    keep, held = calibration_split(split.train, settings.held_out, held_out_by, config.data.split_seed)
     if len(held) == 0:
         raise CalibrationError(f"{store.root}: no training images were held out for calibration "
                                f"(train.early_exit.held_out is {settings.held_out}); retrain with a share such as 0.1")
