@@ -1,35 +1,42 @@
-"""Early-exit edge students on Omniglot: the anytime curve, the FLOPs saved at edge-m's top-1, the edge-to-cloud
-split, and the exit machinery's overhead.
+"""Early-exit edge students on Omniglot at the full recipe, over seeds: the anytime curve against separate
+students, the FLOPs saved at edge-m's top-1, calibration on unseen classes, and the edge-to-cloud split.
 
-One family, trained once against the frozen ONNX cloud (`model:`, default runs/byo/cloud.onnx, the Omniglot
-family's cloud, written by `benchmarks/external_cloud.py runs/omniglot --keep runs/byo`) with the Omniglot recipe of examples/omniglot.yaml and a teacher cache:
+Each seed trains one family: examples/omniglot.yaml as it is (its cloud, edge-m, edge-s, epochs, teacher cache
+and losses) with three more edge members trained beside them in the same edge phase, on the same batches:
 
 - `multi`: edge-m's trunk (resnet, width 0.625, depth 0.5, 48 px) with an exit after every stage (`exits: auto`);
-- `edge-m`: the same trunk with its one exit: today's edge-m, trained in the same run on the same batches;
-- `single-4m`, `single-13m`, `single-18m`: separate single-exit students (widths 0.25, 0.375, 0.5) at about the
-  FLOPs of the multi-exit member's first three exits.
+- `single-w25`, `single-w375`: single-exit students of widths 0.25 and 0.375; with edge-s (0.5) they sit at
+  about the FLOPs of the multi-exit member's first three exits.
 
-Every member trains on the same images: each training class's last 10% (2 of 20 drawers) are held out of
-training for calibration (train.early_exit.held_out).  The anytime curve puts each early exit's threshold at
-the same quantile q of its entropies on those held-out training images and reads top-1 (M[edge][cloud]) and
-mean FLOPs on the test queries (106 unseen characters).  The goals are then read off it:
+Every member, the cloud included, trains without 10% of the training classes (train.early_exit.held_out,
+`held_out_by: classes`): `hetero calibrate` fits the entropy rule on them, classes never trained on, as the
+test characters are.  Per seed the record holds:
 
-- at equal mean FLOPs, the multi-exit member against each separate student (its curve interpolated);
-- the least mean FLOPs at which the rule is within 0.5 points of edge-m's top-1 (goal: 1.5x below edge-m's);
-- `hetero calibrate --top1-loss 0.005 --escalate 0.1`: the system's top-1 with 10% sent to the cloud, against
-  the point halfway from edge-m's top-1 to the cloud's;
-- the exit machinery's FLOPs (earlier heads, anchors): under 5% of the last exit's.
+- each member's top-1 against the cloud gallery (M[member][cloud]) and MFLOPs, each exit's alone;
+- the anytime curve: each early exit's threshold at the same quantile q of its entropies on the held-out
+  classes, top-1 and mean FLOPs read on the test queries; the curve at each separate student's FLOPs;
+- the cheapest point within 0.5 points of edge-m's top-1 (goal: >= 1.5x fewer mean FLOPs than edge-m);
+- calibration transfer: `--top1-loss 0.01` fitted on the held-out classes, the loss read on the test queries
+  (goal: within 1 point of the target), and `--escalate 0.1` (goal: 8-12% of test queries escalated);
+- the split (`--top1-loss 0.005 --escalate 0.1`): the system's top-1 against the point halfway from
+  edge-m's top-1 to the cloud's (goal: at or above it).
 
-    python benchmarks/early_exit.py --quick     # 3 edge epochs, 4 cached views (~45 min on 2 busy cores)
-    python benchmarks/early_exit.py             # 60 edge epochs, 8 views (the README recipe's length)
+    python benchmarks/early_exit.py run --seeds 0 1 2                 # ~45 min a seed on 2 CPU cores
+    python benchmarks/early_exit.py run --seeds 0 --self-distillation 1.0   # the self-distillation lever
+    python benchmarks/early_exit.py run --seeds 0 --held-out-by images      # the rule fitted on seen classes
+    python benchmarks/early_exit.py run --seeds 0 --exit-head grid          # earlier exits pooled to a grid
+    python benchmarks/early_exit.py run --quick --seeds 0             # a sixth of the epochs: a smoke test
+    python benchmarks/early_exit.py summary                           # mean and spread over seeds
 
-One record per run (``benchmarks/results/early_exit/e<epochs>-v<views>[-quick].json``): each member's top-1
-and MFLOPs, the anytime curve, each exit alone, the cheapest point within 0.5 points of edge-m, the calibrated
-split and the exit machinery's overhead.  The plot is written beside the family (``--out``/anytime.png).
+One record per seed and lever (``benchmarks/results/early_exit/<machine>-sd<weight>-<held out by>-<exit
+head>-seed<s>.json``); a run killed in the middle resumes from its last finished epoch (runs/early_exit/<key>).
+The plot of the anytime curve goes beside each family (anytime.png).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,49 +46,56 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import records  # noqa: E402
-from hetero.config import parse_config  # noqa: E402
-from hetero.evaluate import evaluate  # noqa: E402
-from hetero.training.exits import calibrate, calibration_data  # noqa: E402
-from hetero.maths import apply_rule, correct_per_exit, rule_figures  # noqa: E402
-from hetero.models import exit_embeddings, exit_entropies  # noqa: E402
-from hetero.family import FamilyStore  # noqa: E402
-from hetero.models import Embedder, count_flops  # noqa: E402
-from hetero.training import train  # noqa: E402
+from recipe_seeds import TrainingClock, is_current  # noqa: E402
 
-SINGLES = {"single-4m": 0.25, "single-13m": 0.375, "single-18m": 0.5}
+BENCHMARK = "early_exit"
+RECIPE = "examples/omniglot.yaml"
+RUNS = ROOT / "runs" / "early_exit"
+SINGLES = {"single-w25": 0.25, "single-w375": 0.375}  # with the recipe's edge-s (0.5)
+STUDENTS = [*SINGLES, "edge-s", "edge-m"]
 QUANTILES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+LOSS_TARGET = 0.01  # the --top1-loss whose transfer from the held-out classes to the test queries is read
+ESCALATE = 0.1
+# What a run may change (the levers of issue 28), and the benchmark's own choice of each.
+DEFAULT_LEVER = {"self_distillation": 0.0, "held_out_by": "classes", "exit_head": "pooled"}
 
 
-def family_config(cloud: str, data: str, epochs: int, views: int, cache_dir: str | None) -> dict:
-    trunk = {"arch": "resnet", "width": 0.625, "depth": 0.5, "input_size": 48}
-    members = [{"name": "cloud", "role": "cloud", "model": cloud},
-               {"name": "multi", "role": "edge", **trunk, "exits": "auto"},
-               {"name": "edge-m", "role": "edge", **trunk}]
-    members += [{"name": name, "role": "edge", "arch": "resnet", "width": width, "depth": 0.5, "input_size": 48}
-                for name, width in SINGLES.items()]
-    return {
-        "family": {"name": "omniglot-early-exit", "embedding_dim": 128, "members": members},
-        "data": {"source": "omniglot", "path": data},
-        "train": {"epochs": epochs, "batch_size": 64, "seed": 0, "edge_classification": 0.0,
-                  "losses": {"relational": 5.0, "regression": 20.0}, "matching_inputs": ["mixup", "cutmix", "dihedral"],
-                  "teacher_cache": {"views": views, **({"dir": cache_dir} if cache_dir else {})},
-                  "early_exit": {"held_out": 0.1}},
-    }
+def cell_key(lever: dict, seed: int, quick: bool) -> str:
+    return records.key_of(records.machine_tag(records.machine()), f"sd{lever['self_distillation']:g}",
+                          lever["held_out_by"], lever["exit_head"], f"seed{seed}", quick=quick)
 
 
-def anytime_curve(store: FamilyStore, member: str) -> list[dict]:
-    """(q, mean MFLOPs, top-1 vs the cloud gallery, shares) on the test queries, thresholds from held-out
-    training images."""
+def overrides_of(lever: dict, seed: int) -> list[str]:
+    """The recipe's members plus `multi` and the two narrower students, and the early-exit settings, as
+    overrides on examples/omniglot.yaml (so a change of the recipe makes the records stale)."""
+    from hetero.config import read_yaml
+
+    members = read_yaml(ROOT / RECIPE)["family"]["members"]
+    edge_m = next(m for m in members if m["name"] == "edge-m")
+    added = [{**edge_m, "name": "multi", "exits": "auto", "exit_head": lever["exit_head"]}]
+    added += [{**edge_m, "name": name, "width": width} for name, width in SINGLES.items()]
+    settings = {"held_out": 0.1, "held_out_by": lever["held_out_by"], "self_distillation": lever["self_distillation"]}
+    return [f"family.members={json.dumps(members + added)}", f"train.early_exit={json.dumps(settings)}",
+            f"train.seed={seed}"]
+
+
+# ------------------------------------------------------------------------------------------- one seed
+
+
+def anytime_curve(store, member: str) -> list[dict]:
+    """(q, mean MFLOPs, top-1 vs the cloud gallery, shares) on the test queries, each early exit's threshold
+    the quantile q of its entropies on the held-out calibration queries."""
+    from hetero.maths import apply_rule, correct_per_exit, rule_figures
+    from hetero.models import embed_images, exit_embeddings, exit_entropies
+    from hetero.training.exits import calibration_data
+
     held = calibration_data(store, member)["entropies"]
     split, entry = store.split(), store.member(member)
     model, cloud = store.load_member(member), store.load_member(store.cloud.name)
     images = split.test.floats()
     q, g, labels = split.query_index, split.gallery_index, split.test.labels
     exits = exit_embeddings(model, images[q])
-    from hetero.models import embed_images
-
-    gallery = embed_images(cloud, images[g])
-    correct = correct_per_exit(exits, gallery, labels[q], labels[g])
+    correct = correct_per_exit(exits, embed_images(cloud, images[g]), labels[q], labels[g])
     entropies = exit_entropies(model, exits)
     flops = [e.flops for e in entry.exits]
     rows = []
@@ -94,7 +108,8 @@ def anytime_curve(store: FamilyStore, member: str) -> list[dict]:
 
 
 def interpolate(curve: list[dict], mflops: float) -> float | None:
-    """The curve's top-1 at `mflops` (linear between its points, best point at or below when it is a hull)."""
+    """The curve's top-1 at `mflops`: linear between its points, or its best point at or below; None below
+    its cheapest point."""
     points = sorted((r["mean_mflops"], r["top1"]) for r in curve)
     if mflops < points[0][0]:
         return None
@@ -105,17 +120,66 @@ def interpolate(curve: list[dict], mflops: float) -> float | None:
     return best
 
 
-def plot(curve: list[dict], singles: dict, edge_m: tuple, cloud_top1: float, path: Path) -> None:
+def measure(store) -> dict:
+    """Every figure of one trained family (see the module's docstring); calibrates `multi` twice."""
+    from hetero.evaluate import evaluate
+    from hetero.models import Embedder, count_flops
+    from hetero.training.exits import calibrate
+
+    report = evaluate(store)
+    cloud = report["cloud"]
+    top1 = {name: report["matrix"][name][cloud]["top1"] for name in report["matrix"]}
+    mflops = {m.name: m.flops / 1e6 for m in store.members}
+    exits = report["early_exit"]["multi"]["exits"]
+    curve = anytime_curve(store, "multi")
+    students = {}
+    for name in STUDENTS:
+        at = interpolate(curve, mflops[name])
+        students[name] = {"mflops": mflops[name], "top1": top1[name], "curve_at_its_mflops": at,
+                          "curve_minus_student": None if at is None else at - top1[name]}
+    edge_m, cloud_top1 = top1["edge-m"], top1[cloud]
+    matching = [r for r in curve if r["top1"] >= edge_m - 0.005]
+    cheapest = min(matching, key=lambda r: r["mean_mflops"]) if matching else None
+    last = exits[-1]["top1_vs_cloud"]
+
+    rule = calibrate(store, "multi", top1_loss=LOSS_TARGET)
+    on_test = evaluate(store)["early_exit"]["multi"]["rule"]
+    transfer = {"target": LOSS_TARGET, "held_out": rule["calibration"]["top1_last_exit"] - rule["calibration"]["top1"],
+                "test": last - on_test["top1_edge"], "test_mean_mflops": on_test["mean_flops"] / 1e6}
+    rule = calibrate(store, "multi", top1_loss=0.005, escalate=ESCALATE)
+    on_test = evaluate(store)["early_exit"]["multi"]["rule"]
+    split = {"asked": ESCALATE, "escalated_held_out": rule["calibration"]["escalated"],
+             "escalated_test": on_test["escalated"], "top1_system": on_test["top1_system"],
+             "top1_edge": on_test["top1_edge"], "mean_mflops": on_test["mean_flops"] / 1e6,
+             "shares": on_test["shares"], "halfway_edge_m_to_cloud": edge_m + (cloud_top1 - edge_m) / 2,
+             "gap_closed": (on_test["top1_system"] - edge_m) / (cloud_top1 - edge_m) if cloud_top1 > edge_m else None}
+    plain = count_flops(Embedder("resnet", 0.625, 0.5, 128, 48))
+    return {
+        "top1_vs_cloud": top1, "mflops": mflops,
+        "exits_alone": {f"stage {e['stage']}": {"mflops": e["flops"] / 1e6, "top1_vs_cloud": e["top1_vs_cloud"]}
+                        for e in exits},
+        "anytime_curve": {f"q={r['q']:.2f}": {k: v for k, v in r.items() if k != "q"} for r in curve},
+        "students": students,
+        "within_half_point_of_edge_m": cheapest and {
+            "q": cheapest["q"], "top1": cheapest["top1"], "mean_mflops": cheapest["mean_mflops"],
+            "times_fewer_mflops_than_edge_m": mflops["edge-m"] / cheapest["mean_mflops"]},
+        "top1_loss_transfer": transfer, "split": split,
+        "exit_overhead": exits[-1]["flops"] / plain - 1,
+    }
+
+
+def plot(figures: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve = sorted(figures["anytime_curve"].values(), key=lambda r: r["mean_mflops"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["mean_mflops"] for r in curve], [r["top1"] for r in curve], "o-", label="multi-exit (the rule)")
-    ax.plot([f for f, _ in singles.values()], [t for _, t in singles.values()], "s", label="single-exit students")
-    ax.plot([edge_m[0]], [edge_m[1]], "D", label="edge-m")
-    ax.axhline(cloud_top1, ls="--", c="grey", label="cloud/cloud")
+    for name, student in figures["students"].items():
+        ax.plot([student["mflops"]], [student["top1"]], "D" if name == "edge-m" else "s", label=name)
+    ax.axhline(figures["top1_vs_cloud"]["cloud"], ls="--", c="grey", label="cloud/cloud")
     ax.set_xlabel("mean MFLOPs per query (edge)")
     ax.set_ylabel("top-1 vs the cloud gallery")
     ax.legend(loc="lower right")
@@ -123,99 +187,106 @@ def plot(curve: list[dict], singles: dict, edge_m: tuple, cloud_top1: float, pat
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cloud", default=str(ROOT / "runs" / "byo" / "cloud.onnx"), help="the frozen ONNX cloud")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "early_exit"), help="family directory (kept)")
-    parser.add_argument("--epochs", type=int, help="edge epochs (default 60; --quick 3)")
-    parser.add_argument("--views", type=int, help="teacher cache views per image (default 8; --quick 4)")
-    parser.add_argument("--cache-dir", help="teacher cache directory to share between runs")
-    parser.add_argument("--quick", action="store_true", help="3 edge epochs, 4 views: a smoke test, never a result")
-    parser.add_argument("--reuse", action="store_true", help="evaluate the family already in --out")
-    parser.add_argument("--start-from", help="a training state of this same config whose finished epochs this run "
-                                             "shares (e.g. the first epoch of a longer run: warm-up, identical)")
-    args = parser.parse_args()
-    epochs = args.epochs or (3 if args.quick else 60)
-    views = args.views or (4 if args.quick else 8)
-    out = Path(args.out)
-    started = time.perf_counter()
-    if args.reuse:
-        store = FamilyStore.open(out)
-    else:
-        config = parse_config(family_config(args.cloud, args.data, epochs, views, args.cache_dir), "early_exit")
-        store = train(config, out, overwrite=True, progress=False, start_from=args.start_from)
-    trained = time.perf_counter() - started
-    report = evaluate(store)
-    top1 = {name: report["matrix"][name]["cloud"]["top1"] for name in report["matrix"]}
-    flops = {m.name: m.flops for m in store.members}
-    curve = anytime_curve(store, "multi")
+def run_seed(lever: dict, seed: int, quick: bool) -> Path:
+    from hetero.config import load_config
+    from hetero.family import TRAIN_STATE, FamilyStore
+    from hetero.training import train
 
-    print(f"\nEarly exit on Omniglot: {epochs} edge epochs, teacher cache {views} views, "
-          f"{store.manifest.data.train_images} training images (held-out share 0.1), {report['queries']} test queries; "
-          f"training {trained:.0f} s")
-    print("\nAnytime curve of `multi` (thresholds: quantile q of each exit's entropies on held-out training images)")
-    print("| q | mean MFLOPs | top-1 vs cloud | share per exit (stages 1-4) |\n| ---: | ---: | ---: | --- |")
-    for r in curve:
-        print(f"| {r['q']:.2f} | {r['mean_mflops']:.2f} | {r['top1']:.3f} | {' / '.join(f'{s:.2f}' for s in r['shares'])} |")
-    exits = report["early_exit"]["multi"]["exits"]
-    print("\nEach exit alone, and the separate students\n| member | MFLOPs | top-1 vs cloud | multi-exit at equal "
-          "mean FLOPs | difference |\n| --- | ---: | ---: | ---: | ---: |")
-    for e in exits:
-        print(f"| multi, exit at stage {e['stage']} | {e['flops'] / 1e6:.2f} | {e['top1_vs_cloud']:.3f} | | |")
-    singles = {}
-    for name in [*SINGLES, "edge-m"]:
-        mflops = flops[name] / 1e6
-        at = interpolate(curve, mflops)
-        singles[name] = (mflops, top1[name])
-        diff = "" if at is None else f"{at - top1[name]:+.3f}"
-        print(f"| {name} | {mflops:.2f} | {top1[name]:.3f} | {'below the first exit' if at is None else f'{at:.3f}'} "
-              f"| {diff} |")
-    edge_m, cloud_top1 = top1["edge-m"], top1["cloud"]
-    matching = [r for r in curve if r["top1"] >= edge_m - 0.005]
-    cheapest = min(matching, key=lambda r: r["mean_mflops"]) if matching else None
-    plain = count_flops(Embedder("resnet", 0.625, 0.5, 128, 48))
-    overhead = exits[-1]["flops"] / plain - 1
-    calibrate(store, "multi", top1_loss=0.005, escalate=0.1)
-    rule = evaluate(store)["early_exit"]["multi"]["rule"]
-    halfway = edge_m + (cloud_top1 - edge_m) / 2
-    print("\nGoals")
-    print(f"- edge-m top-1 {edge_m:.3f} at {flops['edge-m'] / 1e6:.2f} MFLOPs; cloud/cloud {cloud_top1:.3f}")
-    if cheapest:
-        print(f"- within 0.5 points of edge-m: multi at q={cheapest['q']:.2f}, top-1 {cheapest['top1']:.3f}, mean "
-              f"{cheapest['mean_mflops']:.2f} MFLOPs: {flops['edge-m'] / 1e6 / cheapest['mean_mflops']:.2f}x fewer "
-              f"than edge-m (goal 1.5x)")
-    else:
-        print(f"- no point of the curve is within 0.5 points of edge-m (best {max(r['top1'] for r in curve):.3f})")
-    print(f"- split (calibrated: --top1-loss 0.005 --escalate 0.1): {rule['escalated']:.1%} escalated, system top-1 "
-          f"{rule['top1_system']:.3f} (edge answers alone {rule['top1_edge']:.3f}, mean edge "
-          f"{rule['mean_flops'] / 1e6:.2f} MFLOPs, shares {' / '.join(f'{s:.2f}' for s in rule['shares'])}); "
-          f"halfway from edge-m to the cloud is {halfway:.3f}: {'met' if rule['top1_system'] >= halfway else 'not met'}")
-    print(f"- exit machinery: last exit {exits[-1]['flops'] / 1e6:.3f} MFLOPs against {plain / 1e6:.3f} for the plain "
-          f"trunk: +{overhead:.2%} (goal < 5%)")
-    plot_path = out / "anytime.png"
-    plot(curve, singles, singles["edge-m"], cloud_top1, plot_path)
-    figures = {
-        "train_s": None if args.reuse else trained, "top1_vs_cloud": top1,
-        "mflops": {name: value / 1e6 for name, value in flops.items()},
-        "anytime_curve": {f"q={r['q']:.2f}": {"mean_mflops": r["mean_mflops"], "top1": r["top1"], "shares": r["shares"]}
-                          for r in curve},
-        "exits_alone": {f"stage {e['stage']}": {"mflops": e["flops"] / 1e6, "top1_vs_cloud": e["top1_vs_cloud"]}
-                        for e in exits},
-        "within_half_point_of_edge_m": cheapest and {
-            "q": cheapest["q"], "top1": cheapest["top1"], "mean_mflops": cheapest["mean_mflops"],
-            "times_fewer_mflops_than_edge_m": flops["edge-m"] / 1e6 / cheapest["mean_mflops"]},
-        "calibrated_split": {"escalated": rule["escalated"], "top1_system": rule["top1_system"],
-                             "top1_edge": rule["top1_edge"], "mean_mflops": rule["mean_flops"] / 1e6,
-                             "shares": rule["shares"], "halfway_edge_m_to_cloud": halfway,
-                             "halfway_met": rule["top1_system"] >= halfway},
-        "exit_overhead": overhead,
-    }
-    path = records.write("early_exit", records.key_of(f"e{epochs}", f"v{views}", quick=args.quick), figures,
-                         wall_s=time.perf_counter() - started, seeds=[0], quick=args.quick,
-                         cloud=records.relative(args.cloud), epochs=epochs, views=views, reused=args.reuse)
-    print(f"\nplot: {plot_path}; record: {path}; total {time.perf_counter() - started:.0f} s")
+    key, overrides = cell_key(lever, seed, quick), overrides_of(lever, seed)
+    config = load_config(str(ROOT / RECIPE), overrides)
+    if quick:
+        config.train.epochs = max(1, config.train.epochs // 6)
+        config.train.edge_epochs = max(1, (config.train.edge_epochs or config.train.epochs) // 6)
+    out, clock_file = RUNS / key, RUNS / f"{key}.seconds.json"
+    if not (out / "manifest.json").is_file():
+        resume = (out / TRAIN_STATE).is_file()
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}", flush=True)
+        with TrainingClock(clock_file):
+            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False)
+    seconds = json.loads(clock_file.read_text())["seconds"] if clock_file.is_file() else None
+    store = FamilyStore.open(out)
+    figures = {**measure(store), "train_s": seconds, "epochs": [config.train.epochs, config.train.edge_epochs]}
+    plot(figures, out / "anytime.png")
+    path = records.write(BENCHMARK, key, figures, wall_s=seconds or 0.0, recipe=RECIPE, overrides=overrides,
+                         seeds=[seed], quick=quick, **lever, amp_bf16=store.manifest.training.amp_bf16)
+    print(f"[{time.strftime('%H:%M:%S')}] {key} -> {path}", flush=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ over seeds
+
+
+# Each headline figure: (name, how it is read from a record's figures); None where a seed has none.
+HEADLINE = [
+    ("edge-m top-1", lambda f: f["top1_vs_cloud"]["edge-m"]),
+    ("multi last exit top-1", lambda f: f["top1_vs_cloud"]["multi"]),
+    ("cloud top-1", lambda f: f["top1_vs_cloud"]["cloud"]),
+    ("x fewer MFLOPs than edge-m within 0.5 pts of it",
+     lambda f: (f["within_half_point_of_edge_m"] or {}).get("times_fewer_mflops_than_edge_m")),
+    ("curve - single-w375 (pts)", lambda f: _points(f["students"]["single-w375"]["curve_minus_student"])),
+    ("curve - edge-s (pts)", lambda f: _points(f["students"]["edge-s"]["curve_minus_student"])),
+    ("top-1 loss on test, target 1 pt (pts)", lambda f: _points(f["top1_loss_transfer"]["test"])),
+    ("escalated on test, 10% asked", lambda f: f["split"]["escalated_test"]),
+    ("system top-1 with 10% to the cloud", lambda f: f["split"]["top1_system"]),
+    ("share of the edge-m to cloud gap closed", lambda f: f["split"]["gap_closed"]),
+]
+
+
+def lever_label(row: dict) -> str:
+    return (f"self-distillation {row['self_distillation']:g}, held out by {row['held_out_by']}, "
+            f"{row['exit_head']} exit heads")
+
+
+def _points(value: float | None) -> float | None:
+    return None if value is None else value * 100
+
+
+def summary(found: list[dict], quick: bool = False) -> list[dict]:
+    """Per machine and lever (self-distillation weight, what was held out): the mean and spread (max - min)
+    of each headline figure over the seeds of the current records."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in found:
+        if record["quick"] == quick and is_current(record):
+            cell = (records.machine_tag(record["machine"]), *(record.get(k, v) for k, v in DEFAULT_LEVER.items()))
+            groups.setdefault(cell, []).append(record)
+    rows = []
+    for (machine, *lever), cell in sorted(groups.items()):
+        row = {"machine": machine, **dict(zip(DEFAULT_LEVER, lever)), "seeds": sorted(r["seeds"][0] for r in cell)}
+        for name, read in HEADLINE:
+            values = [v for v in (read(r["figures"]) for r in cell) if v is not None]
+            row[name] = (statistics.mean(values), max(values) - min(values), len(values)) if values else None
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["run", "summary"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--self-distillation", type=float, default=0.0,
+                        help="weight of each earlier exit's regression onto the last exit (default 0)")
+    parser.add_argument("--held-out-by", choices=["classes", "images"], default="classes",
+                        help="what calibration holds out of training (default classes)")
+    parser.add_argument("--exit-head", choices=["pooled", "grid"], default="pooled",
+                        help="how multi's earlier exits pool their stage (default pooled)")
+    parser.add_argument("--quick", action="store_true", help="a sixth of the epochs: a smoke test, never a result")
+    args = parser.parse_args(argv)
+    lever = {"self_distillation": args.self_distillation, "held_out_by": args.held_out_by, "exit_head": args.exit_head}
+    if args.mode == "run":
+        for seed in args.seeds:
+            key = cell_key(lever, seed, args.quick)
+            if is_current(records.read(BENCHMARK, key)):
+                print(f"{key}: record is current, skipped")
+                continue
+            run_seed(lever, seed, args.quick)
+    for row in summary(records.read_all(BENCHMARK), args.quick):
+        print(f"{row['machine']} {lever_label(row)}, seeds {row['seeds']}:")
+        for name, _ in HEADLINE:
+            value = row[name]
+            shown = "-" if value is None else f"{value[0]:.4g} (spread {value[1]:.3g}, {value[2]} seeds)"
+            print(f"  {name}: {shown}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

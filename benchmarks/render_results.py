@@ -247,7 +247,31 @@ def stores_section(found: list[dict]) -> list[str]:
                    "p50 vs FAISS (b1, b100)", "machine"], rows)]
 
 
-SECTIONS = {"scale_memory": growth_section, "vector_store": stores_section}
+# ------------------------------------------------------------------------------------------ early exit
+
+
+def exits_section(found: list[dict]) -> list[str]:
+    """early_exit: each headline figure's mean and spread over seeds, per machine and lever, from
+    `early_exit.summary()` over the current full records."""
+    import early_exit
+
+    rows = early_exit.summary(found)
+    if not rows:
+        return []
+    names = [name for name, _ in early_exit.HEADLINE]
+    body = []
+    for name in names:
+        cells = ["-" if row[name] is None else f"{row[name][0]:.4g} (spread {row[name][1]:.2g})" for row in rows]
+        body.append([cell(name), *cells])
+    header = [f"{row['machine']}, {early_exit.lever_label(row)}, seeds {number(row['seeds'])}" for row in rows]
+    return ["Mean over seeds and the spread (max - min) of each headline figure, from `early_exit.summary()` over "
+            "the current full records. The anytime curve's thresholds and both calibrations are fitted on the "
+            "training classes held out of training and read on the test characters; `curve - student` is the "
+            "multi-exit member's curve at a separate student's FLOPs minus that student's top-1. `python "
+            "benchmarks/early_exit.py summary` prints the same.\n", table(["figure", *map(cell, header)], body)]
+
+
+SECTIONS = {"scale_memory": growth_section, "vector_store": stores_section, "early_exit": exits_section}
 
 
 # ---------------------------------------------------------------------------------------------- rendering

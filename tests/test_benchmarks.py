@@ -205,3 +205,35 @@ def test_scale_memory_records_its_command_without_the_machines_work_folder():
     assert scale_memory.without_work(argv) == ["benchmarks/scale_memory.py", "--rows", "1000", "--stages", "ingest"]
     script = "benchmarks/scale_memory.py"
     assert scale_memory.without_work([script, "--work=/mnt/big"]) == [script]
+
+
+def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones_out(tmp_path, monkeypatch):
+    import early_exit
+
+    monkeypatch.setenv(records.ENV, str(tmp_path / "results"))
+
+    def figures(edge_m: float, escalated: float) -> dict:
+        return {"top1_vs_cloud": {"cloud": 0.87, "edge-m": edge_m, "multi": 0.84},
+                "within_half_point_of_edge_m": None,  # no point of the curve came that close
+                "students": {"single-w375": {"curve_minus_student": 0.01}, "edge-s": {"curve_minus_student": None}},
+                "top1_loss_transfer": {"test": 0.012}, "split": {"escalated_test": escalated, "top1_system": 0.86,
+                                                                 "gap_closed": 0.5}}
+
+    for seed, (edge_m, escalated) in enumerate([(0.84, 0.09), (0.85, 0.13), (0.10, 0.90)]):
+        records.write("early_exit", f"m-seed{seed}", figures(edge_m, escalated), wall_s=1.0, recipe=early_exit.RECIPE,
+                      overrides=early_exit.overrides_of(early_exit.DEFAULT_LEVER, seed), seeds=[seed],
+                      **early_exit.DEFAULT_LEVER, argv=["benchmarks/early_exit.py"])
+    stale = records.record_path("early_exit", "m-seed2")
+    stale.write_text(stale.read_text().replace('"config_hash": "', '"config_hash": "0'))  # its recipe changed since
+    [row] = early_exit.summary(records.read_all("early_exit"))
+    assert row["seeds"] == [0, 1] and row["held_out_by"] == "classes"
+    assert row["edge-m top-1"] == pytest.approx((0.845, 0.01, 2))
+    assert row["escalated on test, 10% asked"] == pytest.approx((0.11, 0.04, 2))
+    assert row["curve - edge-s (pts)"] is None and row["x fewer MFLOPs than edge-m within 0.5 pts of it"] is None
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{render_results.BEGIN}\n{render_results.END}\n")
+    assert render_results.main(["--results", str(tmp_path / "results"), "--page", str(page),
+                                "--readme", str(readme)]) == 0
+    text = page.read_text()
+    assert "| escalated on test, 10% asked | 0.11 (spread 0.04) |" in text
+    assert "held out by classes, pooled exit heads, seeds 0, 1" in text
