@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetero.export.common import (METADATA_KEY, ExportError, PlatformUnavailable, RuntimeAdapter, example_input,
-                                  graph_for)
+from hetero.export.common import (METADATA_KEY, ExitChain, ExportError, PlatformUnavailable, RuntimeAdapter,
+                                  example_input, graph_for, write_exit_chain)
 
 TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
 
@@ -22,16 +22,28 @@ TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", 
 def export_coreml(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
                   accept=None) -> dict:
     """Write `model` as an ML Program .mlpackage directory at `path` with user-defined metadata."""
+    example = example_input(profile, metadata["input_size"])
+    mlmodel, quantization = _convert(graph_for(model, profile), example, profile, ["images"], ["embedding"])
+    full = {**metadata, "quantization": quantization,
+            "minimum_deployment_target": profile.minimum_deployment_target}
+    mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(full)
+    mlmodel.short_description = f"{metadata['family']} / {metadata['member']}: unit {metadata['embedding_dim']}-d " \
+                                f"image embedding (space {metadata['space_id']})"
+    mlmodel.save(str(path))
+    return {"quantization": quantization, "minimum_deployment_target": profile.minimum_deployment_target}
+
+
+def _convert(module: torch.nn.Module, example: torch.Tensor, profile, inputs: list[str], outputs: list[str]):
+    """(ML Program of `module` traced on `example` in the profile's precision, what was done)."""
     import coremltools as ct
 
-    example = example_input(profile, metadata["input_size"])
-    traced = torch.jit.trace(graph_for(model, profile), (example,))
+    traced = torch.jit.trace(module.eval(), (example,))
     compute = ct.precision.FLOAT32 if profile.precision == "fp32" else ct.precision.FLOAT16
     # ct.convert mutates the TensorTypes it is given: build fresh ones per call.  float32 I/O even for fp16
     # compute, so the app feeds float images and reads a float embedding, as on every other format.
     mlmodel = ct.convert(traced, convert_to="mlprogram", compute_precision=compute,
-                         inputs=[ct.TensorType(name="images", shape=tuple(example.shape), dtype=np.float32)],
-                         outputs=[ct.TensorType(name="embedding", dtype=np.float32)],
+                         inputs=[ct.TensorType(name=inputs[0], shape=tuple(example.shape), dtype=np.float32)],
+                         outputs=[ct.TensorType(name=name, dtype=np.float32) for name in outputs],
                          minimum_deployment_target=_target(profile))
     quantization = {"scheme": "fp16" if compute == ct.precision.FLOAT16 else "none",
                     "weights": "float16" if compute == ct.precision.FLOAT16 else "float32",
@@ -40,13 +52,7 @@ def export_coreml(model: torch.nn.Module, path: Path, profile, metadata: dict, c
         mlmodel = _int8_weights(mlmodel)
         quantization = {"scheme": "int8-weights", "weights": "int8 per-channel symmetric (constexpr dequantise)",
                         "activations": "float16", "io": "float32"}
-    full = {**metadata, "quantization": quantization,
-            "minimum_deployment_target": profile.minimum_deployment_target}
-    mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(full)
-    mlmodel.short_description = f"{metadata['family']} / {metadata['member']}: unit {metadata['embedding_dim']}-d " \
-                                f"image embedding (space {metadata['space_id']})"
-    mlmodel.save(str(path))
-    return {"quantization": quantization, "minimum_deployment_target": profile.minimum_deployment_target}
+    return mlmodel, quantization
 
 
 def _target(profile):
@@ -67,6 +73,79 @@ def _int8_weights(mlmodel):
     config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                      weight_threshold=0)  # small members too: quantise every weight
     return linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config))
+
+
+# ------------------------------------------------------------------------------- multi-exit members: chains
+# The chain folder, chain.json and the runtime's loop are format-independent (hetero.export.common); here is
+# only how one .mlpackage of a chain is written and run.  coremltools converts on Linux but predicts on macOS
+# only: there the chain runs; elsewhere its structure is read from each graph's spec.
+
+
+def export_exit_chain(model, folder: Path, profile, metadata: dict, int8_scope: str = "everywhere") -> dict:
+    """A multi-exit member as a folder: stage<k>.mlpackage chained graphs, all_exits.mlpackage, and chain.json
+    listing every package's sha256 (see `write_exit_chain`); float32 I/O, the profile's compute precision.
+    `int8_scope` is accepted for the exporter's int8 fallback, but the export gate cannot run a CoreML chain
+    off macOS, so it never asks for another here: int8-weights quantises every weight, as for plain members."""
+    def write_graph(module, example, path: Path, inputs: list[str], outputs: list[str], graph_metadata: dict):
+        mlmodel, quantization = _convert(module, example, profile, inputs, outputs)
+        mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(
+            {**graph_metadata, "quantization": quantization,
+             "minimum_deployment_target": profile.minimum_deployment_target})
+        chain = graph_metadata["chain"]
+        mlmodel.short_description = (f"{metadata['family']} / {metadata['member']}: " + (
+            f"stage {chain['index']} of {chain['of']} of an exit chain" if chain["index"] else
+            f"every exit of an exit chain of {chain['of']}") + f" (space {metadata['space_id']})")
+        mlmodel.save(str(path))
+        return quantization
+
+    done = write_exit_chain(model, folder, profile, metadata, ".mlpackage", write_graph)
+    return {**done, "minimum_deployment_target": profile.minimum_deployment_target}
+
+
+class _CoreMLGraph:
+    """One graph of a chain: its spec facts on any host; MLModel.predict on macOS only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.facts = inspect_artifact(self.path)
+        self.outputs = (self.facts["metadata"] or {}).get("outputs") or list(self.facts["outputs"])
+        self.inputs = (self.facts["metadata"] or {}).get("inputs") or list(self.facts["inputs"])
+        shape = self.facts["inputs"].get(self.inputs[0]) or [1]
+        self.batch = int(shape[0])
+        self.model = None
+        if platform.system() == "Darwin":
+            import coremltools as ct
+
+            self.model = ct.models.MLModel(str(self.path))
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.model is None:
+            raise PlatformUnavailable(f"CoreML models execute only on macOS (this host: {platform.system()})",
+                                      "macOS")
+        found = self.model.predict({self.inputs[0]: x})
+        return [np.asarray(found[name], dtype=np.float32) for name in self.outputs]
+
+
+class CoreMLExitChain(ExitChain):
+    """A multi-exit artifact in CoreML: on macOS it runs like every chain; elsewhere chain.json and every
+    package's sha256 and chain id are checked and each graph's spec is read (`graphs()`), but running raises
+    PlatformUnavailable (`unavailable` says so before anything runs)."""
+
+    name = "coreml"
+
+    def __init__(self, folder: Path):
+        super().__init__(folder, read_coreml_metadata)
+        if platform.system() != "Darwin":
+            self.unavailable = (f"CoreML models execute only on macOS (this host: {platform.system()}); the chain's "
+                                f"files, ids and each graph's spec were read instead")
+            self.platform = "macOS"
+
+    def open_graph(self, path: Path) -> _CoreMLGraph:
+        return _CoreMLGraph(path)
+
+    def graphs(self) -> list[tuple[str, dict]]:
+        """(file name, spec facts) of every stage graph in order, then the all-exits graph."""
+        return [(g.path.name, g.facts) for g in [*self.stages, self.all_exits]]
 
 
 def read_coreml_metadata(path: Path) -> dict:

@@ -26,15 +26,23 @@ import torch
 
 from cachetools import LRUCache
 
-from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, example_input, graph_for,
-                                  keeps_parity, need_calibration, parity, split_calibration)
+from hetero.export.common import (FLOAT32_PARTS, METADATA_KEY, ExitChain, ExportError, RuntimeAdapter,
+                                  example_input, graph_for, keeps_parity, need_calibration, parity, split_calibration,
+                                  write_exit_chain)
 
 SIGNATURE = "serving_default"
 # Ops of the backbone that static int8 quantises; the input normalisation and the embedding head
 # (FULLY_CONNECTED, batch norm, L2 normalisation) stay float, as in the ONNX exporter.
 STATIC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
-# Float conversions by (weights, size, layout, batch): the profiles of one member share one conversion.
-_FLOAT_CACHE: LRUCache = LRUCache(maxsize=8)
+# Float conversions by (weights, module, input shape): the profiles of one member share one conversion (a
+# multi-exit member's chain is one conversion per stage plus the all-exits graph).
+_FLOAT_CACHE: LRUCache = LRUCache(maxsize=24)
+# Op scopes (output tensor names, which litert-torch makes of module paths: the trunk's segments are
+# nn.Sequential items of a ModuleList, Sequential_<k>/; the exit heads ExitHead_<k>; the entropy sits in the
+# stage module itself) of a chain's int8 weights, per INT8_SCOPES; {last}: the last segment's index.
+CHAIN_INT8_OPS = {"everywhere": ".*", "trunk": r"^(?!.*ExitHead).*Sequential_",
+                  "last segment": r"^(?!.*ExitHead).*Sequential_{last}/"}
+
 
 
 def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
@@ -65,15 +73,23 @@ def export_tflite(model: torch.nn.Module, path: Path, profile, metadata: dict, c
 
 
 def _float_tflite(model: torch.nn.Module, profile, size: int) -> bytes:
+    return _converted(graph_for(model, profile), example_input(profile, size))
+
+
+def _converted(module: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """The float .tflite of `module` traced on `example` (cached for the process)."""
     import litert_torch
 
     state = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in module.state_dict().items():
         state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    key = (state.hexdigest(), size, profile.layout, profile.batch)
+    kind, inner = [], module
+    while inner is not None:  # the wrappers and what they wrap, with a chain stage's index
+        kind.append(f"{type(inner).__name__}{getattr(inner, 'index', '')}")
+        inner = getattr(inner, "model", None)
+    key = (state.hexdigest(), "/".join(kind), tuple(example.shape))
     if key not in _FLOAT_CACHE:
-        converted = litert_torch.convert(graph_for(model, profile), (example_input(profile, size),))
-        _FLOAT_CACHE[key] = bytes(converted.model_content())
+        _FLOAT_CACHE[key] = bytes(litert_torch.convert(module.eval(), (example,)).model_content())
     return _FLOAT_CACHE[key]
 
 
@@ -96,18 +112,23 @@ def _fp16(float_model: bytes):
         "scheme": "fp16", "weights": "float16", "activations": "float32", "io": "float32"}
 
 
-def _weight_only(float_model: bytes):
-    from ai_edge_quantizer import recipe
+def _weight_only(float_model: bytes, scope: str = ".*"):
+    """int8 weights of the ops whose output tensor name matches `scope` (every op by default)."""
+    from ai_edge_quantizer import qtyping, recipe_manager
 
-    return _quantize(float_model, recipe.weight_only_wi8_afp32()), {
+    manager = recipe_manager.RecipeManager()
+    manager.add_weight_only_config(regex=scope, operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=8)
+    return _quantize(float_model, manager.get_quantization_recipe()), {
         "scheme": "int8-weights", "weights": "int8 per-channel (dequantised before each op)",
         "activations": "float32", "io": "float32"}
 
 
-def _dynamic(float_model: bytes):
-    from ai_edge_quantizer import recipe
+def _dynamic(float_model: bytes, scope: str = ".*"):
+    from ai_edge_quantizer import qtyping, recipe_manager
 
-    return _quantize(float_model, recipe.dynamic_wi8_afp32()), {
+    manager = recipe_manager.RecipeManager()
+    manager.add_dynamic_config(regex=scope, operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=8)
+    return _quantize(float_model, manager.get_quantization_recipe()), {
         "scheme": "int8-dynamic", "weights": "int8 per-channel",
         "activations": "int8, quantised at run time per batch", "io": "float32"}
 
@@ -169,6 +190,94 @@ def _int8(model, float_model: bytes, profile, metadata: dict, calibration: torch
                                             f"for calibration), against min cosine {1 - (1 - tolerance) / 2:g} "
                                             f"(half the margin of tolerance {tolerance})")
     return data, quantization
+
+
+# ------------------------------------------------------------------------------- multi-exit members: chains
+# The chain folder, chain.json and the runtime's loop are format-independent (hetero.export.common); here is
+# only how one .tflite graph of a chain is written and run.
+
+CHAIN_INT8_WHY = (
+    "int8 weights dequantised before each op, float32 activations: a chain's exit decision compares each "
+    "stage's entropy with a threshold, so the stage's activations stay float.  Dynamic-range int8 computes "
+    "wrong vectors on tflite-runtime 2.14, which the Android profiles declare; static int8 would need "
+    "activation ranges per segment and loses parity on this converter (ai-edge-quantizer: min cosine 0.90-0.96 "
+    "on plain members)")
+
+
+def export_exit_chain(model, folder: Path, profile, metadata: dict, int8_scope: str = "everywhere") -> dict:
+    """A multi-exit member as a folder: stage<k>.tflite chained graphs, all_exits.tflite, and chain.json
+    listing every file's sha256 (see `write_exit_chain`); each flatbuffer carries its metadata as plain
+    members do.  Fixed batch (the profile's); the first stage and the all-exits graph take the profile's
+    layout.  int8: int8 weights where `int8_scope` (one of INT8_SCOPES) says, the rest float32."""
+    if profile.batch == 0:
+        raise ExportError(f"profile {profile.name!r}: LiteRT needs a fixed batch size (litert-torch cannot "
+                          f"export a dynamic batch); set batch: 1 (or another fixed size) in the profile")
+    scope = CHAIN_INT8_OPS[int8_scope].format(last=len(model.exits) - 1)
+
+    def write_graph(module, example, path: Path, inputs: list[str], outputs: list[str], graph_metadata: dict):
+        data, quantization = _chain_precision(_converted(module, example), profile, int8_scope, scope)
+        Path(path).write_bytes(with_metadata(data, {**graph_metadata, "quantization": quantization}))
+        return quantization
+
+    return write_exit_chain(model, folder, profile, metadata, ".tflite", write_graph)
+
+
+def _chain_precision(float_model: bytes, profile, int8_scope: str, scope: str):
+    if profile.precision == "fp16":
+        return _fp16(float_model)
+    if profile.precision not in ("int8", "int8-weights", "int8-dynamic"):
+        return float_model, {"scheme": "none"}
+    quantize = _dynamic if profile.precision == "int8-dynamic" else _weight_only
+    data, quantization = quantize(float_model, scope)
+    quantization["int8_scope"] = int8_scope
+    if FLOAT32_PARTS[int8_scope]:
+        quantization["float32_ops"] = FLOAT32_PARTS[int8_scope]
+    if profile.precision != "int8-dynamic":
+        quantization["why"] = CHAIN_INT8_WHY
+    try:  # a scope that matched no op quantised nothing: say so rather than pass a float graph off as int8
+        from ai_edge_litert.interpreter import Interpreter
+
+        int8 = sum(t["dtype"] == np.int8 for t in Interpreter(model_content=data).get_tensor_details())
+    except Exception:  # noqa: BLE001 -- only a count for the record
+        int8 = None
+    quantization["int8_tensors"] = int8
+    return data, quantization
+
+
+class _LiteRTGraph:
+    """One graph of a chain in ai_edge_litert: its signature's outputs in the order they were exported."""
+
+    def __init__(self, path: Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path))
+        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+        signature = self.interpreter.get_signature_list()[SIGNATURE]
+        self.input, self.outputs = signature["inputs"][0], sorted(signature["outputs"], key=_output_order)
+        self.batch = int(self.runner.get_input_details()[self.input]["shape"][0])
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        found = self.runner(**{self.input: x})
+        return [found[name] for name in self.outputs]
+
+
+def _output_order(name: str):
+    """litert-torch names a signature's outputs output_0, output_1, ... in the order the module returns them."""
+    tail = name.rsplit("_", 1)[-1]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
+
+
+class LiteRTExitChain(ExitChain):
+    """A multi-exit artifact in ai_edge_litert: every exit at once, or the chain run stage by stage with a
+    rule; the graphs have a fixed batch (1 on the Android profiles), so images run one batch at a time."""
+
+    name = "litert"
+
+    def __init__(self, folder: Path):
+        super().__init__(folder, read_tflite_metadata)
+
+    def open_graph(self, path: Path) -> _LiteRTGraph:
+        return _LiteRTGraph(path)
 
 
 # ------------------------------------------------------------------------------------------------ metadata

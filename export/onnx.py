@@ -10,13 +10,15 @@ safe fallback.  What was done is recorded in the file's metadata and in the mani
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hetero.export.common import (METADATA_KEY, ExportError, RuntimeAdapter, example_input, graph_for,
-                                  keeps_parity, need_calibration, parity, split_calibration)
+from hetero.export.common import (FLOAT32_PARTS, METADATA_KEY, ExitChain, ExportError, RuntimeAdapter,
+                                  example_input, graph_for, keeps_parity, need_calibration, parity, split_calibration,
+                                  write_exit_chain)
 
 
 def export_onnx(model: torch.nn.Module, path: Path, profile, metadata: dict, calibration=None,
@@ -199,7 +201,7 @@ def _quantize_weights(source: Path, target: Path, chosen=None) -> dict:
         dequantize.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_scale", name + "_zero"],
                                            [name], name=name + "_dequantize", axis=axis))
         quantized.append(node.op_type)
-    if not quantized:
+    if not quantized and chosen is None:
         raise ExportError(f"{source.name}: found no Conv/Gemm/MatMul weights to quantise")
     nodes = list(graph.node)
     del graph.node[:]
@@ -207,7 +209,7 @@ def _quantize_weights(source: Path, target: Path, chosen=None) -> dict:
     onnx.save(proto, str(target))
     return {"scheme": "int8-weights", "weights": "int8 per-channel symmetric (dequantised in-graph)",
             "activations": "float32", "io": "float32",
-            "quantized_ops": sorted(set(quantized)), "quantized_tensors": len(quantized)}
+            "quantized_ops": sorted(set(quantized)), "quantized_tensors": len(quantized)}  # 0: `chosen` took none
 
 
 # ---------------------------------------------------------------------------------------------- runtime
@@ -243,194 +245,66 @@ class OnnxRuntimeAdapter(RuntimeAdapter):
 
 
 # ------------------------------------------------------------------------------- multi-exit members: chains
-
-CHAIN = "chain.json"
-CHAIN_FORMAT = "hetero-exit-chain/1"
-
-
-class _ExitStage(torch.nn.Module):
-    """Segment k of a multi-exit member: previous features (images for the first) -> its exit's embedding,
-    its entropy and (but for the last) the features for segment k+1."""
-
-    def __init__(self, model, index: int):
-        super().__init__()
-        self.model, self.index, self.last = model, index, index == len(model.exits) - 1
-
-    def forward(self, x):
-        embedding, entropy, features = self.model.stage(self.index, x)
-        return (embedding, entropy) if self.last else (embedding, entropy, features)
+# The chain folder, chain.json and the runtime's loop are format-independent (hetero.export.common); here is
+# only how one ONNX graph of a chain is written and run.
 
 
-class _AllExits(torch.nn.Module):
-    """Every exit at once (for servers): images -> embeddings (batch x exits x dim), entropies (batch x exits)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        embeddings = self.model.forward_exits(images)
-        entropies = [self.model.entropy(e, k) for k, e in enumerate(embeddings)]
-        return torch.stack(embeddings, dim=1), torch.stack(entropies, dim=1)
-
-
-def export_exit_chain(model, folder: Path, profile, metadata: dict, trunk_only: bool = False) -> dict:
+def export_exit_chain(model, folder: Path, profile, metadata: dict, int8_scope: str = "everywhere") -> dict:
     """A multi-exit member as a folder: stage<k>.onnx chained graphs, all_exits.onnx, and chain.json listing
-    every file's sha256.  Each graph's metadata carries the chain's id, so stages of two exports never mix.
-    `trunk_only` (int8): the exit heads and the entropy stay float32, only the trunk's weights are int8."""
-    import uuid
+    every file's sha256 (see `write_exit_chain`).  `int8_scope` (int8): which weights are int8, one of
+    INT8_SCOPES; the rest stays float32."""
+    last = len(model.exits) - 1
+    def write_graph(module, example, path: Path, inputs: list[str], outputs: list[str], graph_metadata: dict):
+        dynamic = {name: {0: "batch"} for name in inputs + outputs} if profile.batch == 0 else None
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=profile.opset, dynamo=False)
+        quantization = _lower_precision(path, profile, int8_scope, last)
+        _finish(path, {**graph_metadata, "quantization": quantization})
+        return quantization
 
-    from hetero.files import sha256_file
-
-    if profile.layout != "NCHW":
-        raise ExportError(f"profile {profile.name!r}: multi-exit chains are exported NCHW only (the profile says "
-                          f"{profile.layout})")
-    folder.mkdir(parents=True)
-    chain_id = uuid.uuid4().hex
-    model = model.eval()
-    x = example_input(profile, metadata["input_size"])
-    stages, quantization = [], {"scheme": "none"}
-    for index in range(len(model.exits)):
-        module = _ExitStage(model, index)
-        inputs = ["images" if index == 0 else "features"]
-        outputs = ["embedding", "entropy"] + ([] if module.last else ["features"])
-        path = folder / f"stage{index + 1}.onnx"
-        _export_graph(module, x, path, profile, inputs, outputs)
-        quantization = _lower_precision(path, profile, trunk_only)
-        _finish(path, {**metadata, "quantization": quantization, "inputs": inputs, "outputs": outputs,
-                       "chain": {"id": chain_id, "index": index + 1, "of": len(model.exits),
-                                 "exit_stage": model.exits[index]}})
-        stages.append({"file": path.name, "sha256": sha256_file(path), "exit_stage": model.exits[index],
-                       "inputs": inputs, "outputs": outputs})
-        if not module.last:
-            with torch.no_grad():
-                x = module(x)[2]
-    path = folder / "all_exits.onnx"
-    _export_graph(_AllExits(model), example_input(profile, metadata["input_size"]), path, profile, ["images"],
-                  ["embeddings", "entropies"])
-    _lower_precision(path, profile, trunk_only)
-    _finish(path, {**metadata, "quantization": dict(quantization), "chain": {"id": chain_id, "index": 0,
-                                                                             "of": len(model.exits)}})
-    chain = {"format": CHAIN_FORMAT, "id": chain_id, "metadata": metadata, "stages": stages,
-             "all_exits": {"file": path.name, "sha256": sha256_file(path)}}
-    (folder / CHAIN).write_text(json.dumps(chain, indent=1))
-    return {"quantization": quantization}
+    return write_exit_chain(model, folder, profile, metadata, ".onnx", write_graph)
 
 
-def _export_graph(module, example, path: Path, profile, inputs: list[str], outputs: list[str]) -> None:
-    dynamic = {name: {0: "batch"} for name in inputs + outputs} if profile.batch == 0 else None
-    torch.onnx.export(module.eval(), (example,), str(path), input_names=inputs, output_names=outputs,
-                      dynamic_axes=dynamic, opset_version=profile.opset, dynamo=False)
-
-
-def _lower_precision(path: Path, profile, trunk_only: bool = False) -> dict:
+def _lower_precision(path: Path, profile, int8_scope: str = "everywhere", last: int = 0) -> dict:
     """fp16 as for plain members; int8 as int8 weights (dequantised in-graph): static int8 would need
     activation ranges per segment, which the chain's parity gate has not been measured with.  The exit
-    decision compares entropies with thresholds, so it is the first to move: `trunk_only` keeps the heads
-    and the entropy (every node outside the trunk's segments) in float32."""
+    decision compares entropies with thresholds, so it is the first to move: `int8_scope` "trunk" keeps the
+    heads and the entropy (every node outside the trunk's segments) in float32, "last segment" everything but
+    the last segment (`last`: its index)."""
     if profile.precision == "fp16":
         return _to_fp16(path)
-    if profile.precision == "int8" and trunk_only:
-        return {**_quantize_weights(path, path, lambda node: "segments." in node.name),
-                "float32_nodes": "exit heads and entropy"}
-    if profile.precision == "int8":
-        return _quantize_weights(path, path)
-    return {"scheme": "none"}
+    if profile.precision != "int8":
+        return {"scheme": "none"}
+    chosen = {"everywhere": None, "trunk": lambda node: "segments." in node.name,
+              "last segment": lambda node: re.search(rf"segments\.{last}[./]", node.name) is not None}[int8_scope]
+    done = {**_quantize_weights(path, path, chosen), "int8_scope": int8_scope}
+    return {**done, "float32_nodes": FLOAT32_PARTS[int8_scope]} if FLOAT32_PARTS[int8_scope] else done
 
 
-def read_exit_chain(folder: Path) -> dict:
-    """chain.json, after checking that every graph in it is the file that export wrote (sha256) and carries
-    the chain's id: stages of different exports are refused."""
-    from hetero.files import sha256_file
+class _OnnxGraph:
+    """One graph of a chain in onnxruntime: all its outputs, in the order they were exported."""
 
-    folder = Path(folder)
-    try:
-        chain = json.loads((folder / CHAIN).read_text())
-        files = [*chain["stages"], chain["all_exits"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"{folder / CHAIN}: not a readable exit chain ({type(err).__name__}: {err})") from None
-    if chain.get("format") != CHAIN_FORMAT:
-        raise ExportError(f"{folder / CHAIN}: format {chain.get('format')!r}, expected {CHAIN_FORMAT!r}")
-    for entry in files:
-        path = folder / Path(entry["file"]).name
-        if not path.is_file():
-            raise ExportError(f"{path}: listed in {CHAIN} but missing")
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
-            raise ExportError(f"{path}: sha256 {actual} is not the {entry['sha256']} that {CHAIN} lists: this graph "
-                              f"comes from another export than the rest of the chain; export the member again")
-        found = read_onnx_metadata(path).get("chain", {}).get("id")
-        if found != chain["id"]:
-            raise ExportError(f"{path}: belongs to chain {found!r}, not {chain['id']!r} of {CHAIN}")
-    return chain
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        shape = self.session.get_inputs()[0].shape[0]
+        self.batch = shape if isinstance(shape, int) else 0
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input: x})
 
 
-class OnnxExitChain:
+class OnnxExitChain(ExitChain):
     """A multi-exit artifact in onnxruntime: every exit at once, or the chain run stage by stage with a rule."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: Path):
-        import onnxruntime as ort
+        super().__init__(folder, read_onnx_metadata)
 
-        self.folder = Path(folder)
-        self.chain = read_exit_chain(self.folder)
-        self.metadata = self.chain["metadata"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = lambda name: ort.InferenceSession(str(self.folder / name), options,  # noqa: E731
-                                                    providers=["CPUExecutionProvider"])
-        self.stages = [session(s["file"]) for s in self.chain["stages"]]
-        self.all_exits = session(self.chain["all_exits"]["file"])
-        shape = self.all_exits.get_inputs()[0].shape[0]
-        self.batch = shape if isinstance(shape, int) else 0
-
-    def _batched(self, run, images: np.ndarray) -> list[np.ndarray]:
-        """run(batch) -> tuple of arrays, over fixed-size batches when the graphs have one (padded)."""
-        if self.batch == 0:
-            return [np.asarray(o) for o in run(images)]
-        parts = []
-        for start in range(0, len(images), self.batch):
-            chunk = images[start:start + self.batch]
-            pad = self.batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            parts.append([np.asarray(o)[:self.batch - pad] for o in run(chunk)])
-        return [np.concatenate(column) for column in zip(*parts)]
-
-    def exits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings: images x exits x dim, entropies: images x exits) from the all-exits graph."""
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        embeddings, entropies = self._batched(lambda b: self.all_exits.run(None, {"images": b}), images)
-        return embeddings, entropies
-
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        return self.exits(images)[0][:, -1]
-
-    def run_chain(self, images: np.ndarray, thresholds: list[float], escalate_above: float | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What a device does: stage 1 on every image, then each next stage only on the images not yet sure.
-        Returns (the exit that answered, 0-based, or len(stages) for the cloud; its embedding; every
-        stage's entropies, NaN where a stage did not run)."""
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        count, last = len(x), len(self.stages) - 1
-        chosen = np.full(count, last, dtype=np.int64)
-        answer = np.zeros((count, int(self.metadata["embedding_dim"])), dtype=np.float32)
-        entropies = np.full((count, len(self.stages)), np.nan, dtype=np.float32)
-        alive = np.arange(count)
-        for index, session in enumerate(self.stages):
-            feed = session.get_inputs()[0].name
-            outputs = self._batched(lambda b: session.run(None, {feed: b}), x)
-            embedding, entropy = outputs[0], outputs[1]
-            entropies[alive, index] = entropy
-            stop = entropy <= thresholds[index] if index < last else np.ones(len(alive), dtype=bool)
-            if index == last and escalate_above is not None:
-                chosen[alive[entropy > escalate_above]] = len(self.stages)
-            if index < last:
-                chosen[alive[stop]] = index
-            answer[alive[stop]] = embedding[stop]
-            if index < last:
-                alive, x = alive[~stop], outputs[2][~stop]
-                if len(alive) == 0:
-                    break
-        return chosen, answer, entropies
+    def open_graph(self, path: Path) -> _OnnxGraph:
+        return _OnnxGraph(path)

@@ -144,7 +144,7 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
         spec.exit_chain_function(profile.name)  # no chained export for this format: says which formats have one
     check_converter(profile)
     if entry.kind == "multi-exit":
-        return _export_exit_chain(store, entry, profile, spec, problems)
+        return _export_exit_chain(store, entry, profile, spec, problems, verbose, announce)
     exporter = spec.export_function()
     model = store.load_member(member)
     metadata = artifact_metadata(store, entry, profile)
@@ -214,37 +214,88 @@ def exit_metadata(entry: MemberRecord) -> dict:
             "temperatures": early.get("temperatures"), "rule": early.get("rule")}
 
 
-def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, problems: list[str]) -> ArtifactRecord:
+def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, problems: list[str],
+                       verbose: bool = False, announce=None) -> ArtifactRecord:
     """A multi-exit member as chained stage graphs plus an all-exits graph, in one folder (see the format's
-    exit_chain exporter); checked for parity exit by exit, and for the exit its chained run stops at, before it
-    is registered."""
+    exit_chain exporter); checked on every runtime the profile declares, exit by exit and for the exit its
+    chained run stops at, before it is registered.  A runtime that cannot run here (CoreML off macOS) leaves
+    the chain unchecked on it, and verify says so."""
     import shutil
+
+    from hetero.export.common import INT8_SCOPES, converter_output
 
     exporter = spec.exit_chain_function(profile.name)
     model = store.load_member(entry.name)
     metadata = {**artifact_metadata(store, entry, profile), "early_exit": exit_metadata(entry)}
     path = store.path(f"exports/{profile.name}/{entry.name}.exits", "export path")
     images = calibration_images(store, entry.input_size, max(32, profile.calibration_images))
+    not_created = runtimes.provide(profile, announce)
+    targets = runtimes.targets(profile)
+    unchecked = [f"{t.requirement}: {not_created.get(t.requirement, t.missing)}" for t in targets if t.missing]
+    targets = [t for t in targets if not t.missing]
+    rule = metadata["early_exit"]["rule"]
     started = time.perf_counter()
+
+    def write(folder: Path, **options) -> dict:
+        failure = None
+        with converter_output(verbose) as output:
+            try:
+                return exporter(model, folder, profile, metadata, **options)
+            except ExportError:
+                raise
+            except Exception as err:  # a converter failing on an op: one clear paragraph, no half-written folder
+                failure = err
+        raise _conversion_failed(failure, entry.name, profile, spec, output, verbose) from failure
+
     with atomic_folder(path) as tmp:
-        done = exporter(model, tmp, profile, metadata)
-        refused = _chain_refusal(spec.open_exit_chain(tmp), model, images, profile, metadata["early_exit"]["rule"])
-        if refused and profile.precision == "int8":  # as single graphs do: a scheme that holds, else refuse
+        done = write(tmp)
+        refused, checked, unrun = _chain_gate(targets, spec, tmp, model, images, profile, rule)
+        tried = []
+        # As single graphs do: an int8 scheme that holds, else refuse.  Fewer int8 weights each time, the last
+        # try leaving every exit decision but the last to float32 stages (INT8_SCOPES).
+        for scope in INT8_SCOPES[1:] if profile.precision.startswith("int8") else ():
+            if not refused:
+                break
+            tried.append(f"int8 weights {'everywhere' if not tried else 'in the ' + INT8_SCOPES[len(tried)]}: "
+                         f"{refused}")
             shutil.rmtree(tmp)
-            done = exporter(model, tmp, profile, metadata, trunk_only=True)
-            done["quantization"].update(fallback_from="int8-weights everywhere", fallback_reason=refused)
-            refused = _chain_refusal(spec.open_exit_chain(tmp), model, images, profile, metadata["early_exit"]["rule"])
+            done = write(tmp, int8_scope=scope)
+            done["quantization"].update(fallback_from="int8-weights everywhere", fallback_reason="; ".join(tried))
+            refused, checked, unrun = _chain_gate(targets, spec, tmp, model, images, profile, rule)
         if refused:
+            tried.append(f"int8 weights in the {INT8_SCOPES[-1]}: {refused}" if tried else refused)
             raise ExportError(f"member {entry.name!r} for profile {profile.name!r} ({profile.format} "
-                              f"{profile.precision}): {refused}; nothing was written")
+                              f"{profile.precision}): {'; '.join(tried)}; nothing was written")
         file_bytes = path_bytes(tmp)
     artifact = ArtifactRecord(
         member=entry.name, profile=profile.name, format=profile.format, precision=profile.precision,
         layout=profile.layout, file=path.relative_to(store.root).as_posix(), sha256=sha256_path(path),
         bytes=file_bytes, export_seconds=round(time.perf_counter() - started, 2), over_budget=problems,
-        checked_on=["onnxruntime"], **done, **kept_profile(store, profile))
+        checked_on=checked, unchecked_on=unchecked + unrun, **done, **kept_profile(store, profile))
     store.register_artifact(artifact)
     return artifact
+
+
+def _chain_gate(targets, spec, folder: Path, model, images, profile, rule) -> tuple[str | None, list[str], list[str]]:
+    """(why the chain fails verify's parity gate on the first runtime where it does, or None; the runtimes it
+    was checked on; "runtime: why" for those it cannot run on here)."""
+    checked, unrun = [], []
+    for target in targets:
+        try:
+            chain = target.open_chain(spec, folder)
+        except ExportError as err:  # it cannot load or run the graphs (a worker that fails): does not hold there
+            return f"on {target.label}: cannot load or run it ({' '.join(str(err).split())[:300]})", checked, unrun
+        try:
+            if chain.unavailable:
+                unrun.append(f"{target.label}: {chain.unavailable}")
+                continue
+            refused = _chain_refusal(chain, model, images, profile, rule)
+        finally:
+            chain.close()
+        if refused:
+            return (f"on {target.label}: {refused}" if len(targets) > 1 else refused), checked, unrun
+        checked.append(target.label)
+    return None, checked, unrun
 
 
 def _chain_refusal(chain, model, images, profile, rule: dict | None) -> str | None:

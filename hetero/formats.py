@@ -66,8 +66,9 @@ class Format:
     exporter: str  # function(model, path, profile, metadata, calibration, accept) -> what was done
     metadata_reader: str  # function(path) -> the artifact's own "hetero" metadata
     inspector: str | None = None  # function(path) -> structure facts without running (where runs are impossible)
-    # Multi-exit members: function(model, folder, profile, metadata) writing the chained stage graphs, and the
-    # class that runs such a folder here; None where the format has no chain exporter yet.
+    # Multi-exit members: function(model, folder, profile, metadata, int8_scope=...) writing the chained stage
+    # graphs, and the class that runs such a folder here (an `ExitChain`; off its platform it reads the graphs'
+    # specs and says why it cannot run); None where the format has no chain exporter yet.
     exit_chain: str | None = None
     exit_chain_runtime: str | None = None
 
@@ -134,11 +135,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             # The interpreter Android apps shipped before LiteRT; it needs numpy < 2, so never in this process.
             Runtime("tflite_runtime", "tflite-runtime", None, "tflite_runtime", ("numpy<2",))),
            ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"), "litert", fixed_batch=True, module=_litert,
-           exporter="export_tflite", metadata_reader="read_tflite_metadata"),
+           exporter="export_tflite", metadata_reader="read_tflite_metadata", exit_chain="export_exit_chain",
+           exit_chain_runtime="LiteRTExitChain"),
     Format("coreml", ".mlpackage", ("fp32", "fp16", "int8-weights"),
            (Runtime("coreml", "coremltools", "CoreMLAdapter", None),),  # predicts on macOS only
            ("coremltools",), "coreml", fixed_batch=False, module=_coreml, exporter="export_coreml",
-           metadata_reader="read_coreml_metadata", inspector="inspect_artifact"),
+           metadata_reader="read_coreml_metadata", inspector="inspect_artifact", exit_chain="export_exit_chain",
+           exit_chain_runtime="CoreMLExitChain"),
     # int8 is not offered: XNNPACK static int8 lost parity on mobile blocks (cosine 0.89, ../shared/DESIGN.md).
     Format("executorch", ".pte", ("fp32",), (Runtime("executorch", "executorch", "ExecuTorchAdapter", "executorch"),),
            ("executorch",), "executorch", fixed_batch=True, module=_executorch, exporter="export_executorch",

@@ -10,6 +10,11 @@ object per line:
 - request {"op": "run", "input": IN.npy, "output": OUT.npy} -> {"ok": true, "seconds": S}: the float32
   batch in IN (in the artifact's own layout) is run and the float32 result written to OUT (.npy, never
   pickled); S is the time the runtime itself took;
+- the graphs of a multi-exit chain (several files open at once, several outputs each):
+  {"op": "open", "path": FILE, "graph": NAME} -> {"ok": true, "batch": N, "outputs": K} opens FILE under NAME,
+  and {"op": "run", "graph": NAME, "input": IN.npy, "outputs": [OUT0.npy, ...]} -> {"ok": true, "seconds": S}
+  writes each of its K outputs, in the order they were exported, to its own .npy (the stage-by-stage loop and
+  the exit rule run in hetero's process, the same code for every runtime);
 - request {"op": "close"} -> the worker exits.
 Any failure answers {"ok": false, "error": "..."}; the worker's stderr carries the runtime's own output,
 and protocol lines go to a private copy of stdout, so a runtime printing to stdout cannot corrupt them.
@@ -65,6 +70,31 @@ class TFLite:
         return (out.astype(np.float32) - zero) * scale if scale else out.astype(np.float32)
 
 
+class TFLiteGraph:
+    """One graph of a chain: its signature's outputs, ordered as exported (litert-torch names them output_<i>)."""
+
+    def __init__(self, module, path):
+        self.interpreter = module.Interpreter(model_path=path)
+        self.runner = self.interpreter.get_signature_runner("serving_default")
+        signature = self.interpreter.get_signature_list()["serving_default"]
+        self.input = signature["inputs"][0]
+
+        def order(name):
+            tail = name.rsplit("_", 1)[-1]
+            return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
+        self.outputs = sorted(signature["outputs"], key=order)
+        self.batch = int(self.runner.get_input_details()[self.input]["shape"][0])
+
+    def describe(self):
+        return {"batch": self.batch, "outputs": len(self.outputs)}
+
+    def run_all(self, batch):
+        import numpy as np
+
+        found = self.runner(**{self.input: batch})
+        return [np.asarray(found[name], dtype=np.float32) for name in self.outputs]
+
+
 class OnnxRuntime:
     def __init__(self, module, path):
         options = module.SessionOptions()
@@ -79,9 +109,17 @@ class OnnxRuntime:
                 "output": {"shape": [d if isinstance(d, int) else -1 for d in self.session.get_outputs()[0].shape]}}
 
     def run(self, batch):
+        return self.run_all(batch)[0]
+
+    def run_all(self, batch):
         import numpy as np
 
-        return np.asarray(self.session.run(None, {self.input.name: batch})[0], dtype=np.float32)
+        return [np.asarray(o, dtype=np.float32) for o in self.session.run(None, {self.input.name: batch})]
+
+
+class OnnxGraph(OnnxRuntime):
+    def describe(self):
+        return {"batch": self.batch, "outputs": len(self.session.get_outputs())}
 
 
 class ExecuTorch:
@@ -100,6 +138,7 @@ class ExecuTorch:
 
 
 RUNNERS = {"tflite_runtime": TFLite, "ai_edge_litert": TFLite, "onnxruntime": OnnxRuntime, "executorch": ExecuTorch}
+GRAPHS = {"tflite_runtime": TFLiteGraph, "ai_edge_litert": TFLiteGraph, "onnxruntime": OnnxGraph}
 
 
 def main(engine):
@@ -123,14 +162,19 @@ def main(engine):
     except Exception as err:  # noqa: BLE001 -- reported to the client, which says what is missing
         say({"protocol": PROTOCOL, "error": f"{type(err).__name__}: {err}"})
         return
-    model = None
+    model, graphs = None, {}
     for line in sys.stdin:
         request = json.loads(line)
         try:
             if request["op"] == "close":
                 say({"ok": True})
                 return
-            if request["op"] == "open":
+            if request["op"] == "open" and "graph" in request:
+                if engine not in GRAPHS:
+                    raise ValueError(f"{distribution} does not run multi-exit chains")
+                graphs[request["graph"]] = GRAPHS[engine](module, request["path"])
+                say({"ok": True, **graphs[request["graph"]].describe()})
+            elif request["op"] == "open":
                 model = RUNNERS[engine](module, request["path"])
                 say({"ok": True, **model.describe()})
             elif request["op"] == "run":
@@ -138,9 +182,13 @@ def main(engine):
 
                 batch = np.ascontiguousarray(np.load(request["input"], allow_pickle=False), dtype=np.float32)
                 started = time.perf_counter()
-                out = model.run(batch)
+                out = graphs[request["graph"]].run_all(batch) if "graph" in request else model.run(batch)
                 seconds = time.perf_counter() - started  # the runtime alone, without the protocol's files
-                np.save(request["output"], np.ascontiguousarray(out, dtype=np.float32))
+                if "graph" in request:
+                    for array, path in zip(out, request["outputs"]):
+                        np.save(path, np.ascontiguousarray(array, dtype=np.float32))
+                else:
+                    np.save(request["output"], np.ascontiguousarray(out, dtype=np.float32))
                 say({"ok": True, "seconds": seconds})
             else:
                 say({"ok": False, "error": f"unknown op {request['op']!r}"})

@@ -32,7 +32,7 @@ import numpy as np
 
 from hetero import formats
 from hetero.errors import ConfigError, ExportError, HeteroError, RuntimeUnavailable
-from hetero.export.common import RuntimeAdapter
+from hetero.export.common import ExitChain, RuntimeAdapter
 from hetero.files import DirectoryLock
 
 log = logging.getLogger("hetero.runtimes")
@@ -319,6 +319,67 @@ class IsolatedRuntime(RuntimeAdapter):
             self.close()
 
 
+class IsolatedExitChain(ExitChain):
+    """A multi-exit chain run by a worker in an isolated environment: the worker runs each graph; chain.json
+    and its checks, the fixed-batch loop and the stage-by-stage rule are hetero's own (`ExitChain`), the same
+    code as in this process."""
+
+    def __init__(self, env: Environment, folder: Path, read_metadata, timeout: float = 120):
+        self.name, self.env, self.timeout = env.label, env, timeout
+        problem = env.problem()
+        if problem:
+            raise RuntimeEnvError(f"runtime environment {env.name}: {problem}")
+        self._worker, self.version = None, None  # started once chain.json and its files are checked
+        self._files = Path(tempfile.mkdtemp(prefix="hetero-worker-"))
+        self.seconds = 0.0  # the runtime's own time, over every graph run
+        try:
+            super().__init__(folder, read_metadata)
+        except BaseException:
+            self.close()
+            raise
+
+    def open_graph(self, path: Path) -> "_WorkerGraph":
+        if self._worker is None:
+            self._worker = _Worker(self.env.interpreter, self.env.engine, self.env.label, self.timeout)
+            self.version = self._worker.hello.get("version")
+        return _WorkerGraph(self, path)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """The last exit (all-exits graph); `last_run_seconds` is the worker's own time for it."""
+        before = self.seconds
+        out = super().embed(images)
+        self.last_run_seconds = self.seconds - before
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_worker", None) is not None:
+            self._worker.close()
+        if hasattr(self, "_files"):
+            shutil.rmtree(self._files, ignore_errors=True)
+
+    def __del__(self):
+        self.close()
+
+
+class _WorkerGraph:
+    """One graph of a chain, opened in the chain's worker under its file name."""
+
+    def __init__(self, chain: IsolatedExitChain, path: Path):
+        self.chain, self.name = chain, Path(path).name
+        answer = chain._worker.request({"op": "open", "graph": self.name, "path": str(Path(path).resolve())},
+                                       chain.timeout)
+        self.batch, self.count = int(answer["batch"]), int(answer["outputs"])
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        files = self.chain._files
+        given, results = files / "input.npy", [files / f"output{k}.npy" for k in range(self.count)]
+        np.save(given, np.ascontiguousarray(x, dtype=np.float32))
+        answer = self.chain._worker.request({"op": "run", "graph": self.name, "input": str(given),
+                                             "outputs": [str(r) for r in results]}, self.chain.timeout)
+        self.chain.seconds += float(answer.get("seconds", 0.0))
+        return [np.load(r, allow_pickle=False) for r in results]
+
+
 # ----------------------------------------------------------------------------------- runtimes per profile
 
 
@@ -344,6 +405,17 @@ class Target:
             adapter.name = self.label
             return adapter
         return IsolatedRuntime(self.environment, path, spec.read_metadata(path))
+
+    def open_chain(self, spec: formats.Format, folder: Path):
+        """A multi-exit chain folder on this runtime: in this process (the format's chain runtime) or run by a
+        worker in the environment; chain.json and every graph's sha256 and chain id are checked first."""
+        if self.missing:
+            raise RuntimeUnavailable(self.missing)
+        if self.environment is None:
+            chain = spec.open_exit_chain(folder)
+            chain.name = self.label
+            return chain
+        return IsolatedExitChain(self.environment, Path(folder), spec.read_metadata)
 
 
 def _resolve(spec: formats.Format, text: str) -> Target:

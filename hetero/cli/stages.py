@@ -69,8 +69,11 @@ def export_family(store, profiles: list, members: list[str | None], *, allow_ove
             console.print(f"exported {artifact.member} for {profile.name}: {artifact.file} "
                           f"({artifact.bytes / 2**20:.2f} MB, {artifact.export_seconds} s)", highlight=False)
             for unchecked in artifact.unchecked_on:
-                console.print(f"[yellow]not checked on {escape(unchecked)}[/]; verify reports it as skipped (`hetero "
-                              f"runtimes add` it, then export again)", highlight=False)
+                # a runtime of another platform (a CoreML chain off macOS) cannot be added here
+                remedy = ("run `hetero verify` on the family directory on a Mac" if "only on macOS" in unchecked
+                          else "`hetero runtimes add` it, then export again")
+                console.print(f"[yellow]not checked on {escape(unchecked)}[/]; verify reports it as skipped "
+                              f"({remedy})", highlight=False)
     return artifacts
 
 
