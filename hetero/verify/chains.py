@@ -13,7 +13,7 @@ from hetero.files import path_bytes
 from hetero.maths import retrieval_metrics
 from hetero.models import resize_to
 from hetero.runtimes import RuntimeEnvError, WorkerFailed
-from hetero.verify.checks import PRECISION_DTYPES, check_latency, check_space_identity, check_static_budgets
+from hetero.verify.checks import check_latency, check_space_identity, check_static_budgets, weights_problem
 from hetero.verify.reference import Reference
 from hetero.verify.results import CHECKS, ArtifactResult
 
@@ -156,12 +156,5 @@ def chain_structure_problems(graphs: list[tuple[str, dict]], exits: int, dim: in
         problems.append(f"{all_name}: outputs {list(outputs)}, expected ['embeddings', 'entropies']")
     elif outputs["embeddings"] and list(outputs["embeddings"][1:]) != [exits, dim]:
         problems.append(f"{all_name}: embeddings have shape {outputs['embeddings']}, expected (batch, {exits}, {dim})")
-    for name, facts in graphs:
-        weights = facts.get("weight_dtypes") or {}
-        if weights and precision in PRECISION_DTYPES:
-            dominant = max(weights, key=weights.get)
-            if not any(d in weights for d in PRECISION_DTYPES[precision]) or (
-                    precision in ("fp32", "fp16") and dominant not in PRECISION_DTYPES[precision]):
-                problems.append(f"{name}: weights are stored as {weights} (elements per dtype) but the profile's "
-                                f"precision {precision!r} expects {'/'.join(PRECISION_DTYPES[precision])}")
+    problems += [f"{name}: {problem}" for name, facts in graphs if (problem := weights_problem(facts, precision))]
     return problems

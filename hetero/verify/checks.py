@@ -47,14 +47,21 @@ def structure_problems(facts: dict, metadata: dict, precision: str, layout: str)
         (name, shape), = outputs.items()
         if shape and shape[-1] != dim:
             problems.append(f"output {name!r} has shape {shape}, expected last dimension {dim}")
+    problem = weights_problem(facts, precision)
+    return problems + ([problem] if problem else [])
+
+
+def weights_problem(facts: dict, precision: str) -> str | None:
+    """Why a graph's stored weight dtypes (elements per dtype) are not the profile's precision, or None."""
     weights = facts.get("weight_dtypes") or {}
-    if weights and precision in PRECISION_DTYPES:
-        dominant = max(weights, key=weights.get)
-        if not any(dtype in weights for dtype in PRECISION_DTYPES[precision]) or (
-                precision in ("fp32", "fp16") and dominant not in PRECISION_DTYPES[precision]):
-            problems.append(f"weights are stored as {weights} (elements per dtype) but the profile's precision "
-                            f"{precision!r} expects {'/'.join(PRECISION_DTYPES[precision])}")
-    return problems
+    if not weights or precision not in PRECISION_DTYPES:
+        return None
+    dominant = max(weights, key=weights.get)
+    if not any(dtype in weights for dtype in PRECISION_DTYPES[precision]) or (
+            precision in ("fp32", "fp16") and dominant not in PRECISION_DTYPES[precision]):
+        return (f"weights are stored as {weights} (elements per dtype) but the profile's precision {precision!r} "
+                f"expects {'/'.join(PRECISION_DTYPES[precision])}")
+    return None
 
 
 @dataclass
