@@ -37,9 +37,8 @@ class EarlyExitConfig:
     # exit thresholds on (never test data).
     held_out: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # `classes`: that share of the training classes, every image of them, so the thresholds are fitted on
-    # classes the members never saw, as test queries are (an exit is less sure of an unseen class: fitted on
-    # seen classes, `--escalate 0.1` sent 39% of Omniglot's test queries to the cloud in a 3-epoch trial);
-    # `images`: the last images of every training class.  Data without classes hold out images.
+    # classes the members never saw, as test queries are (an exit is less sure of an unseen class, so
+    # thresholds fitted on seen classes escalate far more test queries than asked); `images`: the last images of every training class.  Data without classes hold out images.
     held_out_by: Literal["classes", "images"] = "classes"
     # Weight of deeper-teaches-shallower: each earlier exit regresses onto the last exit's (detached) embedding.
     self_distillation: NonNegative = 0.0
