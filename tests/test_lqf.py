@@ -223,3 +223,36 @@ def test_lqf_says_to_raise_the_damping_when_the_curvature_cannot_be_inverted(fam
     data["train"]["lqf"] = {"damping": 1.0}  # what the paragraph says to change
     path.write_text(yaml.safe_dump(data))
     assert main(["train", str(path), "--out", str(tmp_path / "fixed"), "--quiet"]) == 0
+
+
+def test_a_compat_weight_is_a_number_or_auto_and_its_grid_has_a_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lqf\.compat_weight.*'sometimes'"):
+        parse_config(lqf_config(tmp_path, lqf={"compat_weight": "sometimes"}), "u.yaml")
+    with pytest.raises(ConfigError, match=r"train\.lqf\.compat_grid"):
+        parse_config(lqf_config(tmp_path, lqf={"compat_weight": "auto", "compat_grid": [1.0]}), "u.yaml")
+
+
+@pytest.mark.slow
+def test_an_auto_compat_weight_is_chosen_per_member_on_held_out_images(family_copy, tmp_path):
+    from hetero.data import calibration_split
+    from hetero.maths import top1_correct
+    from hetero.models import embed_images
+
+    grid = [0.0, 1e5]  # 1e5 pins every member to the previous cloud's embedding of the fitted images
+    store = train(parse_config(lqf_config(family_copy, lqf={"compat_weight": "auto", "compat_grid": grid}),
+                               "u.yaml"), tmp_path / "auto", progress=False)
+    facts = {f["member"]: f for f in store.manifest.training.lqf}
+    train_set = store.split().train
+    fit, held = calibration_split(train_set, 0.2, "images", seed=7)
+    images = train_set.floats()
+    old_cloud = FamilyStore.open(family_copy).load_member("cloud")
+    pinned = top1_correct(embed_images(old_cloud, images[held]), train_set.labels[held],
+                          embed_images(old_cloud, images[fit]), train_set.labels[fit]).float().mean().item()
+    for name, member_facts in facts.items():
+        search = member_facts["compat_weight_search"]
+        assert search["held_out_images"] == len(held) > 0
+        scores = {float(w): s for w, s in search["scores"].items()}
+        assert search["chosen"] == max(grid, key=lambda w: (scores[w], -w)) == member_facts["compat_weight"], name
+    # Pinned to the previous cloud, the cloud is scored as that cloud: its top-1 against its own gallery
+    # and the previous one's are then both the previous cloud's (within a query of it).
+    assert abs(facts["cloud"]["compat_weight_search"]["scores"]["100000"] - pinned) <= 1 / len(held) + 1e-4

@@ -58,9 +58,18 @@ class LqfConfig:
     iterations preconditioned by K-FAC (curvlinops): no learning rate, no dependence on the seed.
     """
 
-    damping: Annotated[float, Field(gt=0)] = 1e-3  # added to each Kronecker factor before inverting
+    # Added to each Kronecker factor before inverting.  It shapes the preconditioner, not the objective: the
+    # quadratic's minimiser is the same for any damping, only the path of the `epochs` CG steps to it changes.
+    damping: Annotated[float, Field(gt=0)] = 1e-3
     target_scale: Annotated[float, Field(gt=0)] = 1.0
-    compat_weight: NonNegative = 0.0
+    # `auto`: each member's weight is picked from `compat_grid` by fitting on all but `held_out` of each
+    # class's images and scoring on those: the mean of the member's top-1 against the updated cloud's gallery
+    # (the cloud: its own) and against the previous cloud's, the gallery already indexed (ties: the smaller
+    # weight).  It costs one more update per weight in the grid.
+    compat_weight: NonNegative | Literal["auto"] = 0.0
+    compat_grid: Annotated[list[NonNegative], Field(min_length=2)] = field(
+        default_factory=lambda: [0.0, 1.0, 3.0, 10.0, 30.0, 100.0])
+    held_out: Annotated[float, Field(gt=0, lt=1)] = 0.2
 
 
 @dataclass(config=STRICT)

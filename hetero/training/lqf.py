@@ -148,12 +148,13 @@ def _kfac_inverse(member: Embedder, names: list[str], prototypes, images, target
 
 
 def fine_tune(member: Embedder, name: str, images: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
-              reference: torch.Tensor | None, settings, steps: int, weight_decay: float, batch_size: int
-              ) -> tuple[Linearised, dict]:
+              reference: torch.Tensor | None, compat_weight: float, settings, steps: int, weight_decay: float,
+              batch_size: int) -> tuple[Linearised, dict]:
     """LQF of one member on float images in [0, 1]; returns the trained expansion and what happened.
 
     `prototypes` are the frozen shared classifier's unit class vectors (one row per label), `reference` the
-    previous cloud's embeddings of `images` for the compatibility term (None: no such term).  The convex
+    previous cloud's embeddings of `images` for the compatibility term of weight `compat_weight` (None or 0:
+    no such term).  The convex
     quadratic objective is minimised by `steps` iterations of conjugate gradients preconditioned with the
     inverse K-FAC matrix: each costs one pass over the data, needs no learning rate (the step length is
     exact on a quadratic) and is deterministic.
@@ -171,7 +172,7 @@ def fine_tune(member: Embedder, name: str, images: torch.Tensor, labels: torch.T
                             f"whose activations are very large needs more: check its weights in train.previous") from None
     kfac_seconds = time.time() - started
     model = Linearised(member, names)
-    compat = settings.compat_weight if reference is not None else 0.0
+    compat = compat_weight if reference is not None else 0.0
 
     def gradient_at(point: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         """The objective and its full-batch gradient with dw = point (one pass, in chunks)."""
@@ -221,7 +222,8 @@ def fine_tune(member: Embedder, name: str, images: torch.Tensor, labels: torch.T
         for delta, value in zip(model.delta, solution):
             delta.copy_(value)
             delta.grad = None
-    facts = {"linearised_parameters": sum(d.numel() for d in model.delta), "linearised_layers": len(names),
+    facts = {"compat_weight": compat, "linearised_parameters": sum(d.numel() for d in model.delta),
+             "linearised_layers": len(names),
              "frozen_layers": frozen, "kfac_seconds": round(kfac_seconds, 2),
              "seconds": round(time.time() - started, 2), "objective_first": round(history[0], 6),
              "objective_last": round(history[-1], 6), "relative_update": round(_relative_norm(model), 6)}

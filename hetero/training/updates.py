@@ -12,6 +12,7 @@ from hetero.config import Config
 from hetero.data import calibration_split
 from hetero.errors import ConfigError, ManifestError
 from hetero.family import FamilyStore
+from hetero.maths import top1_correct
 from hetero.models import Embedder, embed_images
 from hetero.training.lqf import fine_tune
 from hetero.training.model import Family
@@ -88,16 +89,60 @@ def lqf_update(config: Config, split) -> tuple[Family, dict, dict[str, Embedder]
     prototypes_from(family, previous["cloud"], split.train)  # the frozen shared classifier, as in backward mode
     prototypes = family.head(family.cloud_name).loss.W.detach().T.contiguous()
     images, labels = split.train.floats(), split.train.labels
-    reference = embed_images(previous["cloud"], images) if settings.compat_weight > 0 else None
+    weights, choices = {name: settings.compat_weight for name in members}, {}
+    if settings.compat_weight == "auto":
+        weights, choices = choose_compat_weights(config, members, family.cloud_name, previous["cloud"], split.train,
+                                                 prototypes)
+    reference = embed_images(previous["cloud"], images) if any(weights.values()) else None
     points, facts = {}, []
     for name, member in members.items():
-        linearised, done = fine_tune(member, name, images, labels, prototypes, reference, settings, train_cfg.epochs,
-                                     train_cfg.weight_decay, train_cfg.batch_size)
+        linearised, done = fine_tune(member, name, images, labels, prototypes, reference, weights[name], settings,
+                                     train_cfg.epochs, train_cfg.weight_decay, train_cfg.batch_size)
         family.members[name].load_state_dict(linearised.merged().state_dict())
         points[name] = linearised.base
-        facts.append(done)
+        facts.append({**done, **({"compat_weight_search": choices[name]} if name in choices else {})})
         log.info("lqf %s: %s", name, {k: v for k, v in done.items() if k != "history"})
     return family.eval(), previous, points, facts
+
+
+def choose_compat_weights(config: Config, members: dict[str, Embedder], cloud_name: str, previous_cloud: Embedder,
+                          train, prototypes: torch.Tensor) -> tuple[dict[str, float], dict[str, dict]]:
+    """train.lqf.compat_weight: auto, each member's weight from `compat_grid`, fitted on all but `held_out` of
+    each class's images and scored on those (see LqfConfig); returns the weights and each member's scores.
+
+    The cloud goes first: the edges are scored against the gallery of the cloud updated with its choice.
+    """
+    settings, train_cfg = config.train.lqf, config.train
+    fit, held = calibration_split(train, settings.held_out, "images", config.data.split_seed)
+    images, labels = train.floats(), train.labels
+    if not len(held):
+        raise ConfigError("train.lqf.compat_weight: auto holds out some of each class's images to choose the weight "
+                          "on, but no class of the update's training data has more than one image; give a number")
+    fit_labels, held_labels = labels[fit], labels[held]
+    previous_gallery = embed_images(previous_cloud, images[fit])  # also the compat term's reference
+
+    def top1(queries: torch.Tensor, gallery: torch.Tensor) -> float:
+        return top1_correct(queries, held_labels, gallery, fit_labels).float().mean().item()
+
+    weights, choices, cloud_gallery = {}, {}, None
+    for name in sorted(members, key=lambda n: n != cloud_name):
+        scores, galleries = {}, {}
+        for weight in settings.compat_grid:
+            model, _ = fine_tune(members[name], name, images[fit], fit_labels, prototypes, previous_gallery, weight,
+                                 settings, train_cfg.epochs, train_cfg.weight_decay, train_cfg.batch_size)
+            queries = embed_images(model, images[held])
+            gallery = embed_images(model, images[fit]) if name == cloud_name else cloud_gallery
+            galleries[weight] = gallery
+            scores[weight] = (top1(queries, gallery) + top1(queries, previous_gallery)) / 2
+        best = max(settings.compat_grid, key=lambda w: (scores[w], -w))
+        if name == cloud_name:
+            cloud_gallery = galleries[best]
+        weights[name] = best
+        choices[name] = {"chosen": best, "held_out_images": len(held),
+                         "scores": {f"{w:g}": round(scores[w], 4) for w in settings.compat_grid}}
+        log.info("lqf %s: compat_weight %g chosen on %d held-out images (scores %s)", name, best, len(held),
+                 choices[name]["scores"])
+    return weights, choices
 
 
 @torch.no_grad()
