@@ -1,33 +1,40 @@
-"""Updating a family on new characters without breaking its gallery: LQF against ordinary fine-tuning.
+"""Updating a family on new characters without breaking its gallery: LQF against fine-tuning, on the full
+family (issue 29).
 
-The issue-17 experiment on Omniglot.  An old family is trained on the training alphabets without Korean
-(96 characters), then updated with 5 drawings (drawers 1-5) of each of Korean's 40 characters, four ways on
-the same data and budget (`--epochs` passes over the update set):
+The old family is examples/omniglot.yaml as it is (its cloud, edge-m and edge-s with `activation:
+leaky_relu`, its epochs, teacher cache and losses), trained once on the training alphabets without Korean.
+Every update then sees the same new characters, drawers 1-5 of Korean's 40, for the same number of passes
+(`--passes`, default 10), each method once per seed:
 
-- no update: the old family as it is;
-- LQF (`mode: lqf`): each member linearised around its weights, least squares, K-FAC-preconditioned CG;
-  measured merged (w0 + dw, what is exported) and as the linearised model itself (jvp at run time);
-- ordinary fine-tuning (`train.init: OLD`, mode joint);
-- fine-tuning with the backward terms (`train.init: OLD`, mode backward against the old cloud).
+- `no update`: the old family as it is;
+- `lqf-compat0`: mode lqf, no pull towards the old cloud; `lqf-auto`: `compat_weight: auto`, each member's
+  weight chosen on held-out images of the update's training data (never the test split), as hetero does it
+  for a user.  Both are measured merged (w0 + dw, what is exported) and as the linearised model itself;
+- `fine-tuning`: `train.init` the old family, mode joint, the recipe's losses, AdamW at `--lr`;
+- `fine-tuning-backward`: the same with mode backward against the old cloud (BCT's terms);
+- `backward-retrained`: a new family trained from scratch in mode backward against the old cloud, on the old
+  and the new training characters, for the recipe's `epochs` (the alternative to an update: a retraining).
 
-Columns: top-1 on Korean's other drawings (drawers 6-10 embedded by the (new) cloud as gallery, drawers
-11-20 as queries, by the cloud and by each edge); on the standard test split M[new][old] (new cloud's queries
-against the old cloud's gallery), M[old][old] and the negative flip rate against the old gallery; each as
-the mean over `--seeds` seeds and its spread (max - min).
+Columns: top-1 on Korean's other drawings (drawers 6-10 embedded by the method's cloud as gallery, drawers
+11-20 as queries, by the cloud and by each edge); on the standard test alphabets, M[new][old] (the new
+cloud's queries against the old cloud's gallery), the negative flip rate against that gallery and each
+edge's top-1 against it; the CPU seconds of the update (this process's, every thread).
 
-    python benchmarks/lqf_update.py --quick      # reduced recipe (see QUICK), a few minutes on 2 cores
-    python benchmarks/lqf_update.py              # the README's Omniglot members (leaky ReLU), long
+    python benchmarks/lqf_update.py run --seeds 0 1 2     # the full recipe: old family ~30 min, then per seed
+                                                          # the updates (minutes) and the retraining (~30 min)
+    python benchmarks/lqf_update.py run --quick --seeds 0 # a sixth of the epochs, 2 passes: a smoke test
+    python benchmarks/lqf_update.py summary               # mean and spread over seeds, per method
 
---work DIR keeps the data folders and the old family there, so later runs reuse the (expensive) old family.
-One record per method, rewritten after every round of seeds
-(``benchmarks/results/lqf_update/<method>-<passes>passes[-quick].json``): each figure's mean and spread.
+One record per method and seed (``benchmarks/results/lqf_update/<method>-<passes>passes-seed<s>.json``), the
+old family's under ``no-update``; a cell with a current record is skipped, so a run cut short goes on where
+it stopped.  Data folders and families are kept in runs/lqf_update/.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -37,32 +44,24 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import records  # noqa: E402
-from hetero.config import parse_config  # noqa: E402
-from hetero.data import OMNIGLOT_TEST_ALPHABETS, load_split, read_image_tree  # noqa: E402
-from hetero.evaluate import backward_summary  # noqa: E402
-from hetero.maths import compatibility_matrix, top1_correct  # noqa: E402
-from hetero.family import FamilyStore  # noqa: E402
-from hetero.training.lqf import load_linearised  # noqa: E402
-from hetero.models import embed_images  # noqa: E402
-from hetero.training import train  # noqa: E402
+from recipe_seeds import is_current  # noqa: E402
 
+BENCHMARK = "lqf_update"
+RECIPE = "examples/omniglot.yaml"
+RUNS = ROOT / "runs" / "lqf_update"
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 OLD_ALPHABETS = ["Balinese", "Early_Aramaic", "Greek", "Latin"]  # the training alphabets without Korean
 NEW = "Korean"
 UPDATE_DRAWERS, GALLERY_DRAWERS, QUERY_DRAWERS = range(1, 6), range(6, 11), range(11, 21)
-
-FULL = {"members": [
-    {"name": "cloud", "role": "cloud", "arch": "resnet", "width": 1.0, "depth": 1.0, "input_size": 64},
-    {"name": "edge-m", "role": "edge", "arch": "resnet", "width": 0.625, "depth": 0.5, "input_size": 48},
-    {"name": "edge-s", "role": "edge", "arch": "resnet", "width": 0.5, "depth": 0.5, "input_size": 48}],
-    "dim": 128, "epochs": 30, "edge_epochs": 60, "old_drawers": range(1, 21), "passes": 10}
-# --quick: a cloud and one edge at half and quarter width, 32 px, 64-d, 3 + 3 epochs on drawers 1-10 of
-# the 96 characters only: the old family in minutes on 2 shared CPU cores instead of hours; its figures
-# are far below the full recipe's.
-QUICK = {"members": [
-    {"name": "cloud", "role": "cloud", "arch": "resnet", "width": 0.5, "depth": 0.5, "input_size": 32},
-    {"name": "edge", "role": "edge", "arch": "resnet", "width": 0.25, "depth": 0.5, "input_size": 32}],
-    "dim": 64, "epochs": 3, "edge_epochs": 3, "old_drawers": range(1, 11), "passes": 5}
+FINE_TUNING_LR = 1e-3  # AdamW's rate for both fine-tuning baselines: a tenth of the recipe's, from the old weights
+# Each update method: the overrides on the old family's recipe that make it (the data is set by run()).
+METHODS = {
+    "lqf-compat0": ["train.mode=lqf", "train.lqf.compat_weight=0.0"],
+    "lqf-auto": ["train.mode=lqf", "train.lqf.compat_weight=auto"],
+    "fine-tuning": ["train.mode=joint", f"train.lr={FINE_TUNING_LR}"],
+    "fine-tuning-backward": ["train.mode=backward", f"train.lr={FINE_TUNING_LR}"],
+    "backward-retrained": ["train.mode=backward"],
+}
 
 
 def extract(root: Path, drawers: dict[str, range]) -> Path:
@@ -83,151 +82,200 @@ def extract(root: Path, drawers: dict[str, range]) -> Path:
     return root
 
 
-def config(recipe: dict, data: Path, **train) -> dict:
-    members = [dict(m, activation="leaky_relu") for m in recipe["members"]]
-    return {"family": {"name": "omniglot-old", "embedding_dim": recipe["dim"], "members": members},
-            "data": {"source": "omniglot", "path": str(data)},
-            "train": {"batch_size": 40, "seed": 0, "edge_classification": 0.0,
-                      "losses": {"relational": 5.0, "regression": 20.0}, **train}}
+def data_folders() -> dict[str, Path]:
+    test = {a: range(1, 21) for a in ("Japanese_(katakana)", "Sanskrit", "Tagalog")}  # the standard test split
+    old = {a: range(1, 21) for a in OLD_ALPHABETS}
+    return {"old": extract(RUNS / "data-old", {**old, **test}),
+            "update": extract(RUNS / "data-update", {NEW: UPDATE_DRAWERS, **test}),
+            "retrain": extract(RUNS / "data-retrain", {**old, NEW: UPDATE_DRAWERS, **test}),
+            "korean": extract(RUNS / "data-korean", {NEW: range(6, 21)})}
 
 
-def korean_top1(store: FamilyStore, korean) -> dict[str, float]:
+def old_overrides(data: Path) -> list[str]:
+    """The recipe's members with leaky ReLU (LQF linearises around them), on the old training alphabets."""
+    from hetero.config import read_yaml
+
+    members = [{**m, "activation": "leaky_relu"} for m in read_yaml(ROOT / RECIPE)["family"]["members"]]
+    return [f"family.members={json.dumps(members)}", f"data.path={data}", "train.seed=0"]
+
+
+def method_overrides(method: str, old_dir: Path, folders: dict[str, Path], seed: int, passes: int) -> list[str]:
+    retrain = method == "backward-retrained"
+    overrides = [*METHODS[method], f"data.path={folders['retrain' if retrain else 'update']}", f"train.seed={seed}",
+                 "train.teacher_cache=null", "train.edge_epochs=null"]
+    if method != "fine-tuning":
+        overrides.append(f"train.previous={old_dir}")
+    if method.startswith("fine-tuning"):
+        overrides.append(f"train.init={old_dir}")
+    if not retrain:
+        overrides.append(f"train.epochs={passes}")
+    return overrides
+
+
+def quickened(config, quick: bool):
+    if quick:
+        config.train.epochs = max(1, config.train.epochs // 6)
+        config.train.edge_epochs = config.train.edge_epochs and max(1, config.train.edge_epochs // 6)
+    return config
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def korean_top1(models: dict, cloud: str, korean) -> dict[str, float]:
     """Top-1 on Korean's other drawings: gallery (drawers 6-10) by the cloud, queries (11-20) by each member."""
+    from hetero.maths import top1_correct
+    from hetero.models import embed_images
+
     drawer = [int(n.rsplit("_", 1)[1].split(".")[0]) for n in korean.names]
     gallery = [i for i, d in enumerate(drawer) if d in GALLERY_DRAWERS]
     queries = [i for i, d in enumerate(drawer) if d in QUERY_DRAWERS]
     images, labels = korean.floats(), korean.labels
-    cloud = embed_images(store.load_member(store.cloud.name), images[gallery])
-    return {m.name: top1_correct(embed_images(store.load_member(m.name), images[queries]), labels[queries], cloud,
-                                 labels[gallery]).float().mean().item() for m in store.members}
+    cloud_gallery = embed_images(models[cloud], images[gallery])
+    return {name: top1_correct(embed_images(model, images[queries]), labels[queries], cloud_gallery,
+                               labels[gallery]).float().mean().item() for name, model in models.items()}
 
 
-def old_gallery_figures(models: dict, old_cloud, split) -> dict:
-    """M[new][old], M[old][old] and the NFR of the new cloud's queries against the old cloud's gallery."""
+def old_gallery_figures(models: dict, cloud: str, old_cloud, split) -> dict:
+    """M[new][old], M[old][old], the NFR of the new cloud's queries and each edge's top-1, against the old
+    cloud's gallery of the test alphabets."""
+    from hetero.evaluate import backward_summary
+    from hetero.maths import compatibility_matrix
+    from hetero.models import embed_images
+
     images = split.test.floats()
     embeddings = {name: embed_images(model, images) for name, model in models.items()}
     embeddings["old"] = embed_images(old_cloud, images)
     matrix = compatibility_matrix(embeddings, split.test.labels, split.query_index, split.gallery_index)
-    summary = backward_summary(embeddings, split, "cloud", "old", matrix)
+    summary = backward_summary(embeddings, split, cloud, "old", matrix)
     return {"new_vs_old": summary["new_vs_old_top1"], "old_vs_old": summary["old_vs_old_top1"],
-            "nfr": summary["negative_flip_rate"], "edges_vs_old": summary["edges_vs_old_top1"]}
+            "nfr": summary["negative_flip_rate"],
+            "edges_vs_old": {name: matrix[name]["old"]["top1"] for name in models if name != cloud}}
 
 
-class LinearisedStore:
-    """A family's members as LQF's linearised models (jvp at run time), for korean_top1."""
-
-    def __init__(self, store: FamilyStore):
-        self.members, self.cloud = store.members, store.cloud
-        self.models = {m.name: load_linearised(store, m.name) for m in store.members}
-
-    def load_member(self, name):
-        return self.models[name]
+def figures_of(models: dict, cloud: str, context: dict) -> dict:
+    return {"korean_top1": korean_top1(models, cloud, context["korean"]),
+            **old_gallery_figures(models, cloud, context["old_cloud"], context["split"])}
 
 
-def method_figures(runs: list[dict]) -> dict:
-    """A method's figures over its runs (one per seed): the mean and the spread (max - min) of each."""
-    def stat(values):
-        return {"mean": statistics.mean(values), "spread": max(values) - min(values)}
-
-    return {"korean_top1": {n: stat([r["korean"][n] for r in runs]) for n in runs[0]["korean"]},
-            "new_vs_old_top1": stat([r["new_vs_old"] for r in runs]), "old_vs_old_top1": runs[0]["old_vs_old"],
-            "negative_flip_rate": stat([r["nfr"] for r in runs]),
-            "edges_vs_old_top1": statistics.mean(statistics.mean(r["edges_vs_old"].values()) for r in runs),
-            "train_s": statistics.mean(r["seconds"] for r in runs)}
+# ------------------------------------------------------------------------------------------------- run
 
 
-def report(rows: dict, names: list[str], title: str) -> None:
-    def cell(stat):
-        return f"{stat['mean']:.3f} ({stat['spread']:.3f})"
+def train_old(folders: dict[str, Path], quick: bool) -> tuple[Path, list[str]]:
+    """The old family (trained once, resumed if cut short) and the overrides that made it."""
+    from hetero.config import load_config
+    from hetero.family import TRAIN_STATE
+    from hetero.training import train
 
-    print(f"\n{title}")
-    print(f"{'method':24} " + " ".join(f"{'Korean top-1 ' + n:>22}" for n in names) +
-          f" {'M[new][old]':>16} {'M[old][old]':>11} {'NFR vs old':>16} {'edges vs old':>14} {'s/run':>6}")
-    for method, runs in rows.items():
-        got = method_figures(runs)
-        print(f"{method:24} " + " ".join(f"{cell(got['korean_top1'][n]):>22}" for n in names) +
-              f" {cell(got['new_vs_old_top1']):>16} {got['old_vs_old_top1']:11.3f} "
-              f"{cell(got['negative_flip_rate']):>16} {got['edges_vs_old_top1']:14.3f} {got['train_s']:6.0f}",
+    overrides = old_overrides(folders["old"])
+    out = RUNS / ("old-quick" if quick else "old")
+    if not (out / "manifest.json").is_file():
+        resume = (out / TRAIN_STATE).is_file()
+        print(f"[{time.strftime('%H:%M:%S')}] old family: {'resuming' if resume else 'training'} into {out}",
               flush=True)
+        train(quickened(load_config(str(ROOT / RECIPE), overrides), quick), out, resume=resume,
+              overwrite=not resume and out.exists(), progress=False)
+    return out, overrides
 
 
-def write_records(rows: dict, args, passes: int) -> None:
-    """One record per method, over the seeds done so far (rewritten after every round)."""
-    for method, runs in rows.items():
-        records.write("lqf_update", records.key_of(method, f"{passes}passes", quick=args.quick),
-                      method_figures(runs), wall_s=sum(r["seconds"] for r in runs), seeds=list(range(len(runs))),
-                      quick=args.quick, method=method, passes=passes, lr=args.lr, compat_weight=args.compat_weight)
+def run(seeds: list[int], passes: int, quick: bool) -> None:
+    from hetero.config import load_config
+    from hetero.data import read_image_tree
+    from hetero.family import FamilyStore
+    from hetero.training import train
+    from hetero.training.lqf import load_linearised
+
+    passes = 2 if quick else passes
+    folders = data_folders()
+    old_dir, base = train_old(folders, quick)
+    old = FamilyStore.open(old_dir)
+    cloud = old.cloud.name
+    context = {"split": old.split(), "old_cloud": old.load_member(cloud),
+               "korean": read_image_tree(folders["korean"], max(m.input_size for m in old.members),
+                                         strip_top_level=True)}
+    key = records.key_of("no-update", quick=quick)
+    if not is_current(records.read(BENCHMARK, key)):
+        figures = figures_of({m.name: old.load_member(m.name) for m in old.members}, cloud, context)
+        records.write(BENCHMARK, key, {**figures, "cpu_s": 0.0}, wall_s=0.0, recipe=RECIPE, overrides=base,
+                      seeds=[0], quick=quick, method="no update", passes=0)
+    for seed in seeds:  # every method once per seed: a run cut short still compares them all
+        for method in METHODS:
+            key = records.key_of(method, f"{passes}passes", f"seed{seed}", quick=quick)
+            if is_current(records.read(BENCHMARK, key)):
+                continue
+            overrides = base + method_overrides(method, old_dir, folders, seed, passes)
+            config = quickened(load_config(str(ROOT / RECIPE), overrides), quick and method == "backward-retrained")
+            print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
+            started, cpu = time.perf_counter(), time.process_time()
+            store = train(config, RUNS / key, overwrite=True, progress=False)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - started
+            members = {m.name: store.load_member(m.name) for m in store.members}
+            figures = {**figures_of(members, cloud, context), "cpu_s": cpu}
+            if method.startswith("lqf"):
+                linearised = {name: load_linearised(store, name) for name in members}
+                figures["linearised"] = figures_of(linearised, cloud, context)
+                figures["compat_weights"] = {f["member"]: f["compat_weight"] for f in store.manifest.training.lqf}
+            records.write(BENCHMARK, key, figures, wall_s=wall, recipe=RECIPE, overrides=overrides, seeds=[seed],
+                          quick=quick, method=method, passes=passes)
+            print(f"[{time.strftime('%H:%M:%S')}] {key}: NFR {figures['nfr']:.4f}, M[new][old] "
+                  f"{figures['new_vs_old']:.4f}, Korean {figures['korean_top1']}, {cpu:.0f} CPU s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ over seeds
+
+
+# Each column: (name, how it is read from a record's figures).
+COLUMNS = [
+    ("Korean top-1, cloud", lambda f: f["korean_top1"]["cloud"]),
+    ("Korean top-1, edges (mean)", lambda f: _mean_of_edges(f["korean_top1"])),
+    ("M[new][old]", lambda f: f["new_vs_old"]),
+    ("NFR vs old gallery", lambda f: f["nfr"]),
+    ("edges vs old gallery (mean)", lambda f: statistics.mean(f["edges_vs_old"].values())),
+    ("CPU s per update", lambda f: f["cpu_s"]),
+]
+
+
+def _mean_of_edges(per_member: dict) -> float:
+    return statistics.mean(v for k, v in per_member.items() if k != "cloud")
+
+
+def summary(found: list[dict], quick: bool = False) -> list[dict]:
+    """Per method (and each LQF method's linearised model): each column's mean and spread (max - min) over
+    the seeds of its current records."""
+    groups: dict[str, list[dict]] = {}
+    for record in found:
+        if record["quick"] == quick and is_current(record):
+            groups.setdefault(record["method"], []).append(record["figures"])
+            if "linearised" in record["figures"]:
+                groups.setdefault(f"{record['method']} (linearised)", []).append(
+                    {**record["figures"]["linearised"], "cpu_s": record["figures"]["cpu_s"]})
+    order = ["no update", *[m for name in METHODS for m in (name, f"{name} (linearised)")]]
+    rows = []
+    for method in sorted(groups, key=lambda m: order.index(m) if m in order else len(order)):
+        row = {"method": method, "seeds": len(groups[method])}
+        for name, read in COLUMNS:
+            values = [read(f) for f in groups[method]]
+            row[name] = (statistics.mean(values), max(values) - min(values))
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced recipe (QUICK) for the old family: a smoke "
-                                                             "test, never a result")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the update set (default: 10, "
-                        "--quick 5)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the fine-tuning baselines")
-    parser.add_argument("--compat-weight", type=float, default=0.0, help="LQF's compat term to the old cloud")
-    parser.add_argument("--work", help="keep data and the old family here (reused when present)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    go = commands.add_parser("run", help="the old family (once), then every method per seed")
+    go.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    go.add_argument("--passes", type=int, default=10, help="passes over the update set (LQF: CG iterations)")
+    go.add_argument("--quick", action="store_true", help="a sixth of the epochs, 2 passes: a smoke test")
+    show = commands.add_parser("summary", help="mean and spread over seeds, per method")
+    show.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    recipe = QUICK if args.quick else FULL
-    epochs = args.epochs or recipe["passes"]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        test = {a: range(1, 21) for a in OMNIGLOT_TEST_ALPHABETS}  # the standard test split, whole
-        old_data = extract(work / f"old-data-{len(recipe['old_drawers'])}",
-                           {**{a: recipe["old_drawers"] for a in OLD_ALPHABETS}, **test})
-        new_data = extract(work / "update-data-5", {NEW: UPDATE_DRAWERS, **test})
-        korean_data = extract(work / "korean-data", {NEW: range(6, 21)})
-        old_dir = work / ("old-quick" if args.quick else "old")
-        started = time.perf_counter()
-        if not (old_dir / "manifest.json").is_file():
-            train(parse_config(config(recipe, old_data, mode="sequential", epochs=recipe["epochs"],
-                                      edge_epochs=recipe["edge_epochs"], lr=5e-3), "old"), old_dir,
-                  progress=False, overwrite=True)
-        old_seconds = time.perf_counter() - started
-        old = FamilyStore.open(old_dir)
-        load_size = max(m["input_size"] for m in recipe["members"])
-        update_cfg = parse_config(config(recipe, new_data, mode="joint", epochs=epochs), "update")
-        split = load_split(update_cfg.data, load_size)  # test: the standard test alphabets
-        korean = read_image_tree(korean_data, load_size, strip_top_level=True)
-        old_cloud = old.load_member(old.cloud.name)
-
-        methods = {
-            "LQF": dict(mode="lqf", previous=str(old_dir), lqf={"compat_weight": args.compat_weight}),
-            "fine-tuning": dict(mode="joint", init=str(old_dir), lr=args.lr),
-            "fine-tuning + backward": dict(mode="backward", previous=str(old_dir), init=str(old_dir), lr=args.lr),
-        }
-        names = [m.name for m in old.members]
-        title = (f"LQF update, Omniglot {'--quick' if args.quick else 'full'}: old family on "
-                 f"{', '.join(OLD_ALPHABETS)} ({old_seconds:.0f} s{' (reused)' if old_seconds < 1 else ''}), updated "
-                 f"with drawers 1-5 of {NEW}'s {len(korean.class_names)} characters, {epochs} passes; mean over "
-                 f"{args.seeds} seeds (spread max-min)")
-        rows = {"no update": [dict(korean=korean_top1(old, korean),
-                                   **old_gallery_figures({m.name: old.load_member(m.name) for m in old.members},
-                                                         old_cloud, split), seconds=0.0)]}
-        for seed in range(args.seeds):  # every method once per round: a run cut short still compares them all
-            for method, settings in methods.items():
-                cfg = parse_config(config(recipe, new_data, epochs=epochs, seed=seed, **settings), method)
-                started = time.perf_counter()
-                store = train(cfg, work / f"{method.replace(' ', '')}-{seed}", progress=False, overwrite=True)
-                seconds = time.perf_counter() - started
-                members = {m.name: store.load_member(m.name) for m in store.members}
-                rows.setdefault(f"{method} (merged)" if method == "LQF" else method, []).append(dict(
-                    korean=korean_top1(store, korean), **old_gallery_figures(members, old_cloud, split),
-                    seconds=seconds))
-                if method == "LQF":
-                    linear = LinearisedStore(store)
-                    rows.setdefault("LQF (linearised)", []).append(dict(
-                        korean=korean_top1(linear, korean), **old_gallery_figures(linear.models, old_cloud, split),
-                        seconds=seconds))
-                print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
-            report(rows, names, title + f" (after seed {seed})")
-            write_records(rows, args, epochs)
-
-    report(rows, names, title)
+    if args.command == "run":
+        run(args.seeds, args.passes, args.quick)
+    for row in summary(records.read_all(BENCHMARK), args.quick):
+        print(f"{row['method']:32} seeds {row['seeds']}: " + ", ".join(
+            f"{name} {mean:.4f} (spread {spread:.4f})" for name, (mean, spread) in
+            ((n, row[n]) for n, _ in COLUMNS)), flush=True)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def summary_table(rows: list[dict]) -> str:
     for row in rows:
         cells = [f"{row[m][0]:.4f} (spread {row[m][1] * 100:.1f} pts)" if m in row else "-" for m in members]
         body.append([cell(row["machine"]), cell(row["recipe"]), cell(row["precision"]), number(row["seeds"]),
-                     *cells, f"{row['train_s']:.0f}"])
+                     *cells, "-" if row["train_s"] is None else f"{row['train_s']:.0f}"])
     return table(["machine", "recipe", "precision", "seeds", *[f"{cell(m)}: top-1 vs cloud gallery" for m in members],
                   "mean train s"], body)
 
@@ -194,7 +194,9 @@ def seeds_section(folder: Path) -> list[str]:
            "teacher cache); `views8`, `views16` and `edges60` are `current` with one edge-phase lever changed "
            "(8 or 16 cached views, 60 edge epochs), trained from `current`'s cloud phase of the same seed, so "
            "their cloud is `current`'s and their edges compare with its edges seed by seed (their train s "
-           "count that cloud phase). `python benchmarks/recipe_seeds.py summary` prints the same.\n"]
+           "count that cloud phase). A seed whose training shared the CPU with other jobs (recorded with "
+           "`--timing-shared`) is left out of the mean train s, `-` when no seed of a row trained alone. "
+           "`python benchmarks/recipe_seeds.py summary` prints the same.\n"]
     rows = seed_summary(folder, quick=False)
     if rows:
         out += [summary_table(rows), measured_on(folder)]
@@ -271,7 +273,28 @@ def exits_section(found: list[dict]) -> list[str]:
             "benchmarks/early_exit.py summary` prints the same.\n", table(["figure", *map(cell, header)], body)]
 
 
-SECTIONS = {"scale_memory": growth_section, "vector_store": stores_section, "early_exit": exits_section}
+# --------------------------------------------------------------------------------------------------- lqf
+
+
+def updates_section(found: list[dict]) -> list[str]:
+    """lqf_update: each method's columns, mean and spread over seeds, from `lqf_update.summary()`."""
+    import lqf_update
+
+    rows = lqf_update.summary(found)
+    if not rows:
+        return []
+    names = [name for name, _ in lqf_update.COLUMNS]
+    body = [[cell(row["method"]), number(row["seeds"]),
+             *(f"{row[name][0]:.4g} (spread {row[name][1]:.2g})" for name in names)] for row in rows]
+    return ["Each update method on the full family (examples/omniglot.yaml's members with leaky ReLU), mean over "
+            "seeds and the spread (max - min), from `lqf_update.summary()` over the current full records. Korean "
+            "top-1: the new characters' other drawings, gallery by the method's cloud; M[new][old], the NFR and "
+            "the edges against the old cloud's gallery of the test alphabets. `python benchmarks/lqf_update.py "
+            "summary` prints the same.\n", table(["method", "seeds", *map(cell, names)], body)]
+
+
+SECTIONS = {"scale_memory": growth_section, "vector_store": stores_section, "early_exit": exits_section,
+            "lqf_update": updates_section}
 
 
 # ---------------------------------------------------------------------------------------------- rendering

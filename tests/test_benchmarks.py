@@ -237,3 +237,35 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     text = page.read_text()
     assert "| escalated on test, 10% asked | 0.11 (spread 0.04) |" in text
     assert "held out by classes, pooled exit heads, seeds 0, 1" in text
+
+
+def test_the_lqf_summary_gives_each_method_and_its_linearised_model_over_current_seeds(tmp_path, monkeypatch):
+    import lqf_update
+
+    monkeypatch.setenv(records.ENV, str(tmp_path / "results"))
+
+    def figures(nfr: float, linear_nfr: float | None = None) -> dict:
+        found = {"korean_top1": {"cloud": 0.6, "edge-m": 0.5, "edge-s": 0.4}, "new_vs_old": 0.8, "old_vs_old": 0.85,
+                 "nfr": nfr, "edges_vs_old": {"edge-m": 0.8, "edge-s": 0.7}, "cpu_s": 100.0}
+        if linear_nfr is not None:
+            found["linearised"] = {**found, "nfr": linear_nfr}
+        return found
+
+    base = lqf_update.old_overrides(tmp_path)
+    for seed, (method, nfr, linear) in enumerate([("lqf-compat0", 0.04, 0.03), ("lqf-compat0", 0.04, 0.03),
+                                                  ("fine-tuning", 0.06, None), ("fine-tuning", 0.10, None)]):
+        records.write("lqf_update", f"{method}-seed{seed}", figures(nfr, linear), wall_s=1.0, recipe=lqf_update.RECIPE,
+                      overrides=base, seeds=[seed % 2], method=method, argv=["benchmarks/lqf_update.py"])
+    stale = records.record_path("lqf_update", "fine-tuning-seed3")
+    stale.write_text(stale.read_text().replace('"config_hash": "', '"config_hash": "0'))  # its recipe changed since
+    rows = {row["method"]: row for row in lqf_update.summary(records.read_all("lqf_update"))}
+    assert list(rows) == ["lqf-compat0", "lqf-compat0 (linearised)", "fine-tuning"]
+    assert rows["lqf-compat0"]["NFR vs old gallery"] == pytest.approx((0.04, 0.0))
+    assert rows["lqf-compat0 (linearised)"]["NFR vs old gallery"] == pytest.approx((0.03, 0.0))
+    assert rows["fine-tuning"]["seeds"] == 1 and rows["fine-tuning"]["NFR vs old gallery"] == pytest.approx((0.06, 0))
+    assert rows["fine-tuning"]["Korean top-1, edges (mean)"] == pytest.approx((0.45, 0.0))
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{render_results.BEGIN}\n{render_results.END}\n")
+    assert render_results.main(["--results", str(tmp_path / "results"), "--page", str(page),
+                                "--readme", str(readme)]) == 0
+    assert "| lqf-compat0 (linearised) | 2 | 0.6 (spread 0) |" in page.read_text()
