@@ -14,6 +14,7 @@ import types
 import typing
 from pathlib import Path
 
+import pytest
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
@@ -230,6 +231,22 @@ def test_seed_summaries_keep_machines_apart(tmp_path):
     rows = render.seed_summary(folder, quick=False)
     assert [(row["machine"], row["seeds"], row["edge-m"]) for row in rows] == \
         [("intel-xeon-other-bf16", [1], (0.9, 0.0)), ("test", [0], (0.8, 0.0))]
+
+
+def test_a_seed_trained_beside_other_jobs_is_left_out_of_the_mean_train_time(tmp_path):
+    folder = tmp_path / "results"
+
+    def timed_beside_other_jobs(path, seconds):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "timing_shared": True, "figures": {**record["figures"],
+                                                                                 "train_s": seconds}}))
+
+    first = _seed_record(folder, 0, 0.80)
+    timed_beside_other_jobs(_seed_record(folder, 1, 0.90), 900.0)
+    [row] = render.seed_summary(folder, quick=False)
+    assert row["edge-m"] == pytest.approx((0.85, 0.1)) and row["train_s"] == 100.0  # its top-1 still counts
+    timed_beside_other_jobs(first, 800.0)
+    assert render.seed_summary(folder, quick=False)[0]["train_s"] is None  # no seed trained alone
 
 
 def _outputs(tmp_path):
