@@ -316,6 +316,65 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _held_in(config):
+    from hetero.data import load_split, split_open_set
+
+    split = load_split(config.data, config.load_size)
+    return split_open_set(split.train, None, config.search.validation_classes, config.train.seed).train
+
+
+def test_the_cached_supernet_matches_the_clouds_answers_for_the_same_views_without_running_it(tiny_family_dir,
+                                                                                                tmp_path, monkeypatch):
+    """frozen-cloud through the teacher cache: the targets a step trains on are the cloud's embeddings of that
+    step's views and matching inputs, read from the cache; the cloud never runs while the supernet trains."""
+    from hetero.models import resize_to
+    from hetero.search import cached_teacher, given_cloud, train_supernet
+
+    config = parse_config(from_tiny_family("frozen-cloud", tiny_family_dir, epochs=1), "search.yaml")
+    images = _held_in(config)
+    cloud = given_cloud(config)
+    teacher = cached_teacher(config, tmp_path / "cache", cloud, images, progress=False)
+    assert teacher.built["views"] == 8 and teacher.built["rows"] == len(images) * 8  # the edge phase's default
+    seen, real_loss, real_forward = [], supernet_module.supernet_loss, type(cloud).forward
+    monkeypatch.setattr(supernet_module, "supernet_loss", lambda *args: seen.append(args) or real_loss(*args))
+    runs = []
+    monkeypatch.setattr(type(cloud), "forward", lambda self, x: runs.append(self) or real_forward(self, x))
+    train_supernet(config, tmp_path / "state", images, search_space(config.search), teacher, None, 1, False)
+    assert cloud not in runs and len(seen) > 1
+    _, _, batch, _, mixed, _, _, _, _, (reference, mixed_reference) = seen[-1]
+    assert mixed is not None  # train.matching_inputs: the label-free terms also match on the matching inputs
+    with torch.no_grad():
+        torch.testing.assert_close(reference, real_forward(cloud, resize_to(batch, 32)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mixed_reference, real_forward(cloud, resize_to(mixed, 32)), atol=1e-5, rtol=1e-4)
+
+
+def test_a_cached_supernet_resumed_after_a_crash_ends_as_an_uninterrupted_one(tiny_family_dir, tmp_path,
+                                                                             monkeypatch):
+    from hetero.search import cached_teacher, given_cloud, train_supernet
+
+    config = parse_config(from_tiny_family("frozen-cloud", tiny_family_dir, widths=[0.25, 0.5], input_sizes=[24]),
+                          "search.yaml")
+    images, space = _held_in(config), search_space(config.search)
+
+    def run(folder):
+        teacher = cached_teacher(config, tmp_path / "cache", given_cloud(config), images, progress=False)
+        return train_supernet(config, folder, images, space, teacher, None, 2, False).model.state_dict()
+
+    whole = run(tmp_path / "whole")
+    real_save = supernet_module.save_state
+
+    def crash_after_first_epoch(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(supernet_module, "save_state", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(supernet_module, "save_state", real_save)
+    resumed = run(tmp_path / "resumed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_the_example_search_config_is_valid_and_its_cloud_path_is_relative_to_the_file():
     from pathlib import Path
 

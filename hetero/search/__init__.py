@@ -30,11 +30,12 @@ from hetero.search.selection import check_runtime, evolve, feasible_pools, find_
 from hetero.search.space import Candidate, neighbours, progressive_space, sandwich, search_space
 from hetero.search.stage import (CANDIDATES, SEARCH_DIR, fine_tune, given_cloud, pick_profile, search,
                                  write_search_results)
-from hetero.search.supernet import (Supernet, Teacher, layer_map, recalibrate, shared_classifier, sort_channels,
-                                    supernet_loss, train_supernet)
+from hetero.search.supernet import (Supernet, Teacher, cached_teacher, layer_map, recalibrate, shared_classifier,
+                                    sort_channels, supernet_loss, train_supernet)
 
 __all__ = [
-    "BYTES_PER_WEIGHT", "CANDIDATES", "SEARCH_DIR", "Candidate", "Scorer", "Supernet", "Teacher", "check_runtime",
+    "BYTES_PER_WEIGHT", "CANDIDATES", "SEARCH_DIR", "Candidate", "Scorer", "Supernet", "Teacher", "cached_teacher",
+    "check_runtime",
     "evolve", "feasible_pools", "find_students", "fine_tune", "given_cloud", "latency_budget", "layer_map",
     "measured_problems", "neighbours", "no_candidate_message", "pareto_front", "pick_profile", "progressive_space",
     "recalibrate", "sandwich", "search", "search_space", "shared_classifier", "sort_channels", "static_problems",

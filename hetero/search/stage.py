@@ -17,11 +17,12 @@ from hetero.profiles import load_profile
 from hetero.search.scoring import Scorer, static_records
 from hetero.search.selection import check_runtime, feasible_pools, find_students, pareto_front
 from hetero.search.space import Candidate, search_space
-from hetero.search.supernet import Teacher, recalibrate, train_supernet
+from hetero.search.supernet import Teacher, cached_teacher, recalibrate, train_supernet
 from hetero.training import Callback, Family, write_family
 
 SEARCH_DIR = "search"
 CANDIDATES = "candidates.json"
+SUPERNET_CACHE = "teacher-cache-supernet"  # of the held-in images (validation classes are never in it)
 
 
 def search(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -50,7 +51,9 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         inner = split_open_set(split.train, None, settings.validation_classes, seed)
         write_config(out, config)
         given = given_cloud(config) if settings.cloud else None
-        teacher = Teacher(given if settings.design == "frozen-cloud" else None)
+        # frozen-cloud: the cloud's answers for the held-in images are computed once, as in the edge phase.
+        teacher = (cached_teacher(config, out / SEARCH_DIR / SUPERNET_CACHE, given, inner.train, progress)
+                   if settings.design == "frozen-cloud" else Teacher(None))
         # A supernet whose largest sub-network is the cloud's architecture starts from the cloud's weights.
         cloud_cfg = config.family.cloud
         start = given if max(space) == Candidate(cloud_cfg.width, cloud_cfg.depth, cloud_cfg.input_size) else None

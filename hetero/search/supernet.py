@@ -16,7 +16,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.func import functional_call
 from tqdm import tqdm
 
-from hetero.config import Config
+from hetero.config import Config, TeacherCacheConfig
 from hetero.augment import TrainImages, channel_stats
 from hetero.data import ImageSet
 from hetero.errors import ConfigError
@@ -26,6 +26,7 @@ from hetero.models import Embedder, embed_images, resize_to
 from hetero.search.space import Candidate, progressive_space, sandwich
 from hetero.training import (Callback, EpochEnd, check_finite_weights, load_state, lr_factor, matching_inputs,
                              save_state, seed_everything, seeded)
+from hetero.training.teacher_cache import CachedViews, build_cached_views, cloud_identity, plan_for_config
 
 # One logger for the whole stage, whichever room logs.
 log = logging.getLogger("hetero.search")
@@ -169,9 +170,34 @@ def recalibrate(model: Embedder, images: torch.Tensor, batch_size: int = 128) ->
 
 @dataclass
 class Teacher:
-    """What the sub-networks match: the frozen cloud (frozen-cloud), or None (shared-cloud: the largest)."""
+    """What the sub-networks match: the frozen cloud (frozen-cloud), or None (shared-cloud: the largest).
+
+    `cache`: the frozen cloud's answers for the training images' views, computed once (the edge phase's
+    teacher cache, see cached_teacher); the supernet then reads them instead of running the cloud every step.
+    """
 
     model: Embedder | None
+    cache: CachedViews | None = None
+    built: dict | None = None  # what building the cache did (directory, views, rows, seconds)
+
+    @torch.no_grad()
+    def answers(self, images: torch.Tensor, mixed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen cloud's embeddings of a batch and of its matching inputs (None without them)."""
+        model = self.model
+        return (model(resize_to(images, model.input_size)),
+                model(resize_to(mixed, model.input_size)) if mixed is not None else None)
+
+
+def cached_teacher(config: Config, root: Path, cloud: Embedder, images: ImageSet, progress: bool | None = None
+                   ) -> Teacher:
+    """The frozen `cloud` as a teacher whose answers for `images` are cached in `root`: the same cache as
+    the edge phase's (train.teacher_cache's views; its default when the config has none), built once (or
+    resumed, or reused) before the supernet trains."""
+    views = (config.train.teacher_cache or TeacherCacheConfig()).views
+    plan = plan_for_config(config, cloud_identity(cloud), images, views)
+    cache, built = build_cached_views(root, plan, cloud.eval(), images, progress)
+    log.info("teacher cache %s: %s", root, built)
+    return Teacher(cloud, cache, built)
 
 
 def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: list[Candidate], teacher: Teacher,
@@ -198,15 +224,10 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         done, history = load_state(state_dir / TRAIN_STATE, state, optimizer)
         log.info("supernet: resuming after epoch %d of %d", done, epochs)
     cross = build_cross_model_losses(train_cfg.losses)
-    dataset = TrainImages(images, config.data.augment_affine, config.data.augment_hflip, config.data.augment_batched)
+    dataset = teacher.cache if teacher.cache is not None else TrainImages(
+        images, config.data.augment_affine, config.data.augment_hflip, config.data.augment_batched)
     unit = train_cfg.samples_per_class
-    # The held-in part of the training split may be smaller than a batch, or hold fewer classes than a batch of
-    # samples_per_class each: the batch shrinks to what it can fill (MPerClassSampler asserts otherwise).
-    classes = int(torch.unique(images.labels).numel())
-    batch_size = min(train_cfg.batch_size, len(dataset) // unit * unit, unit * classes)
-    if batch_size < unit:
-        raise ConfigError(f"train.samples_per_class: {unit}, but the search's held-in images ({len(dataset)} in "
-                          f"{classes} classes) cannot fill one batch of a class; lower it")
+    batch_size = fitting_batch_size(train_cfg, images)
     steps = len(dataset) // batch_size
     warmup = max(1, int(train_cfg.warmup_epochs * steps))
     started = time.time()
@@ -216,20 +237,22 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
         allowed = progressive_space(space, epoch, epochs) if settings.schedule == "progressive" else space
         sampler = MPerClassSampler(images.labels, unit, batch_size=batch_size, length_before_new_iter=len(dataset))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                             collate_fn=dataset.collate)
+                                             collate_fn=None if teacher.cache is not None else dataset.collate)
         supernet.train()
         if teacher.model is not None:
             teacher.model.eval()
+        if teacher.cache is not None:
+            teacher.cache.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"supernet epoch {epoch}/{epochs}", leave=False,
                    disable=True if progress is False else None)
-        for step, (batch, labels) in enumerate(bar):
+        for step, batch in enumerate(bar):
             lr = train_cfg.lr * lr_factor((epoch - 1) * steps + step, epochs * steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            mixed = matching_inputs(batch, train_cfg.matching_inputs) if train_cfg.mixed_matching > 0 else None
+            batch, labels, mixed, answers = supernet_batch(batch, teacher, train_cfg)
             loss = supernet_loss(supernet, sandwich(allowed, settings.sampled, rng), batch, labels, mixed, teacher,
-                                 head, cross, train_cfg)
+                                 head, cross, train_cfg, answers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -243,6 +266,32 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
             callback(EpochEnd(epoch, epochs, 0, epoch == epochs, history[-1]["loss"], state_dir, stage))
     supernet.history = history
     return supernet.eval()
+
+
+def fitting_batch_size(train_cfg, images: ImageSet) -> int:
+    """train.batch_size, shrunk to what `images` can fill: the held-in part of a search's training split may
+    be smaller than a batch, or hold fewer classes than a batch of samples_per_class each (MPerClassSampler
+    asserts otherwise)."""
+    unit = train_cfg.samples_per_class
+    classes = int(torch.unique(images.labels).numel())
+    batch_size = min(train_cfg.batch_size, len(images) // unit * unit, unit * classes)
+    if batch_size < unit:
+        raise ConfigError(f"train.samples_per_class: {unit}, but the search's held-in images ({len(images)} in "
+                          f"{classes} classes) cannot fill one batch of a class; lower it")
+    return batch_size
+
+
+def supernet_batch(batch, teacher: Teacher, train_cfg) -> tuple:
+    """(images, labels, matching inputs or None, the cached answers for both or None) of one loader batch:
+    with a cache, the views and matching inputs are remade from their parameters and the cloud's answers
+    read from it, as in the edge phase; without, the batch is augmented here and its matching inputs drawn."""
+    mixing = train_cfg.mixed_matching > 0
+    if teacher.cache is None:
+        images, labels = batch
+        return images, labels, matching_inputs(images, train_cfg.matching_inputs) if mixing else None, None
+    index, labels, reference, mixed_reference, params, partners, partner_params = batch
+    images, mixed = teacher.cache.images(index, params, partners, partner_params)
+    return images, labels, mixed if mixing else None, (reference, mixed_reference if mixing else None)
 
 
 def shared_classifier(config: Config, images: ImageSet, teacher: Teacher, start: Embedder | None
@@ -269,12 +318,14 @@ def shared_classifier(config: Config, images: ImageSet, teacher: Teacher, start:
 
 
 def supernet_loss(supernet: Supernet, picks: list[Candidate], images: torch.Tensor, labels: torch.Tensor,
-                  mixed: torch.Tensor | None, teacher: Teacher, head, cross: dict, train_cfg) -> torch.Tensor:
+                  mixed: torch.Tensor | None, teacher: Teacher, head, cross: dict, train_cfg,
+                  answers: tuple | None = None) -> torch.Tensor:
     """One batch's loss over the picked sub-networks (largest first).
 
     frozen-cloud: every pick matches the frozen cloud: the config's cross-model terms (train.losses), the
     label-free ones again on the matching inputs (train.mixed_matching), and train.edge_classification x
-    the frozen classifier, summed over the picks.
+    the frozen classifier, summed over the picks.  `answers`: the cloud's embeddings of `images` and `mixed`
+    read from the teacher cache (the cloud is not run).
 
     shared-cloud: the largest learns the classes through the shared classifier and is every other pick's
     reference (detached: in-place distillation).  Each other pick gets the classifier at weight 1 as well
@@ -282,9 +333,7 @@ def supernet_loss(supernet: Supernet, picks: list[Candidate], images: torch.Tens
     shared weights collapse the cloud's space (measured: the cloud fell from 0.87 to 0.36 top-1 in 4 epochs).
     """
     if teacher.model is not None:
-        with torch.no_grad():
-            reference = teacher.model(resize_to(images, teacher.model.input_size))
-            mixed_reference = teacher.model(resize_to(mixed, teacher.model.input_size)) if mixed is not None else None
+        reference, mixed_reference = answers if answers is not None else teacher.answers(images, mixed)
         return sum(_pick_loss(supernet, c, images, labels, mixed, reference, mixed_reference, head, cross,
                               train_cfg.edge_classification, train_cfg.mixed_matching) for c in picks)
     cloud = supernet(picks[0], images)

@@ -26,7 +26,7 @@ from hetero.augment import TrainImages, border_fill, channel_stats
 from hetero.data import load_split, loader_context
 from hetero.errors import ConfigError, TrainingError
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
-                           tensors_digest, write_config, writing)
+                           write_config, writing)
 from hetero.family.writer import check_finite_weights, write_family
 from hetero.files import check_output
 from hetero.models import MultiExitEmbedder, add_adapter, embed_images
@@ -35,7 +35,8 @@ from hetero.training.model import Family, resolve_external_input_size
 from hetero.training.objective import matching_inputs
 from hetero.training.plumbing import (accelerations, global_batch_size, load_state, lr_factor, save_state,
                                       seed_everything)
-from hetero.training.teacher_cache import CachedViews, TeacherCache
+from hetero.training.teacher_cache import (CachedViews, TeacherCache, build_cached_views, cloud_identity,
+                                           plan_for_config)
 from hetero.training.updates import (hold_out_for_calibration, lqf_update, prototypes_from, read_previous,
                                      start_from_family)
 
@@ -179,27 +180,22 @@ class TrainingRun:
 
     def open_teacher_cache(self) -> None:
         """Build (or resume, or reuse) the frozen cloud's cache for the edge phase, and read it from now on."""
-        settings, data_cfg = self.train_cfg.teacher_cache, self.config.data
+        settings = self.train_cfg.teacher_cache
         root = Path(settings.dir) if settings.dir else self.out / "teacher_cache"
         family = self.family
-        identity = (f"external:{family.external[1]}:{family.cloud.preprocessing}" if family.external is not None
-                    else f"tensors:{tensors_digest(family.cloud.state_dict())}")
+        identity = cloud_identity(family.cloud, family.external[1] if family.external is not None else None)
         train_images = self.split.train
-        plan = TeacherCache.plan_for(identity, train_images.names, settings.views, self.train_cfg.seed,
-                                     self.config.load_size, data_cfg.augment_affine, data_cfg.augment_hflip,
-                                     self.train_cfg.matching_inputs if self.train_cfg.mixed_matching > 0 else [])
-        fill = border_fill(train_images.images)
+        plan = plan_for_config(self.config, identity, train_images, settings.views)
 
         def build():
-            cache = TeacherCache.open_or_create(root, plan)
             try:
-                built = cache.build(family.cloud, train_images.images, fill, progress=self.progress)
+                _, self.cache_build = build_cached_views(root, plan, family.cloud, train_images, self.progress)
             except TrainingError as err:
                 raise TrainingError(f"epoch {self.done + 1}, cloud member {family.cloud_name!r}: {err}") from None
-            log.info("teacher cache %s: %s", root, built)
-            self.cache_build = {"dir": str(root), "views": settings.views, **built}
+            log.info("teacher cache %s: %s", root, self.cache_build)
 
         distributed.on_main_then_share(build)
+        fill = border_fill(train_images.images)
         self.cached = CachedViews(TeacherCache.open_or_create(root, plan), train_images, fill)
 
     def enter_phase(self, phase: int, trained: list[str]):

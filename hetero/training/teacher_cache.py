@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hetero.augment import AFFINE, augment
+from hetero.augment import AFFINE, augment, border_fill
 from hetero.errors import ManifestError, TrainingError
-from hetero.files import RowFile, atomic_write_json, check_output, resolve_inside, safetensors_rows
+from hetero.files import RowFile, atomic_write_json, check_output, resolve_inside, safetensors_rows, tensors_digest
 
 PLAN = "cache.json"
 FORMAT = "hetero-teacher-cache/1"
@@ -248,3 +248,29 @@ class CachedViews(torch.utils.data.Dataset):
 
     def images(self, index, params, partners, partner_params) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.inputs(self.data.images, index, params, partners, partner_params, self.fill)
+
+
+def cloud_identity(cloud, external: str | None = None) -> str:
+    """What names the cloud in a cache's plan: an external cloud's file fingerprint and preprocessing, or a
+    trained cloud's tensors (so a cloud trained again, even with the same config, is another cloud)."""
+    if external is not None:
+        return f"external:{external}:{cloud.preprocessing}"
+    return f"tensors:{tensors_digest(cloud.state_dict())}"
+
+
+def plan_for_config(config, identity: str, data, views: int) -> dict:
+    """The plan of a cache of `views` views of `data`'s images, augmented and matched as `config` trains."""
+    data_cfg, train_cfg = config.data, config.train
+    return TeacherCache.plan_for(identity, data.names, views, train_cfg.seed, config.load_size, data_cfg.augment_affine,
+                                 data_cfg.augment_hflip,
+                                 train_cfg.matching_inputs if train_cfg.mixed_matching > 0 else [])
+
+
+def build_cached_views(root: Path, plan: dict, cloud, data, progress: bool | None = None
+                       ) -> tuple[CachedViews, dict]:
+    """Build (or resume, or reuse) the cache of `plan` with `cloud`; the training items that read it, and
+    what the build did (its directory, views, rows and seconds)."""
+    cache = TeacherCache.open_or_create(root, plan)
+    fill = border_fill(data.images)
+    built = cache.build(cloud, data.images, fill, progress=progress)
+    return CachedViews(cache, data, fill), {"dir": str(root), "views": plan["views"], **built}
