@@ -151,6 +151,38 @@ def test_evolution_visits_its_budget_of_distinct_candidates_from_the_pool_and_al
     assert sorted(evolve(small, evaluate, settings, random.Random(0))) == sorted(small)
 
 
+def test_the_neighbours_figure_is_label_free_and_ranks_the_cloud_itself_first(tmp_path):
+    """rank_by neighbours: recall of the cloud's own neighbours on the validation images needs no labels (its
+    value stays when the labels are shuffled, top-1's does not), and a candidate that computes the cloud's
+    function recalls every neighbour."""
+    import dataclasses
+
+    from hetero.data import load_split, split_open_set
+    from hetero.search import Scorer
+
+    config = parse_config(tiny_config(), "tiny")
+    validation = split_open_set(load_split(config.data, 32).train, None, 0.3, 0)
+    supernet = _supernet(0.5, 0.5, 32)
+    candidates = [Candidate(0.5, 0.5, 32), Candidate(0.25, 0.5, 24)]
+    bn_images = validation.train.spread(64)
+    cloud = recalibrate(supernet.extract(candidates[0]), bn_images)  # what the largest sub-network extracts as
+
+    def scorer(split, name):
+        statics = {c: {"width": c.width} for c in candidates}
+        return Scorer(supernet, cloud, split, bn_images, tmp_path / name, 1, bn_images, statics, "neighbours")
+
+    plain = scorer(validation, "plain.json")
+    order = torch.randperm(len(validation.test.labels), generator=torch.Generator().manual_seed(0))
+    labels = validation.test.labels[order]
+    shuffled = scorer(dataclasses.replace(validation, test=dataclasses.replace(validation.test, labels=labels)),
+                      "shuffled.json")
+    assert plain.rank(candidates[0]) == 1.0 and plain.rank(candidates[1]) < 1.0
+    assert all(plain.rank(c) == shuffled.rank(c) for c in candidates)
+    assert any(plain.top1(c) != shuffled.top1(c) for c in candidates)
+    assert {"top1", "neighbours", "agreement_top1", "cosine_mean"} <= set(json.loads((tmp_path / "plain.json")
+                                                                                     .read_text())["w0.25-d0.5-24px"])
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -161,6 +193,8 @@ def test_evolution_visits_its_budget_of_distinct_candidates_from_the_pool_and_al
     (lambda c: c["family"]["members"].append({"name": "edge-m", "role": "edge", "arch": "resnet", "width": 0.25,
                                                "depth": 0.5, "input_size": 32}), "list only the cloud"),
     (lambda c: c["search"]["targets"].append(dict(c["search"]["targets"][0])), "member names must be unique"),
+    (lambda c: c["search"].update(rank_by="accuracy"), "search.rank_by: 'accuracy' is not allowed; input should be "
+                                                       "'neighbours' or 'top1'"),
 ])
 def test_bad_search_configs_are_refused_naming_the_field(change, words):
     config = search_config()
@@ -250,6 +284,14 @@ def test_search_writes_compatible_students_as_members_that_export_picks(searched
         assert (store.root / "search" / name).is_file()
     front = (store.root / "search" / "pareto-server-onnx-fp32.md").read_text()
     assert "edge-small" in front  # the chosen one is on the front
+    # Every visited candidate has its figures recorded; the chosen one has the best ranking figure.
+    summary = json.loads((store.root / "search" / "search.json").read_text())
+    measured = json.loads((store.root / "search" / "candidates.json").read_text())
+    visited = [measured[key] for key in summary["visited"]["edge-small"]]
+    assert summary["rank_by"] == student.search["rank_by"] == "neighbours" and len(visited) >= 2
+    assert all(0 <= r["neighbours"] <= 1 and 0 <= r["top1"] <= 1 for r in visited)
+    feasible = [r for r in visited if r["flops_vs_cloud"] <= 0.3]
+    assert student.search["ranking_figure"] == max(r["neighbours"] for r in feasible)
     # `hetero export --profile P` without --member exports the student searched for P.
     family = tmp_path / "family"
     import shutil

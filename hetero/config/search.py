@@ -30,7 +30,7 @@ class SearchTarget:
 class SearchConfig:
     """`hetero search`: one weight-sharing supernet of `arch`, whose sub-networks take every combination of
     `widths`, `depths` and `input_sizes` (multipliers and sizes as on a member), then the best compatible
-    sub-network per target, ranked on training classes held out of the supernet's training.
+    sub-network per target, ranked (`rank_by`) on training classes held out of the supernet's training.
 
     shared-cloud: the cloud member is the largest sub-network, so every student shares the cloud's weights
     (the largest width, depth and input size must be the cloud's); it learns the classes, the smaller ones
@@ -58,6 +58,13 @@ class SearchConfig:
     schedule: Literal["sandwich", "progressive"] = "sandwich"
     # Share of the training classes kept out of the supernet's training to rank the candidates on.
     validation_classes: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # What ranks the candidates, on the validation images (every visited candidate's figures are recorded):
+    # neighbours: label-free agreement with the cloud, the share of the cloud's own 10 nearest neighbours of
+    #   each validation image that the candidate's query finds among its 10 nearest in the cloud's gallery;
+    #   it compares fine orderings, so it does not saturate on classes the cloud trained on;
+    # top1: M[candidate][cloud] top-1 on the validation classes (their first images the cloud's gallery),
+    #   which saturates (0.93-0.98) when the cloud trained on those classes, as a family's cloud has.
+    rank_by: Literal["neighbours", "top1"] = "neighbours"
     # Sub-networks the evolutionary search evaluates per target (every one when the space is no larger).
     evaluations: Positive = 48
     population: Annotated[int, Field(ge=2)] = 12

@@ -15,13 +15,15 @@ CONFIG = "config.yaml"
 FORMAT = "hetero-family/1"
 TRAIN_STATE = "checkpoints/train_state.safetensors"
 # The files stages write into a family directory by name (glob patterns), besides those its manifest lists:
-# reports, the default gallery, the default teacher cache and a search's records, fronts and fine-tuning states.
+# reports, the default gallery, the default teacher cache and a search's records, fronts, caches and fine-tuning
+# states.
 # `train --overwrite` removes these and the manifest's files, and nothing else.
 STAGE_FILES = (CONFIG, MANIFEST, TRAIN_STATE, "report.json", "verify.json",
                "gallery/gallery.json", "gallery/index.faiss", "gallery/shards/shard-*.safetensors",
                "gallery/shards/shard-*.json", "teacher_cache/cache.json", "teacher_cache/shards/shard-*.safetensors",
                "search/candidates.json", "search/search.json", "search/pareto-*.md", "search/pareto-*.png",
-               f"search/fine-tune-*/{TRAIN_STATE}")
+               f"search/fine-tune-*/{TRAIN_STATE}", "search/teacher-cache*/cache.json",
+               "search/teacher-cache*/shards/shard-*.safetensors")
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
 
 

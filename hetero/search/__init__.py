@@ -12,8 +12,10 @@ smaller one matches its (detached) embeddings, so each student literally shares 
 ("compatibility through architecture", Duggal et al. 2021).  frozen-cloud: a separate supernet matches a
 frozen cloud, the one of a trained family (`search.cloud`).
 
-Candidates are ranked by M[candidate][cloud] top-1 on training classes kept out of the supernet's training
-(`validation_classes`), never on test classes, after re-estimating each one's BatchNorm statistics.  Their
+Candidates are ranked on training classes kept out of the supernet's training (`validation_classes`), never
+on test classes, after re-estimating each one's BatchNorm statistics: by default (`rank_by: neighbours`) by
+the label-free recall of the cloud's own neighbours of those images, which does not saturate where the cloud
+trained on those classes as M[candidate][cloud] top-1 there (`rank_by: top1`) does.  Their
 latency is real: each candidate is exported for the target's profile and timed batch-1 by that profile's
 runtime on this machine.  An evolutionary search (parents from the Pareto front of compatibility against
 latency, one gene mutated per child) finds the best candidate under each target's budgets; the chosen ones

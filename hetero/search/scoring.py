@@ -1,6 +1,7 @@
-"""Scoring candidates: FLOPs and parameters before any weights, validation top-1 and real latency (each
-exported for a profile and timed by its runtime here) kept in a resumable JSON file, and the budgets a
-candidate breaks, with the message that says why no sub-network meets a target."""
+"""Scoring candidates: FLOPs and parameters before any weights, the ranking figures on validation images
+(top-1 and label-free agreement with the cloud) and real latency (each exported for a profile and timed by
+its runtime here) kept in a resumable JSON file, and the budgets a candidate breaks, with the message that
+says why no sub-network meets a target."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ import torch
 from hetero import formats
 from hetero.config import Config
 from hetero.files import atomic_write_text, path_bytes
-from hetero.maths import retrieval_metrics
+from hetero.maths import label_free_figures, retrieval_metrics
 from hetero.models import Embedder, count_flops, count_params, embed_images, resize_to
 from hetero.search.space import Candidate
 from hetero.search.supernet import Supernet, recalibrate
@@ -37,14 +38,13 @@ class Scorer:
     latency_runs: int
     calibration: torch.Tensor
     statics: dict  # Candidate -> static_records' figures
+    rank_by: str = "neighbours"  # search.rank_by: the figure of `figures` that ranks them
 
     def __post_init__(self):
         self.records: dict[str, dict] = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self._members: dict[Candidate, Embedder] = {}
-        val = self.validation.test
-        self._labels = val.labels
-        self._queries = val.floats()[self.validation.query_index]
-        self._gallery = embed_images(self.cloud, val.floats()[self.validation.gallery_index])
+        self._images = self.validation.test.floats()
+        self._cloud = embed_images(self.cloud, self._images)
 
     def record(self, candidate: Candidate) -> dict:
         if candidate.key not in self.records:
@@ -58,17 +58,30 @@ class Scorer:
             self._members[candidate] = recalibrate(self.supernet.extract(candidate), self.bn_images)
         return self._members[candidate]
 
+    def figures(self, candidate: Candidate) -> dict:
+        """The candidate's record with its figures on the validation images, each measured once: `top1`,
+        M[candidate][cloud] on the validation classes (labels), and the label-free agreement with the cloud
+        (`neighbours`: recall of the cloud's own 10 nearest neighbours; `agreement_top1`; `cosine_mean`)."""
+        record = self.record(candidate)
+        if not {"top1", "neighbours"} <= set(record):
+            queries = embed_images(self.member(candidate), self._images)
+            val = self.validation
+            labels, q, g = val.test.labels, val.query_index, val.gallery_index
+            record["top1"] = round(retrieval_metrics(queries[q], labels[q], self._cloud[g], labels[g])["top1"], 5)
+            free = label_free_figures(queries, self._cloud)
+            recall = next(v for k, v in free.items() if k.startswith("recall_at_"))
+            record.update(neighbours=round(recall, 5), agreement_top1=round(free["agreement_top1"], 5),
+                          cosine_mean=round(free["cosine_mean"], 5))
+            self._save()
+        return record
+
     def top1(self, candidate: Candidate) -> float:
         """M[candidate][cloud] top-1 on the validation classes."""
-        record = self.record(candidate)
-        if "top1" not in record:
-            queries = embed_images(self.member(candidate), self._queries)
-            labels = self._labels
-            figures = retrieval_metrics(queries, labels[self.validation.query_index], self._gallery,
-                                        labels[self.validation.gallery_index])
-            record["top1"] = round(figures["top1"], 5)
-            self._save()
-        return record["top1"]
+        return self.figures(candidate)["top1"]
+
+    def rank(self, candidate: Candidate) -> float:
+        """The figure that ranks candidates (search.rank_by), higher is better."""
+        return self.figures(candidate)[self.rank_by]
 
     def latency(self, candidate: Candidate, profile) -> dict:
         """Median batch-1 latency (ms) and file size of the candidate exported for `profile`, timed by the

@@ -17,7 +17,7 @@ log = logging.getLogger("hetero.search")
 
 
 def pareto_front(points: list[tuple[float, float, Candidate]]) -> list[tuple[float, float, Candidate]]:
-    """(latency, top-1, candidate) not dominated: nothing else is as fast and as good, and better in one."""
+    """(latency, figure, candidate) not dominated: nothing else is as fast and as good, and better in one."""
     front, best = [], -1.0
     for latency, top1, candidate in sorted(points, key=lambda p: (p[0], -p[1])):
         if top1 > best:
@@ -29,7 +29,7 @@ def pareto_front(points: list[tuple[float, float, Candidate]]) -> list[tuple[flo
 def evolve(pool: list[Candidate], evaluate, settings, rng: random.Random) -> list[Candidate]:
     """The candidates of `pool` an evolutionary search visits, up to `settings.evaluations`.
 
-    evaluate(candidate) -> (latency, top-1) or None when it breaks a measured budget.  A random population
+    evaluate(candidate) -> (latency, ranking figure) or None when it breaks a measured budget.  A random population
     first; then each child mutates one gene of a parent drawn from the Pareto front of what was visited.
     A pool no larger than the budget is visited whole.
     """
@@ -83,15 +83,16 @@ def feasible_pools(records: dict[Candidate, dict], targets: list, profiles: dict
 
 def find_students(scorer: Scorer, pools: dict[str, list[Candidate]], targets: list, profiles: dict, settings,
                   seed: int) -> dict[str, dict]:
-    """Per target: the candidate of highest validation top-1 that meets every budget, and what was visited."""
+    """Per target: the candidate of highest ranking figure (search.rank_by) that meets every budget, and what
+    was visited."""
     chosen = {}
     for target in targets:
         profile, pool = profiles[target.name], pools[target.name]
 
         def evaluate(candidate: Candidate, profile=profile, target=target):
             measured = scorer.latency(candidate, profile)
-            top1 = scorer.top1(candidate)
-            return None if measured_problems(measured, profile, target) else (measured["median_ms"], top1)
+            figure = scorer.rank(candidate)
+            return None if measured_problems(measured, profile, target) else (measured["median_ms"], figure)
 
         visited = evolve(pool, evaluate, settings, random.Random(seed * 100_003 + len(chosen)))
         feasible = [c for c in visited if not measured_problems(scorer.latency(c, profile), profile, target)]
@@ -99,8 +100,9 @@ def find_students(scorer: Scorer, pools: dict[str, list[Candidate]], targets: li
             broken = "latency" if any("latency" in measured_problems(scorer.latency(c, profile), profile, target)
                                       for c in visited) else "max_file_mb"
             raise ConfigError(no_candidate_message(target, profile, [scorer.record(c) for c in visited], broken))
-        best = max(feasible, key=lambda c: (scorer.top1(c), -scorer.latency(c, profile)["median_ms"]))
+        best = max(feasible, key=lambda c: (scorer.rank(c), -scorer.latency(c, profile)["median_ms"]))
         chosen[target.name] = {"target": target, "profile": profile, "candidate": best, "visited": visited}
-        log.info("search %s: %s (validation top-1 %.4f, %.3f ms on %s)", target.name, best.key, scorer.top1(best),
-                 scorer.latency(best, profile)["median_ms"], profile.name)
+        log.info("search %s: %s (%s %.4f, validation top-1 %.4f, %.3f ms on %s)", target.name, best.key,
+                 scorer.rank_by, scorer.rank(best), scorer.top1(best), scorer.latency(best, profile)["median_ms"],
+                 profile.name)
     return chosen

@@ -23,6 +23,8 @@ from hetero.training import Callback, Family, write_family
 SEARCH_DIR = "search"
 CANDIDATES = "candidates.json"
 SUPERNET_CACHE = "teacher-cache-supernet"  # of the held-in images (validation classes are never in it)
+RANK_LABELS = {"neighbours": "recall of the cloud's 10 nearest neighbours, validation images",
+               "top1": "M[candidate][cloud] top-1, validation classes"}
 
 
 def search(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -65,7 +67,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         folder.mkdir(exist_ok=True)
         calibration = inner.train.spread(max(p.calibration_images for p in profiles.values()))
         scorer = Scorer(supernet, cloud, inner, bn_images, folder / CANDIDATES, settings.latency_runs, calibration,
-                        statics)
+                        statics, settings.rank_by)
         chosen = find_students(scorer, pools, settings.targets, profiles, settings, seed)
         found = {pick["candidate"] for pick in chosen.values()}
         members = {c: scorer.member(c) for c in sorted(found)}
@@ -109,27 +111,27 @@ def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, ima
 
 
 def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
-    """Per profile: the Pareto front (validation top-1 against latency) as a Markdown table and a plot, and
-    every visited candidate in search.json."""
+    """Per profile: the Pareto front (ranking figure against latency) as a Markdown table and a plot, and
+    every visited candidate with its figures in search.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = {"chosen": {}, "fronts": {}}
+    summary = {"rank_by": scorer.rank_by, "chosen": {}, "fronts": {}, "visited": {}}
     for profile_name in sorted({p.name for p in profiles.values()}):
         visited = {c for pick in chosen.values() if pick["profile"].name == profile_name for c in pick["visited"]}
-        points = [(scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"], scorer.top1(c), c)
+        points = [(scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"], scorer.rank(c), c)
                   for c in sorted(visited)]
         front = pareto_front(points)
         picks = {name: pick["candidate"] for name, pick in chosen.items() if pick["profile"].name == profile_name}
-        rows = ["| sub-network | MFLOPs | of the cloud | params | latency ms | validation top-1 | chosen for |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for latency, top1, c in front:
+        rows = [f"| sub-network | MFLOPs | of the cloud | params | latency ms | {scorer.rank_by} (ranks) | "
+                "validation top-1 | chosen for |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for latency, figure, c in front:
             record = scorer.record(c)
             names = ", ".join(n for n, p in picks.items() if p == c)
             rows.append(f"| {c.key} | {record['flops'] / 1e6:.1f} | {record['flops_vs_cloud']:.4f} | "
-                        f"{record['params']:,} | {latency:.3f} | {top1:.4f} | {names} |")
+                        f"{record['params']:,} | {latency:.3f} | {figure:.4f} | {scorer.top1(c):.4f} | {names} |")
         (folder / f"pareto-{profile_name}.md").write_text(
             f"# Pareto front on {profile_name}: {len(points)} sub-networks visited, {len(front)} on the front\n\n"
             + "\n".join(rows) + "\n")
@@ -137,19 +139,21 @@ def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: d
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, c="0.6", label="visited")
         ax.plot([p[0] for p in front], [p[1] for p in front], "o-", ms=4, label="Pareto front")
         for name, c in picks.items():
-            ax.scatter([scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"]], [scorer.top1(c)],
+            ax.scatter([scorer.latency(c, pick_profile(chosen, profile_name))["median_ms"]], [scorer.rank(c)],
                        marker="*", s=160, zorder=3, label=f"{name}: {c.key}")
         ax.set_xlabel(f"batch-1 latency on this machine, {profile_name} (ms)")
-        ax.set_ylabel("M[candidate][cloud] top-1, validation classes")
+        ax.set_ylabel(RANK_LABELS[scorer.rank_by])
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / f"pareto-{profile_name}.png", dpi=120)
         plt.close(fig)
-        summary["fronts"][profile_name] = [{"candidate": c.key, "latency_ms": lat, "top1": top1}
-                                           for lat, top1, c in front]
+        summary["fronts"][profile_name] = [{"candidate": c.key, "latency_ms": lat, scorer.rank_by: figure}
+                                           for lat, figure, c in front]
     for name, pick in chosen.items():
         summary["chosen"][name] = {"profile": pick["profile"].name, **scorer.record(pick["candidate"]),
                                    "visited": len(pick["visited"])}
+        # Every visited candidate's figures, so that a benchmark can tell how well each ranks them.
+        summary["visited"][name] = [c.key for c in pick["visited"]]
     atomic_write_text(folder / "search.json", json.dumps(summary, indent=1))
 
 
@@ -177,7 +181,8 @@ def _write_searched_family(config: Config, out: Path, split, cloud: Embedder, st
         if record.name in chosen:
             pick = chosen[record.name]
             record.search = {"profile": pick["profile"].name, "candidate": pick["candidate"].key,
-                             "validation_top1": scorer.top1(pick["candidate"]),
+                             "validation_top1": scorer.top1(pick["candidate"]), "rank_by": settings.rank_by,
+                             "ranking_figure": scorer.rank(pick["candidate"]),
                              "latency_ms": scorer.latency(pick["candidate"], pick["profile"])["median_ms"],
                              "fine_tune_epochs": settings.fine_tune_epochs, **facts["search"]}
     store.save()
