@@ -417,6 +417,38 @@ def test_a_cached_supernet_resumed_after_a_crash_ends_as_an_uninterrupted_one(ti
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_fine_tuning_is_the_edge_phase_through_the_cache_and_resumes_as_an_uninterrupted_run(tiny_family_dir,
+                                                                                                 tmp_path):
+    """search.fine_tune_epochs: a chosen student trains in the edge phase of a family of the cloud and itself,
+    on every training image, reading the teacher cache; a crash after an epoch resumes to the same weights."""
+    from hetero.data import load_split
+    from hetero.search import fine_tune, given_cloud
+
+    from .conftest import crash_after
+
+    config = parse_config(from_tiny_family("frozen-cloud", tiny_family_dir, fine_tune_epochs=2), "search.yaml")
+    split = load_split(config.data, config.load_size)
+    cloud = given_cloud(config)
+    torch.manual_seed(0)
+    student = Embedder("resnet", 0.25, 0.5, 32, 24)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def tune(out, callbacks=()):
+        student.load_state_dict(start)
+        return fine_tune(config, out, student, cloud, split, False, callbacks).state_dict()
+
+    whole = tune(tmp_path / "whole")
+    plan = json.loads((tmp_path / "whole" / "search" / "teacher-cache" / "cache.json").read_text())
+    assert plan["images"] == len(split.train) and plan["views"] == 8  # every training image, the default views
+    assert not torch.equal(whole["backbone.0.0.weight"], start["backbone.0.0.weight"])
+    with pytest.raises(KeyboardInterrupt):
+        tune(tmp_path / "resumed", [crash_after(1)])
+    ends = []
+    resumed = tune(tmp_path / "resumed", [ends.append])
+    assert [(e.epoch, e.epochs, e.stage) for e in ends] == [(2, 2, "fine-tuning w0.25-d0.5-24px")]  # epoch 2 only
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_the_example_search_config_is_valid_and_its_cloud_path_is_relative_to_the_file():
     from pathlib import Path
 

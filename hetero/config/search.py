@@ -70,7 +70,9 @@ class SearchConfig:
     population: Annotated[int, Field(ge=2)] = 12
     bn_images: Positive = 512  # training images that re-estimate a sub-network's BatchNorm statistics
     latency_runs: Positive = 20  # timed batch-1 runs per candidate (median), after 3 warm-up runs
-    fine_tune_epochs: Annotated[int, Field(ge=0)] = 0  # each chosen student alone against the cloud, after
+    # Each chosen student then trains alone against the cloud this many epochs: the edge phase of `hetero train`
+    # on every training image, through the teacher cache (train.teacher_cache, or its default views).
+    fine_tune_epochs: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -7,22 +7,26 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from hetero.config import Config, MemberConfig
+from hetero.config import Config, MemberConfig, TeacherCacheConfig
 from hetero.data import ImageSet, load_split, split_open_set
 from hetero.errors import ConfigError, ManifestError
-from hetero.family import FamilyStore, claim_for_training, new_directory, output_directory, write_config, writing
+from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
+                           write_config, writing)
 from hetero.files import atomic_write_text
 from hetero.models import Embedder
 from hetero.profiles import load_profile
 from hetero.search.scoring import Scorer, static_records
 from hetero.search.selection import check_runtime, feasible_pools, find_students, pareto_front
 from hetero.search.space import Candidate, search_space
-from hetero.search.supernet import Teacher, cached_teacher, recalibrate, train_supernet
-from hetero.training import Callback, Family, write_family
+from hetero.search.supernet import Teacher, cached_teacher, fitting_batch_size, recalibrate, train_supernet
+from hetero.training import (Callback, EpochEnd, Family, TrainingRun, load_state, prototypes_from,
+                             write_family)
 
 SEARCH_DIR = "search"
 CANDIDATES = "candidates.json"
 SUPERNET_CACHE = "teacher-cache-supernet"  # of the held-in images (validation classes are never in it)
+FINE_TUNE_CACHE = "teacher-cache"  # of every training image, for the fine-tuning (train.teacher_cache.dir if set)
+STUDENT = "student"  # the member a fine-tuning trains
 RANK_LABELS = {"neighbours": "recall of the cloud's 10 nearest neighbours, validation images",
                "top1": "M[candidate][cloud] top-1, validation classes"}
 
@@ -72,7 +76,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         found = {pick["candidate"] for pick in chosen.values()}
         members = {c: scorer.member(c) for c in sorted(found)}
         if settings.fine_tune_epochs:  # once per sub-network, however many targets chose it
-            members = {c: fine_tune(config, out, m, cloud, inner.train, progress, callbacks)
+            members = {c: fine_tune(config, out, m, cloud, split, progress, callbacks)
                        for c, m in members.items()}
         students = {name: members[pick["candidate"]] for name, pick in chosen.items()}
         write_search_results(folder, scorer, chosen, profiles)
@@ -99,15 +103,49 @@ def given_cloud(config: Config) -> Embedder:
     return cloud.requires_grad_(False)
 
 
-def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, images: ImageSet,
-              progress: bool | None, callbacks: Sequence[Callback] = ()) -> Embedder:
-    """A chosen student alone against the frozen final cloud for `fine_tune_epochs` (resumable)."""
+def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, split, progress: bool | None,
+              callbacks: Sequence[Callback] = ()) -> Embedder:
+    """A chosen student trained alone against the frozen final cloud for `fine_tune_epochs`: the edge phase
+    of `hetero train` itself, for a family of that cloud and this student (fine_tune_config), on the family's
+    training images (the validation classes have done their work) and through its teacher cache.  Resumable
+    from its own state in DIR/search/fine-tune-<sub-network>-e<epochs>/."""
     candidate = Candidate(student.width, student.depth, student.input_size)
     epochs = config.search.fine_tune_epochs
     state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
-    tuned = train_supernet(config, state_dir, images, [candidate], Teacher(cloud.requires_grad_(False)), student,
-                           epochs, progress, sort=False, callbacks=callbacks, stage=f"fine-tuning {candidate.key}")
-    return recalibrate(tuned.extract(candidate), images.spread(config.search.bn_images))
+    plain = fine_tune_config(config, candidate, out, split.train)
+    run = TrainingRun(plain, state_dir, split, progress)
+    family = run.family
+    family.members[family.cloud_name].load_state_dict(cloud.state_dict())
+    family.members[STUDENT].load_state_dict(student.state_dict())
+    prototypes_from(family, family.cloud, split.train)  # the frozen shared head, as for a cloud not trained here
+    run.done = plain.train.epochs  # the cloud's phase: the cloud given
+    if (state_dir / TRAIN_STATE).is_file():
+        run.done, run.history = load_state(state_dir / TRAIN_STATE, family, run.optimizer)
+    stage = f"fine-tuning {candidate.key}"
+
+    def renumbered(end: EpochEnd) -> None:  # callbacks count the fine-tuning's own epochs
+        for callback in callbacks:
+            callback(dataclasses.replace(end, epoch=end.epoch - plain.train.epochs, epochs=epochs, phase=0,
+                                         stage=stage))
+
+    run.train_phase(1, [STUDENT], epochs, [renumbered])
+    return family.members[STUDENT].cpu().eval()
+
+
+def fine_tune_config(config: Config, candidate: Candidate, out: Path, images: ImageSet) -> Config:
+    """A family of the cloud and one student of the candidate's architecture, whose edge phase (mode
+    sequential, `fine_tune_epochs` epochs) is the fine-tuning: through the teacher cache (train.teacher_cache,
+    its default views when the config has none, in its dir or DIR/search/teacher-cache), with the batch the
+    images can fill."""
+    cache = config.train.teacher_cache or TeacherCacheConfig()
+    cache = dataclasses.replace(cache, dir=cache.dir or str(out / SEARCH_DIR / FINE_TUNE_CACHE))
+    train = dataclasses.replace(config.train, mode="sequential", compat="shared", previous=None, init=None,
+                                edge_epochs=config.search.fine_tune_epochs, teacher_cache=cache,
+                                batch_size=fitting_batch_size(config.train, images))
+    student = MemberConfig(name=STUDENT, role="edge", arch="resnet", width=candidate.width, depth=candidate.depth,
+                           input_size=candidate.input_size)
+    family = dataclasses.replace(config.family, members=[config.family.cloud, student])
+    return dataclasses.replace(config, family=family, train=train, search=None)
 
 
 def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
