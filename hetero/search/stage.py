@@ -145,7 +145,8 @@ def fine_tune_config(config: Config, candidate: Candidate, out: Path, images: Im
     student = MemberConfig(name=STUDENT, role="edge", arch="resnet", width=candidate.width, depth=candidate.depth,
                            input_size=candidate.input_size)
     family = dataclasses.replace(config.family, members=[config.family.cloud, student])
-    return dataclasses.replace(config, family=family, train=train, search=None)
+    data = dataclasses.replace(config.data, image_size=config.load_size)  # the images as the search loaded them
+    return dataclasses.replace(config, family=family, data=data, train=train, search=None)
 
 
 def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
