@@ -26,6 +26,7 @@ test characters are.  Per seed the record holds:
     python benchmarks/early_exit.py run --seeds 0 --held-out-by images      # the rule fitted on seen classes
     python benchmarks/early_exit.py run --seeds 0 --exit-head grid          # earlier exits pooled to a grid
     python benchmarks/early_exit.py run --quick --seeds 0             # a sixth of the epochs: a smoke test
+    python benchmarks/early_exit.py chains --seeds 0                  # each seed's chains on every profile
     python benchmarks/early_exit.py summary                           # mean and spread over seeds
 
 One record per seed and lever (``benchmarks/results/early_exit/<machine>-sd<weight>-<held out by>-<exit
@@ -213,6 +214,45 @@ def run_seed(lever: dict, seed: int, quick: bool) -> Path:
     return path
 
 
+def verify_chains(lever: dict, seed: int, quick: bool) -> Path:
+    """`multi`'s chain exported for every built-in profile and verified on every runtime version it declares
+    (the isolated environments included): per runtime, the share of test queries whose exit equals torch's
+    and each exit's lowest cosine to torch; a format without chains says why.  Needs the seed's family."""
+    from hetero.errors import ConfigError, ExportError
+    from hetero.exporter import export_member
+    from hetero.family import FamilyStore
+    from hetero.profiles import all_profiles
+    from hetero.verify import verify
+
+    key = cell_key(lever, seed, quick)
+    store, started, found = FamilyStore.open(RUNS / key), time.perf_counter(), {}
+    for profile in all_profiles():
+        try:
+            with store.lock("export"):
+                artifact = export_member(store, "multi", profile)
+        except (ConfigError, ExportError) as err:
+            found[profile.name] = {"exported": False, "why": str(err)}
+            continue
+        report, _ = verify(store, profile=profile.name, latency_runs=5, all_runtimes=True)
+        runtimes = {}
+        for run in report["artifacts"]:
+            parity = next(c for c in run["checks"] if c["name"] == "parity")
+            values = parity.get("values") or {}
+            runtimes[run["runtime"]] = {"status": parity["status"], "exit_agreement": values.get("exit_agreement"),
+                                        "min_cosine": values.get("min_cosine"),
+                                        **({"why": parity["detail"]} if parity["status"] == "skip" else {})}
+        found[profile.name] = {"exported": True, "passed": report["passed"], "quantization": artifact.quantization,
+                               "runtimes": runtimes}
+        print(f"[{time.strftime('%H:%M:%S')}] {key} {profile.name}: passed {report['passed']}, "
+              + ", ".join(f"{r} exit agreement {v['exit_agreement']}" for r, v in runtimes.items()), flush=True)
+    agreements = [v["exit_agreement"] for f in found.values() for v in f.get("runtimes", {}).values()
+                  if v["exit_agreement"] is not None]
+    figures = {"profiles": found, "lowest_exit_agreement": min(agreements) if agreements else None,
+               "runs_checked": len(agreements)}
+    return records.write(BENCHMARK, f"{key}-chains", figures, wall_s=time.perf_counter() - started, recipe=RECIPE,
+                         overrides=overrides_of(lever, seed), seeds=[seed], quick=quick, kind="chains", **lever)
+
+
 # ------------------------------------------------------------------------------------------ over seeds
 
 
@@ -246,7 +286,7 @@ def summary(found: list[dict], quick: bool = False) -> list[dict]:
     of each headline figure over the seeds of the current records."""
     groups: dict[tuple, list[dict]] = {}
     for record in found:
-        if record["quick"] == quick and is_current(record):
+        if record["quick"] == quick and is_current(record) and record.get("kind") != "chains":
             cell = (records.machine_tag(record["machine"]), *(record.get(k, v) for k, v in DEFAULT_LEVER.items()))
             groups.setdefault(cell, []).append(record)
     rows = []
@@ -261,7 +301,8 @@ def summary(found: list[dict], quick: bool = False) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["run", "summary"])
+    parser.add_argument("mode", choices=["run", "chains", "summary"],
+                        help="run: train and measure each seed; chains: export and verify each seed's chains")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--self-distillation", type=float, default=0.0,
                         help="weight of each earlier exit's regression onto the last exit (default 0)")
@@ -279,6 +320,9 @@ def main(argv=None) -> int:
                 print(f"{key}: record is current, skipped")
                 continue
             run_seed(lever, seed, args.quick)
+    if args.mode == "chains":
+        for seed in args.seeds:
+            print(f"{verify_chains(lever, seed, args.quick)}")
     for row in summary(records.read_all(BENCHMARK), args.quick):
         print(f"{row['machine']} {lever_label(row)}, seeds {row['seeds']}:")
         for name, _ in HEADLINE:

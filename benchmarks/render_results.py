@@ -259,7 +259,7 @@ def exits_section(found: list[dict]) -> list[str]:
 
     rows = early_exit.summary(found)
     if not rows:
-        return []
+        return chains_table(found)
     names = [name for name, _ in early_exit.HEADLINE]
     body = []
     for name in names:
@@ -270,7 +270,33 @@ def exits_section(found: list[dict]) -> list[str]:
             "the current full records. The anytime curve's thresholds and both calibrations are fitted on the "
             "training classes held out of training and read on the test characters; `curve - student` is the "
             "multi-exit member's curve at a separate student's FLOPs minus that student's top-1. `python "
-            "benchmarks/early_exit.py summary` prints the same.\n", table(["figure", *map(cell, header)], body)]
+            "benchmarks/early_exit.py summary` prints the same.\n", table(["figure", *map(cell, header)], body),
+            *chains_table(found)]
+
+
+def chains_table(found: list[dict]) -> list[str]:
+    """early_exit chains: per seed's family, profile and runtime, the parity check of `multi`'s chain."""
+    from recipe_seeds import is_current
+
+    body = []
+    for record in found:
+        if record.get("kind") != "chains" or record["quick"] or not is_current(record):
+            continue
+        for profile, result in record["figures"]["profiles"].items():
+            if not result["exported"]:
+                body.append([cell(record["key"]), cell(profile), "-", "not exported", "-", "-"])
+            for runtime, run in result.get("runtimes", {}).items():
+                agreement, cosine = run["exit_agreement"], run["min_cosine"]
+                body.append([cell(record["key"]), cell(profile), cell(runtime), run["status"],
+                             "-" if agreement is None else f"{agreement:.4f}",
+                             "-" if cosine is None else f"{cosine:.5f}"])
+    if not body:
+        return []
+    return ["\n`multi`'s chain exported for every built-in profile and verified on every runtime it declares "
+            "(`python benchmarks/early_exit.py chains`): the share of test queries whose exit equals torch's "
+            "(goal: >= 0.99) and the lowest cosine to torch over the exits; a profile whose format has no chains "
+            "is listed as not exported (its record says why).\n",
+            table(["family", "profile", "runtime", "parity", "exit agreement", "min cosine"], body)]
 
 
 # --------------------------------------------------------------------------------------------------- lqf

@@ -225,7 +225,13 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
                       **early_exit.DEFAULT_LEVER, argv=["benchmarks/early_exit.py"])
     stale = records.record_path("early_exit", "m-seed2")
     stale.write_text(stale.read_text().replace('"config_hash": "', '"config_hash": "0'))  # its recipe changed since
-    [row] = early_exit.summary(records.read_all("early_exit"))
+    chains = {"profiles": {"android-litert-int8": {"exported": True, "passed": True, "runtimes": {
+        "tflite-runtime 2.14.0": {"status": "pass", "exit_agreement": 0.995, "min_cosine": 0.9991}}},
+        "android-executorch-fp32": {"exported": False, "why": "no exit chains for executorch"}}}
+    records.write("early_exit", "m-seed0-chains", chains, wall_s=1.0, recipe=early_exit.RECIPE, kind="chains",
+                  overrides=early_exit.overrides_of(early_exit.DEFAULT_LEVER, 0), seeds=[0],
+                  **early_exit.DEFAULT_LEVER, argv=["benchmarks/early_exit.py", "chains"])
+    [row] = early_exit.summary(records.read_all("early_exit"))  # the chains' record is no seed of the figures
     assert row["seeds"] == [0, 1] and row["held_out_by"] == "classes"
     assert row["edge-m top-1"] == pytest.approx((0.845, 0.01, 2))
     assert row["escalated on test, 10% asked"] == pytest.approx((0.11, 0.04, 2))
@@ -237,6 +243,8 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     text = page.read_text()
     assert "| escalated on test, 10% asked | 0.11 (spread 0.04) |" in text
     assert "held out by classes, pooled exit heads, seeds 0, 1" in text
+    assert "| m-seed0-chains | android-litert-int8 | tflite-runtime 2.14.0 | pass | 0.9950 | 0.99910 |" in text
+    assert "| m-seed0-chains | android-executorch-fp32 | - | not exported | - | - |" in text
 
 
 def test_the_lqf_summary_gives_each_method_and_its_linearised_model_over_current_seeds(tmp_path, monkeypatch):
