@@ -18,7 +18,10 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
-ARCHITECTURES: dict[str, Callable[[float, float], tuple[nn.Module, int]]] = {}
+# name -> builder(width, depth, **blocks) -> (backbone, feature channels); `blocks` are per-block options
+# (mobilenet's expand_ratios and kernel_sizes) that only some builders take.
+ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, int]]] = {}
+BLOCK_OPTIONS = {"mobilenet": ("expand_ratios", "kernel_sizes")}
 
 
 def register(name: str):
@@ -57,30 +60,78 @@ def relu_resnet(width: float, depth: float) -> tuple[nn.Module, int]:
     return _staged(nn.Sequential(*layers), ends, widths), in_ch
 
 
+# (expand ratio, channels, blocks, stride) per stage, MobileNetV2-like, sized for small inputs.
+MOBILENET_STAGES = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 48, 2, 2), (4, 96, 3, 2), (4, 160, 2, 2)]
+KERNEL_SIZES = (3, 5, 7)  # depthwise kernel sizes a mobilenet block may have
+
+
+def mobilenet_defaults(depth: float) -> tuple[list[float], list[int]]:
+    """The per-block expansion ratios and depthwise kernel sizes of the registry's mobilenet at `depth`."""
+    ratios = [float(expand) for expand, _, blocks, _ in MOBILENET_STAGES for _ in range(_blocks(blocks, depth))]
+    return ratios, [3] * len(ratios)
+
+
+def check_mobilenet_blocks(depth: float, expand_ratios, kernel_sizes) -> None:
+    """ValueError naming the field and the value when the per-block lists do not fit a mobilenet of `depth`."""
+    count = len(mobilenet_defaults(depth)[0])
+    for field, values in (("expand_ratios", expand_ratios), ("kernel_sizes", kernel_sizes)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{field}: a mobilenet of depth {depth:g} has {count} blocks, so one value per block "
+                             f"({count}); got {len(values)}: {list(values)}")
+    for ratio in expand_ratios or []:
+        if not 0 < ratio <= 16:
+            raise ValueError(f"expand_ratios: {ratio!r} is not an expansion ratio in (0, 16]")
+    for kernel in kernel_sizes or []:
+        if kernel not in KERNEL_SIZES:
+            raise ValueError(f"kernel_sizes: {kernel!r} is not a depthwise kernel size; one of "
+                             f"{', '.join(map(str, KERNEL_SIZES))}")
+
+
 @register("mobilenet")
-def relu_mobilenet(width: float, depth: float) -> tuple[nn.Module, int]:
-    """Mobile-style family from torchvision's inverted residual blocks (ReLU6, no squeeze-excite)."""
-    # (expand ratio, channels, blocks, stride) per stage, MobileNetV2-like, sized for small inputs.
-    stages = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 48, 2, 2), (4, 96, 3, 2), (4, 160, 2, 2)]
+def relu_mobilenet(width: float, depth: float, expand_ratios: list[float] | None = None,
+                   kernel_sizes: list[int] | None = None) -> tuple[nn.Module, int]:
+    """Mobile-style family from torchvision's inverted residual blocks (ReLU6, no squeeze-excite).
+
+    `expand_ratios` and `kernel_sizes`: one per block (None: the stage's ratio, kernel 3), so that every
+    sub-network of an elastic mobilenet (Once-for-All's expansion and kernel genes) is a member of its own.
+    """
+    check_mobilenet_blocks(depth, expand_ratios, kernel_sizes)
+    default_ratios, default_kernels = mobilenet_defaults(depth)
+    ratios, kernels = iter(expand_ratios or default_ratios), iter(kernel_sizes or default_kernels)
     in_ch = _channels(32, width)
     layers: list[nn.Module] = [Conv2dNormActivation(3, in_ch, 3, stride=2, activation_layer=nn.ReLU6)]
     ends, widths = [], []
-    for expand, channels, blocks, stride in stages:
+    for _, channels, blocks, stride in MOBILENET_STAGES:
         out_ch = _channels(channels, width)
         for block in range(_blocks(blocks, depth)):
-            layers.append(InvertedResidual(in_ch, out_ch, stride if block == 0 else 1, expand))
+            layers.append(_inverted_residual(in_ch, out_ch, stride if block == 0 else 1, next(ratios), next(kernels)))
             in_ch = out_ch
         ends.append(len(layers))
         widths.append(out_ch)
     last = _channels(320, width)
     layers.append(Conv2dNormActivation(in_ch, last, 1, activation_layer=nn.ReLU6))
     ends[-1], widths[-1] = len(layers), last  # the last 1x1 conv belongs to the last stage
-    return _staged(nn.Sequential(*layers), ends, widths), last
+    backbone = _staged(nn.Sequential(*layers), ends, widths)
+    backbone.tail = 1  # the last 1x1 conv: after the last stage's blocks, whatever its depth
+    return backbone, last
+
+
+def _inverted_residual(in_ch: int, out_ch: int, stride: int, expand: float, kernel: int) -> InvertedResidual:
+    """torchvision's block with a depthwise kernel of `kernel` (its own is 3x3): the same module names, so a
+    kernel-3 block's state dict is torchvision's."""
+    block = InvertedResidual(in_ch, out_ch, stride, expand)
+    if kernel != 3:
+        depthwise = 1 if expand != 1 else 0  # after the 1x1 expansion, when there is one
+        hidden = block.conv[depthwise][0].out_channels
+        block.conv[depthwise] = Conv2dNormActivation(hidden, hidden, kernel, stride=stride, groups=hidden,
+                                                     activation_layer=nn.ReLU6)
+    return block
 
 
 def _staged(backbone: nn.Sequential, ends: list[int], widths: list[int]) -> nn.Sequential:
-    """Mark where each stage of a backbone ends (layer index) and its width: multi-exit members cut there."""
-    backbone.stage_ends, backbone.stage_widths = ends, widths
+    """Mark where each stage of a backbone ends (layer index) and its width: multi-exit members cut there.
+    `tail`: layers at the end of the last stage that are not blocks (none by default)."""
+    backbone.stage_ends, backbone.stage_widths, backbone.tail = ends, widths, 0
     return backbone
 
 
@@ -219,7 +270,15 @@ def with_activation(backbone: nn.Module, activation: str) -> nn.Module:
     return backbone
 
 
-def build_backbone(arch: str, width: float, depth: float, activation: str = "relu") -> tuple[nn.Module, int]:
+def build_backbone(arch: str, width: float, depth: float, activation: str = "relu",
+                   blocks: dict | None = None) -> tuple[nn.Module, int]:
+    """`blocks`: per-block options of architectures that take them (BLOCK_OPTIONS), None or empty for the
+    architecture's own."""
+    blocks = {k: v for k, v in (blocks or {}).items() if v is not None}
+    unknown = sorted(set(blocks) - set(BLOCK_OPTIONS.get(arch, ())))
+    if unknown:
+        raise KeyError(f"{unknown[0]}: architecture {arch!r} has no per-block option {unknown[0]!r}"
+                       f"{'; ' + ', '.join(BLOCK_OPTIONS[arch]) + ' only' if arch in BLOCK_OPTIONS else ''}")
     if activation not in ACTIVATIONS:
         raise KeyError(f"unknown activation {activation!r}; available: {', '.join(ACTIVATIONS)}")
     if activation != "relu" and (is_library_arch(arch) or arch not in ARCHITECTURES):
@@ -233,7 +292,7 @@ def build_backbone(arch: str, width: float, depth: float, activation: str = "rel
     if arch not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(ARCHITECTURES))}, or "
                        f"timm/<name>, torchvision/<name>")
-    backbone, channels = ARCHITECTURES[arch](width, depth)
+    backbone, channels = ARCHITECTURES[arch](width, depth, **blocks)
     return with_activation(backbone, activation), channels
 
 
@@ -241,11 +300,11 @@ class Embedder(nn.Module):
     """Backbone + pooling + projection + L2 normalisation, with the input normalisation inside."""
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), activation: str = "relu"):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), activation: str = "relu", blocks: dict | None = None):
         super().__init__()
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
-        self.activation = activation
-        self.backbone, channels = build_backbone(arch, width, depth, activation)
+        self.activation, self.blocks = activation, {k: v for k, v in (blocks or {}).items() if v is not None}
+        self.backbone, channels = build_backbone(arch, width, depth, activation, blocks)
         self.project = nn.Linear(channels, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -305,11 +364,12 @@ class MultiExitEmbedder(nn.Module):
 
     def __init__(self, arch: str, width: float, depth: float, dim: int, input_size: int, exits: list[int],
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), anchors: int = 64, activation: str = "relu",
-                 exit_head: str = "pooled"):
+                 exit_head: str = "pooled", blocks: dict | None = None):
         super().__init__()
         self.arch, self.width, self.depth, self.dim, self.input_size = arch, width, depth, dim, input_size
         self.activation, self.exit_head = activation, exit_head
-        backbone, _ = build_backbone(arch, width, depth, activation)
+        self.blocks = {k: v for k, v in (blocks or {}).items() if v is not None}
+        backbone, _ = build_backbone(arch, width, depth, activation, blocks)
         ends, widths = backbone.stage_ends, backbone.stage_widths
         self.exits = resolve_exits(exits, len(ends), arch)
         starts = [0] + [ends[stage - 1] for stage in self.exits[:-1]]
@@ -406,16 +466,24 @@ def build_member(member_cfg, dim: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     """A trainable member from its config; a library backbone starts from `weights` or, `pretrained`, from its
     library's weights.  ValueError when those do not fit or cannot be had."""
     activation = getattr(member_cfg, "activation", "relu")
+    blocks = member_blocks(member_cfg)
     if getattr(member_cfg, "exits", None) is not None:
         return MultiExitEmbedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size,
-                                 member_cfg.exits, mean, std, activation=activation, exit_head=member_cfg.exit_head)
+                                 member_cfg.exits, mean, std, activation=activation, exit_head=member_cfg.exit_head,
+                                 blocks=blocks)
     model = Embedder(member_cfg.arch, member_cfg.width, member_cfg.depth, dim, member_cfg.input_size, mean, std,
-                     activation)
+                     activation, blocks)
     if getattr(member_cfg, "weights", None):
         load_backbone_weights(model.backbone, member_cfg.weights, member_cfg.arch)
     elif getattr(member_cfg, "pretrained", False):
         load_pretrained(model.backbone, member_cfg.arch)
     return model
+
+
+def member_blocks(record) -> dict:
+    """The per-block options (BLOCK_OPTIONS) a member config or manifest record gives, None ones left out."""
+    names = {name for options in BLOCK_OPTIONS.values() for name in options}
+    return {name: getattr(record, name) for name in sorted(names) if getattr(record, name, None) is not None}
 
 
 def exit_flops(model: MultiExitEmbedder) -> list[int]:

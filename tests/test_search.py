@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hetero.config import parse_config
+from hetero.config import MemberConfig, parse_config
 from hetero.errors import ConfigError
 from hetero.evaluate import evaluate
 from hetero.family import FamilyStore
-from hetero.models import Embedder
+from hetero.models import Embedder, build_member
 from hetero.search import (Candidate, Supernet, layer_map, evolve, pareto_front, progressive_space, recalibrate,
                            sandwich, search, search_space, sort_channels)
 from hetero.search import scoring as scoring_module
@@ -94,6 +94,86 @@ def test_channel_sorting_keeps_the_function_and_puts_important_channels_first(de
     stem = model.backbone[0][1].weight.abs()
     inner = model.backbone[1].conv1.weight.abs().sum(dim=(1, 2, 3))
     assert stem[:4].mean() > stem[-4:].mean() and torch.all(inner[:-1] >= inner[1:])
+
+
+MOBILE = Candidate(0.5, 1.0, 32, 6.0, 7)  # the largest of an elastic mobilenet's space
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_mobilenet_sub_network_extracts_as_an_ordinary_registry_member(seed):
+    """Random candidates of every gene: the extracted member is a plain mobilenet with its per-block options,
+    and computes what the supernet computes for that candidate."""
+    rng = random.Random(seed)
+    candidate = Candidate(rng.choice([0.25, 0.375, 0.5]), rng.choice([0.5, 1.0]), rng.choice([16, 24, 32]),
+                          rng.choice([3.0, 4.0, 6.0]), rng.choice([3, 5, 7]))
+    torch.manual_seed(seed)
+    supernet = Supernet("mobilenet", MOBILE, 16, [0.5] * 3, [0.5] * 3).eval()
+    extracted = supernet.extract(candidate).eval()
+    # An ordinary member of the registry: rebuilt from its config alone, the weights fit.
+    config = MemberConfig(name="edge", arch="mobilenet", width=candidate.width, depth=candidate.depth,
+                          input_size=candidate.input_size, **candidate.blocks("mobilenet"))
+    rebuilt = build_member(config, 16).eval()
+    rebuilt.load_state_dict(extracted.state_dict())
+    images = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(supernet(candidate, images), rebuilt(
+            torch.nn.functional.interpolate(images, size=candidate.input_size, mode="bilinear", antialias=True)))
+    # The smaller kernel is the centre of the largest, the fewer hidden channels the leading ones.
+    block = supernet.model.backbone[2].conv
+    small = extracted.backbone[2].conv
+    k, hidden = candidate.kernel, small[0][0].out_channels
+    start = (7 - k) // 2
+    torch.testing.assert_close(small[1][0].weight, block[1][0].weight[:hidden, :, start:start + k, start:start + k])
+    assert small[1][0].kernel_size == (k, k) and hidden <= block[0][0].out_channels
+
+
+def test_the_default_mobilenet_is_todays_and_per_block_options_change_only_their_blocks():
+    from hetero.models import mobilenet_defaults
+
+    ratios, kernels = mobilenet_defaults(1.0)
+    assert ratios == [1, 4, 4, 4, 4, 4, 4, 4, 4, 4] and kernels == [3] * 10
+    torch.manual_seed(0)
+    plain = Embedder("mobilenet", 0.5, 1.0, 16, 32)
+    torch.manual_seed(0)
+    explicit = Embedder("mobilenet", 0.5, 1.0, 16, 32, blocks={"expand_ratios": ratios, "kernel_sizes": kernels})
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in explicit.state_dict().items())
+    wide = Embedder("mobilenet", 0.5, 1.0, 16, 32, blocks={"expand_ratios": ratios[:-1] + [6], "kernel_sizes":
+                                                           kernels[:-1] + [5]})
+    changed = {k for k, v in wide.state_dict().items() if v.shape != plain.state_dict()[k].shape}
+    assert changed and all(k.startswith("backbone.10.") for k in changed)
+
+
+def test_sorting_a_mobilenets_expansion_keeps_the_function_and_puts_important_channels_first():
+    torch.manual_seed(0)
+    model = Supernet("mobilenet", MOBILE, 16, [0.5] * 3, [0.5] * 3).model
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.weight.data.uniform_(0.1, 2.0)
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    images = torch.rand(4, 3, 32, 32)
+    before = model(images)
+    sort_channels(model)
+    torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
+    importance = model.backbone[2].conv[2].weight.abs().sum(dim=(0, 2, 3))
+    assert torch.all(importance[:-1] >= importance[1:])
+
+
+@pytest.mark.parametrize("member, words", [
+    ({"expand_ratios": [4.0] * 3}, "expand_ratios: a mobilenet of depth 1 has 10 blocks, so one value per block (10); "
+                                   "got 3"),
+    ({"kernel_sizes": [3] * 9 + [4]}, "kernel_sizes: 4 is not a depthwise kernel size; one of 3, 5, 7"),
+    ({"expand_ratios": [1.0] + [-2.0] * 9}, "expand_ratios: -2.0 is not an expansion ratio in (0, 16]"),
+    ({"arch": "resnet", "kernel_sizes": [3] * 10}, "kernel_sizes: per-block options of the mobilenet architecture; "
+                                                   "member 'edge-a' is 'resnet'"),
+])
+def test_bad_mobilenet_block_options_are_refused_naming_the_field_and_value(member, words):
+    config = tiny_config()
+    config["family"]["members"][1].update({"arch": "mobilenet", "depth": 1.0, **member})
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, "family.yaml")
+    assert words in str(err.value)
 
 
 def test_recalibration_sets_batchnorm_statistics_from_the_images():
@@ -195,6 +275,14 @@ def test_the_neighbours_figure_is_label_free_and_ranks_the_cloud_itself_first(tm
     (lambda c: c["search"]["targets"].append(dict(c["search"]["targets"][0])), "member names must be unique"),
     (lambda c: c["search"].update(rank_by="accuracy"), "search.rank_by: 'accuracy' is not allowed; input should be "
                                                        "'neighbours' or 'top1'"),
+    (lambda c: c["search"].update(kernel_sizes=[3, 5]), "kernel_sizes: genes of a mobilenet supernet (arch: "
+                                                         "mobilenet); arch 'resnet' has none (got [3, 5])"),
+    (lambda c: c["search"].update(arch="mobilenet", kernel_sizes=[3, 4]), "search.kernel_sizes.1: 4 is not allowed"),
+    (lambda c: c["search"].update(arch="mobilenet", expand_ratios=[1, 4]), "search.expand_ratios.0: Input should be "
+                                                                           "greater than 1, got 1"),
+    (lambda c: c["search"].update(arch="mobilenet"), "search.arch: design 'shared-cloud' makes the cloud the largest "
+                                                     "sub-network, so the supernet is the cloud's architecture "
+                                                     "'resnet', not 'mobilenet'"),
 ])
 def test_bad_search_configs_are_refused_naming_the_field(change, words):
     config = search_config()
@@ -299,6 +387,30 @@ def test_search_writes_compatible_students_as_members_that_export_picks(searched
     shutil.copytree(store.root, family)
     assert main(["export", str(family), "--profile", "server-onnx-fp32"]) == 0
     assert [a.member for a in FamilyStore.open(family).artifacts()] == ["edge-small"]
+
+
+@pytest.mark.slow
+def test_a_searched_mobilenet_student_is_a_member_that_exports_to_onnx_with_torchs_embeddings(tiny_family_dir,
+                                                                                              tmp_path):
+    """A mobilenet supernet matching the tiny family's (resnet) frozen cloud: its student is written as an
+    ordinary mobilenet member with per-block options, and its ONNX file gives the torch member's embeddings."""
+    from hetero.cli import main
+    from hetero.verify import verify
+
+    config = from_tiny_family("frozen-cloud", tiny_family_dir, arch="mobilenet", widths=[0.25, 0.375],
+                              input_sizes=[24], expand_ratios=[3, 4], kernel_sizes=[3, 5], epochs=1,
+                              evaluations=3, targets=[{"name": "edge-phone", "profile": "server-onnx-fp32"}])
+    store = search(parse_config(config, "search.yaml"), tmp_path / "out", progress=False)
+    student = store.member("edge-phone")
+    assert student.arch == "mobilenet" and set(student.kernel_sizes) <= {3, 5} and len(student.kernel_sizes) == 6
+    assert student.expand_ratios[0] == 1 and set(student.expand_ratios[1:]) <= {3, 4}
+    assert student.search["candidate"].endswith(f"-e{max(student.expand_ratios):g}-k{student.kernel_sizes[0]}")
+    evaluate(store)
+    assert main(["export", str(store.root), "--profile", "server-onnx-fp32"]) == 0
+    report, _ = verify(FamilyStore.open(store.root), latency_runs=2)
+    parity = next(c for a in report["artifacts"] if a["member"] == "edge-phone" for c in a["checks"]
+                  if c["name"] == "parity")
+    assert parity["values"]["min_cosine"] > 0.9999, parity
 
 
 @pytest.mark.slow

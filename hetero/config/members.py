@@ -67,6 +67,13 @@ class MemberConfig:
     # The architecture's activation variant: leaky_relu replaces ReLU/ReLU6 in hetero's own architectures
     # (resnet, mobilenet); a piecewise-linear network without flat sides, which `mode: lqf` linearises well.
     activation: Literal["relu", "leaky_relu"] = "relu"
+    # mobilenet only: each inverted-residual block's expansion ratio (hidden channels = input channels x
+    # ratio), one per block in order (as many as the depth gives: 10 at depth 1.0).  Not given: the stage's,
+    # 1 in the first stage and 4 after (today's mobilenet).  `hetero search` writes it for its mobilenet students.
+    expand_ratios: list[float] | None = None
+    # mobilenet only: each block's depthwise kernel size (3, 5 or 7), one per block as `expand_ratios`.  Not
+    # given: 3 everywhere.
+    kernel_sizes: list[int] | None = None
 
     @field_validator("name")
     @classmethod
@@ -126,6 +133,8 @@ class MemberConfig:
         if self.activation != "relu" and (self.external or ":" in (self.arch or "") or "/" in (self.arch or "")):
             raise ValueError(f"activation: {self.activation!r} is a variant of hetero's own architectures (resnet, "
                              f"mobilenet); {self.arch or self.model!r} keeps its own activations")
+        if self.expand_ratios is not None or self.kernel_sizes is not None:
+            self._check_blocks()
         if self.trust_model_file and not self.model:
             raise ValueError("trust_model_file: only for an external cloud given as a `model` file")
         if self.model and not self.trust_model_file:
@@ -155,6 +164,15 @@ class MemberConfig:
         if self.exits != "auto" and not self.exits:
             raise ValueError("exits: give at least one stage index, or `auto`")
         resolve_exits(self.exits, stages, self.arch)
+
+    def _check_blocks(self) -> None:
+        from hetero.models import check_mobilenet_blocks
+
+        given = "expand_ratios" if self.expand_ratios is not None else "kernel_sizes"
+        if self.arch != "mobilenet":
+            raise ValueError(f"{given}: per-block options of the mobilenet architecture; member {self.name!r} is "
+                             f"{self.arch or self.model!r}")
+        check_mobilenet_blocks(self.depth, self.expand_ratios, self.kernel_sizes)
 
     @property
     def external(self) -> bool:

@@ -74,16 +74,32 @@ class Config:
         if self.data.source == "unlabeled":
             raise ValueError("search: candidates are ranked by retrieval on held-out training classes; unlabeled "
                              "data has none")
-        if cloud.external or cloud.arch != "resnet" or cloud.exits is not None:
-            raise ValueError(f"search: the supernet is hetero's 'resnet' architecture and grows from the cloud "
-                             f"member; {cloud.name!r} is {'external' if cloud.external else repr(cloud.arch)}"
+        if cloud.external or cloud.arch not in ("resnet", "mobilenet") or cloud.exits is not None:
+            raise ValueError(f"search: the supernet grows from the cloud member, one of hetero's own architectures "
+                             f"(resnet, mobilenet); {cloud.name!r} is "
+                             f"{'external' if cloud.external else repr(cloud.arch)}"
                              f"{' with exits' if cloud.exits is not None else ''}")
         if search.design == "shared-cloud":
-            largest = (max(search.widths), max(search.depths), max(search.input_sizes))
-            if largest != (cloud.width, cloud.depth, cloud.input_size):
+            from hetero.models import mobilenet_defaults
+            from hetero.search.space import search_space
+
+            largest = max(search_space(search))
+            if search.arch != cloud.arch:
+                raise ValueError(f"search.arch: design 'shared-cloud' makes the cloud the largest sub-network, so the "
+                                 f"supernet is the cloud's architecture {cloud.arch!r}, not {search.arch!r}")
+            if (largest.width, largest.depth, largest.input_size) != (cloud.width, cloud.depth, cloud.input_size):
                 raise ValueError(f"search: design 'shared-cloud' makes the cloud the largest sub-network, so the "
-                                 f"largest width, depth and input size ({largest[0]}, {largest[1]}, {largest[2]} px) "
-                                 f"must be the cloud's ({cloud.width}, {cloud.depth}, {cloud.input_size} px)")
+                                 f"largest width, depth and input size ({largest.width}, {largest.depth}, "
+                                 f"{largest.input_size} px) must be the cloud's ({cloud.width}, {cloud.depth}, "
+                                 f"{cloud.input_size} px)")
+            if cloud.arch == "mobilenet":
+                ratios, kernels = mobilenet_defaults(cloud.depth)
+                own = {"expand_ratios": cloud.expand_ratios or ratios, "kernel_sizes": cloud.kernel_sizes or kernels}
+                if own != largest.blocks("mobilenet"):
+                    raise ValueError(f"search: design 'shared-cloud' makes the cloud the largest sub-network, so "
+                                     f"its blocks must have the largest expansion ratio and kernel size "
+                                     f"({largest.expand:g}, {largest.kernel}) past the first stage; the cloud's "
+                                     f"are {own}")
 
     @property
     def load_size(self) -> int:

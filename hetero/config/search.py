@@ -29,8 +29,9 @@ class SearchTarget:
 @dataclass(config=STRICT)
 class SearchConfig:
     """`hetero search`: one weight-sharing supernet of `arch`, whose sub-networks take every combination of
-    `widths`, `depths` and `input_sizes` (multipliers and sizes as on a member), then the best compatible
-    sub-network per target, ranked (`rank_by`) on training classes held out of the supernet's training.
+    `widths`, `depths` and `input_sizes` (multipliers and sizes as on a member; for a mobilenet also of
+    `expand_ratios` and `kernel_sizes`), then the best compatible sub-network per target, ranked (`rank_by`)
+    on training classes held out of the supernet's training.
 
     shared-cloud: the cloud member is the largest sub-network, so every student shares the cloud's weights
     (the largest width, depth and input size must be the cloud's); it learns the classes, the smaller ones
@@ -45,12 +46,22 @@ class SearchConfig:
     design: Literal["frozen-cloud", "shared-cloud"] = "frozen-cloud"
     # A trained family: frozen-cloud, its cloud is the teacher; shared-cloud, the supernet starts from it.
     cloud: str | None = None
+    # The supernet's architecture (hetero's own): resnet, or mobilenet (what phones run), whose sub-networks
+    # also vary in expansion ratio and depthwise kernel size (Once-for-All's elastic expand and kernel).
+    arch: Literal["resnet", "mobilenet"] = "resnet"
     widths: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = field(
         default_factory=lambda: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
     depths: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = field(
         default_factory=lambda: [0.5, 1.0])
     input_sizes: Annotated[list[Annotated[int, Field(ge=16, le=1024)]], Field(min_length=1)] = field(
         default_factory=lambda: [32, 40, 48, 56, 64])
+    # mobilenet only: the expansion ratios a sub-network may give every block past the first stage (whose
+    # blocks keep ratio 1); a smaller ratio keeps the leading, importance-sorted hidden channels of each block.
+    # Not given: [4], the registry mobilenet's own.
+    expand_ratios: list[Annotated[float, Field(gt=1, le=16)]] | None = None
+    # mobilenet only: the depthwise kernel sizes a sub-network may give every block; a smaller kernel is the
+    # centre of the largest.  Not given: [3].
+    kernel_sizes: list[Literal[3, 5, 7]] | None = None
     epochs: Positive = 10
     # The sandwich rule: each step trains the largest and the smallest sub-network plus this many at random.
     # progressive: the same, but the sampled space grows over the epochs (input size, then depth, then width).
@@ -79,7 +90,18 @@ class SearchConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) < len(names):
             raise ValueError(f"targets: member names must be unique, got {names}")
-        if len(set(self.widths)) * len(set(self.depths)) * len(set(self.input_sizes)) < 2:
+        for gene in ("expand_ratios", "kernel_sizes"):
+            values = getattr(self, gene)
+            if self.arch != "mobilenet" and values is not None:
+                raise ValueError(f"{gene}: genes of a mobilenet supernet (arch: mobilenet); arch {self.arch!r} "
+                                 f"has none (got {values})")
+            if values is not None and not values:
+                raise ValueError(f"{gene}: give at least one value")
+        if self.arch == "mobilenet":
+            self.expand_ratios = self.expand_ratios or [4.0]
+            self.kernel_sizes = self.kernel_sizes or [3]
+        genes = [self.widths, self.depths, self.input_sizes, self.expand_ratios or [0], self.kernel_sizes or [0]]
+        if all(len(set(values)) == 1 for values in genes):
             raise ValueError("widths, depths, input_sizes: the search space has a single candidate "
                              f"(width {self.widths[0]}, depth {self.depths[0]}, {self.input_sizes[0]} px); give "
                              "more than one value for at least one of them")

@@ -77,6 +77,9 @@ class MemberRecord(Record):
     # multi-exit members: the entropy rule's anchors and temperatures, and the thresholds `hetero calibrate` set
     early_exit: dict[str, Any] | None = None
     activation: Literal["relu", "leaky_relu"] = "relu"  # the architecture's activation variant
+    # mobilenet's per-block expansion ratios and depthwise kernel sizes (None: the architecture's own)
+    expand_ratios: list[float] | None = None
+    kernel_sizes: list[int] | None = None
     # mode: lqf: the weights the member was linearised around (checkpoint holds the merged w0 + dw)
     linearised_at: FileRecord | None = None
     # found by `hetero search`: the profile it was chosen for, its sub-network, validation top-1 and latency

@@ -180,7 +180,7 @@ class FamilyStore:
         return self._load(record, self.checked_file(record.linearised_at, f"linearisation point of member {name!r}"))
 
     def _load(self, record: MemberRecord, path: Path):
-        from hetero.models import Embedder, MultiExitEmbedder, architecture_known, first_mismatch
+        from hetero.models import Embedder, MultiExitEmbedder, architecture_known, first_mismatch, member_blocks
 
         if record.kind == "external":
             return self._load_external(record, path)
@@ -191,10 +191,10 @@ class FamilyStore:
             model = MultiExitEmbedder(record.arch, record.width, record.depth, record.dim, record.input_size,
                                       [e.stage for e in record.exits], record.mean, record.std,
                                       int((record.early_exit or {}).get("anchors", {}).get("count", 64)),
-                                      record.activation, record.exit_head)
+                                      record.activation, record.exit_head, member_blocks(record))
         else:
             model = Embedder(record.arch, record.width, record.depth, record.dim, record.input_size, record.mean,
-                             record.std, record.activation)
+                             record.std, record.activation, member_blocks(record))
         if record.adapter is not None:
             from hetero.models import add_adapter
 

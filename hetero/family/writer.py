@@ -105,7 +105,8 @@ def _member_record(cfg, member: Embedder | ExternalCloud, dim: int, cloud_flops:
         input_size=member.input_size, dim=dim, mean=member.mean.flatten().tolist(), std=member.std.flatten().tolist(),
         params=_params(member), flops=flops, flops_vs_cloud=round(flops / cloud_flops, 4) if cloud_flops else 0.0,
         checkpoint=checkpoint, colour_order=member.preprocessing.colour_order if external else "RGB",
-        activation=cfg.activation)
+        activation=cfg.activation, expand_ratios=getattr(cfg, "expand_ratios", None),
+        kernel_sizes=getattr(cfg, "kernel_sizes", None))
 
 
 def _flops(member) -> int:

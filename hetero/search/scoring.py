@@ -19,7 +19,7 @@ from hetero import formats
 from hetero.config import Config
 from hetero.files import atomic_write_text, path_bytes
 from hetero.maths import label_free_figures, retrieval_metrics
-from hetero.models import Embedder, count_flops, count_params, embed_images, resize_to
+from hetero.models import Embedder, build_member, count_flops, count_params, embed_images, resize_to
 from hetero.search.space import Candidate
 from hetero.search.supernet import Supernet, recalibrate
 
@@ -99,14 +99,15 @@ class Scorer:
 
 def static_records(space: list[Candidate], config: Config) -> dict[Candidate, dict]:
     """FLOPs (and their share of the cloud's) and parameters of every candidate; no weights needed."""
-    cloud = config.family.cloud
-    dim = config.family.embedding_dim
-    cloud_flops = count_flops(Embedder(cloud.arch, cloud.width, cloud.depth, dim, cloud.input_size))
+    dim, arch = config.family.embedding_dim, config.search.arch
+    cloud_flops = count_flops(build_member(config.family.cloud, dim))
     records = {}
     for candidate in space:
-        model = Embedder("resnet", candidate.width, candidate.depth, dim, candidate.input_size)
+        model = Embedder(arch, candidate.width, candidate.depth, dim, candidate.input_size,
+                         blocks=candidate.blocks(arch))
         flops = count_flops(model)
-        records[candidate] = {**dataclasses.asdict(candidate), "flops": flops,
+        genes = {k: v for k, v in dataclasses.asdict(candidate).items() if v is not None}
+        records[candidate] = {**genes, "flops": flops,
                               "flops_vs_cloud": round(flops / cloud_flops, 5), "params": count_params(model)}
     return records
 
@@ -188,4 +189,4 @@ def no_candidate_message(target, profile, records: list[dict], budget: str) -> s
 
 
 def _key(record: dict) -> str:
-    return Candidate(record["width"], record["depth"], record["input_size"]).key
+    return Candidate(**{f.name: record.get(f.name) for f in dataclasses.fields(Candidate)}).key

@@ -13,11 +13,11 @@ from hetero.errors import ConfigError, ManifestError
 from hetero.family import (TRAIN_STATE, FamilyStore, claim_for_training, new_directory, output_directory,
                            write_config, writing)
 from hetero.files import atomic_write_text
-from hetero.models import Embedder
+from hetero.models import Embedder, mobilenet_defaults
 from hetero.profiles import load_profile
 from hetero.search.scoring import Scorer, static_records
 from hetero.search.selection import check_runtime, feasible_pools, find_students, pareto_front
-from hetero.search.space import Candidate, search_space
+from hetero.search.space import Candidate, candidate_of, search_space
 from hetero.search.supernet import Teacher, cached_teacher, fitting_batch_size, recalibrate, train_supernet
 from hetero.training import (Callback, EpochEnd, Family, TrainingRun, load_state, prototypes_from,
                              write_family)
@@ -61,8 +61,7 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         teacher = (cached_teacher(config, out / SEARCH_DIR / SUPERNET_CACHE, given, inner.train, progress)
                    if settings.design == "frozen-cloud" else Teacher(None))
         # A supernet whose largest sub-network is the cloud's architecture starts from the cloud's weights.
-        cloud_cfg = config.family.cloud
-        start = given if max(space) == Candidate(cloud_cfg.width, cloud_cfg.depth, cloud_cfg.input_size) else None
+        start = given if given is not None and is_cloud(max(space), settings.arch, given) else None
         supernet = train_supernet(config, out, inner.train, space, teacher, start, settings.epochs, progress,
                                   callbacks=callbacks)
         bn_images = inner.train.spread(settings.bn_images)
@@ -82,6 +81,15 @@ def search(config: Config, out: str | Path, resume: bool = False, overwrite: boo
         write_search_results(folder, scorer, chosen, profiles)
         _write_searched_family(config, out, split, cloud, students, chosen, scorer, supernet.history)
     return FamilyStore.open(out)
+
+
+def is_cloud(candidate: Candidate, arch: str, cloud: Embedder) -> bool:
+    """Whether the candidate of a supernet of `arch` has the cloud's architecture, tensor for tensor."""
+    if arch != cloud.arch or (candidate.width, candidate.depth, candidate.input_size) != (
+            cloud.width, cloud.depth, cloud.input_size):
+        return False
+    blocks = candidate.blocks(arch)
+    return not blocks or blocks == (cloud.blocks or dict(zip(blocks, mobilenet_defaults(cloud.depth))))
 
 
 def given_cloud(config: Config) -> Embedder:
@@ -109,7 +117,7 @@ def fine_tune(config: Config, out: Path, student: Embedder, cloud: Embedder, spl
     of `hetero train` itself, for a family of that cloud and this student (fine_tune_config), on the family's
     training images (the validation classes have done their work) and through its teacher cache.  Resumable
     from its own state in DIR/search/fine-tune-<sub-network>-e<epochs>/."""
-    candidate = Candidate(student.width, student.depth, student.input_size)
+    candidate = candidate_of(student)
     epochs = config.search.fine_tune_epochs
     state_dir = out / SEARCH_DIR / f"fine-tune-{candidate.key}-e{epochs}"
     plain = fine_tune_config(config, candidate, out, split.train)
@@ -142,11 +150,16 @@ def fine_tune_config(config: Config, candidate: Candidate, out: Path, images: Im
     train = dataclasses.replace(config.train, mode="sequential", compat="shared", previous=None, init=None,
                                 edge_epochs=config.search.fine_tune_epochs, teacher_cache=cache,
                                 batch_size=fitting_batch_size(config.train, images))
-    student = MemberConfig(name=STUDENT, role="edge", arch="resnet", width=candidate.width, depth=candidate.depth,
-                           input_size=candidate.input_size)
+    student = student_config(STUDENT, config.search.arch, candidate)
     family = dataclasses.replace(config.family, members=[config.family.cloud, student])
     data = dataclasses.replace(config.data, image_size=config.load_size)  # the images as the search loaded them
     return dataclasses.replace(config, family=family, data=data, train=train, search=None)
+
+
+def student_config(name: str, arch: str, candidate: Candidate) -> MemberConfig:
+    """The member config of a searched student: an ordinary registry member of the supernet's architecture."""
+    return MemberConfig(name=name, role="edge", arch=arch, width=candidate.width, depth=candidate.depth,
+                        input_size=candidate.input_size, **candidate.blocks(arch))
 
 
 def write_search_results(folder: Path, scorer: Scorer, chosen: dict, profiles: dict) -> None:
@@ -203,9 +216,8 @@ def pick_profile(chosen: dict, profile_name: str):
 def _write_searched_family(config: Config, out: Path, split, cloud: Embedder, students: dict[str, Embedder],
                            chosen: dict, scorer: Scorer, history: list) -> None:
     """The cloud and each chosen student as ordinary members of a family (manifest, checkpoints)."""
-    members = [config.family.cloud] + [
-        MemberConfig(name=name, role="edge", arch="resnet", width=s.width, depth=s.depth, input_size=s.input_size)
-        for name, s in students.items()]
+    members = [config.family.cloud] + [student_config(name, config.search.arch, candidate_of(s))
+                                       for name, s in students.items()]
     plain = dataclasses.replace(config, family=dataclasses.replace(config.family, members=members), search=None)
     family = Family(plain, len(split.train.class_names), [0.5] * 3, [0.5] * 3)
     family.members[config.family.cloud.name] = cloud

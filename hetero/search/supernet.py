@@ -38,7 +38,8 @@ class Supernet(torch.nn.Module):
     def __init__(self, arch: str, largest: Candidate, dim: int, mean, std):
         super().__init__()
         self.arch, self.largest, self.dim = arch, largest, dim
-        self.model = Embedder(arch, largest.width, largest.depth, dim, largest.input_size, mean, std)
+        self.model = Embedder(arch, largest.width, largest.depth, dim, largest.input_size, mean, std,
+                              blocks=largest.blocks(arch))
         self._templates: dict[Candidate, tuple[Embedder, dict[str, str]]] = {}
 
     def build(self, candidate: Candidate) -> Embedder:
@@ -49,7 +50,8 @@ class Supernet(torch.nn.Module):
         """
         mean, std = self.model.mean.flatten().tolist(), self.model.std.flatten().tolist()
         with torch.random.fork_rng(devices=[]):
-            return Embedder(self.arch, candidate.width, candidate.depth, self.dim, candidate.input_size, mean, std)
+            return Embedder(self.arch, candidate.width, candidate.depth, self.dim, candidate.input_size, mean, std,
+                            blocks=candidate.blocks(self.arch))
 
     def _template(self, candidate: Candidate) -> tuple[Embedder, dict[str, str]]:
         if candidate not in self._templates:
@@ -65,7 +67,9 @@ class Supernet(torch.nn.Module):
         return self._templates[candidate]
 
     def tensors(self, candidate: Candidate) -> dict[str, torch.Tensor]:
-        """The candidate's parameters and buffers as leading slices (views) of the largest's."""
+        """The candidate's parameters and buffers as slices (views) of the largest's: the leading channels,
+        and of a convolution's kernel the centre (a mobilenet's smaller depthwise kernel, Once-for-All's
+        elastic kernel without its learned transform)."""
         net, names = self._template(candidate)
         big = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         out = {}
@@ -74,7 +78,8 @@ class Supernet(torch.nn.Module):
             if any(n > m for n, m in zip(tensor.shape, source.shape)):
                 raise ConfigError(f"search: sub-network {candidate.key} is larger than the supernet "
                                   f"({self.largest.key}) at {key}")
-            out[key] = source[tuple(slice(0, n) for n in tensor.shape)]
+            out[key] = source[tuple(slice(0, n) if dim < 2 else slice((m - n) // 2, (m - n) // 2 + n)
+                                    for dim, (n, m) in enumerate(zip(tensor.shape, source.shape)))]
         return out
 
     def forward(self, candidate: Candidate, images: torch.Tensor) -> torch.Tensor:
@@ -95,26 +100,34 @@ class Supernet(torch.nn.Module):
 
 def layer_map(small: torch.nn.Sequential, large: torch.nn.Sequential) -> dict[int, int]:
     """Backbone layer of a sub-network -> layer of the largest: the stem to the stem, block b of stage s to
-    block b of stage s (a shallower sub-network keeps each stage's first blocks)."""
+    block b of stage s (a shallower sub-network keeps each stage's first blocks), and the layers after the
+    last stage's blocks (mobilenet's final 1x1 conv) to their counterparts at the end."""
     mapping = {0: 0}
     small_start = large_start = 1
-    for small_end, large_end in zip(small.stage_ends, large.stage_ends):
+    small_ends = small.stage_ends[:-1] + [small.stage_ends[-1] - small.tail]
+    large_ends = large.stage_ends[:-1] + [large.stage_ends[-1] - large.tail]
+    for small_end, large_end in zip(small_ends, large_ends):
         for offset in range(small_end - small_start):
             mapping[small_start + offset] = large_start + offset
         small_start, large_start = small_end, large_end
+    for offset in range(1, small.tail + 1):
+        mapping[len(small) - offset] = len(large) - offset
     return mapping
 
 
 @torch.no_grad()
 def sort_channels(model: Embedder) -> Embedder:
     """Reorder a trained resnet member's channels, most important first, so that every leading slice (a
-    narrower sub-network) starts from the channels that matter most (Once-for-All's channel sorting).
+    narrower sub-network) starts from the channels that matter most (Once-for-All's channel sorting); a
+    mobilenet's hidden channels through sort_expansion.
 
     A permutation applied to every tensor that writes and reads a channel: the member computes the same
     function.  Inside a block the importance is the L1 norm of conv1's filter; in a stage's residual stream
     (written by the stem or each block's conv2 and downsample, read by the next convolutions and the
     projection) the summed |gamma| of the BatchNorms writing it.
     """
+    if model.arch == "mobilenet":
+        return sort_expansion(model)
     backbone = model.backbone
     layers = list(backbone)
     for block in layers[1:]:
@@ -140,6 +153,24 @@ def sort_channels(model: Embedder) -> Embedder:
             conv.weight.copy_(conv.weight[:, order])
         if following is None:
             model.project.weight.copy_(model.project.weight[:, order])
+    return model
+
+
+@torch.no_grad()
+def sort_expansion(model: Embedder) -> Embedder:
+    """Reorder each mobilenet block's hidden (expansion) channels, most important first, so that a smaller
+    expansion ratio keeps the ones that matter most (Once-for-All's sorting for elastic expand: importance is
+    the L1 norm of the 1x1 projection's weights reading the channel).  A permutation of the expansion conv's
+    outputs, the depthwise conv's channels and the projection's inputs: the member computes the same function.
+    The residual stream between blocks (the width gene) is not sorted for a mobilenet."""
+    for block in list(model.backbone)[1:-1]:
+        if len(block.conv) < 4:  # a first-stage block: no expansion conv, so no hidden channels of its own
+            continue
+        expand, depthwise, project = block.conv[0], block.conv[1], block.conv[2]
+        order = project.weight.abs().sum(dim=(0, 2, 3)).argsort(descending=True)
+        _reorder_outputs(expand[0], expand[1], order)
+        _reorder_outputs(depthwise[0], depthwise[1], order)
+        project.weight.copy_(project.weight[:, order])
     return model
 
 
@@ -209,8 +240,8 @@ def train_supernet(config: Config, state_dir: Path, images: ImageSet, space: lis
     EpochEnd named `stage` after every checkpointed epoch."""
     settings, train_cfg = config.search, config.train
     mean, std = channel_stats(images.images)
-    supernet = seeded(train_cfg.seed, "supernet", lambda: Supernet("resnet", max(space), config.family.embedding_dim,
-                                                                  mean, std))
+    supernet = seeded(train_cfg.seed, "supernet", lambda: Supernet(settings.arch, max(space),
+                                                                  config.family.embedding_dim, mean, std))
     if start is not None:
         supernet.model.load_state_dict(start.state_dict())
         if sort:
