@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from hetero.latency import LATENCY_RUNS
+
 CHECK_NAMES = ("identity", "structure", "parity", "retrieval",
                "budget_size", "budget_params", "budget_flops", "budget_latency")  # = hetero.verify.CHECKS
 
@@ -28,7 +30,8 @@ def pytest_addoption(parser):
     group.addoption("--hetero-bundle", metavar="ZIP", help="verify a bundle written by `hetero verify DIR --bundle`")
     group.addoption("--hetero-profile", metavar="NAME", help="only the artifacts of this profile (name or .yaml)")
     group.addoption("--hetero-images", type=int, metavar="N", help="held-out queries to use")
-    group.addoption("--hetero-latency-runs", type=int, default=30, metavar="N", help="batch-1 runs per latency")
+    group.addoption("--hetero-latency-runs", type=int, default=LATENCY_RUNS, metavar="N",
+                    help="batch-1 runs per latency")
 
 
 class CheckFailed(Exception):

@@ -263,6 +263,36 @@ def test_the_neighbours_figure_is_label_free_and_ranks_the_cloud_itself_first(tm
                                                                                      .read_text())["w0.25-d0.5-24px"])
 
 
+def test_the_search_and_verify_time_the_same_file_with_one_protocol(tmp_path, monkeypatch):
+    """The search's timing of a candidate and verify's of the exported file are one function with the same
+    settings (and so agree: within a factor a tiny model meets on a loaded machine)."""
+    from hetero import formats
+    from hetero.latency import LATENCY_RUNS, time_batch1
+    from hetero.profiles import load_profile
+    from hetero.verify import checks
+    from hetero.verify.results import ArtifactResult
+
+    calls = []
+
+    def spy(runtime, image, runs, **settings):
+        calls.append((image.shape, runs, settings))
+        return time_batch1(runtime, image, runs, **settings)
+
+    monkeypatch.setattr(scoring_module, "time_batch1", spy)
+    monkeypatch.setattr(checks, "time_batch1", spy)
+    profile = load_profile("server-onnx-fp32")
+    model = _supernet().extract(Candidate(0.25, 0.5, 24)).eval()
+    path = scoring_module.export_candidate(model, profile, torch.rand(8, 3, 32, 32), tmp_path)
+    image = torch.rand(1, 3, 24, 24).numpy()
+    searched = scoring_module.time_file(path, profile, image, LATENCY_RUNS)
+    result = ArtifactResult("candidate", profile.name, profile.format, profile.precision, "onnxruntime", path.name)
+    checks.check_latency(result, formats.get(profile.format).open(path), image, None, LATENCY_RUNS)
+    verified = result.check("budget_latency").values
+    assert calls[0] == calls[1] == ((1, 3, 24, 24), LATENCY_RUNS, {})
+    assert searched["protocol"] == verified["protocol"] and searched["protocol"]["runs"] == LATENCY_RUNS
+    assert 1 / 3 < verified["median_ms"] / searched["median_ms"] < 3
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -377,6 +407,8 @@ def test_search_writes_compatible_students_as_members_that_export_picks(searched
     measured = json.loads((store.root / "search" / "candidates.json").read_text())
     visited = [measured[key] for key in summary["visited"]["edge-small"]]
     assert summary["rank_by"] == student.search["rank_by"] == "neighbours" and len(visited) >= 2
+    protocol = summary["latency_protocol"]["server-onnx-fp32"]  # verify's: hetero.latency.time_batch1
+    assert protocol["function"] == "hetero.latency.time_batch1" and protocol["runs"] == 3 and protocol["batch"] == 1
     assert all(0 <= r["neighbours"] <= 1 and 0 <= r["top1"] <= 1 for r in visited)
     feasible = [r for r in visited if r["flops_vs_cloud"] <= 0.3]
     assert student.search["ranking_figure"] == max(r["neighbours"] for r in feasible)

@@ -10,6 +10,7 @@ from hetero.cli.gallery import cmd_gallery
 from hetero.cli.runtimes import cmd_runtimes
 from hetero.cli.stages import (cmd_calibrate, cmd_eval, cmd_export, cmd_profiles, cmd_run, cmd_search, cmd_train,
                                cmd_verify)
+from hetero.latency import LATENCY_RUNS
 
 
 def count(minimum: int):
@@ -134,8 +135,8 @@ def _stage_verbs(verbs) -> None:
     p.add_argument("--report", metavar="FILE", help="write a report with plots (.html, or .md with PNGs beside)")
     p.add_argument("--json", metavar="FILE", help="bundle mode: where to write the JSON report "
                                                   "(default: beside the bundle)")
-    p.add_argument("--latency-runs", type=count(1), default=30, help="batch-1 runs for the latency median "
-                                                                       "(default 30)")
+    p.add_argument("--latency-runs", type=count(1), default=LATENCY_RUNS,
+                   help=f"batch-1 runs for the latency median (default {LATENCY_RUNS}, as the search's)")
     p.add_argument("--strict", action="store_true", help="skipped checks (runtime unavailable here) also fail")
     p.add_argument("--all-runtimes", action="store_true", help="also run each artifact in every other installed "
                                                                "runtime of its format")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from rich.markup import escape
 
 from hetero.cli.progress import LogLines, console
+from hetero.latency import LATENCY_RUNS
 
 
 def train_family(config_path: str, out: str, *, resume: bool = False, overwrite: bool = False,
@@ -77,9 +78,9 @@ def export_family(store, profiles: list, members: list[str | None], *, allow_ove
     return artifacts
 
 
-def verify_family(store, *, profile: str | None = None, images: int | None = None, latency_runs: int = 30,
-                  strict: bool = False, all_runtimes: bool = False, junit: str | None = None,
-                  report_file: str | None = None, bundle: str | None = None) -> int:
+def verify_family(store, *, profile: str | None = None, images: int | None = None,
+                  latency_runs: int = LATENCY_RUNS, strict: bool = False, all_runtimes: bool = False,
+                  junit: str | None = None, report_file: str | None = None, bundle: str | None = None) -> int:
     from hetero.verify import verify
 
     report, reference = verify(store, profile=profile, max_images=images, latency_runs=latency_runs,
@@ -97,8 +98,9 @@ def verify_family(store, *, profile: str | None = None, images: int | None = Non
     return _verdict(report, f"{store.root}/verify.json", junit, report_file, bundle)
 
 
-def verify_bundle_file(bundle: str, *, latency_runs: int = 30, strict: bool = False, json_out: str | None = None,
-                       all_runtimes: bool = False, junit: str | None = None, report_file: str | None = None) -> int:
+def verify_bundle_file(bundle: str, *, latency_runs: int = LATENCY_RUNS, strict: bool = False,
+                       json_out: str | None = None, all_runtimes: bool = False, junit: str | None = None,
+                       report_file: str | None = None) -> int:
     from hetero.verify.bundle import verify_bundle
 
     report = verify_bundle(bundle, latency_runs=latency_runs, strict=strict, json_out=json_out,

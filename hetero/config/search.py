@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from hetero.config.validation import STRICT, Positive, check_name
+from hetero.latency import LATENCY_RUNS
 
 
 @dataclass(config=STRICT)
@@ -80,7 +81,9 @@ class SearchConfig:
     evaluations: Positive = 48
     population: Annotated[int, Field(ge=2)] = 12
     bn_images: Positive = 512  # training images that re-estimate a sub-network's BatchNorm statistics
-    latency_runs: Positive = 20  # timed batch-1 runs per candidate (median), after 3 warm-up runs
+    # Timed batch-1 runs per candidate (median, after 5 warm-up runs): the protocol `hetero verify` times the
+    # exported students with (hetero.latency), so a student chosen for a latency budget meets it there.
+    latency_runs: Positive = LATENCY_RUNS
     # Each chosen student then trains alone against the cloud this many epochs: the edge phase of `hetero train`
     # on every training image, through the teacher cache (train.teacher_cache, or its default views).
     fine_tune_epochs: Annotated[int, Field(ge=0)] = 0

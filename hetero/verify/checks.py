@@ -7,8 +7,6 @@ leaves the structure to be read from the file and the numeric checks skipped, ne
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from hetero import formats, runtimes
 from hetero.errors import RuntimeUnavailable
 from hetero.family import ArtifactRecord
+from hetero.latency import time_batch1
 from hetero.files import sha256_path
 from hetero.maths import retrieval_metrics
 from hetero.models import resize_to
@@ -252,29 +251,20 @@ def _parity_and_retrieval(result: ArtifactResult, reference: Reference, member: 
 
 def check_latency(result: ArtifactResult, runtime, one: np.ndarray, target_ms: float | None,
                   runs: int) -> None:
-    """Median batch-1 latency; an isolated runtime's worker times the runtime alone (no protocol overhead)."""
-    def timed() -> float:
-        started = time.perf_counter()
-        runtime.embed(one)
-        wall = time.perf_counter() - started
-        return getattr(runtime, "last_run_seconds", wall) * 1000
-
+    """Median batch-1 latency, measured as the search measures its candidates (runtimes.time_batch1)."""
     try:
-        for _ in range(3):  # warm-up (lazy initialisation, caches)
-            runtime.embed(one)
-        times = [timed() for _ in range(max(1, runs))]
+        timed = time_batch1(runtime, one, runs)
     except Exception as err:
         result.add("budget_latency", "fail", f"timing batch-1 runs failed: {type(err).__name__}: {err}")
         return
-    median = statistics.median(times)
-    values = {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "runs": len(times),
-              "target_ms": target_ms}
+    median, count = timed["median_ms"], timed["runs"]
+    values = {**timed, "target_ms": target_ms}
     if target_ms is None:
-        result.add("budget_latency", "skip", f"median {median:.2f} ms over {len(times)} runs; the profile sets no "
+        result.add("budget_latency", "skip", f"median {median:.2f} ms over {count} runs; the profile sets no "
                                              f"latency target", **values)
     else:
         result.add("budget_latency", "pass" if median <= target_ms else "fail",
-                   f"median {median:.2f} ms (p90 {values['p90_ms']:.2f}) over {len(times)} batch-1 runs on this "
+                   f"median {median:.2f} ms (p90 {values['p90_ms']:.2f}) over {count} batch-1 runs on this "
                    f"CPU vs target {target_ms:g} ms", **values)
 
 

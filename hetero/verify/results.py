@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hetero.latency import LATENCY_RUNS
+
 CHECKS = ("identity", "structure", "parity", "retrieval",
           "budget_size", "budget_params", "budget_flops", "budget_latency")
 NUMERIC = ("parity", "retrieval", "budget_latency")
-DEFAULT_LATENCY_RUNS = 30
+DEFAULT_LATENCY_RUNS = LATENCY_RUNS  # as many as the search times its candidates with
 
 
 @dataclass
