@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--self-distillation", type=float, default=0.0,
                         help="weight of each earlier exit's regression onto the last exit (default 0)")
-    parser.add_argument("--held-out-by", choices=["classes", "images"], default="classes",
+    parser.add_argument("--held-out-by", choices=["classes", "groups", "images"], default="classes",
                         help="what calibration holds out of training (default classes)")
     parser.add_argument("--exit-head", choices=["pooled", "grid"], default="pooled",
                         help="how multi's earlier exits pool their stage (default pooled)")

@@ -410,9 +410,24 @@ def calibration_split(train: ImageSet, fraction: float, by: str = "classes", see
     """(rows trained on, rows held out) of a training set, for calibrating multi-exit members.
 
     `classes`: a seeded draw of `fraction` of the classes (at least 2, at least one left), every image of
-    them; a training set of fewer than 3 classes (unlabeled data) holds out images instead.  `images`: per
+    them; a training set of fewer than 3 classes (unlabeled data) holds out images instead.  `groups`: whole
+    groups of classes (class names' top folders) in a seeded order until `fraction` of the classes are out
+    (at least one group, at least one left); a training set of one group holds out classes.  `images`: per
     class, the last `fraction` of its images (in file order, at least one kept for training)."""
+    groups = sorted({_group(name) for name in train.class_names})
+    if by == "groups" and len(groups) >= 2:
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen, count = set(), 0
+        for index in order[:-1]:
+            chosen.add(groups[index])
+            count += sum(_group(name) == groups[index] for name in train.class_names)
+            if count >= fraction * len(train.class_names):
+                break
+        in_chosen = torch.tensor([_group(name) in chosen for name in train.class_names])
+        held_out = in_chosen[train.labels]
+        return torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
     classes = torch.unique(train.labels)
+    by = "classes" if by == "groups" else by
     if by == "classes" and len(classes) >= 3:
         count = min(max(2, math.ceil(fraction * len(classes))), len(classes) - 1)
         order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))

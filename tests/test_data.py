@@ -145,6 +145,29 @@ def test_calibration_holds_out_whole_classes_by_default_and_images_on_request():
     assert len(held) == 2 and len(keep) == 8
 
 
+def test_calibration_by_groups_holds_out_whole_groups_as_a_test_split_by_group_does():
+    import dataclasses
+
+    from hetero.data import _group, calibration_split
+
+    train = _labeled([4] * 12)  # alphabets a (2 classes), b (4), c (6)
+    names = [f"{group}/char{c}" for c, group in enumerate("aabbbbcccccc")]
+    train = dataclasses.replace(train, class_names=names)
+    for seed in range(6):
+        keep, held = calibration_split(train, 0.1, "groups", seed=seed)
+        held_groups = {_group(names[c]) for c in train.labels[held].tolist()}
+        kept_groups = {_group(names[c]) for c in train.labels[keep].tolist()}
+        assert len(held_groups) >= 1 and kept_groups and not held_groups & kept_groups, seed
+        assert len(keep) + len(held) == len(train)
+    assert torch.equal(calibration_split(train, 0.5, "groups", seed=3)[1], calibration_split(train, 0.5, "groups",
+                                                                                              seed=3)[1])
+    keep, held = calibration_split(train, 0.99, "groups", seed=0)  # asking for all of them still trains on one
+    assert {_group(names[c]) for c in train.labels[keep].tolist()}
+    one_group = dataclasses.replace(train, class_names=[f"a/char{c}" for c in range(12)])
+    keep, held = calibration_split(one_group, 0.25, "groups", seed=0)  # nothing to hold out by group: classes
+    assert len(set(one_group.labels[held].tolist())) == 3
+
+
 def test_gallery_and_queries_split_each_class_in_file_order():
     from hetero.data import gallery_and_queries
 

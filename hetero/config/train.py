@@ -38,8 +38,12 @@ class EarlyExitConfig:
     held_out: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # `classes`: that share of the training classes, every image of them, so the thresholds are fitted on
     # classes the members never saw, as test queries are (an exit is less sure of an unseen class, so
-    # thresholds fitted on seen classes escalate far more test queries than asked); `images`: the last images of every training class.  Data without classes hold out images.
-    held_out_by: Literal["classes", "images"] = "classes"
+    # thresholds fitted on seen classes escalate far more test queries than asked); `groups`: whole groups
+    # of classes (the top folders, e.g. Omniglot's alphabets) until that share of the classes, for data whose
+    # test split is by group (data.test_groups), so calibration sees a new group as the test does; data with
+    # one group hold out classes.  `images`: the last images of every training class.  Data without classes
+    # hold out images.
+    held_out_by: Literal["classes", "groups", "images"] = "classes"
     # Weight of deeper-teaches-shallower: each earlier exit regresses onto the last exit's (detached) embedding.
     self_distillation: NonNegative = 0.0
     # Anchors of the entropy rule for unlabeled data (k-means centres of the cloud's training embeddings);
