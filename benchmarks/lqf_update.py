@@ -10,7 +10,9 @@ Every update then sees the same new characters, drawers 1-5 of Korean's 40, for 
 - `lqf-compat0`: mode lqf, no pull towards the old cloud; `lqf-auto`: `compat_weight: auto`, each member's
   weight chosen on held-out images of the update's training data (never the test split), as hetero does it
   for a user.  Both are measured merged (w0 + dw, what is exported) and as the linearised model itself;
-- `fine-tuning`: `train.init` the old family, mode joint, the recipe's losses, AdamW at `--lr`;
+- `fine-tuning`: `train.init` the old family, mode joint, the recipe's losses, AdamW at a rate chosen per seed
+  from FINE_TUNING_LRS as LQF's `auto` chooses its weight (fitted on drawers 1-4, scored on drawer 5; the
+  search's CPU counts in the method's);
 - `fine-tuning-backward`: the same with mode backward against the old cloud (BCT's terms);
 - `backward-retrained`: a new family trained from scratch in mode backward against the old cloud, on the old
   and the new training characters, for the recipe's `epochs` (the alternative to an update: a retraining).
@@ -53,13 +55,15 @@ OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 OLD_ALPHABETS = ["Balinese", "Early_Aramaic", "Greek", "Latin"]  # the training alphabets without Korean
 NEW = "Korean"
 UPDATE_DRAWERS, GALLERY_DRAWERS, QUERY_DRAWERS = range(1, 6), range(6, 11), range(11, 21)
-FINE_TUNING_LR = 1e-3  # AdamW's rate for both fine-tuning baselines: a tenth of the recipe's, from the old weights
+# The fine-tuning baselines' AdamW rates, one chosen per method and seed as LQF's `compat_weight: auto` is:
+# fitted on drawers 1-4 of the update's characters, scored on drawer 5 (never the test split).
+FINE_TUNING_LRS = [1e-3, 3e-4, 1e-4, 3e-5]
 # Each update method: the overrides on the old family's recipe that make it (the data is set by run()).
 METHODS = {
     "lqf-compat0": ["train.mode=lqf", "train.lqf.compat_weight=0.0"],
     "lqf-auto": ["train.mode=lqf", "train.lqf.compat_weight=auto"],
-    "fine-tuning": ["train.mode=joint", f"train.lr={FINE_TUNING_LR}"],
-    "fine-tuning-backward": ["train.mode=backward", f"train.lr={FINE_TUNING_LR}"],
+    "fine-tuning": ["train.mode=joint"],
+    "fine-tuning-backward": ["train.mode=backward"],
     "backward-retrained": ["train.mode=backward"],
 }
 
@@ -87,6 +91,8 @@ def data_folders() -> dict[str, Path]:
     old = {a: range(1, 21) for a in OLD_ALPHABETS}
     return {"old": extract(RUNS / "data-old", {**old, **test}),
             "update": extract(RUNS / "data-update", {NEW: UPDATE_DRAWERS, **test}),
+            "update-fit": extract(RUNS / "data-update-fit", {NEW: UPDATE_DRAWERS[:-1], **test}),
+            "update-held": extract(RUNS / "data-update-held", {NEW: UPDATE_DRAWERS[-1:]}),
             "retrain": extract(RUNS / "data-retrain", {**old, NEW: UPDATE_DRAWERS, **test}),
             "korean": extract(RUNS / "data-korean", {NEW: range(6, 21)})}
 
@@ -99,10 +105,10 @@ def old_overrides(data: Path) -> list[str]:
     return [f"family.members={json.dumps(members)}", f"data.path={data}", "train.seed=0"]
 
 
-def method_overrides(method: str, old_dir: Path, folders: dict[str, Path], seed: int, passes: int) -> list[str]:
+def method_overrides(method: str, old_dir: Path, data: Path, seed: int, passes: int) -> list[str]:
     retrain = method == "backward-retrained"
-    overrides = [*METHODS[method], f"data.path={folders['retrain' if retrain else 'update']}", f"train.seed={seed}",
-                 "train.teacher_cache=null", "train.edge_epochs=null"]
+    overrides = [*METHODS[method], f"data.path={data}", f"train.seed={seed}", "train.teacher_cache=null",
+                 "train.edge_epochs=null"]
     if method != "fine-tuning":
         overrides.append(f"train.previous={old_dir}")
     if method.startswith("fine-tuning"):
@@ -153,6 +159,46 @@ def old_gallery_figures(models: dict, cloud: str, old_cloud, split) -> dict:
             "edges_vs_old": {name: matrix[name]["old"]["top1"] for name in models if name != cloud}}
 
 
+def held_out_score(store, old_cloud, folders: dict[str, Path]) -> float:
+    """What LQF's `compat_weight: auto` maximises, for a whole family: the mean over members of the mean of two
+    top-1s of the held-out drawing (drawer 5) of each update character, against the fitted drawings (1-4)
+    embedded by the updated cloud and by the old one."""
+    from hetero.data import read_image_tree
+    from hetero.maths import top1_correct
+    from hetero.models import embed_images
+
+    size = max(m.input_size for m in store.members)
+    fit = read_image_tree(folders["update-fit"] / "omniglot" / NEW, size)
+    held = read_image_tree(folders["update-held"] / "omniglot" / NEW, size)
+    assert fit.class_names == held.class_names, "the fitted and held-out drawings name the same characters"
+    new_cloud = store.load_member(store.cloud.name)
+    galleries = [embed_images(new_cloud, fit.floats()), embed_images(old_cloud, fit.floats())]
+    scores = []
+    for member in store.members:
+        queries = embed_images(store.load_member(member.name), held.floats())
+        scores += [top1_correct(queries, held.labels, gallery, fit.labels).float().mean().item()
+                   for gallery in galleries]
+    return sum(scores) / len(scores)
+
+
+def choose_lr(method: str, old_dir: Path, base: list[str], folders: dict[str, Path], seed: int, passes: int,
+              old_cloud) -> tuple[float, dict[str, float]]:
+    """A fine-tuning baseline's rate from FINE_TUNING_LRS by held_out_score (ties: the smaller rate)."""
+    from hetero.config import load_config
+    from hetero.training import train
+
+    scores = {}
+    for lr in FINE_TUNING_LRS:
+        overrides = base + method_overrides(method, old_dir, folders["update-fit"], seed, passes) + [f"train.lr={lr:.10f}"]
+        store = train(load_config(str(ROOT / RECIPE), overrides), RUNS / "lr-search" / f"{method}-seed{seed}-{lr:g}",
+                      overwrite=True, progress=False)
+        scores[f"{lr:g}"] = held_out_score(store, old_cloud, folders)
+    best = max(FINE_TUNING_LRS, key=lambda lr: (scores[f"{lr:g}"], -lr))
+    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: lr {best:g} chosen on held-out drawings "
+          f"({', '.join(f'{k} {v:.4f}' for k, v in scores.items())})", flush=True)
+    return best, scores
+
+
 def figures_of(models: dict, cloud: str, context: dict) -> dict:
     return {"korean_top1": korean_top1(models, cloud, context["korean"]),
             **old_gallery_figures(models, cloud, context["old_cloud"], context["split"])}
@@ -201,16 +247,23 @@ def run(seeds: list[int], passes: int, quick: bool) -> None:
     for seed in seeds:  # every method once per seed: a run cut short still compares them all
         for method in METHODS:
             key = records.key_of(method, f"{passes}passes", f"seed{seed}", quick=quick)
-            if is_current(records.read(BENCHMARK, key)):
+            retrain = method == "backward-retrained"
+            overrides = base + method_overrides(method, old_dir, folders["retrain" if retrain else "update"], seed,
+                                                passes)
+            record = records.read(BENCHMARK, key)
+            if is_current(record) and record["overrides"][:len(overrides)] == overrides:  # the same method
                 continue
-            overrides = base + method_overrides(method, old_dir, folders, seed, passes)
-            config = quickened(load_config(str(ROOT / RECIPE), overrides), quick and method == "backward-retrained")
             print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
             started, cpu = time.perf_counter(), time.process_time()
+            extra = {}
+            if method.startswith("fine-tuning"):  # the rate is part of the method's cost, as LQF's auto search is
+                lr, extra["lr_search"] = choose_lr(method, old_dir, base, folders, seed, passes, context["old_cloud"])
+                overrides.append(f"train.lr={lr:.10f}")
+            config = quickened(load_config(str(ROOT / RECIPE), overrides), quick and retrain)
             store = train(config, RUNS / key, overwrite=True, progress=False)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - started
             members = {m.name: store.load_member(m.name) for m in store.members}
-            figures = {**figures_of(members, cloud, context), "cpu_s": cpu}
+            figures = {**figures_of(members, cloud, context), "cpu_s": cpu, **extra}
             if method.startswith("lqf"):
                 linearised = {name: load_linearised(store, name) for name in members}
                 figures["linearised"] = figures_of(linearised, cloud, context)
