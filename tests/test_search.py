@@ -76,12 +76,11 @@ def test_a_shallower_sub_network_keeps_the_first_blocks_of_each_stage():
     assert layer_map(shallow.backbone, supernet.model.backbone) == {0: 0, 1: 1, 2: 3, 3: 5, 4: 7}
 
 
-@pytest.mark.parametrize("depth", [0.5, 1.0])
-def test_channel_sorting_keeps_the_function_and_puts_important_channels_first(depth):
-    torch.manual_seed(0)
-    model = Embedder("resnet", 0.5, depth, 16, 32)
+def sorted_keeping_the_function(model):
+    """`model` with trained-looking BatchNorm statistics and scales, its channels sorted; the sorting must
+    not change what it computes."""
     for norm in model.modules():
-        if isinstance(norm, torch.nn.BatchNorm2d):  # trained-looking statistics and scales
+        if isinstance(norm, torch.nn.BatchNorm2d):
             norm.weight.data.uniform_(0.1, 2.0)
             norm.bias.data.normal_()
             norm.running_mean.normal_()
@@ -91,6 +90,13 @@ def test_channel_sorting_keeps_the_function_and_puts_important_channels_first(de
     before = model(images)
     sort_channels(model)
     torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
+    return model
+
+
+@pytest.mark.parametrize("depth", [0.5, 1.0])
+def test_channel_sorting_keeps_the_function_and_puts_important_channels_first(depth):
+    torch.manual_seed(0)
+    model = sorted_keeping_the_function(Embedder("resnet", 0.5, depth, 16, 32))
     stem = model.backbone[0][1].weight.abs()
     inner = model.backbone[1].conv1.weight.abs().sum(dim=(1, 2, 3))
     assert stem[:4].mean() > stem[-4:].mean() and torch.all(inner[:-1] >= inner[1:])
@@ -145,17 +151,7 @@ def test_the_default_mobilenet_is_todays_and_per_block_options_change_only_their
 
 def test_sorting_a_mobilenets_expansion_keeps_the_function_and_puts_important_channels_first():
     torch.manual_seed(0)
-    model = Supernet("mobilenet", MOBILE, 16, [0.5] * 3, [0.5] * 3).model
-    for norm in model.modules():
-        if isinstance(norm, torch.nn.BatchNorm2d):
-            norm.weight.data.uniform_(0.1, 2.0)
-            norm.running_mean.normal_()
-            norm.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    images = torch.rand(4, 3, 32, 32)
-    before = model(images)
-    sort_channels(model)
-    torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
+    model = sorted_keeping_the_function(Supernet("mobilenet", MOBILE, 16, [0.5] * 3, [0.5] * 3).model)
     importance = model.backbone[2].conv[2].weight.abs().sum(dim=(0, 2, 3))
     assert torch.all(importance[:-1] >= importance[1:])
 
