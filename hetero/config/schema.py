@@ -81,25 +81,28 @@ class Config:
                              f"{' with exits' if cloud.exits is not None else ''}")
         if search.design == "shared-cloud":
             from hetero.models import mobilenet_defaults
-            from hetero.search.space import search_space
 
-            largest = max(search_space(search))
+            largest_width, largest_depth, largest_size = (max(search.widths), max(search.depths),
+                                                          max(search.input_sizes))
             if search.arch != cloud.arch:
                 raise ValueError(f"search.arch: design 'shared-cloud' makes the cloud the largest sub-network, so the "
                                  f"supernet is the cloud's architecture {cloud.arch!r}, not {search.arch!r}")
-            if (largest.width, largest.depth, largest.input_size) != (cloud.width, cloud.depth, cloud.input_size):
+            if (largest_width, largest_depth, largest_size) != (cloud.width, cloud.depth, cloud.input_size):
                 raise ValueError(f"search: design 'shared-cloud' makes the cloud the largest sub-network, so the "
-                                 f"largest width, depth and input size ({largest.width}, {largest.depth}, "
-                                 f"{largest.input_size} px) must be the cloud's ({cloud.width}, {cloud.depth}, "
+                                 f"largest width, depth and input size ({largest_width}, {largest_depth}, "
+                                 f"{largest_size} px) must be the cloud's ({cloud.width}, {cloud.depth}, "
                                  f"{cloud.input_size} px)")
             if cloud.arch == "mobilenet":
+                # the largest sub-network's blocks (search.space.Candidate.blocks, which config cannot import)
+                expand, kernel = max(search.expand_ratios), max(search.kernel_sizes)
                 ratios, kernels = mobilenet_defaults(cloud.depth)
                 own = {"expand_ratios": cloud.expand_ratios or ratios, "kernel_sizes": cloud.kernel_sizes or kernels}
-                if own != largest.blocks("mobilenet"):
+                largest = {"expand_ratios": [r if r == 1 else expand for r in ratios],
+                           "kernel_sizes": [kernel] * len(kernels)}
+                if own != largest:
                     raise ValueError(f"search: design 'shared-cloud' makes the cloud the largest sub-network, so "
                                      f"its blocks must have the largest expansion ratio and kernel size "
-                                     f"({largest.expand:g}, {largest.kernel}) past the first stage; the cloud's "
-                                     f"are {own}")
+                                     f"({expand:g}, {kernel}) past the first stage; the cloud's are {own}")
 
     @property
     def load_size(self) -> int:
