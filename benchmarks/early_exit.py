@@ -15,11 +15,17 @@ test characters are.  Per seed the record holds:
 - each member's top-1 against the cloud gallery (M[member][cloud]) and MFLOPs, each exit's alone;
 - the anytime curve: each early exit's threshold at the same quantile q of its entropies on the held-out
   classes, top-1 and mean FLOPs read on the test queries; the curve at each separate student's FLOPs;
-- the cheapest point within 0.5 points of edge-m's top-1 (goal: >= 1.5x fewer mean FLOPs than edge-m);
+- the per-exit curve: the rule `hetero calibrate --per-exit --top1-loss L` fits on the held-out classes (each
+  exit its own threshold), per L, read on the test queries (with its loss on the held-out queries beside);
+- the cheapest point of each curve within 0.5 points of edge-m's top-1 (goal: >= 1.5x fewer mean FLOPs than
+  edge-m);
 - calibration transfer: `--top1-loss 0.01` fitted on the held-out classes, the loss read on the test queries
   (goal: within 1 point of the target), and `--escalate 0.1` (goal: 8-12% of test queries escalated);
 - the split (`--top1-loss 0.005 --escalate 0.1`): the system's top-1 against the point halfway from
-  edge-m's top-1 to the cloud's (goal: at or above it).
+  edge-m's top-1 to the cloud's (goal: at or above it);
+- which queries to escalate: exactly 10% of the test queries sent to the cloud, ranked by the last exit's
+  entropy or by the gallery margin (nearest item against the nearest of another class), and the share of the
+  edge-m-to-cloud gap each closes (the share is fixed on the test queries: it compares the rankings only).
 
     python benchmarks/early_exit.py run --seeds 0 1 2                 # ~45 min a seed on 2 CPU cores
     python benchmarks/early_exit.py run --seeds 0 --self-distillation 1.0   # the self-distillation lever
@@ -55,6 +61,7 @@ RUNS = ROOT / "runs" / "early_exit"
 SINGLES = {"single-w25": 0.25, "single-w375": 0.375}  # with the recipe's edge-s (0.5)
 STUDENTS = [*SINGLES, "edge-s", "edge-m"]
 QUANTILES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+PER_EXIT_LOSSES = [0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5]
 LOSS_TARGET = 0.01  # the --top1-loss whose transfer from the held-out classes to the test queries is read
 ESCALATE = 0.1
 # What a run may change (the levers of issue 28), and the benchmark's own choice of each.
@@ -83,29 +90,72 @@ def overrides_of(lever: dict, seed: int) -> list[str]:
 # ------------------------------------------------------------------------------------------- one seed
 
 
-def anytime_curve(store, member: str) -> list[dict]:
-    """(q, mean MFLOPs, top-1 vs the cloud gallery, shares) on the test queries, each early exit's threshold
-    the quantile q of its entropies on the held-out calibration queries."""
-    from hetero.maths import apply_rule, correct_per_exit, rule_figures
+def test_queries(store, member: str) -> dict:
+    """The test queries through `member`'s exits against the cloud's gallery: each exit's embeddings,
+    entropies and whether it retrieves right, and whether the cloud's own query does."""
+    from hetero.maths import correct_per_exit
     from hetero.models import embed_images, exit_embeddings, exit_entropies
-    from hetero.training.exits import calibration_data
 
-    held = calibration_data(store, member)["entropies"]
-    split, entry = store.split(), store.member(member)
+    split = store.split()
     model, cloud = store.load_member(member), store.load_member(store.cloud.name)
     images = split.test.floats()
     q, g, labels = split.query_index, split.gallery_index, split.test.labels
-    exits = exit_embeddings(model, images[q])
-    correct = correct_per_exit(exits, embed_images(cloud, images[g]), labels[q], labels[g])
-    entropies = exit_entropies(model, exits)
-    flops = [e.flops for e in entry.exits]
-    rows = []
-    for quantile in QUANTILES:
-        thresholds = [held[k].quantile(quantile).item() if quantile > 0 else -1.0 for k in range(len(flops) - 1)]
-        figures = rule_figures(apply_rule(entropies, thresholds), correct, flops)
-        rows.append({"q": quantile, "mean_mflops": figures["mean_flops"] / 1e6, "top1": figures["top1_edge"],
-                     "shares": [round(s, 3) for s in figures["shares"]]})
-    return rows
+    exits, gallery = exit_embeddings(model, images[q]), embed_images(cloud, images[g])
+    return {"exits": exits, "gallery": gallery, "query_labels": labels[q], "gallery_labels": labels[g],
+            "entropies": exit_entropies(model, exits),
+            "correct": correct_per_exit(exits, gallery, labels[q], labels[g]),
+            "cloud_correct": correct_per_exit(embed_images(cloud, images[q])[None], gallery, labels[q], labels[g])[0]}
+
+
+def anytime_curves(store, member: str, test: dict) -> tuple[list[dict], list[dict]]:
+    """Two curves of (mean MFLOPs, top-1 vs the cloud gallery, shares) on the test queries, each rule fitted
+    on the held-out calibration queries: one quantile q of each early exit's entropies for all of them; and
+    the rule `hetero calibrate --per-exit --top1-loss L` picks (each exit its own threshold), per loss L."""
+    from hetero.maths import apply_rule, rule_figures
+    from hetero.training.exits import calibration_data, search_thresholds
+
+    held = calibration_data(store, member)
+    entry = store.member(member)
+    flops, stages = [e.flops for e in entry.exits], [e.stage for e in entry.exits]
+
+    def on_test(thresholds: list[float]) -> dict:
+        figures = rule_figures(apply_rule(test["entropies"], thresholds), test["correct"], flops)
+        return {"mean_mflops": figures["mean_flops"] / 1e6, "top1": figures["top1_edge"],
+                "shares": [round(s, 3) for s in figures["shares"]]}
+
+    shared = [{"q": quantile, **on_test([held["entropies"][k].quantile(quantile).item() if quantile > 0 else -1.0
+                                         for k in range(len(flops) - 1)])} for quantile in QUANTILES]
+    H, right = held["entropies"], held["correct"]
+    last = right[-1].float().mean().item()
+    per_exit = []
+    for loss in PER_EXIT_LOSSES:
+        thresholds, _ = search_thresholds(H, right, flops, stages, last, loss, None, 0.0, None, per_exit=True)
+        fitted = rule_figures(apply_rule(H, thresholds), right, flops)
+        per_exit.append({"top1_loss": loss, **on_test(thresholds), "held_out_top1_loss": last - fitted["top1_edge"]})
+    return shared, per_exit
+
+
+def escalation_rankings(test: dict, edge_m: float, cloud_top1: float) -> dict:
+    """Which queries to send to the cloud, each signal given exactly ESCALATE of the test queries (the share
+    fixed on the test queries themselves, so only the ranking is compared): the last exit's entropy (the
+    rule's), and the gallery margin (the last exit's similarity to its nearest gallery item minus that to the
+    nearest item of another class; smaller is less sure).  System top-1: escalated queries answered by the
+    cloud's own query, the others by the last exit."""
+    last = test["exits"][-1]
+    similarity = last @ test["gallery"].T
+    nearest = similarity.argmax(dim=1)
+    same_class = test["gallery_labels"][None] == test["gallery_labels"][nearest][:, None]
+    margin = similarity.max(dim=1).values - similarity.masked_fill(same_class, -2.0).max(dim=1).values
+    count = int(round(ESCALATE * len(last)))
+    found = {"share": count / len(last)}
+    for name, unsure in (("entropy", test["entropies"][-1]), ("gallery_margin", -margin)):
+        chosen = unsure.topk(count).indices
+        system = test["correct"][-1].clone()
+        system[chosen] = test["cloud_correct"][chosen]
+        top1 = system.float().mean().item()
+        found[name] = {"top1_system": top1,
+                       "gap_closed": (top1 - edge_m) / (cloud_top1 - edge_m) if cloud_top1 > edge_m else None}
+    return found
 
 
 def interpolate(curve: list[dict], mflops: float) -> float | None:
@@ -132,15 +182,21 @@ def measure(store) -> dict:
     top1 = {name: report["matrix"][name][cloud]["top1"] for name in report["matrix"]}
     mflops = {m.name: m.flops / 1e6 for m in store.members}
     exits = report["early_exit"]["multi"]["exits"]
-    curve = anytime_curve(store, "multi")
+    test = test_queries(store, "multi")
+    curve, per_exit = anytime_curves(store, "multi", test)
     students = {}
     for name in STUDENTS:
-        at = interpolate(curve, mflops[name])
+        at, fitted = interpolate(curve, mflops[name]), interpolate(per_exit, mflops[name])
         students[name] = {"mflops": mflops[name], "top1": top1[name], "curve_at_its_mflops": at,
-                          "curve_minus_student": None if at is None else at - top1[name]}
+                          "curve_minus_student": None if at is None else at - top1[name],
+                          "per_exit_curve_minus_student": None if fitted is None else fitted - top1[name]}
     edge_m, cloud_top1 = top1["edge-m"], top1[cloud]
-    matching = [r for r in curve if r["top1"] >= edge_m - 0.005]
-    cheapest = min(matching, key=lambda r: r["mean_mflops"]) if matching else None
+
+    def within_half_point(points: list[dict], by: str) -> dict | None:
+        matching = [r for r in points if r["top1"] >= edge_m - 0.005]
+        cheapest = min(matching, key=lambda r: r["mean_mflops"]) if matching else None
+        return cheapest and {by: cheapest[by], "top1": cheapest["top1"], "mean_mflops": cheapest["mean_mflops"],
+                             "times_fewer_mflops_than_edge_m": mflops["edge-m"] / cheapest["mean_mflops"]}
     last = exits[-1]["top1_vs_cloud"]
 
     rule = calibrate(store, "multi", top1_loss=LOSS_TARGET)
@@ -160,11 +216,13 @@ def measure(store) -> dict:
         "exits_alone": {f"stage {e['stage']}": {"mflops": e["flops"] / 1e6, "top1_vs_cloud": e["top1_vs_cloud"]}
                         for e in exits},
         "anytime_curve": {f"q={r['q']:.2f}": {k: v for k, v in r.items() if k != "q"} for r in curve},
+        "per_exit_curve": {f"loss={r['top1_loss']:g}": {k: v for k, v in r.items() if k != "top1_loss"}
+                             for r in per_exit},
         "students": students,
-        "within_half_point_of_edge_m": cheapest and {
-            "q": cheapest["q"], "top1": cheapest["top1"], "mean_mflops": cheapest["mean_mflops"],
-            "times_fewer_mflops_than_edge_m": mflops["edge-m"] / cheapest["mean_mflops"]},
+        "within_half_point_of_edge_m": within_half_point(curve, "q"),
+        "per_exit_within_half_point_of_edge_m": within_half_point(per_exit, "top1_loss"),
         "top1_loss_transfer": transfer, "split": split,
+        "escalation_rankings": escalation_rankings(test, edge_m, cloud_top1),
         "exit_overhead": exits[-1]["flops"] / plain - 1,
     }
 
@@ -263,12 +321,22 @@ HEADLINE = [
     ("cloud top-1", lambda f: f["top1_vs_cloud"]["cloud"]),
     ("x fewer MFLOPs than edge-m within 0.5 pts of it",
      lambda f: (f["within_half_point_of_edge_m"] or {}).get("times_fewer_mflops_than_edge_m")),
+    ("same, the per-exit curve", lambda f: (f.get("per_exit_within_half_point_of_edge_m") or {}).get(
+        "times_fewer_mflops_than_edge_m")),
     ("curve - single-w375 (pts)", lambda f: _points(f["students"]["single-w375"]["curve_minus_student"])),
+    ("per-exit curve - single-w375 (pts)",
+     lambda f: _points(f["students"]["single-w375"].get("per_exit_curve_minus_student"))),
     ("curve - edge-s (pts)", lambda f: _points(f["students"]["edge-s"]["curve_minus_student"])),
+    ("per-exit curve - edge-s (pts)",
+     lambda f: _points(f["students"]["edge-s"].get("per_exit_curve_minus_student"))),
     ("top-1 loss on test, target 1 pt (pts)", lambda f: _points(f["top1_loss_transfer"]["test"])),
     ("escalated on test, 10% asked", lambda f: f["split"]["escalated_test"]),
     ("system top-1 with 10% to the cloud", lambda f: f["split"]["top1_system"]),
     ("share of the edge-m to cloud gap closed", lambda f: f["split"]["gap_closed"]),
+    ("same, 10% of test queries by last-exit entropy",
+     lambda f: f.get("escalation_rankings", {}).get("entropy", {}).get("gap_closed")),
+    ("same, 10% of test queries by gallery margin",
+     lambda f: f.get("escalation_rankings", {}).get("gallery_margin", {}).get("gap_closed")),
 ]
 
 

@@ -215,7 +215,9 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     def figures(edge_m: float, escalated: float) -> dict:
         return {"top1_vs_cloud": {"cloud": 0.87, "edge-m": edge_m, "multi": 0.84},
                 "within_half_point_of_edge_m": None,  # no point of the curve came that close
-                "students": {"single-w375": {"curve_minus_student": 0.01}, "edge-s": {"curve_minus_student": None}},
+                "per_exit_within_half_point_of_edge_m": {"times_fewer_mflops_than_edge_m": edge_m * 2},
+                "students": {"single-w375": {"curve_minus_student": 0.01, "per_exit_curve_minus_student": 0.02},
+                             "edge-s": {"curve_minus_student": None}},
                 "top1_loss_transfer": {"test": 0.012}, "split": {"escalated_test": escalated, "top1_system": 0.86,
                                                                  "gap_closed": 0.5}}
 
@@ -236,6 +238,9 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     assert row["edge-m top-1"] == pytest.approx((0.845, 0.01, 2))
     assert row["escalated on test, 10% asked"] == pytest.approx((0.11, 0.04, 2))
     assert row["curve - edge-s (pts)"] is None and row["x fewer MFLOPs than edge-m within 0.5 pts of it"] is None
+    assert row["same, the per-exit curve"] == pytest.approx((1.69, 0.02, 2))
+    assert row["per-exit curve - single-w375 (pts)"] == pytest.approx((2.0, 0.0, 2))
+    assert row["per-exit curve - edge-s (pts)"] is None  # a record without the per-exit curve reads as none
     page, readme = tmp_path / "results.md", tmp_path / "README.md"
     readme.write_text(f"{render_results.BEGIN}\n{render_results.END}\n")
     assert render_results.main(["--results", str(tmp_path / "results"), "--page", str(page),
@@ -245,6 +250,32 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     assert "held out by classes, pooled exit heads, seeds 0, 1" in text
     assert "| m-seed0-chains | android-litert-int8 | tflite-runtime 2.14.0 | pass | 0.9950 | 0.99910 |" in text
     assert "| m-seed0-chains | android-executorch-fp32 | - | not exported | - | - |" in text
+
+
+def test_escalation_by_gallery_margin_sends_the_queries_between_two_classes_and_by_entropy_what_the_rule_does():
+    import early_exit
+    import torch
+
+    # 10 queries; gallery: classes 0 and 1, two items each.  Queries 0-8 sit on their class's item; query 9 sits
+    # between an item of class 0 and one of class 1 (margin 0) and the edge gets it wrong; the last exit's
+    # entropy is highest on query 0, which the edge gets right.
+    gallery = torch.eye(4)
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0, 0]]
+    queries[9] = torch.nn.functional.normalize(torch.tensor([1.0, 0.0, 1.0, 0.0]), dim=0)
+    query_labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 0, 1])
+    correct = torch.ones(2, 10, dtype=torch.bool)
+    correct[-1, 9] = False
+    entropies = torch.zeros(2, 10)
+    entropies[-1, 0] = 1.0
+    test = {"exits": torch.stack([queries, queries]), "gallery": gallery, "query_labels": query_labels,
+            "gallery_labels": labels, "entropies": entropies, "correct": correct,
+            "cloud_correct": torch.ones(10, dtype=torch.bool)}
+    found = early_exit.escalation_rankings(test, edge_m=0.9, cloud_top1=1.0)
+    assert found["share"] == 0.1
+    assert found["gallery_margin"]["top1_system"] == 1.0 and found["gallery_margin"]["gap_closed"] == pytest.approx(1.0)
+    assert found["entropy"]["top1_system"] == pytest.approx(0.9, abs=1e-6)
+    assert found["entropy"]["gap_closed"] == pytest.approx(0, abs=1e-5)
 
 
 def test_the_lqf_summary_gives_each_method_and_its_linearised_model_over_current_seeds(tmp_path, monkeypatch):

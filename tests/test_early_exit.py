@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hetero.config import parse_config
 from hetero.errors import CalibrationError, ConfigError, ExportError
@@ -107,6 +109,52 @@ def test_a_grid_exit_head_needs_exits():
         parse_config(config, "tiny")
 
 
+# ----------------------------------------------------------------------------------- the calibration search
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), queries=st.integers(1, 40), exits=st.integers(2, 4),
+       escalate=st.sampled_from([0.0, 0.1, 0.3]))
+def test_rules_scored_together_equal_each_rule_applied_alone(seed, queries, exits, escalate):
+    from hetero.maths import apply_rule, rule_figures
+    from hetero.training.exits import _escalation, candidate_thresholds, rules_figures
+
+    generator = torch.Generator().manual_seed(seed)
+    H = torch.rand(exits, queries, generator=generator).round(decimals=1)  # ties, as entropies of one anchor give
+    correct = torch.rand(exits, queries, generator=generator) > 0.4
+    cloud_correct = torch.rand(queries, generator=generator) > 0.2
+    flops = [100 * (k + 1) for k in range(exits)]
+    rules = candidate_thresholds(H, per_exit=True)
+    rules = rules[torch.randperm(len(rules), generator=generator)[:25]]
+    found = rules_figures(H, rules, correct, flops, escalate, cloud_correct)
+    for i, thresholds in enumerate(rules.tolist()):
+        above = _escalation(H, thresholds, escalate) if escalate > 0 else None
+        alone = rule_figures(apply_rule(H, thresholds, above), correct, flops, cloud_correct)
+        assert (above is None) == bool(found["above"][i].isnan())
+        for name in ("top1_edge", "top1_system", "mean_flops", "escalated"):
+            assert found[name][i].item() == pytest.approx(alone[name], abs=1e-9), name
+
+
+def test_calibration_leaves_out_an_exit_that_is_seldom_right_where_one_quantile_for_all_cannot():
+    from hetero.maths import apply_rule, rule_figures
+    from hetero.training.exits import QUANTILES, search_thresholds
+
+    # exit 1 is sure of every query and right on none; exit 2 is sure of half and right on those; the last
+    # exit is right on all.  One quantile for both early exits sends queries to exit 1 before exit 2 takes any.
+    n = 100
+    H = torch.stack([torch.linspace(0.0, 0.1, n), torch.cat([torch.zeros(n // 2), torch.ones(n // 2)]),
+                     torch.linspace(0.0, 1.0, n)])
+    correct = torch.stack([torch.zeros(n, dtype=torch.bool), H[1] == 0, torch.ones(n, dtype=torch.bool)])
+    flops = [10, 20, 40]
+    thresholds, above = search_thresholds(H, correct, flops, [1, 2, 3], 1.0, 0.0, None, 0.0, None, per_exit=True)
+    figures = rule_figures(apply_rule(H, thresholds, above), correct, flops)
+    assert figures["top1_edge"] == 1.0 and figures["shares"][0] == 0.0
+    assert figures["mean_flops"] == pytest.approx(30.0)  # half at exit 2, half at the last
+    shared = [rule_figures(apply_rule(H, [H[0].quantile(q).item(), H[1].quantile(q).item()] if q > 0 else [-1, -1]),
+                           correct, flops) for q in QUANTILES.tolist()]
+    assert min(f["mean_flops"] for f in shared if f["top1_edge"] == 1.0) == 40.0
+
+
 # ------------------------------------------------------------------------------------ trained end to end
 
 
@@ -168,6 +216,12 @@ def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(mu
     assert sum(summary["shares"]) + summary["escalated"] == pytest.approx(1.0)
     assert 0 < summary["escalated"] < 0.3
     assert summary["mean_flops"] <= store.member("edge-a").exits[-1].flops
+    # per-exit thresholds try every shared quantile too: the target met at no more FLOPs, and recorded
+    shared = calibrate(store, "edge-a", top1_loss=0.05)
+    own = calibrate(store, "edge-a", top1_loss=0.05, per_exit=True)
+    assert found["top1_last_exit"] - own["calibration"]["top1"] <= 0.05 + 1e-6
+    assert own["calibration"]["mean_mflops"] <= shared["calibration"]["mean_mflops"] + 1e-9
+    assert FamilyStore.open(multi_exit_copy).member("edge-a").early_exit["rule"]["target"]["per_exit"] is True
     # a family trained before `held_out_by` held out the last image of every class: calibrated on those
     store.member("edge-a").early_exit.pop("held_out_by")
     store.save()

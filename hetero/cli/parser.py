@@ -103,6 +103,9 @@ def _stage_verbs(verbs) -> None:
     p.add_argument("--escalate", type=float, default=0.0, help="share of queries the last edge exit sends to the "
                                                                "cloud (the least sure ones), e.g. 0.1")
     p.add_argument("--thresholds", help="explicit thresholds, comma-separated, one per exit before the last")
+    p.add_argument("--per-exit", action="store_true", help="search each exit's threshold on its own, not one "
+                                                           "quantile for all (fits closer; needs many held-out "
+                                                           "queries to hold on new ones)")
     p.set_defaults(handler=cmd_calibrate)
 
     p = verbs.add_parser("export", help="export members per device profile",

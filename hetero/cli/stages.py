@@ -219,7 +219,7 @@ def cmd_calibrate(args) -> int:
             thresholds = [float(t) for t in args.thresholds.split(",")]
         except ValueError:
             raise CalibrationError(f"--thresholds {args.thresholds!r}: give numbers separated by commas") from None
-    rule = calibrate(store, member, args.top1_loss, args.mean_mflops, args.escalate, thresholds)
+    rule = calibrate(store, member, args.top1_loss, args.mean_mflops, args.escalate, thresholds, args.per_exit)
     found = rule["calibration"]
     above = rule["escalate_above"]
     # with escalation the target is met by the system (edge plus cloud), so its top-1 is the one to print

@@ -20,6 +20,9 @@ from hetero.models import MultiExitEmbedder, embed_images, exit_embeddings, exit
 
 TEMPERATURES = torch.logspace(-3, 1, 81)
 QUANTILES = torch.linspace(0, 1, 201)
+# Rules a per-exit calibration tries beyond one quantile for every exit: a grid of each exit's own quantile, as
+# fine as this many combinations allow (27 levels with 3 early exits, 7 with 5).
+PER_EXIT_RULES = 20000
 
 
 # ------------------------------------------------------------------------------------- after training
@@ -98,8 +101,9 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
 
 
 def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, mean_flops: float | None = None,
-              escalate: float = 0.0, thresholds: list[float] | None = None) -> dict:
-    """Pick (or check given) thresholds for `member` on the held-out training images; store the rule."""
+              escalate: float = 0.0, thresholds: list[float] | None = None, per_exit: bool = False) -> dict:
+    """Pick (or check given) thresholds for `member` on the held-out training images; store the rule.  With
+    `per_exit`, each exit's threshold is searched on its own (see `candidate_thresholds`)."""
     if top1_loss is None and mean_flops is None and thresholds is None:
         raise CalibrationError("calibrate: give a target, --top1-loss (points of top-1 given up against the last "
                                "exit) or --mean-mflops, or explicit --thresholds")
@@ -114,13 +118,13 @@ def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, m
             chosen_thresholds = _checked_thresholds(thresholds, H, stages)
             escalate_above = _escalation(H, chosen_thresholds, escalate) if escalate > 0 else None
         else:
-            chosen_thresholds, escalate_above = _search(H, correct, flops, stages, last_top1, top1_loss, mean_flops,
-                                                        escalate, data["cloud_correct"])
+            chosen_thresholds, escalate_above = search_thresholds(H, correct, flops, stages, last_top1, top1_loss,
+                                                                  mean_flops, escalate, data["cloud_correct"], per_exit)
         chosen = apply_rule(H, chosen_thresholds, escalate_above)
         figures = rule_figures(chosen, correct, flops, data["cloud_correct"])
         rule = {"thresholds": chosen_thresholds, "escalate_above": escalate_above,
                 "target": {"top1_loss": top1_loss, "mean_mflops": mean_flops, "escalate": escalate,
-                           "explicit": thresholds is not None},
+                           "explicit": thresholds is not None, "per_exit": per_exit},
                 "calibration": {"images": data["images"], "top1_last_exit": last_top1,
                                 "mean_mflops": figures["mean_flops"] / 1e6, "top1": figures["top1_edge"],
                                 "shares": figures["shares"], "escalated": figures["escalated"],
@@ -142,36 +146,88 @@ def _checked_thresholds(thresholds: list[float], H: torch.Tensor, stages: list[i
     return [float(t) for t in thresholds]
 
 
-def _search(H, correct, flops, stages, last_top1, top1_loss, mean_flops, escalate, cloud_correct):
-    """(thresholds, escalate_above): each early exit's threshold the same quantile q of its entropies, the
-    cheapest q that meets the target (or the most accurate within a FLOPs budget).  With `escalate`, the
-    least sure share of all queries at the last exit goes to the cloud, and top-1 is the system's."""
+def candidate_thresholds(H: torch.Tensor, per_exit: bool = False) -> torch.Tensor:
+    """rules x early exits: the thresholds a calibration tries.  Every early exit at the same quantile q of its
+    own entropies (q on a fine grid); with `per_exit` also each exit at its own quantile (every combination of
+    a coarser grid), so an exit seldom right can stop nothing while a later one takes most queries.  Quantile 0
+    stops nothing.  Per-exit rules fit the calibration queries more closely, and so transfer worse from a small
+    set of them (benchmarks/early_exit.py reads both on test queries)."""
+    early = H.shape[0] - 1
+    levels = max(3, min(len(QUANTILES), int(PER_EXIT_RULES ** (1 / max(early, 1)))))
+
+    def thresholds(quantiles: torch.Tensor) -> torch.Tensor:  # len(quantiles) x early
+        found = torch.stack([H[k].float().quantile(quantiles) for k in range(early)], dim=1)
+        return torch.where(quantiles[:, None] > 0, found, torch.full_like(found, -1.0))
+
+    if not per_exit:
+        return thresholds(QUANTILES)
+    grid = thresholds(torch.linspace(0, 1, levels))
+    combinations = torch.cartesian_prod(*grid.T).reshape(-1, early)
+    return torch.cat([thresholds(QUANTILES), combinations])
+
+
+def rules_figures(H: torch.Tensor, rules: torch.Tensor, correct: torch.Tensor, flops: list[int], escalate: float,
+                  cloud_correct: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per rule (a row of `rules`), as `apply_rule` and `rule_figures` would give one at a time: top-1 of the
+    edge answers and of the system, mean edge FLOPs, the share escalated, and the last-exit entropy above which
+    queries are escalated (`_escalation`'s; NaN without `escalate`)."""
+    exits, n = H.shape[0], H.shape[1]
+    cost = torch.tensor(flops, dtype=torch.float64)
+    found: dict[str, list] = {"top1_edge": [], "top1_system": [], "mean_flops": [], "escalated": [], "above": []}
+    for chunk in rules.split(max(1, 2_000_000 // max(n * exits, 1))):
+        stop = H[:-1][None] <= chunk[:, :, None]  # chunk x early exits x queries
+        chosen = torch.where(stop.any(dim=1), stop.byte().argmax(dim=1), torch.full((), exits - 1))
+        answered = correct.gather(0, chosen)
+        reaching = chosen == exits - 1
+        above = torch.full((len(chunk),), float("nan"))
+        escalated = torch.zeros_like(reaching)
+        if escalate > 0:
+            ordered = torch.where(reaching, H[-1][None], torch.full((), -float("inf"))).sort(dim=1, descending=True)
+            count = torch.minimum(reaching.sum(dim=1), torch.tensor(int(round(escalate * n))))
+            last = ordered.values.gather(1, (reaching.sum(dim=1) - 1).clamp(min=0)[:, None])[:, 0] - 1.0
+            at = ordered.values.gather(1, count.clamp(max=n - 1)[:, None])[:, 0]
+            above = torch.where(count < reaching.sum(dim=1), at, last)
+            above[count == 0] = float("nan")
+            escalated = reaching & (H[-1][None] > above[:, None])
+        system = torch.where(escalated, cloud_correct[None], answered) if cloud_correct is not None else answered
+        found["top1_edge"].append(answered.float().mean(dim=1))
+        found["top1_system"].append(system.float().mean(dim=1))
+        found["mean_flops"].append(cost[chosen].mean(dim=1))
+        found["escalated"].append(escalated.float().mean(dim=1))
+        found["above"].append(above)
+    return {name: torch.cat(values) for name, values in found.items()}
+
+
+def search_thresholds(H, correct, flops, stages, last_top1, top1_loss, mean_flops, escalate, cloud_correct,
+                      per_exit: bool = False):
+    """(thresholds, escalate_above): of the candidate rules (`candidate_thresholds`), the cheapest that meets
+    the target (or the most accurate within a FLOPs budget).  With `escalate`, the least sure share of all
+    queries at the last exit goes to the cloud, and top-1 is the system's."""
     if mean_flops is not None and mean_flops * 1e6 < flops[0]:
         raise CalibrationError(
             f"--mean-mflops {mean_flops:g} cannot be met: even stopping every query at the first exit (stage "
             f"{stages[0]}) costs {flops[0] / 1e6:.2f} MFLOPs, {flops[0] / 1e6 - mean_flops:.2f} above the budget")
-    candidates = []
-    for q in QUANTILES:
-        thresholds = [H[k].quantile(q).item() if q > 0 else -1.0 for k in range(len(stages) - 1)]
-        above = _escalation(H, thresholds, escalate) if escalate > 0 else None
-        chosen = apply_rule(H, thresholds, above)
-        if escalate > 0 and (chosen == len(stages)).float().mean().item() < escalate - 1.0 / H.shape[1]:
-            continue  # too few queries reach the last exit to send that share to the cloud
-        figures = rule_figures(chosen, correct, flops, cloud_correct)
-        loss = last_top1 - figures["top1_system" if escalate > 0 else "top1_edge"]
-        candidates.append((loss, figures, thresholds, above))
-    meets = [c for c in candidates if (top1_loss is None or c[0] <= top1_loss + 1e-9)
-             and (mean_flops is None or c[1]["mean_flops"] <= mean_flops * 1e6)]
-    if meets:
-        by = (lambda c: (c[1]["mean_flops"], c[0])) if top1_loss is not None else (lambda c: (c[0], c[1]["mean_flops"]))
-        best = min(meets, key=by)
-        return best[2], best[3]
-    within = [c for c in candidates if mean_flops is None or c[1]["mean_flops"] <= mean_flops * 1e6]
-    if not within:
+    rules = candidate_thresholds(H, per_exit)
+    found = rules_figures(H, rules, correct, flops, escalate, cloud_correct)
+    loss = last_top1 - found["top1_system" if escalate > 0 else "top1_edge"]
+    cost = found["mean_flops"]
+    # with `escalate`, a rule must leave enough queries at the last exit to send that share to the cloud
+    valid = found["escalated"] >= escalate - 1.0 / H.shape[1] if escalate > 0 else torch.ones(len(rules), dtype=bool)
+    within = valid & (cost <= mean_flops * 1e6 if mean_flops is not None else True)
+    meets = within & (loss <= top1_loss + 1e-9 if top1_loss is not None else True)
+    if meets.any():
+        first, then = (cost, loss) if top1_loss is not None else (loss, cost)
+        best = _lexicographic_argmin(first, then, meets)
+        above = found["above"][best]
+        return rules[best].tolist(), None if above.isnan() else above.item()
+    if not within.any():
         raise CalibrationError(f"--mean-mflops {mean_flops:g} cannot be met while sending {escalate:.0%} of queries "
                                f"to the cloud from the last exit (stage {stages[-1]}, {flops[-1] / 1e6:.2f} MFLOPs); "
                                f"lower --escalate or raise the budget")
-    loss, figures, _, _ = min(within, key=lambda c: c[0])
+    best = _lexicographic_argmin(loss, cost, within)
+    above = None if found["above"][best].isnan() else found["above"][best].item()
+    loss = loss[best].item()
+    figures = rule_figures(apply_rule(H, rules[best].tolist(), above), correct, flops, cloud_correct)
     worst = max(range(len(stages)), key=lambda k: figures["shares"][k] * (1 - correct[k].float().mean().item()))
     raise CalibrationError(
         f"--top1-loss {top1_loss:g}{'' if mean_flops is None else f' with --mean-mflops {mean_flops:g}'} cannot be "
@@ -179,6 +235,14 @@ def _search(H, correct, flops, stages, last_top1, top1_loss, mean_flops, escalat
         f"{loss - top1_loss:.4f} over the budget; the exit at stage {stages[worst]} loses most (top-1 "
         f"{correct[worst].float().mean().item():.3f} there against {last_top1:.3f} at the last exit, "
         f"{figures['shares'][worst]:.1%} of queries answered there)")
+
+
+def _lexicographic_argmin(first: torch.Tensor, then: torch.Tensor, allowed: torch.Tensor) -> int:
+    """The first allowed index with the least `first`, ties broken by the least `then`."""
+    inf = torch.full((), float("inf"), dtype=torch.float64)
+    first = torch.where(allowed, first.double(), inf)
+    tied = allowed & (first <= first.min() + 1e-9)
+    return int(torch.where(tied, then.double(), inf).argmin())
 
 
 def _escalation(H: torch.Tensor, thresholds: list[float], share: float) -> float | None:
