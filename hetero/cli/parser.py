@@ -104,8 +104,8 @@ def _stage_verbs(verbs) -> None:
                                                                "cloud (the least sure ones), e.g. 0.1")
     p.add_argument("--thresholds", help="explicit thresholds, comma-separated, one per exit before the last")
     p.add_argument("--per-exit", action="store_true", help="search each exit's threshold on its own, not one "
-                                                           "quantile for all (fits closer; needs many held-out "
-                                                           "queries to hold on new ones)")
+                                                           "quantile for all (fits the held-out queries closer; "
+                                                           "check the rule on test data with `hetero eval`)")
     p.set_defaults(handler=cmd_calibrate)
 
     p = verbs.add_parser("export", help="export members per device profile",

@@ -64,10 +64,12 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
 
 def calibration_data(store: FamilyStore, member: str) -> dict:
     """Each exit's embeddings and entropies of the held-out training images as queries, and whether each
-    retrieves right against the cloud's gallery: with classes held out, the gallery is the first half of
-    each held-out class's images and the queries the rest (as test queries, of classes never trained on);
-    with images held out, the gallery is the images trained on.  Without classes (unlabeled data), right
-    means the cloud's own top answer."""
+    retrieves right against the cloud's gallery: with classes held out, the queries are the second half of
+    each held-out class's images (classes never trained on, as test queries are) and the gallery the first
+    half of every training class's images, so a query meets as many classes as in a test gallery (against
+    its own few held-out classes alone nearly every exit is right, and the rule stops too early on test
+    data); with images held out, the gallery is the images trained on.  Without classes (unlabeled data),
+    right means the cloud's own top answer."""
     entry = store.member(member)
     if entry.kind != "multi-exit":
         raise CalibrationError(f"member {member!r} of {store.name!r} has no exits (kind {entry.kind!r}); "
@@ -81,13 +83,14 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
         raise CalibrationError(f"{store.root}: no training images were held out for calibration "
                                f"(train.early_exit.held_out is {settings.held_out}); retrain with a share such as 0.1")
     labels = split.train.labels
-    if not torch.isin(labels[held], labels[keep]).any():  # whole classes held out: retrieval among them
-        gallery_rows, query_rows = gallery_and_queries(labels[held], [split.train.names[i] for i in held.tolist()])
+    if not torch.isin(labels[held], labels[keep]).any():  # whole classes held out: searched as a test split is
+        gallery_rows, query_rows = gallery_and_queries(labels, split.train.names)
+        query_rows = query_rows[torch.isin(query_rows, held)]
         if len(query_rows) == 0:
             raise CalibrationError(f"{store.root}: the {len(held)} images of the classes held out for calibration "
                                    f"give no query (a class needs 2 or more images); retrain with "
                                    f"train.early_exit.held_out_by: images")
-        keep, held = held[gallery_rows], held[query_rows]
+        keep, held = gallery_rows, query_rows
     model, cloud = store.load_member(member), store.load_member(store.cloud.name)
     floats = split.train.floats()
     queries = exit_embeddings(model, floats[held])
@@ -96,7 +99,7 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
     agreement = cloud_queries if len(split.train.class_names) < 2 else None
     return {"cloud_correct": correct_per_exit(cloud_queries[None], gallery, labels[held], labels[keep], agreement)[0],
             "entropies": exit_entropies(model, queries), "flops": [e.flops for e in entry.exits],
-            "stages": [e.stage for e in entry.exits], "images": len(held),
+            "stages": [e.stage for e in entry.exits], "images": len(held), "gallery_images": len(keep),
             "correct": correct_per_exit(queries, gallery, labels[held], labels[keep], agreement)}
 
 
@@ -125,7 +128,8 @@ def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, m
         rule = {"thresholds": chosen_thresholds, "escalate_above": escalate_above,
                 "target": {"top1_loss": top1_loss, "mean_mflops": mean_flops, "escalate": escalate,
                            "explicit": thresholds is not None, "per_exit": per_exit},
-                "calibration": {"images": data["images"], "top1_last_exit": last_top1,
+                "calibration": {"images": data["images"], "gallery_images": data["gallery_images"],
+                                "top1_last_exit": last_top1,
                                 "mean_mflops": figures["mean_flops"] / 1e6, "top1": figures["top1_edge"],
                                 "shares": figures["shares"], "escalated": figures["escalated"],
                                 "top1_system": figures["top1_system"]}}
