@@ -32,6 +32,7 @@ test characters are.  Per seed the record holds:
     python benchmarks/early_exit.py run --seeds 0 --held-out-by images      # the rule fitted on seen classes
     python benchmarks/early_exit.py run --seeds 0 --exit-head grid          # earlier exits pooled to a grid
     python benchmarks/early_exit.py run --quick --seeds 0             # a sixth of the epochs: a smoke test
+    python benchmarks/early_exit.py measure --seeds 0 1 2             # measure trained seeds again
     python benchmarks/early_exit.py chains --seeds 0                  # each seed's chains on every profile
     python benchmarks/early_exit.py summary                           # mean and spread over seeds
 
@@ -369,8 +370,10 @@ def summary(found: list[dict], quick: bool = False) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["run", "chains", "summary"],
-                        help="run: train and measure each seed; chains: export and verify each seed's chains")
+    parser.add_argument("mode", choices=["run", "measure", "chains", "summary"],
+                        help="run: train and measure each seed (a seed with a current record is skipped); measure: "
+                             "measure each seed's trained family again (after the measurement changed); chains: "
+                             "export and verify each seed's chains")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--self-distillation", type=float, default=0.0,
                         help="weight of each earlier exit's regression onto the last exit (default 0)")
@@ -387,6 +390,12 @@ def main(argv=None) -> int:
             if is_current(records.read(BENCHMARK, key)):
                 print(f"{key}: record is current, skipped")
                 continue
+            run_seed(lever, seed, args.quick)
+    if args.mode == "measure":
+        for seed in args.seeds:
+            if not (RUNS / cell_key(lever, seed, args.quick) / "manifest.json").is_file():
+                raise SystemExit(f"measure: seed {seed} has no trained family in "
+                                 f"{RUNS / cell_key(lever, seed, args.quick)}; `run --seeds {seed}` trains it")
             run_seed(lever, seed, args.quick)
     if args.mode == "chains":
         for seed in args.seeds:
