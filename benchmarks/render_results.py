@@ -267,10 +267,13 @@ def exits_section(found: list[dict]) -> list[str]:
         body.append([cell(name), *cells])
     header = [f"{row['machine']}, {early_exit.lever_label(row)}, seeds {number(row['seeds'])}" for row in rows]
     return ["Mean over seeds and the spread (max - min) of each headline figure, from `early_exit.summary()` over "
-            "the current full records. The anytime curve's thresholds and both calibrations are fitted on the "
-            "training classes held out of training and read on the test characters; `curve - student` is the "
-            "multi-exit member's curve at a separate student's FLOPs minus that student's top-1. `python "
-            "benchmarks/early_exit.py summary` prints the same.\n", table(["figure", *map(cell, header)], body),
+            "the current full records. The anytime curve's thresholds (one entropy quantile for every exit), the "
+            "per-exit curve's (`hetero calibrate --per-exit`, per top-1 loss target) and both calibrations are "
+            "fitted on the training classes held out of training and read on the test characters; `curve - "
+            "student` is the multi-exit member's curve at a separate student's FLOPs minus that student's top-1. "
+            "The last two rows send exactly 10% of the test queries to the cloud, ranked by each signal: they "
+            "compare which queries each picks, not a rule fitted beforehand. `python benchmarks/early_exit.py "
+            "summary` prints the same.\n", table(["figure", *map(cell, header)], body),
             *chains_table(found)]
 
 
