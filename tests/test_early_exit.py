@@ -155,6 +155,22 @@ def test_calibration_leaves_out_an_exit_that_is_seldom_right_where_one_quantile_
     assert min(f["mean_flops"] for f in shared if f["top1_edge"] == 1.0) == 40.0
 
 
+def test_a_loss_budget_that_escalation_alone_breaks_says_what_the_cloud_missed():
+    from hetero.training.exits import search_thresholds
+
+    # the last exit is right on every query; the cloud is wrong on the least sure tenth: escalating it costs 0.1
+    n = 100
+    H = torch.stack([torch.full((n,), 5.0), torch.linspace(0.0, 1.0, n)])
+    correct = torch.ones(2, n, dtype=torch.bool)
+    cloud_correct = torch.arange(n) < 90
+    with pytest.raises(CalibrationError, match=r"least top-1 loss is 0\.1000.*of the 10\.0% of queries sent to the "
+                                               r"cloud, it misses 0\.1000 of all queries that the last exit had right "
+                                               r"and gets 0\.0000 right"):
+        search_thresholds(H, correct, [10, 20], [1, 2], 1.0, 0.05, None, 0.1, cloud_correct)
+    thresholds, above = search_thresholds(H, correct, [10, 20], [1, 2], 1.0, 0.1, None, 0.1, cloud_correct)
+    assert above is not None and (H[-1] > above).sum() == 10
+
+
 # ------------------------------------------------------------------------------------ trained end to end
 
 

@@ -218,7 +218,8 @@ def search_thresholds(H, correct, flops, stages, last_top1, top1_loss, mean_flop
     # with `escalate`, a rule must leave enough queries at the last exit to send that share to the cloud
     valid = found["escalated"] >= escalate - 1.0 / H.shape[1] if escalate > 0 else torch.ones(len(rules), dtype=bool)
     within = valid & (cost <= mean_flops * 1e6 if mean_flops is not None else True)
-    meets = within & (loss <= top1_loss + 1e-9 if top1_loss is not None else True)
+    # top-1 figures are float32 shares: a loss of exactly the budget (0.1 of 100 queries) meets it
+    meets = within & (loss <= top1_loss + 1e-6 if top1_loss is not None else True)
     if meets.any():
         first, then = (cost, loss) if top1_loss is not None else (loss, cost)
         best = _lexicographic_argmin(first, then, meets)
@@ -231,14 +232,22 @@ def search_thresholds(H, correct, flops, stages, last_top1, top1_loss, mean_flop
     best = _lexicographic_argmin(loss, cost, within)
     above = None if found["above"][best].isnan() else found["above"][best].item()
     loss = loss[best].item()
-    figures = rule_figures(apply_rule(H, rules[best].tolist(), above), correct, flops, cloud_correct)
+    chosen = apply_rule(H, rules[best].tolist(), above)
+    figures = rule_figures(chosen, correct, flops, cloud_correct)
     worst = max(range(len(stages)), key=lambda k: figures["shares"][k] * (1 - correct[k].float().mean().item()))
+    why = (f"the exit at stage {stages[worst]} loses most (top-1 {correct[worst].float().mean().item():.3f} there "
+           f"against {last_top1:.3f} at the last exit, {figures['shares'][worst]:.1%} of queries answered there)")
+    if escalate > 0 and figures["escalated"] > 0:
+        sent = chosen == len(stages)
+        lost = (sent & correct[-1] & ~cloud_correct).float().mean().item()
+        gained = (sent & ~correct[-1] & cloud_correct).float().mean().item()
+        why = (f"of the {figures['escalated']:.1%} of queries sent to the cloud, it misses {lost:.4f} of all "
+               f"queries that the last exit had right and gets {gained:.4f} right that the last exit missed; lower "
+               f"--escalate or raise --top1-loss")
     raise CalibrationError(
         f"--top1-loss {top1_loss:g}{'' if mean_flops is None else f' with --mean-mflops {mean_flops:g}'} cannot be "
         f"met: the least top-1 loss{'' if mean_flops is None else ' within the FLOPs budget'} is {loss:.4f}, "
-        f"{loss - top1_loss:.4f} over the budget; the exit at stage {stages[worst]} loses most (top-1 "
-        f"{correct[worst].float().mean().item():.3f} there against {last_top1:.3f} at the last exit, "
-        f"{figures['shares'][worst]:.1%} of queries answered there)")
+        f"{loss - top1_loss:.4f} over the budget; {why}")
 
 
 def _lexicographic_argmin(first: torch.Tensor, then: torch.Tensor, allowed: torch.Tensor) -> int:
