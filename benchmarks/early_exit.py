@@ -238,7 +238,9 @@ def plot(figures: dict, path: Path) -> None:
 
     curve = sorted(figures["anytime_curve"].values(), key=lambda r: r["mean_mflops"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["mean_mflops"] for r in curve], [r["top1"] for r in curve], "o-", label="multi-exit (the rule)")
+    ax.plot([r["mean_mflops"] for r in curve], [r["top1"] for r in curve], "o-", label="multi-exit, one quantile")
+    per_exit = sorted(figures["per_exit_curve"].values(), key=lambda r: r["mean_mflops"])
+    ax.plot([r["mean_mflops"] for r in per_exit], [r["top1"] for r in per_exit], "^--", label="multi-exit, per exit")
     for name, student in figures["students"].items():
         ax.plot([student["mflops"]], [student["top1"]], "D" if name == "edge-m" else "s", label=name)
     ax.axhline(figures["top1_vs_cloud"]["cloud"], ls="--", c="grey", label="cloud/cloud")
