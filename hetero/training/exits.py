@@ -154,8 +154,8 @@ def candidate_thresholds(H: torch.Tensor, per_exit: bool = False) -> torch.Tenso
     """rules x early exits: the thresholds a calibration tries.  Every early exit at the same quantile q of its
     own entropies (q on a fine grid); with `per_exit` also each exit at its own quantile (every combination of
     a coarser grid), so an exit seldom right can stop nothing while a later one takes most queries.  Quantile 0
-    stops nothing.  Per-exit rules fit the calibration queries more closely, and so transfer worse from a small
-    set of them (benchmarks/early_exit.py reads both on test queries)."""
+    stops nothing.  Per-exit rules fit the calibration queries more closely, which from a small set of them
+    may not carry to new queries (benchmarks/early_exit.py reads both kinds on test queries)."""
     early = H.shape[0] - 1
     levels = max(3, min(len(QUANTILES), int(PER_EXIT_RULES ** (1 / max(early, 1)))))
 
