@@ -252,6 +252,15 @@ def test_the_early_exit_summary_averages_the_current_seeds_and_leaves_stale_ones
     assert "| m-seed0-chains | android-executorch-fp32 | - | not exported | - | - |" in text
 
 
+def test_measuring_a_seed_that_was_never_trained_says_how_to_train_it(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/early_exit.py", "measure", "--seeds", "97", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, records.ENV: str(tmp_path / "results")})
+    assert done.returncode != 0
+    assert "seed 97 has no trained family" in done.stderr and "`run --seeds 97` trains it" in done.stderr
+    assert not (tmp_path / "results").exists()  # nothing recorded
+
+
 def test_escalation_by_gallery_margin_sends_the_queries_between_two_classes_and_by_entropy_what_the_rule_does():
     import early_exit
     import torch
