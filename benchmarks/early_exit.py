@@ -23,6 +23,9 @@ test characters are.  Per seed the record holds:
   (goal: within 1 point of the target), and `--escalate 0.1` (goal: 8-12% of test queries escalated);
 - the split (`--escalate 0.1` with the most accurate rule within the last exit's FLOPs): the system's top-1
   against the point halfway from edge-m's top-1 to the cloud's (goal: at or above it);
+- class-free anchors: the rule's anchors as k-means centres of the cloud's training embeddings (64, 256 and
+  1024 of them, refitted on a copy of the trained member) instead of the classifier's prototypes, and both
+  calibrations' transfer to the test queries with them;
 - which queries to escalate: exactly 10% of the test queries sent to the cloud, ranked by the last exit's
   entropy or by the gallery margin (nearest item against the nearest of another class), and the share of the
   edge-m-to-cloud gap each closes (the share is fixed on the test queries: it compares the rankings only).
@@ -62,6 +65,7 @@ RUNS = ROOT / "runs" / "early_exit"
 SINGLES = {"single-w25": 0.25, "single-w375": 0.375}  # with the recipe's edge-s (0.5)
 STUDENTS = [*SINGLES, "edge-s", "edge-m"]
 QUANTILES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+ANCHOR_COUNTS = [64, 256, 1024]  # class-free anchors: k-means centres of the cloud's training embeddings
 PER_EXIT_LOSSES = [0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5]
 LOSS_TARGET = 0.01  # the --top1-loss whose transfer from the held-out classes to the test queries is read
 ESCALATE = 0.1
@@ -134,6 +138,45 @@ def anytime_curves(store, member: str, test: dict) -> tuple[list[dict], list[dic
         fitted = rule_figures(apply_rule(H, thresholds), right, flops)
         per_exit.append({"top1_loss": loss, **on_test(thresholds), "held_out_top1_loss": last - fitted["top1_edge"]})
     return shared, per_exit
+
+
+def class_free_anchors(store, member: str, test: dict, edge_m: float, cloud_top1: float) -> dict:
+    """The entropy rule with class-free anchors, per count in ANCHOR_COUNTS: k-means centres of the cloud's
+    embeddings of the images trained on (what unlabeled families get) instead of the shared classifier's
+    prototypes, the anchors and temperatures refitted on a copy of the trained member (the family is not
+    changed).  Both calibrations fitted on the held-out classes and read on the test queries, as for the
+    prototypes: the top-1 loss of `--top1-loss LOSS_TARGET`, and the share escalated, the system's top-1 and
+    the gap closed with `--escalate ESCALATE` (the most accurate rule within the last exit's FLOPs)."""
+    import copy
+    from dataclasses import replace
+
+    from hetero.data import calibration_split
+    from hetero.maths import apply_rule, rule_figures
+    from hetero.models import exit_entropies
+    from hetero.training.exits import calibration_data, fit_exit_rule, search_thresholds
+
+    held = calibration_data(store, member)
+    config, split, entry = store.config(), store.split(), store.member(member)
+    keep, _ = calibration_split(split.train, config.train.early_exit.held_out, entry.early_exit["held_out_by"],
+                                config.data.split_seed)
+    trained_on, cloud = split.train.subset(keep), store.load_member(store.cloud.name)
+    flops, stages, right = held["flops"], held["stages"], held["correct"]
+    last, last_test = right[-1].float().mean().item(), test["correct"][-1].float().mean().item()
+    found = {}
+    for count in ANCHOR_COUNTS:
+        model = copy.deepcopy(store.load_member(member))
+        fit_exit_rule(model, cloud, None, trained_on, replace(config.train.early_exit, anchors=count))
+        H, H_test = exit_entropies(model, held["embeddings"]), exit_entropies(model, test["exits"])
+        thresholds, _ = search_thresholds(H, right, flops, stages, last, LOSS_TARGET, None, 0.0, None)
+        loss_test = last_test - rule_figures(apply_rule(H_test, thresholds), test["correct"], flops)["top1_edge"]
+        thresholds, above = search_thresholds(H, right, flops, stages, last, None, flops[-1] / 1e6, ESCALATE,
+                                              held["cloud_correct"])
+        split_test = rule_figures(apply_rule(H_test, thresholds, above), test["correct"], flops, test["cloud_correct"])
+        found[f"kmeans-{count}"] = {
+            "top1_loss_test": loss_test, "escalated_test": split_test["escalated"],
+            "top1_system": split_test["top1_system"],
+            "gap_closed": (split_test["top1_system"] - edge_m) / (cloud_top1 - edge_m) if cloud_top1 > edge_m else None}
+    return found
 
 
 def escalation_rankings(test: dict, edge_m: float, cloud_top1: float) -> dict:
@@ -226,6 +269,7 @@ def measure(store) -> dict:
         "per_exit_within_half_point_of_edge_m": within_half_point(per_exit, "top1_loss"),
         "top1_loss_transfer": transfer, "split": split,
         "escalation_rankings": escalation_rankings(test, edge_m, cloud_top1),
+        "class_free_anchors": class_free_anchors(store, "multi", test, edge_m, cloud_top1),
         "exit_overhead": exits[-1]["flops"] / plain - 1,
     }
 
@@ -342,6 +386,13 @@ HEADLINE = [
      lambda f: f.get("escalation_rankings", {}).get("entropy", {}).get("gap_closed")),
     ("same, 10% of test queries by gallery margin",
      lambda f: f.get("escalation_rankings", {}).get("gallery_margin", {}).get("gap_closed")),
+    *[row for count in ANCHOR_COUNTS for row in (
+        (f"top-1 loss on test, target 1 pt, {count} k-means anchors (pts)",
+         lambda f, c=count: _points(f.get("class_free_anchors", {}).get(f"kmeans-{c}", {}).get("top1_loss_test"))),
+        (f"escalated on test, 10% asked, {count} k-means anchors",
+         lambda f, c=count: f.get("class_free_anchors", {}).get(f"kmeans-{c}", {}).get("escalated_test")),
+        (f"gap closed, {count} k-means anchors",
+         lambda f, c=count: f.get("class_free_anchors", {}).get(f"kmeans-{c}", {}).get("gap_closed")))],
 ]
 
 

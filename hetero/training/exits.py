@@ -100,6 +100,7 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
     return {"cloud_correct": correct_per_exit(cloud_queries[None], gallery, labels[held], labels[keep], agreement)[0],
             "entropies": exit_entropies(model, queries), "flops": [e.flops for e in entry.exits],
             "stages": [e.stage for e in entry.exits], "images": len(held), "gallery_images": len(keep),
+            "embeddings": queries,
             "correct": correct_per_exit(queries, gallery, labels[held], labels[keep], agreement)}
 
 
@@ -217,7 +218,7 @@ def search_thresholds(H, correct, flops, stages, last_top1, top1_loss, mean_flop
     cost = found["mean_flops"]
     # with `escalate`, a rule must leave enough queries at the last exit to send that share to the cloud
     valid = found["escalated"] >= escalate - 1.0 / H.shape[1] if escalate > 0 else torch.ones(len(rules), dtype=bool)
-    within = valid & (cost <= mean_flops * 1e6 if mean_flops is not None else True)
+    within = valid & (cost <= mean_flops * 1e6 * (1 + 1e-9) if mean_flops is not None else True)
     # top-1 figures are float32 shares: a loss of exactly the budget (0.1 of 100 queries) meets it
     meets = within & (loss <= top1_loss + 1e-6 if top1_loss is not None else True)
     if meets.any():
