@@ -95,7 +95,7 @@ def overrides_of(lever: dict, seed: int) -> list[str]:
 # ------------------------------------------------------------------------------------------- one seed
 
 
-def test_queries(store, member: str) -> dict:
+def read_test_queries(store, member: str) -> dict:
     """The test queries through `member`'s exits against the cloud's gallery: each exit's embeddings,
     entropies and whether it retrieves right, and whether the cloud's own query does."""
     from hetero.maths import correct_per_exit
@@ -112,16 +112,14 @@ def test_queries(store, member: str) -> dict:
             "cloud_correct": correct_per_exit(embed_images(cloud, images[q])[None], gallery, labels[q], labels[g])[0]}
 
 
-def anytime_curves(store, member: str, test: dict) -> tuple[list[dict], list[dict]]:
+def anytime_curves(store, member: str, held: dict, test: dict) -> tuple[list[dict], list[dict]]:
     """Two curves of (mean MFLOPs, top-1 vs the cloud gallery, shares) on the test queries, each rule fitted
     on the held-out calibration queries: one quantile q of each early exit's entropies for all of them; and
     the rule `hetero calibrate --per-exit --top1-loss L` picks (each exit its own threshold), per loss L."""
     from hetero.maths import apply_rule, rule_figures
-    from hetero.training.exits import calibration_data, search_thresholds
+    from hetero.training.exits import search_thresholds
 
-    held = calibration_data(store, member)
-    entry = store.member(member)
-    flops, stages = [e.flops for e in entry.exits], [e.stage for e in entry.exits]
+    flops, stages = held["flops"], held["stages"]
 
     def on_test(thresholds: list[float]) -> dict:
         figures = rule_figures(apply_rule(test["entropies"], thresholds), test["correct"], flops)
@@ -140,7 +138,7 @@ def anytime_curves(store, member: str, test: dict) -> tuple[list[dict], list[dic
     return shared, per_exit
 
 
-def class_free_anchors(store, member: str, test: dict, edge_m: float, cloud_top1: float) -> dict:
+def class_free_anchors(store, member: str, held: dict, test: dict, edge_m: float, cloud_top1: float) -> dict:
     """The entropy rule with class-free anchors, per count in ANCHOR_COUNTS: k-means centres of the cloud's
     embeddings of the images trained on (what unlabeled families get) instead of the shared classifier's
     prototypes, the anchors and temperatures refitted on a copy of the trained member (the family is not
@@ -153,9 +151,8 @@ def class_free_anchors(store, member: str, test: dict, edge_m: float, cloud_top1
     from hetero.data import calibration_split
     from hetero.maths import apply_rule, rule_figures
     from hetero.models import exit_entropies
-    from hetero.training.exits import calibration_data, fit_exit_rule, search_thresholds
+    from hetero.training.exits import fit_exit_rule, search_thresholds
 
-    held = calibration_data(store, member)
     config, split, entry = store.config(), store.split(), store.member(member)
     keep, _ = calibration_split(split.train, config.train.early_exit.held_out, entry.early_exit["held_out_by"],
                                 config.data.split_seed)
@@ -219,15 +216,15 @@ def measure(store) -> dict:
     """Every figure of one trained family (see the module's docstring); calibrates `multi` twice."""
     from hetero.evaluate import evaluate
     from hetero.models import Embedder, count_flops
-    from hetero.training.exits import calibrate
+    from hetero.training.exits import calibrate, calibration_data
 
     report = evaluate(store)
     cloud = report["cloud"]
     top1 = {name: report["matrix"][name][cloud]["top1"] for name in report["matrix"]}
     mflops = {m.name: m.flops / 1e6 for m in store.members}
     exits = report["early_exit"]["multi"]["exits"]
-    test = test_queries(store, "multi")
-    curve, per_exit = anytime_curves(store, "multi", test)
+    held, test = calibration_data(store, "multi"), read_test_queries(store, "multi")
+    curve, per_exit = anytime_curves(store, "multi", held, test)
     students = {}
     for name in STUDENTS:
         at, fitted = interpolate(curve, mflops[name]), interpolate(per_exit, mflops[name])
@@ -263,13 +260,13 @@ def measure(store) -> dict:
                         for e in exits},
         "anytime_curve": {f"q={r['q']:.2f}": {k: v for k, v in r.items() if k != "q"} for r in curve},
         "per_exit_curve": {f"loss={r['top1_loss']:g}": {k: v for k, v in r.items() if k != "top1_loss"}
-                             for r in per_exit},
+                           for r in per_exit},
         "students": students,
         "within_half_point_of_edge_m": within_half_point(curve, "q"),
         "per_exit_within_half_point_of_edge_m": within_half_point(per_exit, "top1_loss"),
         "top1_loss_transfer": transfer, "split": split,
         "escalation_rankings": escalation_rankings(test, edge_m, cloud_top1),
-        "class_free_anchors": class_free_anchors(store, "multi", test, edge_m, cloud_top1),
+        "class_free_anchors": class_free_anchors(store, "multi", held, test, edge_m, cloud_top1),
         "exit_overhead": exits[-1]["flops"] / plain - 1,
     }
 
