@@ -271,8 +271,10 @@ def exits_section(found: list[dict]) -> list[str]:
             "per-exit curve's (`hetero calibrate --per-exit`, per top-1 loss target) and both calibrations are "
             "fitted on the training classes held out of training and read on the test characters; `curve - "
             "student` is the multi-exit member's curve at a separate student's FLOPs minus that student's top-1. "
-            "The last two rows send exactly 10% of the test queries to the cloud, ranked by each signal: they "
-            "compare which queries each picks, not a rule fitted beforehand. `python benchmarks/early_exit.py "
+            "The two `10% of test queries by ...` rows send exactly 10% of the test queries to the cloud, ranked "
+            "by each signal: they compare which queries each picks, not a rule fitted beforehand. The `k-means "
+            "anchors` rows fit both calibrations again with class-free anchors (k-means centres of the cloud's "
+            "training embeddings) in place of the classifier's prototypes. `python benchmarks/early_exit.py "
             "summary` prints the same.\n", table(["figure", *map(cell, header)], body),
             *chains_table(found)]
 
