@@ -102,6 +102,35 @@ def test_grid_exit_heads_see_where_features_are_and_export_as_plain_pooling(arch
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(ours), theirs, dim=2).min() > 0.9999
 
 
+@pytest.mark.parametrize("anchors_from", ["prototypes", "kmeans"])
+def test_a_labeled_family_takes_its_classes_prototypes_or_class_free_kmeans_anchors(anchors_from):
+    from dataclasses import replace
+
+    from hetero.config.train import EarlyExitConfig
+    from hetero.data import procedural_glyphs
+    from hetero.losses import SharedClassifier
+    from hetero.training.exits import fit_exit_rule
+
+    torch.manual_seed(0)
+    images = procedural_glyphs(6, 4, 32, 0).subset(torch.arange(20))  # 5 classes trained on, the 6th held out
+    model, cloud = MultiExitEmbedder("resnet", 0.25, 0.5, 16, 32, [2]).eval(), Embedder("resnet", 0.25, 0.5, 16, 32)
+    head = SharedClassifier(6, 16)
+    settings = replace(EarlyExitConfig(), anchors_from=anchors_from, anchors=8)
+    facts = fit_exit_rule(model, cloud.eval(), head, images, settings)
+    if anchors_from == "prototypes":  # one per class trained on, the classifier's own
+        expected = torch.nn.functional.normalize(head.loss.W.detach().T[:5], dim=1)
+        torch.testing.assert_close(model.anchors, expected)
+        assert facts["anchors"] == {"source": "shared classifier prototypes", "count": 5}
+    else:  # class-free: unit centres of the cloud's embeddings, as many as asked
+        assert facts["anchors"] == {"source": "k-means of the cloud's training embeddings", "count": 8}
+        assert torch.allclose(model.anchors.norm(dim=1), torch.ones(8))
+    assert len(model.temperatures) == len(model.exits)
+    with pytest.raises(ConfigError, match="anchors_from"):
+        config = tiny_config()
+        config["train"]["early_exit"] = {"anchors_from": "classes"}
+        parse_config(config, "tiny")
+
+
 def test_a_grid_exit_head_needs_exits():
     config = tiny_config()
     config["family"]["members"][1]["exit_head"] = "grid"

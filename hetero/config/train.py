@@ -46,8 +46,12 @@ class EarlyExitConfig:
     held_out_by: Literal["classes", "groups", "images"] = "classes"
     # Weight of deeper-teaches-shallower: each earlier exit regresses onto the last exit's (detached) embedding.
     self_distillation: NonNegative = 0.0
-    # Anchors of the entropy rule for unlabeled data (k-means centres of the cloud's training embeddings);
-    # labeled families use the shared classifier's prototypes.
+    # Anchors of the entropy rule.  `prototypes`: the shared classifier's class prototypes (labeled families);
+    # `kmeans`: `anchors` k-means centres of the cloud's training embeddings, class-free (always so for
+    # unlabeled data).  On Omniglot, 1024 k-means centres carried a calibration fitted on held-out classes to
+    # new alphabets better than the prototypes did (benchmarks/early_exit.py's class-free anchors).
+    anchors_from: Literal["prototypes", "kmeans"] = "prototypes"
+    # How many k-means centres (at most one per training image).
     anchors: Annotated[int, Field(ge=2, le=4096)] = 64
 
 

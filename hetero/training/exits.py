@@ -2,8 +2,9 @@
 
 At exit k a query stops when the entropy of softmax(cos(embedding, anchors) / T_k) is at most threshold k;
 the last edge exit always answers, unless the rule escalates: a last-exit entropy above `escalate_above`
-sends the image to the cloud.  Anchors are the shared classifier's prototypes (labeled families) or k-means
-centres of the cloud's training embeddings (unlabeled); T_k is fitted on training images.  `calibrate` picks
+sends the image to the cloud.  Anchors are the shared classifier's prototypes (labeled families, by default)
+or k-means centres of the cloud's training embeddings (`anchors_from: kmeans`, and unlabeled data); T_k is
+fitted on training images.  `calibrate` picks
 the thresholds on the training data held out of training (`train.early_exit.held_out`, by default whole
 classes, so the rule is fitted on classes the members never saw, as test classes are), never on test data.
 """
@@ -38,7 +39,8 @@ def fit_exit_rule(model: MultiExitEmbedder, cloud, head, train_images, settings)
     """
     images = train_images.floats()
     reference = embed_images(cloud, images)
-    if head is not None:  # the prototypes of the classes trained on (held-out classes have no images)
+    if head is not None and settings.anchors_from == "prototypes":
+        # the prototypes of the classes trained on (held-out classes have no images)
         prototypes = head.loss.W.detach().T.float()[torch.unique(train_images.labels)]
         anchors, source = F.normalize(prototypes, dim=1), "shared classifier prototypes"
     else:
