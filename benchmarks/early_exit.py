@@ -141,28 +141,19 @@ def anytime_curves(store, member: str, held: dict, test: dict) -> tuple[list[dic
 def class_free_anchors(store, member: str, held: dict, test: dict, edge_m: float, cloud_top1: float) -> dict:
     """The entropy rule with class-free anchors, per count in ANCHOR_COUNTS: k-means centres of the cloud's
     embeddings of the images trained on (what unlabeled families get) instead of the shared classifier's
-    prototypes, the anchors and temperatures refitted on a copy of the trained member (the family is not
-    changed).  Both calibrations fitted on the held-out classes and read on the test queries, as for the
-    prototypes: the top-1 loss of `--top1-loss LOSS_TARGET`, and the share escalated, the system's top-1 and
+    prototypes, the anchors and temperatures refitted on the loaded member as `hetero calibrate
+    --kmeans-anchors` does (the family is not changed).  Both calibrations fitted on the held-out classes and
+    read on the test queries, as for the prototypes: the top-1 loss of `--top1-loss LOSS_TARGET`, and the share escalated, the system's top-1 and
     the gap closed with `--escalate ESCALATE` (the most accurate rule within the last exit's FLOPs)."""
-    import copy
-    from dataclasses import replace
-
-    from hetero.data import calibration_split
     from hetero.maths import apply_rule, rule_figures
     from hetero.models import exit_entropies
-    from hetero.training.exits import fit_exit_rule, search_thresholds
+    from hetero.training.exits import search_thresholds, with_kmeans_anchors
 
-    config, split, entry = store.config(), store.split(), store.member(member)
-    keep, _ = calibration_split(split.train, config.train.early_exit.held_out, entry.early_exit["held_out_by"],
-                                config.data.split_seed)
-    trained_on, cloud = split.train.subset(keep), store.load_member(store.cloud.name)
     flops, stages, right = held["flops"], held["stages"], held["correct"]
     last, last_test = right[-1].float().mean().item(), test["correct"][-1].float().mean().item()
     found = {}
     for count in ANCHOR_COUNTS:
-        model = copy.deepcopy(store.load_member(member))
-        fit_exit_rule(model, cloud, None, trained_on, replace(config.train.early_exit, anchors=count))
+        model, _ = with_kmeans_anchors(store, member, count)
         H, H_test = exit_entropies(model, held["embeddings"]), exit_entropies(model, test["exits"])
         thresholds, _ = search_thresholds(H, right, flops, stages, last, LOSS_TARGET, None, 0.0, None)
         loss_test = last_test - rule_figures(apply_rule(H_test, thresholds), test["correct"], flops)["top1_edge"]

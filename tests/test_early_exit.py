@@ -276,6 +276,40 @@ def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(mu
 
 
 @pytest.mark.slow
+def test_a_trained_member_takes_class_free_anchors_without_changing_its_exits(multi_exit_copy, capsys):
+    from hetero.cli import main
+    from hetero.data import calibration_split
+    from hetero.family import FamilyStore
+    from hetero.maths import spherical_kmeans
+    from hetero.models import embed_images, exit_embeddings, exit_entropies
+
+    store = FamilyStore.open(multi_exit_copy)
+    images = store.split().test.floats()[:24]
+    before = store.load_member("edge-a")
+    sha = store.member("edge-a").checkpoint.sha256
+    assert main(["calibrate", str(multi_exit_copy), "--kmeans-anchors", "16"]) == 2
+    assert "give a target" in "".join(capsys.readouterr())
+    assert main(["calibrate", str(multi_exit_copy), "--kmeans-anchors", "1", "--top1-loss", "0.05"]) == 2
+    assert "--kmeans-anchors 1: give between 2 and 4096 centres" in "".join(capsys.readouterr())
+    assert FamilyStore.open(multi_exit_copy).member("edge-a").checkpoint.sha256 == sha  # refused before writing
+    assert main(["calibrate", str(multi_exit_copy), "--kmeans-anchors", "16", "--top1-loss", "0.05"]) == 0
+
+    store = FamilyStore.open(multi_exit_copy)
+    entry, after = store.member("edge-a"), store.load_member("edge-a")  # the new checkpoint's sha256 checked
+    assert entry.early_exit["anchors"] == {"source": "k-means of the cloud's training embeddings", "count": 16}
+    assert entry.early_exit["rule"]["target"]["top1_loss"] == 0.05  # calibrated again on the new entropies
+    # the centres of the cloud's embeddings of the images the member trained on (the held-out classes left out)
+    split, config = store.split(), store.config()
+    keep, _ = calibration_split(split.train, 0.1, entry.early_exit["held_out_by"], config.data.split_seed)
+    trained_on = embed_images(store.load_member("cloud"), split.train.floats()[keep])
+    torch.testing.assert_close(after.anchors, spherical_kmeans(trained_on, 16))
+    for old, new in zip(exit_embeddings(before, images), exit_embeddings(after, images)):
+        torch.testing.assert_close(old, new)  # the trunk and the exits are the trained ones
+    assert not torch.allclose(exit_entropies(before, exit_embeddings(before, images)),
+                              exit_entropies(after, exit_embeddings(after, images)))
+
+
+@pytest.mark.slow
 def test_unmeetable_targets_and_thresholds_that_stop_nothing_say_which_exit(multi_exit_copy):
     from hetero.training.exits import calibrate
     from hetero.family import FamilyStore

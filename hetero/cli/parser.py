@@ -106,6 +106,10 @@ def _stage_verbs(verbs) -> None:
     p.add_argument("--per-exit", action="store_true", help="search each exit's threshold on its own, not one "
                                                            "quantile for all (fits the held-out queries closer; "
                                                            "check the rule on test data with `hetero eval`)")
+    p.add_argument("--kmeans-anchors", type=int, metavar="N",
+                   help="first give the member class-free anchors, N k-means centres of the cloud's embeddings of "
+                        "the images it trained on (as train.early_exit.anchors_from: kmeans does), and fit its "
+                        "temperatures again; rewrites its checkpoint, so export it again afterwards")
     p.set_defaults(handler=cmd_calibrate)
 
     p = verbs.add_parser("export", help="export members per device profile",

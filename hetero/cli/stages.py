@@ -203,7 +203,7 @@ def cmd_eval(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from hetero.errors import CalibrationError
-    from hetero.training.exits import calibrate
+    from hetero.training.exits import calibrate, check_calibration_target, refit_kmeans_anchors
 
     store = open_family(args.dir)
     member = args.member
@@ -219,6 +219,13 @@ def cmd_calibrate(args) -> int:
             thresholds = [float(t) for t in args.thresholds.split(",")]
         except ValueError:
             raise CalibrationError(f"--thresholds {args.thresholds!r}: give numbers separated by commas") from None
+    if args.kmeans_anchors is not None:  # the target checked before the checkpoint is rewritten
+        check_calibration_target(args.top1_loss, args.mean_mflops, args.escalate, thresholds)
+        if not 2 <= args.kmeans_anchors <= 4096:
+            raise CalibrationError(f"--kmeans-anchors {args.kmeans_anchors}: give between 2 and 4096 centres")
+        facts = refit_kmeans_anchors(store, member, args.kmeans_anchors)
+        console.print(f"{escape(member)}: {facts['anchors']['count']} anchors, {facts['anchors']['source']}; "
+                      f"checkpoint written again (export the member again)", highlight=False)
     rule = calibrate(store, member, args.top1_loss, args.mean_mflops, args.escalate, thresholds, args.per_exit)
     found = rule["calibration"]
     above = rule["escalate_above"]

@@ -72,10 +72,7 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
     its own few held-out classes alone nearly every exit is right, and the rule stops too early on test
     data); with images held out, the gallery is the images trained on.  Without classes (unlabeled data),
     right means the cloud's own top answer."""
-    entry = store.member(member)
-    if entry.kind != "multi-exit":
-        raise CalibrationError(f"member {member!r} of {store.name!r} has no exits (kind {entry.kind!r}); "
-                               f"multi-exit members: {', '.join(m.name for m in store.members if m.exits) or 'none'}")
+    entry = _multi_exit_entry(store, member)
     config, split = store.config(), store.split()
     settings = config.train.early_exit
     # what this family held out when it trained (families trained before `held_out_by` held out images)
@@ -106,15 +103,62 @@ def calibration_data(store: FamilyStore, member: str) -> dict:
             "correct": correct_per_exit(queries, gallery, labels[held], labels[keep], agreement)}
 
 
-def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, mean_flops: float | None = None,
-              escalate: float = 0.0, thresholds: list[float] | None = None, per_exit: bool = False) -> dict:
-    """Pick (or check given) thresholds for `member` on the held-out training images; store the rule.  With
-    `per_exit`, each exit's threshold is searched on its own (see `candidate_thresholds`)."""
+def with_kmeans_anchors(store: FamilyStore, member: str, count: int) -> tuple[MultiExitEmbedder, dict]:
+    """A trained multi-exit member loaded with class-free anchors: `count` k-means centres of the cloud's
+    embeddings of the images it trained on, and its temperatures fitted again, as `anchors_from: kmeans`
+    does at the end of training (its trunk and exits unchanged); and those facts for the manifest."""
+    from dataclasses import replace
+
+    entry = _multi_exit_entry(store, member)
+    config, split = store.config(), store.split()
+    settings = replace(config.train.early_exit, anchors_from="kmeans", anchors=count)
+    held_out_by = (entry.early_exit or {}).get("held_out_by", "images")
+    keep, _ = calibration_split(split.train, settings.held_out, held_out_by, config.data.split_seed)
+    model, cloud = store.load_member(member), store.load_member(store.cloud.name)
+    return model, fit_exit_rule(model, cloud, None, split.train.subset(keep), settings)
+
+
+def refit_kmeans_anchors(store: FamilyStore, member: str, count: int) -> dict:
+    """`with_kmeans_anchors`, written: the member's checkpoint again and its manifest record, its rule dropped
+    (thresholds of the old entropies mean nothing for the new ones, so calibrate next)."""
+    from hetero.family.store import save_weights
+    from hetero.files import sha256_file
+
+    with store.lock("calibrate"):
+        store.reload()
+        model, facts = with_kmeans_anchors(store, member, count)
+        entry = store.member(member)
+        path = store.checked_file(entry.checkpoint, f"checkpoint of member {member!r}")
+        save_weights(path, model.state_dict(), {"member": member, "family": store.name})
+        entry.checkpoint.sha256 = sha256_file(path)
+        entry.early_exit = {key: value for key, value in {**(entry.early_exit or {}), **facts}.items()
+                            if key != "rule"}
+        store.save()
+    return facts
+
+
+def _multi_exit_entry(store: FamilyStore, member: str):
+    entry = store.member(member)
+    if entry.kind != "multi-exit":
+        raise CalibrationError(f"member {member!r} of {store.name!r} has no exits (kind {entry.kind!r}); "
+                               f"multi-exit members: {', '.join(m.name for m in store.members if m.exits) or 'none'}")
+    return entry
+
+
+def check_calibration_target(top1_loss: float | None, mean_flops: float | None, escalate: float,
+                             thresholds: list[float] | None) -> None:
     if top1_loss is None and mean_flops is None and thresholds is None:
         raise CalibrationError("calibrate: give a target, --top1-loss (points of top-1 given up against the last "
                                "exit) or --mean-mflops, or explicit --thresholds")
     if not 0 <= escalate < 1:
         raise CalibrationError(f"--escalate: the share of queries sent to the cloud must be in [0, 1), got {escalate}")
+
+
+def calibrate(store: FamilyStore, member: str, top1_loss: float | None = None, mean_flops: float | None = None,
+              escalate: float = 0.0, thresholds: list[float] | None = None, per_exit: bool = False) -> dict:
+    """Pick (or check given) thresholds for `member` on the held-out training images; store the rule.  With
+    `per_exit`, each exit's threshold is searched on its own (see `candidate_thresholds`)."""
+    check_calibration_target(top1_loss, mean_flops, escalate, thresholds)
     with store.lock("calibrate"):
         store.reload()
         data = calibration_data(store, member)
