@@ -356,6 +356,8 @@ HEADLINE = [
     ("edge-m top-1", lambda f: f["top1_vs_cloud"]["edge-m"]),
     ("multi last exit top-1", lambda f: f["top1_vs_cloud"]["multi"]),
     ("cloud top-1", lambda f: f["top1_vs_cloud"]["cloud"]),
+    *[(f"exit at stage {stage} alone, top-1",
+       lambda f, s=stage: f.get("exits_alone", {}).get(f"stage {s}", {}).get("top1_vs_cloud")) for stage in (1, 2, 3)],
     ("x fewer MFLOPs than edge-m within 0.5 pts of it",
      lambda f: (f["within_half_point_of_edge_m"] or {}).get("times_fewer_mflops_than_edge_m")),
     ("same, the per-exit curve", lambda f: (f.get("per_exit_within_half_point_of_edge_m") or {}).get(
