@@ -143,8 +143,9 @@ def class_free_anchors(store, member: str, held: dict, test: dict, edge_m: float
     embeddings of the images trained on (what unlabeled families get) instead of the shared classifier's
     prototypes, the anchors and temperatures refitted on the loaded member as `hetero calibrate
     --kmeans-anchors` does (the family is not changed).  Both calibrations fitted on the held-out classes and
-    read on the test queries, as for the prototypes: the top-1 loss of `--top1-loss LOSS_TARGET`, and the share escalated, the system's top-1 and
-    the gap closed with `--escalate ESCALATE` (the most accurate rule within the last exit's FLOPs)."""
+    read on the test queries, as for the prototypes: the top-1 loss of `--top1-loss LOSS_TARGET`, and the
+    share escalated, the system's top-1 and the gap closed with `--escalate ESCALATE` (the most accurate rule
+    within the last exit's FLOPs)."""
     from hetero.maths import apply_rule, rule_figures
     from hetero.models import exit_entropies
     from hetero.training.exits import search_thresholds, with_kmeans_anchors
