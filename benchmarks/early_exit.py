@@ -27,8 +27,9 @@ test characters are.  Per seed the record holds:
   1024 of them, refitted on a copy of the trained member) instead of the classifier's prototypes, and both
   calibrations' transfer to the test queries with them;
 - which queries to escalate: exactly 10% of the test queries sent to the cloud, ranked by the last exit's
-  entropy or by the gallery margin (nearest item against the nearest of another class), and the share of the
-  edge-m-to-cloud gap each closes (the share is fixed on the test queries: it compares the rankings only).
+  entropy, by the gallery margin (nearest item against the nearest of another class), or by whether the last
+  two exits answer different classes, and the share of the edge-m-to-cloud gap each closes (the share is
+  fixed on the test queries: it compares the rankings only).
 
     python benchmarks/early_exit.py run --seeds 0 1 2                 # ~45 min a seed on 2 CPU cores
     python benchmarks/early_exit.py run --seeds 0 --self-distillation 1.0   # the self-distillation lever
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -171,17 +173,24 @@ def class_free_anchors(store, member: str, held: dict, test: dict, edge_m: float
 def escalation_rankings(test: dict, edge_m: float, cloud_top1: float) -> dict:
     """Which queries to send to the cloud, each signal given exactly ESCALATE of the test queries (the share
     fixed on the test queries themselves, so only the ranking is compared): the last exit's entropy (the
-    rule's), and the gallery margin (the last exit's similarity to its nearest gallery item minus that to the
-    nearest item of another class; smaller is less sure).  System top-1: escalated queries answered by the
-    cloud's own query, the others by the last exit."""
-    last = test["exits"][-1]
+    rule's); the gallery margin (the last exit's similarity to its nearest gallery item minus that to the
+    nearest item of another class; smaller is less sure); and the last two exits' disagreement (their
+    nearest gallery items of different classes first, each group ranked by the cosine between the two exits'
+    embeddings, lower less sure).  The last two need the gallery's classes, which the entropy rule does not.
+    System top-1: escalated queries answered by the cloud's own query, the others by the last exit."""
+    last, before = test["exits"][-1], test["exits"][-2]
+    labels = test["gallery_labels"]
     similarity = last @ test["gallery"].T
     nearest = similarity.argmax(dim=1)
-    same_class = test["gallery_labels"][None] == test["gallery_labels"][nearest][:, None]
+    same_class = labels[None] == labels[nearest][:, None]
     margin = similarity.max(dim=1).values - similarity.masked_fill(same_class, -2.0).max(dim=1).values
+    # cosines lie in [-1, 1], so a disagreement (+3) outranks every agreement
+    disagree = (labels[(before @ test["gallery"].T).argmax(dim=1)] != labels[nearest]).float()
+    disagreement = 3 * disagree - (last * before).sum(dim=1)
     count = int(round(ESCALATE * len(last)))
-    found = {"share": count / len(last)}
-    for name, unsure in (("entropy", test["entropies"][-1]), ("gallery_margin", -margin)):
+    found = {"share": count / len(last), "last_two_exits_disagree": disagree.mean().item()}
+    for name, unsure in (("entropy", test["entropies"][-1]), ("gallery_margin", -margin),
+                         ("exit_disagreement", disagreement)):
         chosen = unsure.topk(count).indices
         system = test["correct"][-1].clone()
         system[chosen] = test["cloud_correct"][chosen]
@@ -297,9 +306,11 @@ def run_seed(lever: dict, seed: int, quick: bool) -> Path:
     out, clock_file = RUNS / key, RUNS / f"{key}.seconds.json"
     if not (out / "manifest.json").is_file():
         resume = (out / TRAIN_STATE).is_file()
+        if not resume and out.exists():  # a start killed before its first checkpoint: this benchmark's own files
+            shutil.rmtree(out)
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}", flush=True)
         with TrainingClock(clock_file):
-            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False)
+            train(config, out, resume=resume, progress=False)
     seconds = json.loads(clock_file.read_text())["seconds"] if clock_file.is_file() else None
     store = FamilyStore.open(out)
     figures = {**measure(store), "train_s": seconds, "epochs": [config.train.epochs, config.train.edge_epochs]}
@@ -377,6 +388,10 @@ HEADLINE = [
      lambda f: f.get("escalation_rankings", {}).get("entropy", {}).get("gap_closed")),
     ("same, 10% of test queries by gallery margin",
      lambda f: f.get("escalation_rankings", {}).get("gallery_margin", {}).get("gap_closed")),
+    ("same, 10% of test queries by the last two exits' disagreement",
+     lambda f: f.get("escalation_rankings", {}).get("exit_disagreement", {}).get("gap_closed")),
+    ("test queries whose last two exits answer different classes",
+     lambda f: f.get("escalation_rankings", {}).get("last_two_exits_disagree")),
     *[row for count in ANCHOR_COUNTS for row in (
         (f"top-1 loss on test, target 1 pt, {count} k-means anchors (pts)",
          lambda f, c=count: _points(f.get("class_free_anchors", {}).get(f"kmeans-{c}", {}).get("top1_loss_test"))),

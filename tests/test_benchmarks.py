@@ -261,13 +261,14 @@ def test_measuring_a_seed_that_was_never_trained_says_how_to_train_it(tmp_path):
     assert not (tmp_path / "results").exists()  # nothing recorded
 
 
-def test_escalation_by_gallery_margin_sends_the_queries_between_two_classes_and_by_entropy_what_the_rule_does():
+def test_escalation_by_gallery_margin_or_exit_disagreement_sends_the_unsure_query_and_by_entropy_what_the_rule_does():
     import early_exit
     import torch
 
     # 10 queries; gallery: classes 0 and 1, two items each.  Queries 0-8 sit on their class's item; query 9 sits
-    # between an item of class 0 and one of class 1 (margin 0) and the edge gets it wrong; the last exit's
-    # entropy is highest on query 0, which the edge gets right.
+    # between an item of class 0 and one of class 1 (margin 0) and the edge gets it wrong, its exit before the
+    # last on the class-1 item (the two disagree); the last exit's entropy is highest on query 0, which the edge
+    # gets right.
     gallery = torch.eye(4)
     labels = torch.tensor([0, 0, 1, 1])
     queries = torch.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0, 0]]
@@ -277,12 +278,16 @@ def test_escalation_by_gallery_margin_sends_the_queries_between_two_classes_and_
     correct[-1, 9] = False
     entropies = torch.zeros(2, 10)
     entropies[-1, 0] = 1.0
-    test = {"exits": torch.stack([queries, queries]), "gallery": gallery, "query_labels": query_labels,
+    before = queries.clone()
+    before[9] = gallery[2]
+    before[0] = torch.nn.functional.normalize(torch.tensor([1.0, 1.2, 0.0, 0.0]), dim=0)  # agrees, lowest cosine
+    test = {"exits": torch.stack([before, queries]), "gallery": gallery, "query_labels": query_labels,
             "gallery_labels": labels, "entropies": entropies, "correct": correct,
             "cloud_correct": torch.ones(10, dtype=torch.bool)}
     found = early_exit.escalation_rankings(test, edge_m=0.9, cloud_top1=1.0)
     assert found["share"] == 0.1
     assert found["gallery_margin"]["top1_system"] == 1.0 and found["gallery_margin"]["gap_closed"] == pytest.approx(1.0)
+    assert found["exit_disagreement"]["top1_system"] == 1.0 and found["last_two_exits_disagree"] == pytest.approx(0.1)
     assert found["entropy"]["top1_system"] == pytest.approx(0.9, abs=1e-6)
     assert found["entropy"]["gap_closed"] == pytest.approx(0, abs=1e-5)
 
