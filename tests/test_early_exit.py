@@ -101,6 +101,20 @@ def test_grid_exit_heads_see_where_features_are_and_export_as_plain_pooling(arch
         theirs = torch.stack(model.forward_exits(images), dim=1)
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(ours), theirs, dim=2).min() > 0.9999
 
+    # int8: the convolutions' weights only; a dequantised MatMul (a head's projection, the entropy's anchors)
+    # runs differently across the onnxruntime versions the profile declares, so they stay float32
+    import onnx
+
+    int8 = tmp_path / "int8"
+    quantization = formats.get("onnx").exit_chain_function("rpi-onnx-int8")(
+        model, int8, load_profile("rpi-onnx-int8"), {"input_size": 48, "embedding_dim": 32, "member": "m"}
+    )["quantization"]
+    assert quantization["quantized_ops"] == ["Conv"] and quantization["float32_nodes"] == "exit heads and entropy"
+    graph = onnx.load(str(int8 / "all_exits.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    fed = {n.op_type for n in graph.node if set(n.input) & dequantized}
+    assert fed == {"Conv"}, fed
+
 
 @pytest.mark.parametrize("anchors_from", ["prototypes", "kmeans"])
 def test_a_labeled_family_takes_its_classes_prototypes_or_class_free_kmeans_anchors(anchors_from):
