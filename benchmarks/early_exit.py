@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -306,11 +305,9 @@ def run_seed(lever: dict, seed: int, quick: bool) -> Path:
     out, clock_file = RUNS / key, RUNS / f"{key}.seconds.json"
     if not (out / "manifest.json").is_file():
         resume = (out / TRAIN_STATE).is_file()
-        if not resume and out.exists():  # a start killed before its first checkpoint: this benchmark's own files
-            shutil.rmtree(out)
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {'resuming' if resume else 'training'} into {out}", flush=True)
         with TrainingClock(clock_file):
-            train(config, out, resume=resume, progress=False)
+            train(config, out, resume=resume, overwrite=not resume and out.exists(), progress=False)
     seconds = json.loads(clock_file.read_text())["seconds"] if clock_file.is_file() else None
     store = FamilyStore.open(out)
     figures = {**measure(store), "train_s": seconds, "epochs": [config.train.epochs, config.train.edge_epochs]}

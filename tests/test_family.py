@@ -150,6 +150,21 @@ def test_overwrite_replaces_an_unfinished_first_run(tmp_path):
     assert FamilyStore.open(tmp_path / "out").config().train.seed == 3
 
 
+def test_overwrite_replaces_a_first_run_stopped_before_its_first_checkpoint_and_nothing_of_yours(tmp_path, capsys):
+    config, out = write_config(tmp_path / "c.yaml"), tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(yaml.safe_load(config.read_text()), "c"), out, progress=False, callbacks=[crash_after(1)])
+    for state in (out / "checkpoints").iterdir():
+        state.unlink()  # as a run stopped during its first epoch leaves it: its saved config alone
+    (out / "notes.txt").write_text("the user's")
+    again = ["train", str(write_config(tmp_path / "c.yaml", seed=3)), "--out", str(out), "--quiet", "--overwrite"]
+    assert main(again) == 2
+    assert "holds files but no family" in said(capsys) and (out / "notes.txt").read_text() == "the user's"
+    (out / "notes.txt").unlink()
+    assert main(again) == 0
+    assert FamilyStore.open(out).config().train.seed == 3
+
+
 def test_overwrite_refuses_a_directory_without_a_family_and_an_empty_out(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path / "c.yaml")
     foreign = tmp_path / "foreign"

@@ -82,8 +82,9 @@ def output_directory(out: str | Path) -> Path:
 def family_files(root: Path) -> list[Path]:
     """Every file (or folder artifact) the family in `root` wrote, as its manifest and stage records list them.
 
-    An unfinished first run (a training state but no manifest yet) has written only its config, state and
-    caches.  A directory with files but no family is refused: nothing there can be told apart from the user's.
+    An unfinished first run (a training state but no manifest yet, or a config alone when stopped before its
+    first checkpoint) has written only its config, state and caches.  A directory with files but no family is
+    refused: nothing there can be told apart from the user's.
     """
     if not root.is_dir() or all(p.name.startswith(".hetero") for p in root.iterdir()):
         return []  # new or empty (a lock at most): nothing to remove
@@ -101,7 +102,7 @@ def family_files(root: Path) -> list[Path]:
         listed += [manifest.previous.checkpoint.file] if manifest.previous is not None else []
         listed += [a.profile_file for a in manifest.artifacts if a.profile_file]
         files = [store.path(name, "checkpoint of the earlier family") for name in listed]
-    elif _is_training_state(root / TRAIN_STATE):
+    elif _is_training_state(root / TRAIN_STATE) or _is_stopped_start(root):
         artifacts, files = [], []
     else:
         raise ManifestError(f"--overwrite {root}: this directory holds files but no family ({MANIFEST} is "
@@ -113,6 +114,21 @@ def family_files(root: Path) -> list[Path]:
     # Only an artifact may be a folder (.mlpackage, an exit chain); a folder at any other listed name is not ours.
     return ([path for path in artifacts if path.exists() or path.is_symlink()]
             + [path for path in dict.fromkeys(files) if path.is_file() or path.is_symlink()])
+
+
+def _is_stopped_start(root: Path) -> bool:
+    """Whether `root` holds what a first run stopped before its first checkpoint leaves: the config it saved
+    (a config hetero reads), its teacher cache, an empty checkpoints/, a lock, and nothing else."""
+    kept = {CONFIG, "teacher_cache", "checkpoints"}
+    if not all(p.name in kept or p.name.startswith(".hetero") for p in root.iterdir()):
+        return False
+    if (root / "checkpoints").is_dir() and any((root / "checkpoints").iterdir()):
+        return False
+    try:
+        load_config(root / CONFIG)
+    except (ConfigError, OSError):
+        return False
+    return True
 
 
 def _is_training_state(path: Path) -> bool:
