@@ -145,11 +145,20 @@ def test_a_labeled_family_takes_its_classes_prototypes_or_class_free_kmeans_anch
         parse_config(config, "tiny")
 
 
-def test_a_grid_exit_head_needs_exits():
+def test_multi_exit_members_take_grid_heads_unless_told_and_an_exit_head_needs_exits():
+    member = lambda config: parse_config(config, "tiny").family.members[1]  # noqa: E731
+    assert member(multi_exit_config()).exit_head == "grid"
+    pooled = multi_exit_config()
+    pooled["family"]["members"][1]["exit_head"] = "pooled"
+    assert member(pooled).exit_head == "pooled"
+    assert member(tiny_config()).exit_head is None
     config = tiny_config()
     config["family"]["members"][1]["exit_head"] = "grid"
     with pytest.raises(ConfigError, match="exit_head: 'grid' shapes the heads of a multi-exit member; give `exits`"):
         parse_config(config, "tiny")
+    # every member of a config saved before grid heads became the default says `pooled`: it loads as none
+    config["family"]["members"][1]["exit_head"] = "pooled"
+    assert member(config).exit_head is None
 
 
 # ----------------------------------------------------------------------------------- the calibration search

@@ -61,9 +61,10 @@ class MemberConfig:
     # A multi-exit edge member: an exit (a head emitting the family embedding) after each of these stages
     # (1-based; the last stage is always an exit), or `auto` for one per stage.  hetero's own archs only.
     exits: list[int] | Literal["auto"] | None = None
-    # How an earlier exit reads its stage: `pooled` (one global average) or `grid` (pooled to up to 4 x 4
-    # cells, a learned mix of max and average pooling; more FLOPs in the head, counted in each exit's).
-    exit_head: Literal["pooled", "grid"] = "pooled"
+    # How an earlier exit reads its stage: `grid` (pooled to up to 4 x 4 cells, a learned mix of max and
+    # average pooling; more FLOPs in the head, counted in each exit's), the default for multi-exit members
+    # because every earlier exit measured higher with it, or `pooled` (one global average).
+    exit_head: Literal["pooled", "grid"] | None = None
     # The architecture's activation variant: leaky_relu replaces ReLU/ReLU6 in hetero's own architectures
     # (resnet, mobilenet); a piecewise-linear network without flat sides, which `mode: lqf` linearises well.
     activation: Literal["relu", "leaky_relu"] = "relu"
@@ -128,8 +129,11 @@ class MemberConfig:
             self._check_pretrained()
         if self.exits is not None:
             self._check_exits()
-        elif self.exit_head != "pooled":
+            self.exit_head = self.exit_head or "grid"
+        elif self.exit_head == "grid":
             raise ValueError(f"exit_head: {self.exit_head!r} shapes the heads of a multi-exit member; give `exits` too")
+        else:  # configs saved before grid heads became the default say `pooled` for every member: the same as none
+            self.exit_head = None
         if self.activation != "relu" and (self.external or ":" in (self.arch or "") or "/" in (self.arch or "")):
             raise ValueError(f"activation: {self.activation!r} is a variant of hetero's own architectures (resnet, "
                              f"mobilenet); {self.arch or self.model!r} keeps its own activations")
