@@ -272,8 +272,8 @@ def _lower_precision(path: Path, profile, int8_scope: str = "everywhere", last: 
     heads and the entropy (every node outside the trunk's segments) in float32, "last segment" everything but
     the last segment (`last`: its index).  At every scope the int8 weights are convolutions': a dequantised
     MatMul (an exit head's projection, the entropy's anchors) runs differently on the onnxruntime versions
-    the profiles declare (a chain's exits 1.17.3 against 1.32: up to 6e-3 apart with grid heads, identical
-    with the MatMuls float)."""
+    the profiles declare (the test suite's chain with grid heads: its exits differed between 1.17.3 and 1.32,
+    and were identical with the MatMuls float)."""
     if profile.precision == "fp16":
         return _to_fp16(path)
     if profile.precision != "int8":
