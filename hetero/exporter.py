@@ -59,6 +59,23 @@ def calibration_images(store: FamilyStore, size: int, count: int):
     return resize_to(store.split().train.spread(count), size)
 
 
+def exit_gate_images(store: FamilyStore, entry: MemberRecord, count: int):
+    """`count` images a multi-exit chain's export gate compares exits on: those the exit rule was fitted on
+    (the training images held out of training, classes the member never saw when held out by class),
+    spread evenly; training images when none were held out.  Images the member trained on are sure at the
+    first exits, so few of them sit near a threshold, where a lower precision moves a query's exit; unseen
+    classes, like a user's queries, put more there."""
+    from hetero.data import calibration_split
+    from hetero.models import resize_to
+
+    config, train = store.config(), store.split().train
+    held_out_by = (entry.early_exit or {}).get("held_out_by", "images")
+    _, held = calibration_split(train, config.train.early_exit.held_out, held_out_by, config.data.split_seed)
+    if len(held) == 0:
+        return calibration_images(store, entry.input_size, count)
+    return resize_to(train.subset(held).spread(count), entry.input_size)
+
+
 def needs_calibration(profile) -> bool:
     """Static int8 (activations too) needs real images to set the activation ranges."""
     return profile.precision == "int8"
@@ -228,7 +245,7 @@ def _export_exit_chain(store: FamilyStore, entry: MemberRecord, profile, spec, p
     model = store.load_member(entry.name)
     metadata = {**artifact_metadata(store, entry, profile), "early_exit": exit_metadata(entry)}
     path = store.path(f"exports/{profile.name}/{entry.name}.exits", "export path")
-    images = calibration_images(store, entry.input_size, max(32, profile.calibration_images))
+    images = exit_gate_images(store, entry, max(32, profile.calibration_images))
     not_created = runtimes.provide(profile, announce)
     targets = runtimes.targets(profile)
     unchecked = [f"{t.requirement}: {not_created.get(t.requirement, t.missing)}" for t in targets if t.missing]
@@ -300,7 +317,7 @@ def _chain_gate(targets, spec, folder: Path, model, images, profile, rule) -> tu
 
 def _chain_refusal(chain, model, images, profile, rule: dict | None) -> str | None:
     """Why an exported chain would fail verify's parity check (each exit's cosine to torch, and with a
-    calibrated rule the exit its chained run stops at), on training images; None when it holds."""
+    calibrated rule the exit its chained run stops at), on `exit_gate_images`; None when it holds."""
     import torch
 
     from hetero.export.common import EXIT_AGREEMENT, chain_exit_agreement, cosine_rows
@@ -314,7 +331,7 @@ def _chain_refusal(chain, model, images, profile, rule: dict | None) -> str | No
     if rule is not None:
         agreement, _ = chain_exit_agreement(chain, model, images, rule)
         if agreement < EXIT_AGREEMENT:
-            return (f"its chained run stops at torch's exit for {agreement:.1%} of {len(images)} training images "
+            return (f"its chained run stops at torch's exit for {agreement:.1%} of the {len(images)} images checked "
                     f"(verify needs {EXIT_AGREEMENT:.0%})")
     return None
 

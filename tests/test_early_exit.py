@@ -299,6 +299,26 @@ def test_calibration_meets_its_target_and_eval_reports_the_rule_and_the_split(mu
 
 
 @pytest.mark.slow
+def test_a_chains_export_gate_compares_exits_on_the_classes_its_rule_was_fitted_on(multi_exit_dir):
+    """Images a member trained on are sure at its first exits, so few sit near a threshold, where an int8
+    weight moves a query's exit; the gate checks the held-out classes, as unseen as a user's queries."""
+    from hetero.data import calibration_split
+    from hetero.exporter import exit_gate_images
+    from hetero.family import FamilyStore
+    from hetero.models import resize_to
+
+    store = FamilyStore.open(multi_exit_dir)
+    entry, split, config = store.member("edge-a"), store.split(), store.config()
+    keep, held = calibration_split(split.train, config.train.early_exit.held_out, entry.early_exit["held_out_by"],
+                                   config.data.split_seed)
+    assert not set(split.train.labels[held].tolist()) & set(split.train.labels[keep].tolist())
+    every = exit_gate_images(store, entry, 10_000)
+    assert torch.equal(every, resize_to(split.train.floats()[held], entry.input_size))
+    some = exit_gate_images(store, entry, 5)
+    assert len(some) == 5 and all(any(torch.equal(image, row) for row in every) for image in some)
+
+
+@pytest.mark.slow
 def test_a_trained_member_takes_class_free_anchors_without_changing_its_exits(multi_exit_copy, capsys):
     from hetero.cli import main
     from hetero.data import calibration_split
