@@ -147,8 +147,8 @@ def export_member(store: FamilyStore, member: str | None, profile, allow_over_bu
     member = member or choose_member(store, profile)
     entry = store.member(member)
     if entry.kind == "external":
-        raise ExportError(f"member {member!r} is the external cloud ({entry.arch}, {store.member(member).checkpoint.file}): "
-                          f"it is your own model and is not exported; export the edge members")
+        raise ExportError(f"member {member!r} is the external cloud ({entry.arch}, {entry.checkpoint.file}): it is "
+                          f"your own model and is not exported; export the edge members")
     if profile.input_size not in (None, entry.input_size):
         raise ExportError(f"member {member!r} takes {entry.input_size} px but profile {profile.name!r} feeds "
                           f"{profile.input_size} px; pick a member trained at that size")
