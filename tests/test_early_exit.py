@@ -187,6 +187,37 @@ def test_rules_scored_together_equal_each_rule_applied_alone(seed, queries, exit
             assert found[name][i].item() == pytest.approx(alone[name], abs=1e-9), name
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), queries=st.integers(8, 80), exits=st.integers(2, 4),
+       escalate=st.sampled_from([0.0, 0.1, 0.3]), per_exit=st.booleans())
+def test_a_calibrated_rule_sits_halfway_between_the_entropies_it_was_fitted_on(seed, queries, exits, escalate,
+                                                                               per_exit):
+    """A device computes an entropy a few bits off torch's: a threshold equal to a calibration image's entropy
+    would move that image's exit by chance, and the chain's export gate checks those images."""
+    from hetero.maths import apply_rule
+    from hetero.training.exits import search_thresholds
+
+    generator = torch.Generator().manual_seed(seed)
+    H = torch.rand(exits, queries, generator=generator).mul(3)
+    correct = torch.rand(exits, queries, generator=generator) < 0.8
+    flops = [10 * (k + 1) for k in range(exits)]
+    thresholds, above = search_thresholds(H, correct, flops, list(range(1, exits + 1)), 1.0, None, flops[-1] / 1e6,
+                                          escalate, torch.ones(queries, dtype=torch.bool), per_exit)
+    chosen = apply_rule(H, thresholds, above)
+
+    def halfway(values, threshold):
+        lower, upper = values[values <= threshold], values[values > threshold]
+        if len(lower) > 0 and len(upper) > 0:  # (below every value: all sent to the cloud, a margin of 1)
+            assert threshold == pytest.approx((lower.max() + upper.min()).item() / 2, abs=1e-6)
+
+    for k, threshold in enumerate(thresholds):
+        if threshold >= 0:
+            halfway(H[k], threshold)
+    if above is not None:
+        assert chosen.eq(exits).float().mean().item() == pytest.approx(escalate, abs=1.01 / queries)
+        halfway(H[-1][chosen >= exits - 1], above)
+
+
 def test_calibration_leaves_out_an_exit_that_is_seldom_right_where_one_quantile_for_all_cannot():
     from hetero.maths import apply_rule, rule_figures
     from hetero.training.exits import QUANTILES, search_thresholds

@@ -207,7 +207,7 @@ def candidate_thresholds(H: torch.Tensor, per_exit: bool = False) -> torch.Tenso
     levels = max(3, min(len(QUANTILES), int(PER_EXIT_RULES ** (1 / max(early, 1)))))
 
     def thresholds(quantiles: torch.Tensor) -> torch.Tensor:  # len(quantiles) x early
-        found = torch.stack([H[k].float().quantile(quantiles) for k in range(early)], dim=1)
+        found = torch.stack([between(H[k].float(), H[k].float().quantile(quantiles)) for k in range(early)], dim=1)
         return torch.where(quantiles[:, None] > 0, found, torch.full_like(found, -1.0))
 
     if not per_exit:
@@ -215,6 +215,21 @@ def candidate_thresholds(H: torch.Tensor, per_exit: bool = False) -> torch.Tenso
     grid = thresholds(torch.linspace(0, 1, levels))
     combinations = torch.cartesian_prod(*grid.T).reshape(-1, early)
     return torch.cat([thresholds(QUANTILES), combinations])
+
+
+def between(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Each threshold moved halfway to the next of `values` above it, deciding `values` as it did.  A quantile
+    often equals one calibration entropy; a device's entropy of that image differs from torch's in the last
+    bits, so the image would stop at another exit by chance, and the export gate checks those very images.
+    Above the largest value, the threshold is as far past it as the two largest are apart."""
+    ordered = values.sort().values
+    if len(ordered) < 2:
+        return thresholds
+    index = torch.searchsorted(ordered, thresholds, right=True)  # how many values the threshold stops
+    below = ordered[(index - 1).clamp(min=0)]
+    above = torch.where(index < len(ordered), ordered[index.clamp(max=len(ordered) - 1)],
+                        2 * ordered[-1] - ordered[-2])
+    return torch.where(index > 0, (below + above) / 2, thresholds)
 
 
 def rules_figures(H: torch.Tensor, rules: torch.Tensor, correct: torch.Tensor, flops: list[int], escalate: float,
@@ -236,7 +251,8 @@ def rules_figures(H: torch.Tensor, rules: torch.Tensor, correct: torch.Tensor, f
             ordered = torch.where(reaching, H[-1][None], torch.full((), -float("inf"))).sort(dim=1, descending=True)
             count = torch.minimum(reaching.sum(dim=1), torch.tensor(int(round(escalate * n))))
             last = ordered.values.gather(1, (reaching.sum(dim=1) - 1).clamp(min=0)[:, None])[:, 0] - 1.0
-            at = ordered.values.gather(1, count.clamp(max=n - 1)[:, None])[:, 0]
+            # halfway between the least sure query kept and the surest one sent, as `between` does
+            at = ordered.values.gather(1, torch.stack([count - 1, count], 1).clamp(0, n - 1)).mean(dim=1)
             above = torch.where(count < reaching.sum(dim=1), at, last)
             above[count == 0] = float("nan")
             escalated = reaching & (H[-1][None] > above[:, None])
@@ -312,4 +328,4 @@ def _escalation(H: torch.Tensor, thresholds: list[float], share: float) -> float
     if count == 0:
         return None
     ordered = reaching.sort(descending=True).values
-    return float(ordered[count]) if count < len(ordered) else float(ordered[-1]) - 1.0
+    return float(ordered[count - 1: count + 1].mean()) if count < len(ordered) else float(ordered[-1]) - 1.0
