@@ -114,6 +114,45 @@ def apply_rule(entropies: torch.Tensor, thresholds: list[float], escalate_above:
     return chosen
 
 
+def escalation_threshold(reaching: torch.Tensor, queries: int, share: float) -> float | None:
+    """The last-exit entropy above which `share` of `queries` go to the cloud, of the entropies of those that
+    reached the last exit (`reaching`): halfway between the least sure query kept and the surest one sent;
+    None when the share rounds to no query."""
+    count = min(len(reaching), int(round(share * queries)))
+    if count == 0:
+        return None
+    ordered = reaching.sort(descending=True).values
+    return float(ordered[count - 1: count + 1].mean()) if count < len(ordered) else float(ordered[-1]) - 1.0
+
+
+class EscalationBudget:
+    """Sends about `share` of the queries to the cloud, whatever the queries are like.
+
+    A threshold fitted once (the calibrated `escalate_above`) sends the asked share of queries like the
+    calibration's; queries of new classes are less sure, so it sends more of them (on Omniglot's new alphabets
+    about three times the share asked, benchmarks/early_exit.py).  Here the threshold starts at the calibrated
+    one and, after each batch, is fitted again to the last `window` queries seen (those that stopped at an
+    earlier exit count as kept): each batch is decided by the queries before it, as a stream is.
+    """
+
+    def __init__(self, share: float, start_above: float | None, window: int = 1000):
+        if not 0 < share < 1:
+            raise ValueError(f"the share of queries escalated must be in (0, 1), got {share}")
+        if window < 1:
+            raise ValueError(f"the escalation window must hold at least 1 query, got {window}")
+        self.share, self.above, self.window = share, start_above, window
+        self.seen = torch.empty(0)  # last-exit entropy per recent query; -inf where it stopped earlier
+
+    def __call__(self, last_entropies: torch.Tensor) -> torch.Tensor:
+        """Per query of a batch (its last-exit entropy, NaN where it stopped earlier): whether it goes to the
+        cloud."""
+        reached = ~last_entropies.isnan()
+        sent = reached & (last_entropies > self.above) if self.above is not None else torch.zeros_like(reached)
+        self.seen = torch.cat([self.seen, torch.where(reached, last_entropies.float(), -torch.inf)])[-self.window:]
+        self.above = escalation_threshold(self.seen[self.seen > -torch.inf], len(self.seen), self.share)
+        return sent
+
+
 def rule_figures(chosen: torch.Tensor, correct: torch.Tensor, flops: list[int], cloud_correct=None) -> dict:
     """top-1 of the edge answers (escalated queries answered by the last exit), mean edge FLOPs, shares per
     exit and to the cloud, and with `cloud_correct` the whole system's top-1 (escalated ones by the cloud)."""

@@ -292,6 +292,24 @@ def test_escalation_by_gallery_margin_or_exit_disagreement_sends_the_unsure_quer
     assert found["entropy"]["gap_closed"] == pytest.approx(0, abs=1e-5)
 
 
+def test_the_early_exit_escalation_budget_streams_the_test_queries_and_sends_the_share_asked():
+    import early_exit
+    import torch
+
+    # 3000 test queries, none stopping early: the last exit's entropy uniform on [0, 1]; a calibrated threshold
+    # of 0.6 would send 40%.  The edge misses exactly the least sure 10%, which the cloud gets right.
+    n = 3000
+    entropies = torch.stack([torch.full((n,), 9.0), torch.rand(n, generator=torch.Generator().manual_seed(1))])
+    correct = torch.ones(2, n, dtype=torch.bool)
+    correct[-1] = entropies[-1] <= entropies[-1].quantile(0.9)
+    test = {"entropies": entropies, "correct": correct, "cloud_correct": torch.ones(n, dtype=torch.bool)}
+    rule = {"thresholds": [0.5], "escalate_above": 0.6}
+    found = early_exit.escalation_budget(rule, test, 2, edge_m=0.9, cloud_top1=1.0, flops=[1, 2])
+    assert found["escalated_test"] == pytest.approx(0.1, abs=0.02)
+    assert found["escalated_after_one_window"] == pytest.approx(0.1, abs=0.01)
+    assert found["gap_closed"] > 0.85  # those sent are the ones the edge missed
+
+
 def test_the_lqf_summary_gives_each_method_and_its_linearised_model_over_current_seeds(tmp_path, monkeypatch):
     import lqf_update
 

@@ -2,6 +2,7 @@
 chained export and its verification, and the bad inputs of issue 15."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -216,6 +217,41 @@ def test_a_calibrated_rule_sits_halfway_between_the_entropies_it_was_fitted_on(s
     if above is not None:
         assert chosen.eq(exits).float().mean().item() == pytest.approx(escalate, abs=1.01 / queries)
         halfway(H[-1][chosen >= exits - 1], above)
+
+
+def test_an_escalation_budget_sends_the_share_asked_of_queries_less_sure_than_the_calibration():
+    from hetero.maths import EscalationBudget, escalation_threshold
+
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.rand(1000, generator=generator)
+    fixed = escalation_threshold(calibration, len(calibration), 0.1)
+    # queries of new classes: less sure at the last exit; a third stopped at an earlier exit (NaN there)
+    stream = torch.rand(3000, generator=generator) * 1.2 + 0.3
+    stream[torch.rand(3000, generator=generator) < 1 / 3] = torch.nan
+    assert (stream > fixed).float().mean().item() > 0.3  # the fixed threshold sends three times the share
+    budget = EscalationBudget(0.1, fixed, window=500)
+    sent = torch.cat([budget(batch) for batch in stream.split(64)])
+    assert not sent[stream.isnan()].any()  # a query that stopped earlier never goes to the cloud
+    assert sent.float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert sent[500:].float().mean().item() == pytest.approx(0.1, abs=0.01)  # once the window holds new queries
+    ranked = stream.nan_to_num(-1.0)[500:]  # and those it sends are the least sure
+    assert ranked[sent[500:]].min() > ranked.quantile(0.8)
+
+
+@pytest.mark.parametrize("share, window, words", [(1.5, 10, "must be in (0, 1), got 1.5"),
+                                                  (0.1, 0, "at least 1 query, got 0")])
+def test_a_bad_escalation_budget_is_refused_naming_the_value(share, window, words):
+    from hetero.maths import EscalationBudget
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        EscalationBudget(share, None, window)
+
+
+def test_an_escalation_budget_without_a_chain_is_refused_saying_what_escalates(tmp_path):
+    from hetero.gallery import GalleryError, open_query_model
+
+    with pytest.raises(GalleryError, match="--escalate-share 0.1: only an exported exit chain escalates"):
+        open_query_model(None, artifact=tmp_path / "edge.onnx", escalate_share=0.1)
 
 
 def test_calibration_leaves_out_an_exit_that_is_seldom_right_where_one_quantile_for_all_cannot():
@@ -516,7 +552,7 @@ def test_gallery_search_with_an_exported_chain_stops_where_torch_does_and_escala
     from hetero import gallery as G
     from hetero.exporter import export_member
     from hetero.family import FamilyStore
-    from hetero.maths import apply_rule
+    from hetero.maths import EscalationBudget, apply_rule
     from hetero.models import exit_embeddings, exit_entropies, resize_to
     from hetero.profiles import load_profile
     from hetero.training.exits import calibrate
@@ -561,6 +597,17 @@ def test_gallery_search_with_an_exported_chain_stops_where_torch_does_and_escala
     assert sum(summary["shares"].values()) == pytest.approx(1.0)
     assert summary["shares"]["cloud"] == len(escalated) / len(found)
     assert summary["mean_edge_mflops"] < exits[-1].flops / 1e6
+
+    # an escalation budget: batch by batch, the threshold fitted on the queries before, as torch's entropies say
+    budgeted = G.open_query_model(store, artifact=chain, escalate_share=0.1, escalate_window=24)
+    assert "10% of the last 24 queries" in budgeted.label
+    found = G.search_images(tmp_path / "g", tmp_path / "queries", budgeted, k=3, batch_size=8)
+    budget = EscalationBudget(0.1, rule["escalate_above"], 24)
+    expected = apply_rule(entropies, rule["thresholds"])
+    last = torch.where(expected == len(exits) - 1, entropies[-1], torch.nan)
+    expected[torch.cat([budget(batch) for batch in last.split(8)])] = len(exits)
+    agreement = sum(q["exit"] == names[c] for q, c in zip(found, expected.tolist())) / len(found)
+    assert agreement >= 0.98, agreement
 
 
 # ------------------------------------------------------------------------- chains on every edge format

@@ -216,6 +216,13 @@ def _gallery_verbs(verbs) -> None:
                                         "multi-exit member's exported chain (<member>.exits/): each query runs stage "
                                         "by stage to the exit its calibrated rule stops at, or goes to the cloud "
                                         "member, and is reported with that exit")
+    s.add_argument("--escalate-share", type=float, metavar="SHARE",
+                   help="with a chain: send this share of the queries to the cloud whatever they are like, the "
+                        "threshold fitted again after each batch to the last --escalate-window queries (starting "
+                        "from the calibrated one), instead of the rule's fixed threshold, which sends more of "
+                        "queries less sure than the calibration's")
+    s.add_argument("--escalate-window", type=count(1), default=1000, metavar="N",
+                   help="queries the --escalate-share threshold is fitted on (default 1000)")
     s.add_argument("-k", type=count(1), default=5, help="neighbours per query (default 5)")
     s.add_argument("--nprobe", type=count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=count(0), default=20, help="queries to print (default 20)")

@@ -35,8 +35,17 @@ class QueryModel:
 
 
 def open_query_model(store: FamilyStore | None = None, member: str | None = None,
-                     artifact: str | Path | None = None) -> QueryModel:
-    """A torch member of the family (the cloud by default), or an exported artifact file."""
+                     artifact: str | Path | None = None, escalate_share: float | None = None,
+                     escalate_window: int = 1000) -> QueryModel:
+    """A torch member of the family (the cloud by default), or an exported artifact file.  With an exit
+    chain, `escalate_share` sends that share of the queries to the cloud whatever they are like
+    (`hetero.maths.EscalationBudget` over the last `escalate_window` queries) instead of the rule's fixed
+    threshold."""
+    if escalate_share is not None and (artifact is None or not (Path(artifact) / "chain.json").is_file()):
+        raise GalleryError(f"--escalate-share {escalate_share:g}: only an exported exit chain escalates queries to "
+                           f"the cloud; give --artifact DIR/exports/<profile>/<member>.exits")
+    if artifact is not None and escalate_share is not None:
+        return _chain_model(Path(artifact), store, escalate_share, escalate_window)
     if artifact is not None:
         return _artifact_model(Path(artifact), store)
     if store is None:
@@ -87,13 +96,15 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
                       meta["input_size"], load_size, runtime.embed, background, max_pixels)
 
 
-def _chain_model(folder: Path, store: FamilyStore | None) -> QueryModel:
+def _chain_model(folder: Path, store: FamilyStore | None, escalate_share: float | None = None,
+                 escalate_window: int = 1000) -> QueryModel:
     """A multi-exit member's exported chain as a device runs it: stage by stage, each query stopping at the
-    first exit sure enough by the calibrated rule in the chain's metadata; the queries the rule escalates
-    are embedded by the family's cloud member."""
+    first exit sure enough by the calibrated rule in the chain's metadata; the queries the rule escalates (or,
+    with `escalate_share`, the budget) are embedded by the family's cloud member."""
     import json
 
     from hetero import formats
+    from hetero.maths import EscalationBudget
 
     try:
         first = json.loads((folder / "chain.json").read_text())["stages"][0]["file"]
@@ -111,7 +122,14 @@ def _chain_model(folder: Path, store: FamilyStore | None) -> QueryModel:
         raise GalleryError(f"--artifact {folder}: the chain carries no calibrated exit rule; run `hetero calibrate` "
                            f"on the family, export the member again, and search with the new chain (or search "
                            f"with --member {meta.get('member')} for its last exit alone)")
-    escalates = rule.get("escalate_above") is not None
+    budget = None
+    if escalate_share is not None:
+        try:
+            budget = EscalationBudget(escalate_share, rule.get("escalate_above"), escalate_window)
+        except ValueError as err:
+            raise GalleryError(f"--escalate-share {escalate_share:g} --escalate-window {escalate_window}: {err}") \
+                from None
+    escalates = rule.get("escalate_above") is not None or budget is not None
     if escalates and store is None:
         raise GalleryError(f"--artifact {folder}: its rule sends the least sure queries to the cloud member, which "
                            f"needs the family directory")
@@ -125,7 +143,10 @@ def _chain_model(folder: Path, store: FamilyStore | None) -> QueryModel:
 
         pixels = torch.from_numpy(images)
         on_device = resize_to(pixels, int(meta["input_size"])).numpy()
-        chosen, vectors, _ = chain.run_chain(on_device, rule["thresholds"], rule.get("escalate_above"))
+        fixed = rule.get("escalate_above") if budget is None else None
+        chosen, vectors, entropies = chain.run_chain(on_device, rule["thresholds"], fixed)
+        if budget is not None:
+            chosen[budget(torch.from_numpy(entropies[:, -1])).numpy()] = len(exits)
         sent = np.nonzero(chosen == len(exits))[0]
         if len(sent):
             with torch.inference_mode():
@@ -137,8 +158,9 @@ def _chain_model(folder: Path, store: FamilyStore | None) -> QueryModel:
         data = store.config().data
         load_size, background, max_pixels = store.config().load_size, tuple(data.background), data.max_image_pixels
     mflops = {f"stage {e['stage']}": e["flops"] / 1e6 for e in exits}
-    return QueryModel(f"exit chain {folder} ({meta.get('member')}, {chain.name}"
-                      + (f", escalating to {store.cloud.name!r})" if escalates else ")"), meta.get("space_id"),
+    escalation = "" if not escalates else f", escalating to {store.cloud.name!r}" + (
+        "" if budget is None else f" {budget.share:.0%} of the last {budget.window} queries")
+    return QueryModel(f"exit chain {folder} ({meta.get('member')}, {chain.name}{escalation})", meta.get("space_id"),
                       load_size, load_size, lambda images: route(images)[0], background, max_pixels, route, mflops)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hetero.data import calibration_split, gallery_and_queries
 from hetero.errors import CalibrationError
 from hetero.family import FamilyStore
-from hetero.maths import apply_rule, correct_per_exit, rule_figures, spherical_kmeans
+from hetero.maths import apply_rule, correct_per_exit, escalation_threshold, rule_figures, spherical_kmeans
 from hetero.models import MultiExitEmbedder, embed_images, exit_embeddings, exit_entropies
 
 TEMPERATURES = torch.logspace(-3, 1, 81)
@@ -323,9 +323,4 @@ def _lexicographic_argmin(first: torch.Tensor, then: torch.Tensor, allowed: torc
 
 def _escalation(H: torch.Tensor, thresholds: list[float], share: float) -> float | None:
     """The last-exit entropy above which the `share` of all queries least sure there go to the cloud."""
-    reaching = H[-1][apply_rule(H, thresholds) == H.shape[0] - 1]
-    count = min(len(reaching), int(round(share * H.shape[1])))
-    if count == 0:
-        return None
-    ordered = reaching.sort(descending=True).values
-    return float(ordered[count - 1: count + 1].mean()) if count < len(ordered) else float(ordered[-1]) - 1.0
+    return escalation_threshold(H[-1][apply_rule(H, thresholds) == H.shape[0] - 1], H.shape[1], share)
