@@ -26,9 +26,9 @@ test characters are.  Per seed the record holds:
 - class-free anchors: the rule's anchors as k-means centres of the cloud's training embeddings (64, 256 and
   1024 of them, refitted on a copy of the trained member) instead of the classifier's prototypes, and both
   calibrations' transfer to the test queries with them;
-- the escalation budget (`hetero gallery search --escalate-share 0.1`): the split's rule with the threshold
-  fitted again after each batch of a stream of the test queries to the queries before; the share escalated
-  (goal: 8-12%) and the gap closed;
+- the escalation budget (`hetero gallery search --escalate-share 0.1`, by the last exit's entropy and with
+  `--escalate-by margin`): the split's rule with the threshold fitted again after each batch of a stream of
+  the test queries to the queries before; the share escalated (goal: 8-12%) and the gap closed;
 - which queries to escalate: exactly 10% of the test queries sent to the cloud, ranked by the last exit's
   entropy, by the gallery margin (nearest item against the nearest of another class), or by whether the last
   two exits answer different classes, and the share of the edge-m-to-cloud gap each closes (the share is
@@ -206,27 +206,36 @@ def escalation_rankings(test: dict, edge_m: float, cloud_top1: float) -> dict:
 def escalation_budget(rule: dict, test: dict, exits: int, edge_m: float, cloud_top1: float, flops: list[int]
                       ) -> dict:
     """The split's rule with `hetero gallery search --escalate-share ESCALATE` (hetero.maths.EscalationBudget,
-    its default window): the test queries as a stream in a seeded random order, BUDGET_BATCH at a time, the
-    threshold starting at the calibrated one and fitted again after each batch to the queries before.  The
-    share escalated on the test queries (overall, and once the window holds only test queries), the
-    system's top-1 and the share of the edge-m-to-cloud gap closed."""
+    its default window), by the last exit's entropy (starting at the calibrated threshold) and by the gallery
+    margin (`--escalate-by margin`, from the nearest MARGIN_NEIGHBOURS items as the search has them): the test
+    queries as a stream in a seeded random order, BUDGET_BATCH at a time, the threshold fitted again after
+    each batch to the queries before.  Per ranking: the share escalated on the test queries (overall, and once
+    the window holds only test queries), the system's top-1 and the share of the edge-m-to-cloud gap closed."""
     import torch
 
-    from hetero.maths import EscalationBudget, apply_rule, rule_figures
+    from hetero.gallery.query import MARGIN_NEIGHBOURS
+    from hetero.maths import EscalationBudget, apply_rule, gallery_margin, rule_figures
 
     H = test["entropies"]
     order = torch.randperm(H.shape[1], generator=torch.Generator().manual_seed(0))
     chosen = apply_rule(H, rule["thresholds"])[order]
-    last = torch.where(chosen == exits - 1, H[-1][order], torch.nan)
-    budget = EscalationBudget(ESCALATE, rule["escalate_above"])
-    sent = torch.cat([budget(batch) for batch in last.split(BUDGET_BATCH)])
-    chosen[sent] = exits
-    figures = rule_figures(chosen, test["correct"][:, order], flops, test["cloud_correct"][order])
-    steady = sent[budget.window:] if len(sent) > budget.window else None
-    return {"asked": ESCALATE, "window": budget.window, "batch": BUDGET_BATCH, "escalated_test": figures["escalated"],
-            "escalated_after_one_window": None if steady is None else steady.float().mean().item(),
-            "top1_system": figures["top1_system"],
-            "gap_closed": (figures["top1_system"] - edge_m) / (cloud_top1 - edge_m) if cloud_top1 > edge_m else None}
+    reaching = chosen == exits - 1
+    scores, items = (test["exits"][-1][order] @ test["gallery"].T).topk(MARGIN_NEIGHBOURS, dim=1)
+    labels = test["gallery_labels"][items]
+    margin = gallery_margin(scores, labels == labels[:, :1])
+    found = {}
+    for by, unsure, start in (("entropy", H[-1][order], rule["escalate_above"]), ("margin", -margin, None)):
+        budget = EscalationBudget(ESCALATE, start)
+        sent = torch.cat([budget(batch) for batch in torch.where(reaching, unsure, torch.nan).split(BUDGET_BATCH)])
+        figures = rule_figures(torch.where(sent, exits, chosen), test["correct"][:, order], flops,
+                               test["cloud_correct"][order])
+        steady = sent[budget.window:] if len(sent) > budget.window else None
+        found[by] = {"escalated_test": figures["escalated"],
+                     "escalated_after_one_window": None if steady is None else steady.float().mean().item(),
+                     "top1_system": figures["top1_system"],
+                     "gap_closed": (figures["top1_system"] - edge_m) / (cloud_top1 - edge_m)
+                     if cloud_top1 > edge_m else None}
+    return {"asked": ESCALATE, "window": budget.window, "batch": BUDGET_BATCH, **found}
 
 
 def interpolate(curve: list[dict], mflops: float) -> float | None:
@@ -412,8 +421,11 @@ HEADLINE = [
     ("escalated on test, 10% asked", lambda f: f["split"]["escalated_test"]),
     ("system top-1 with 10% to the cloud", lambda f: f["split"]["top1_system"]),
     ("share of the edge-m to cloud gap closed", lambda f: f["split"]["gap_closed"]),
-    ("escalated on test, an escalation budget of 10%", lambda f: f.get("escalation_budget", {}).get("escalated_test")),
-    ("gap closed, an escalation budget of 10%", lambda f: f.get("escalation_budget", {}).get("gap_closed")),
+    *[row for by in ("entropy", "margin") for row in (
+        (f"escalated on test, a budget of 10% by {by}",
+         lambda f, b=by: f.get("escalation_budget", {}).get(b, {}).get("escalated_test")),
+        (f"gap closed, a budget of 10% by {by}",
+         lambda f, b=by: f.get("escalation_budget", {}).get(b, {}).get("gap_closed")))],
     ("same, 10% of test queries by last-exit entropy",
      lambda f: f.get("escalation_rankings", {}).get("entropy", {}).get("gap_closed")),
     ("same, 10% of test queries by gallery margin",

@@ -130,9 +130,11 @@ class EscalationBudget:
 
     A threshold fitted once (the calibrated `escalate_above`) sends the asked share of queries like the
     calibration's; queries of new classes are less sure, so it sends more of them (on Omniglot's new alphabets
-    about three times the share asked, benchmarks/early_exit.py).  Here the threshold starts at the calibrated
-    one and, after each batch, is fitted again to the last `window` queries seen (those that stopped at an
-    earlier exit count as kept): each batch is decided by the queries before it, as a stream is.
+    about three times the share asked, benchmarks/early_exit.py).  Here the threshold on a query's
+    unsureness (the last exit's entropy, or minus its gallery margin) starts at the calibrated one, or without
+    one is fitted on the first batch, and after each batch is fitted again to the last `window` queries seen
+    (those that stopped at an earlier exit count as kept): each batch is decided by the queries before it, as
+    a stream is.
     """
 
     def __init__(self, share: float, start_above: float | None, window: int = 1000):
@@ -143,14 +145,27 @@ class EscalationBudget:
         self.share, self.above, self.window = share, start_above, window
         self.seen = torch.empty(0)  # last-exit entropy per recent query; -inf where it stopped earlier
 
-    def __call__(self, last_entropies: torch.Tensor) -> torch.Tensor:
-        """Per query of a batch (its last-exit entropy, NaN where it stopped earlier): whether it goes to the
-        cloud."""
-        reached = ~last_entropies.isnan()
-        sent = reached & (last_entropies > self.above) if self.above is not None else torch.zeros_like(reached)
-        self.seen = torch.cat([self.seen, torch.where(reached, last_entropies.float(), -torch.inf)])[-self.window:]
+    def __call__(self, unsure: torch.Tensor) -> torch.Tensor:
+        """Per query of a batch (its unsureness at the last exit, NaN where it stopped earlier): whether it
+        goes to the cloud."""
+        reached = ~unsure.isnan()
+        scores = torch.where(reached, unsure.float(), -torch.inf)
+        if self.above is None and len(self.seen) == 0:
+            self.above = escalation_threshold(scores[reached], len(scores), self.share)
+        sent = reached & (unsure > self.above) if self.above is not None else torch.zeros_like(reached)
+        self.seen = torch.cat([self.seen, scores])[-self.window:]
         self.above = escalation_threshold(self.seen[self.seen > -torch.inf], len(self.seen), self.share)
         return sent
+
+
+def gallery_margin(scores: torch.Tensor, same_class: torch.Tensor) -> torch.Tensor:
+    """Per query, how sure its gallery answer is: the similarity to its nearest item minus that to the nearest
+    item of another class, from its neighbours' `scores` (queries x K, best first; -inf pads) and whether each
+    is of the nearest item's class.  Where all K are of one class, the margin is at least the first minus the
+    last of them, which is what is returned."""
+    other = scores.masked_fill(same_class, -torch.inf).max(dim=1).values
+    found = scores.masked_fill(scores == -torch.inf, torch.inf).min(dim=1).values
+    return scores[:, 0] - torch.where(other > -torch.inf, other, found)
 
 
 def rule_figures(chosen: torch.Tensor, correct: torch.Tensor, flops: list[int], cloud_correct=None) -> dict:

@@ -302,12 +302,22 @@ def test_the_early_exit_escalation_budget_streams_the_test_queries_and_sends_the
     entropies = torch.stack([torch.full((n,), 9.0), torch.rand(n, generator=torch.Generator().manual_seed(1))])
     correct = torch.ones(2, n, dtype=torch.bool)
     correct[-1] = entropies[-1] <= entropies[-1].quantile(0.9)
-    test = {"entropies": entropies, "correct": correct, "cloud_correct": torch.ones(n, dtype=torch.bool)}
+    # The gallery: 100 classes of one item each (unit vectors); each query sits near its class's item, the
+    # least sure ones by entropy nearly halfway to another class's (small margins) and the rest close to theirs.
+    gallery = torch.eye(100)
+    labels = torch.arange(100)
+    own, other = torch.arange(n) % 100, (torch.arange(n) + 1) % 100
+    spread = torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.1
+    closeness = torch.where(correct[-1], spread, 0.9 + spread)[:, None]
+    queries = torch.nn.functional.normalize(gallery[own] + closeness * gallery[other], dim=1)
+    test = {"entropies": entropies, "correct": correct, "cloud_correct": torch.ones(n, dtype=torch.bool),
+            "exits": torch.stack([queries, queries]), "gallery": gallery, "gallery_labels": labels}
     rule = {"thresholds": [0.5], "escalate_above": 0.6}
     found = early_exit.escalation_budget(rule, test, 2, edge_m=0.9, cloud_top1=1.0, flops=[1, 2])
-    assert found["escalated_test"] == pytest.approx(0.1, abs=0.02)
-    assert found["escalated_after_one_window"] == pytest.approx(0.1, abs=0.01)
-    assert found["gap_closed"] > 0.85  # those sent are the ones the edge missed
+    for by in ("entropy", "margin"):
+        assert found[by]["escalated_test"] == pytest.approx(0.1, abs=0.02), by
+        assert found[by]["escalated_after_one_window"] == pytest.approx(0.1, abs=0.01), by
+        assert found[by]["gap_closed"] > 0.85, by  # those sent are the ones the edge missed
 
 
 def test_the_lqf_summary_gives_each_method_and_its_linearised_model_over_current_seeds(tmp_path, monkeypatch):

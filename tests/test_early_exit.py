@@ -238,6 +238,30 @@ def test_an_escalation_budget_sends_the_share_asked_of_queries_less_sure_than_th
     assert ranked[sent[500:]].min() > ranked.quantile(0.8)
 
 
+def test_a_budget_without_a_calibrated_start_fits_its_first_batch_on_itself():
+    from hetero.maths import EscalationBudget
+
+    budget = EscalationBudget(0.25, None, window=100)
+    first = budget(torch.tensor([0.1, 0.9, 0.2, 0.3, float("nan"), 0.4, 0.5, 0.6]))
+    assert first.tolist() == [False, True, False, False, False, False, False, True]  # the 2 least sure of 8
+
+
+def test_the_gallery_margin_is_the_nearest_item_against_the_nearest_of_another_class():
+    from hetero.gallery.query import unsure_by_margin
+
+    def hits(*pairs):
+        return [{"name": f"{cls}/{i}.png", "score": score} for i, (cls, score) in enumerate(pairs)]
+
+    found = [hits(("a", 0.9), ("a", 0.8), ("b", 0.5)),  # margin 0.4
+             hits(("a", 0.9), ("b", 0.85)),  # margin 0.05: the least sure
+             hits(("c", 0.7), ("c", 0.6)),  # no other class among its neighbours: at least 0.1
+             hits(("a", 0.9), ("b", 0.1))]  # answered at an earlier exit: never escalated
+    unsure = unsure_by_margin(found, ["stage 4", "stage 4", "stage 4", "stage 2"], "stage 4")
+    assert unsure[:3].tolist() == pytest.approx([-0.4, -0.05, -0.1]) and unsure[3].isnan()
+    with pytest.raises(Exception, match="gallery item 'x.png' is in no class folder"):
+        unsure_by_margin([[{"name": "x.png", "score": 1.0}]], ["stage 4"], "stage 4")
+
+
 @pytest.mark.parametrize("share, window, words", [(1.5, 10, "must be in (0, 1), got 1.5"),
                                                   (0.1, 0, "at least 1 query, got 0")])
 def test_a_bad_escalation_budget_is_refused_naming_the_value(share, window, words):
@@ -605,9 +629,26 @@ def test_gallery_search_with_an_exported_chain_stops_where_torch_does_and_escala
     budget = EscalationBudget(0.1, rule["escalate_above"], 24)
     expected = apply_rule(entropies, rule["thresholds"])
     last = torch.where(expected == len(exits) - 1, entropies[-1], torch.nan)
-    expected[torch.cat([budget(batch) for batch in last.split(8)])] = len(exits)
-    agreement = sum(q["exit"] == names[c] for q, c in zip(found, expected.tolist())) / len(found)
+    by_entropy = expected.clone()
+    by_entropy[torch.cat([budget(batch) for batch in last.split(8)])] = len(exits)
+    agreement = sum(q["exit"] == names[c] for q, c in zip(found, by_entropy.tolist())) / len(found)
     assert agreement >= 0.98, agreement
+
+    # by the gallery margin: the queries sent are among those the rule leaves at the last exit, the least
+    # sure of their batch by margin once the budget has seen one, and each is the cloud's own query
+    by_margin = G.open_query_model(store, artifact=chain, escalate_share=0.25, escalate_window=24,
+                                   escalate_by="margin")
+    found = G.search_images(tmp_path / "g", tmp_path / "queries", by_margin, k=3, batch_size=8)
+    sent = [i for i, q in enumerate(found) if q["exit"] == "cloud"]
+    assert sent and all(expected[i] == len(exits) - 1 for i in sent)
+    kept = [i for i, q in enumerate(found) if q["exit"] != "cloud"]
+    assert sum(found[i]["exit"] == names[expected[i]] for i in kept) / len(kept) >= 0.98
+    assert all([r["row"] for r in found[i]["results"]] == [r["row"] for r in by_cloud[found[i]["query"]]["results"]]
+               for i in sent)
+    reaching = (expected == len(exits) - 1).float().mean().item()  # only these can go: a share of all queries
+    assert len(sent) / len(found) == pytest.approx(min(0.25, reaching), abs=0.1), reaching
+    with pytest.raises(G.GalleryError, match="--escalate-by margin: ranks queries for an escalation budget"):
+        G.open_query_model(store, artifact=chain, escalate_by="margin")
 
 
 # ------------------------------------------------------------------------- chains on every edge format

@@ -46,7 +46,8 @@ def _search(args, store, target) -> None:
     from hetero import gallery
 
     model = gallery.open_query_model(store, member=args.member, artifact=args.artifact,
-                                     escalate_share=args.escalate_share, escalate_window=args.escalate_window)
+                                     escalate_share=args.escalate_share, escalate_window=args.escalate_window,
+                                     escalate_by=args.escalate_by)
     results = gallery.search_images(target, args.images, model, k=args.k, nprobe=args.nprobe)
     where = f"{target.uri} collection {target.name}" if hasattr(target, "uri") else str(target)
     exits = gallery.exit_summary(results, model)

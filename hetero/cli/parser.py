@@ -223,6 +223,10 @@ def _gallery_verbs(verbs) -> None:
                         "queries less sure than the calibration's")
     s.add_argument("--escalate-window", type=count(1), default=1000, metavar="N",
                    help="queries the --escalate-share threshold is fitted on (default 1000)")
+    s.add_argument("--escalate-by", choices=["entropy", "margin"], default="entropy",
+                   help="which queries --escalate-share sends: the least sure by the last exit's entropy (the "
+                        "default), or by the margin of its gallery answer (nearest item against the nearest of "
+                        "another class; needs the gallery's images in one folder per class)")
     s.add_argument("-k", type=count(1), default=5, help="neighbours per query (default 5)")
     s.add_argument("--nprobe", type=count(1), help="IVF lists to visit (default: the gallery's own, or 32)")
     s.add_argument("--show", type=count(0), default=20, help="queries to print (default 20)")

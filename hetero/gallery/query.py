@@ -3,7 +3,7 @@ and `search_images`, which embeds query images and asks any gallery store for th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -15,6 +15,11 @@ from hetero.gallery.base import GalleryError, member_record
 from hetero.gallery.images import ImageFiles, embed_batches, in_batches, list_images
 from hetero.gallery.index import Gallery
 from hetero.gallery.stores import VectorStore
+
+ESCALATE_BY = ("entropy", "margin")
+# Neighbours asked for a query's gallery margin: enough to reach an item of another class past the items of
+# the nearest one's (a class with more gallery items than this gets a lower bound of its margin).
+MARGIN_NEIGHBOURS = 64
 
 
 @dataclass
@@ -32,20 +37,30 @@ class QueryModel:
     # of `encode`; and what each exit costs, for the summary.
     route: object = None
     exit_mflops: dict | None = None
+    # An escalation budget by gallery margin: the budget, the last edge exit's name, and images -> the
+    # cloud's unit vectors; search_images decides once it has the edge's neighbours.
+    margin_budget: object = None
+    last_exit: str | None = None
+    escalate: object = None
 
 
 def open_query_model(store: FamilyStore | None = None, member: str | None = None,
                      artifact: str | Path | None = None, escalate_share: float | None = None,
-                     escalate_window: int = 1000) -> QueryModel:
+                     escalate_window: int = 1000, escalate_by: str = "entropy") -> QueryModel:
     """A torch member of the family (the cloud by default), or an exported artifact file.  With an exit
     chain, `escalate_share` sends that share of the queries to the cloud whatever they are like
     (`hetero.maths.EscalationBudget` over the last `escalate_window` queries) instead of the rule's fixed
-    threshold."""
+    threshold, the least sure by the last exit's `entropy` or by the `margin` of its gallery answer."""
     if escalate_share is not None and (artifact is None or not (Path(artifact) / "chain.json").is_file()):
         raise GalleryError(f"--escalate-share {escalate_share:g}: only an exported exit chain escalates queries to "
                            f"the cloud; give --artifact DIR/exports/<profile>/<member>.exits")
+    if escalate_by not in ESCALATE_BY:
+        raise GalleryError(f"--escalate-by {escalate_by!r}: one of {', '.join(ESCALATE_BY)}")
+    if escalate_by != "entropy" and escalate_share is None:
+        raise GalleryError(f"--escalate-by {escalate_by}: ranks queries for an escalation budget; give "
+                           f"--escalate-share too")
     if artifact is not None and escalate_share is not None:
-        return _chain_model(Path(artifact), store, escalate_share, escalate_window)
+        return _chain_model(Path(artifact), store, escalate_share, escalate_window, escalate_by)
     if artifact is not None:
         return _artifact_model(Path(artifact), store)
     if store is None:
@@ -97,7 +112,7 @@ def _artifact_model(path: Path, store: FamilyStore | None) -> QueryModel:
 
 
 def _chain_model(folder: Path, store: FamilyStore | None, escalate_share: float | None = None,
-                 escalate_window: int = 1000) -> QueryModel:
+                 escalate_window: int = 1000, escalate_by: str = "entropy") -> QueryModel:
     """A multi-exit member's exported chain as a device runs it: stage by stage, each query stopping at the
     first exit sure enough by the calibrated rule in the chain's metadata; the queries the rule escalates (or,
     with `escalate_share`, the budget) are embedded by the family's cloud member."""
@@ -125,7 +140,8 @@ def _chain_model(folder: Path, store: FamilyStore | None, escalate_share: float 
     budget = None
     if escalate_share is not None:
         try:
-            budget = EscalationBudget(escalate_share, rule.get("escalate_above"), escalate_window)
+            start = rule.get("escalate_above") if escalate_by == "entropy" else None  # calibrated on entropy
+            budget = EscalationBudget(escalate_share, start, escalate_window)
         except ValueError as err:
             raise GalleryError(f"--escalate-share {escalate_share:g} --escalate-window {escalate_window}: {err}") \
                 from None
@@ -145,13 +161,18 @@ def _chain_model(folder: Path, store: FamilyStore | None, escalate_share: float 
         on_device = resize_to(pixels, int(meta["input_size"])).numpy()
         fixed = rule.get("escalate_above") if budget is None else None
         chosen, vectors, entropies = chain.run_chain(on_device, rule["thresholds"], fixed)
-        if budget is not None:
+        if budget is not None and escalate_by == "entropy":
             chosen[budget(torch.from_numpy(entropies[:, -1])).numpy()] = len(exits)
         sent = np.nonzero(chosen == len(exits))[0]
         if len(sent):
-            with torch.inference_mode():
-                vectors[sent] = cloud(resize_to(pixels[sent], cloud.input_size)).numpy()
+            vectors[sent] = by_cloud(images[sent])
         return vectors, [names[c] for c in chosen]
+
+    def by_cloud(images: np.ndarray) -> np.ndarray:
+        from hetero.models import resize_to
+
+        with torch.inference_mode():
+            return cloud(resize_to(torch.from_numpy(images), cloud.input_size)).numpy()
 
     load_size, background, max_pixels = meta["input_size"], DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
     if store is not None:
@@ -159,9 +180,10 @@ def _chain_model(folder: Path, store: FamilyStore | None, escalate_share: float 
         load_size, background, max_pixels = store.config().load_size, tuple(data.background), data.max_image_pixels
     mflops = {f"stage {e['stage']}": e["flops"] / 1e6 for e in exits}
     escalation = "" if not escalates else f", escalating to {store.cloud.name!r}" + (
-        "" if budget is None else f" {budget.share:.0%} of the last {budget.window} queries")
+        "" if budget is None else f" {budget.share:.0%} of the last {budget.window} queries by {escalate_by}")
     return QueryModel(f"exit chain {folder} ({meta.get('member')}, {chain.name}{escalation})", meta.get("space_id"),
-                      load_size, load_size, lambda images: route(images)[0], background, max_pixels, route, mflops)
+                      load_size, load_size, lambda images: route(images)[0], background, max_pixels, route, mflops,
+                      budget if escalate_by == "margin" else None, names[len(exits) - 1], by_cloud)
 
 
 def search_images(gallery: VectorStore | str | Path, images: str | Path, model: QueryModel, k: int = 5,
@@ -176,25 +198,54 @@ def search_images(gallery: VectorStore | str | Path, images: str | Path, model: 
     gallery.check_space(model.space_id, model.label)
     entries = list_images(images)
     dataset = ImageFiles(entries, model.load_size, model.background, model.max_pixels)
-    results, answered = [], []
+    results, answered, pixels = [], [], []
 
     def encode(batch: torch.Tensor) -> np.ndarray:
         if model.route is None:
             return model.encode(batch.numpy())
         vectors, exits = model.route(batch.numpy())
-        answered[:] = exits  # the batch embed_batches yields next
+        answered[:], pixels[:] = exits, [batch.numpy()]  # the batch embed_batches yields next
         return vectors
 
+    wide = max(k, MARGIN_NEIGHBOURS) if model.margin_budget is not None else k
     for names, skipped, embedded in embed_batches(dataset, in_batches(len(entries), batch_size), encode,
                                                   model.input_size):
         results += [{"query": name, "skipped": True, "results": []} for name in skipped]
         if embedded is None:
             continue
-        found = gallery.nearest(embedded, k, model.space_id, model.label, nprobe)
-        exits = answered if model.route is not None else [None] * len(names)
-        results += [{"query": name, "results": hits, **({"exit": where} if where else {})}
+        found = gallery.nearest(embedded, wide, model.space_id, model.label, nprobe)
+        exits = list(answered) if model.route is not None else [None] * len(names)
+        if model.margin_budget is not None:
+            sent = model.margin_budget(unsure_by_margin(found, exits, model.last_exit))
+            if sent.any():
+                rows = torch.nonzero(sent).flatten().tolist()
+                again = gallery.nearest(model.escalate(pixels[0][rows]), k, model.space_id, model.label, nprobe)
+                for row, hits in zip(rows, again):
+                    found[row], exits[row] = hits, "cloud"
+        results += [{"query": name, "results": hits[:k], **({"exit": where} if where else {})}
                     for name, hits, where in zip(names, found, exits)]
     return results
+
+
+def unsure_by_margin(found: list[list[dict]], exits: list[str], last_exit: str) -> torch.Tensor:
+    """Per query, minus its gallery margin (`hetero.maths.gallery_margin`), the classes of the items being
+    their folders; NaN for a query answered before the last exit."""
+    from hetero.maths import gallery_margin
+
+    width = max((len(hits) for hits in found), default=0)
+    if width == 0:  # an empty gallery: no answer to be unsure of
+        return torch.full((len(found),), torch.nan)
+    scores = torch.full((len(found), width), -torch.inf)
+    same = torch.ones(len(found), width, dtype=torch.bool)
+    for row, hits in enumerate(found):
+        classes = [PurePosixPath(hit["name"]).parent for hit in hits]
+        if hits and classes[0] == PurePosixPath("."):
+            raise GalleryError(f"--escalate-by margin: gallery item {hits[0]['name']!r} is in no class folder; the "
+                               f"margin needs the gallery's images in one folder per class")
+        scores[row, :len(hits)] = torch.tensor([hit["score"] for hit in hits])
+        same[row, :len(hits)] = torch.tensor([c == classes[0] for c in classes])
+    unsure = -gallery_margin(scores, same)
+    return torch.where(torch.tensor([where == last_exit for where in exits]), unsure, torch.nan)
 
 
 def exit_summary(results: list[dict], model: QueryModel) -> dict | None:
