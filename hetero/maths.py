@@ -115,9 +115,9 @@ def apply_rule(entropies: torch.Tensor, thresholds: list[float], escalate_above:
 
 
 def escalation_threshold(reaching: torch.Tensor, queries: int, share: float) -> float | None:
-    """The last-exit entropy above which `share` of `queries` go to the cloud, of the entropies of those that
-    reached the last exit (`reaching`): halfway between the least sure query kept and the surest one sent;
-    None when the share rounds to no query."""
+    """The unsureness (last-exit entropy, or minus the gallery margin) above which `share` of `queries` go to
+    the cloud, from that of the queries that reached the last exit (`reaching`): halfway between the least
+    sure query kept and the surest one sent; None when the share rounds to no query."""
     count = min(len(reaching), int(round(share * queries)))
     if count == 0:
         return None
@@ -143,7 +143,7 @@ class EscalationBudget:
         if window < 1:
             raise ValueError(f"the escalation window must hold at least 1 query, got {window}")
         self.share, self.above, self.window = share, start_above, window
-        self.seen = torch.empty(0)  # last-exit entropy per recent query; -inf where it stopped earlier
+        self.seen = torch.empty(0)  # unsureness per recent query; -inf where it stopped earlier
 
     def __call__(self, unsure: torch.Tensor) -> torch.Tensor:
         """Per query of a batch (its unsureness at the last exit, NaN where it stopped earlier): whether it
