@@ -34,10 +34,10 @@ test characters are.  Per seed the record holds:
   two exits answer different classes, and the share of the edge-m-to-cloud gap each closes (the share is
   fixed on the test queries: it compares the rankings only).
 
-    python benchmarks/early_exit.py run --seeds 0 1 2                 # ~45 min a seed on 2 CPU cores
-    python benchmarks/early_exit.py run --seeds 0 --self-distillation 1.0   # the self-distillation lever
+    python benchmarks/early_exit.py run --seeds 0 1 2                 # hetero's defaults; ~35 min a seed on 2 cores
+    python benchmarks/early_exit.py run --seeds 0 --self-distillation 0     # the self-distillation lever
     python benchmarks/early_exit.py run --seeds 0 --held-out-by images      # the rule fitted on seen classes
-    python benchmarks/early_exit.py run --seeds 0 --exit-head grid          # earlier exits pooled to a grid
+    python benchmarks/early_exit.py run --seeds 0 --exit-head pooled        # earlier exits pooled to one average
     python benchmarks/early_exit.py run --quick --seeds 0             # a sixth of the epochs: a smoke test
     python benchmarks/early_exit.py measure --seeds 0 1 2             # measure trained seeds again
     python benchmarks/early_exit.py chains --seeds 0                  # each seed's chains on every profile
@@ -74,8 +74,19 @@ PER_EXIT_LOSSES = [0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.
 LOSS_TARGET = 0.01  # the --top1-loss whose transfer from the held-out classes to the test queries is read
 ESCALATE = 0.1
 BUDGET_BATCH = 64  # queries per batch of the escalation budget's stream
-# What a run may change (the levers of issue 28), and the benchmark's own choice of each.
+# What a run may change (the levers of issue 28), and each one's value in records written before it was one.
 DEFAULT_LEVER = {"self_distillation": 0.0, "held_out_by": "classes", "exit_head": "pooled"}
+
+
+def hetero_defaults() -> dict:
+    """Each lever as hetero sets it for a member with `exits` when the config says nothing."""
+    from hetero.config.members import MemberConfig
+    from hetero.config.train import EarlyExitConfig
+
+    early_exit = EarlyExitConfig()
+    member = MemberConfig(name="multi", role="edge", arch="resnet", exits="auto")
+    return {"self_distillation": early_exit.self_distillation, "held_out_by": early_exit.held_out_by,
+            "exit_head": member.exit_head}
 
 
 def cell_key(lever: dict, seed: int, quick: bool) -> str:
@@ -478,12 +489,14 @@ def main(argv=None) -> int:
                              "measure each seed's trained family again (after the measurement changed); chains: "
                              "export and verify each seed's chains")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--self-distillation", type=float, default=0.0,
-                        help="weight of each earlier exit's regression onto the last exit (default 0)")
-    parser.add_argument("--held-out-by", choices=["classes", "groups", "images"], default="classes",
-                        help="what calibration holds out of training (default classes)")
-    parser.add_argument("--exit-head", choices=["pooled", "grid"], default="pooled",
-                        help="how multi's earlier exits pool their stage (default pooled)")
+    product = hetero_defaults()
+    parser.add_argument("--self-distillation", type=float, default=product["self_distillation"],
+                        help="weight of each earlier exit's regression onto the last exit (default hetero's, "
+                             f"{product['self_distillation']:g})")
+    parser.add_argument("--held-out-by", choices=["classes", "groups", "images"], default=product["held_out_by"],
+                        help=f"what calibration holds out of training (default hetero's, {product['held_out_by']})")
+    parser.add_argument("--exit-head", choices=["pooled", "grid"], default=product["exit_head"],
+                        help=f"how multi's earlier exits pool their stage (default hetero's, {product['exit_head']})")
     parser.add_argument("--quick", action="store_true", help="a sixth of the epochs: a smoke test, never a result")
     args = parser.parse_args(argv)
     lever = {"self_distillation": args.self_distillation, "held_out_by": args.held_out_by, "exit_head": args.exit_head}
