@@ -233,14 +233,24 @@ def test_a_compat_weight_is_a_number_or_auto_and_its_grid_has_a_choice(tmp_path)
 
 
 @pytest.mark.slow
-def test_an_auto_compat_weight_is_chosen_per_member_on_held_out_images(family_copy, tmp_path):
+def test_an_auto_compat_weight_is_chosen_per_member_on_held_out_images(family_copy, tmp_path, monkeypatch):
     from hetero.data import calibration_split
     from hetero.maths import top1_correct
     from hetero.models import embed_images
+    from hetero.training import lqf
 
+    original, computed = lqf._kfac_inverse, []
+
+    def counted(*args):
+        computed.append(len(args[3]))  # the images it is computed on
+        return original(*args)
+
+    monkeypatch.setattr(lqf, "_kfac_inverse", counted)
     grid = [0.0, 1e5]  # 1e5 pins every member to the previous cloud's embedding of the fitted images
     store = train(parse_config(lqf_config(family_copy, lqf={"compat_weight": "auto", "compat_grid": grid}),
                                "u.yaml"), tmp_path / "auto", progress=False)
+    # K-FAC serves every weight of the search: computed once for it and once for the final fit, per member
+    assert len(computed) == 2 * len(store.members)
     facts = {f["member"]: f for f in store.manifest.training.lqf}
     train_set = store.split().train
     fit, held = calibration_split(train_set, 0.2, "images", seed=7)

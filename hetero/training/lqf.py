@@ -147,29 +147,42 @@ def _kfac_inverse(member: Embedder, names: list[str], prototypes, images, target
     return inverse
 
 
+def preconditioner(member: Embedder, name: str, images: torch.Tensor, labels: torch.Tensor,
+                   prototypes: torch.Tensor, settings, batch_size: int):
+    """The inverse K-FAC matrix `fine_tune` preconditions with.  It depends on the member, the images and the
+    targets only, not on `compat_weight` (the pull towards the previous cloud is left out of it), so one
+    serves every weight of the `auto` search."""
+    check_linearisable(member, name)
+    names, _ = kfac_parameters(member, name)
+    targets = settings.target_scale * F.one_hot(labels, len(prototypes)).float()
+    try:
+        return _kfac_inverse(member, names, prototypes, images, targets, batch_size, settings.damping)
+    except torch.linalg.LinAlgError as err:  # curvlinops inverts each damped Kronecker factor by Cholesky
+        raise TrainingError(f"train.lqf.damping: the curvature (K-FAC) of member {name!r} plus damping "
+                            f"{settings.damping:g} is not positive definite, so it cannot be inverted ({reason(err)}); "
+                            f"raise train.lqf.damping, ten times at a time (try {settings.damping * 10:g}). A member "
+                            f"whose activations are very large needs more: check its weights in train.previous"
+                            ) from None
+
+
 def fine_tune(member: Embedder, name: str, images: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
               reference: torch.Tensor | None, compat_weight: float, settings, steps: int, weight_decay: float,
-              batch_size: int) -> tuple[Linearised, dict]:
+              batch_size: int, inverse=None) -> tuple[Linearised, dict]:
     """LQF of one member on float images in [0, 1]; returns the trained expansion and what happened.
 
     `prototypes` are the frozen shared classifier's unit class vectors (one row per label), `reference` the
     previous cloud's embeddings of `images` for the compatibility term of weight `compat_weight` (None or 0:
     no such term).  The convex
     quadratic objective is minimised by `steps` iterations of conjugate gradients preconditioned with the
-    inverse K-FAC matrix: each costs one pass over the data, needs no learning rate (the step length is
-    exact on a quadratic) and is deterministic.
+    inverse K-FAC matrix (`preconditioner`'s, computed here unless `inverse` is it): each costs one pass over
+    the data, needs no learning rate (the step length is exact on a quadratic) and is deterministic.
     """
     check_linearisable(member, name)
     names, frozen = kfac_parameters(member, name)
     started = time.time()
     targets = settings.target_scale * F.one_hot(labels, len(prototypes)).float()
-    try:
-        inverse = _kfac_inverse(member, names, prototypes, images, targets, batch_size, settings.damping)
-    except torch.linalg.LinAlgError as err:  # curvlinops inverts each damped Kronecker factor by Cholesky
-        raise TrainingError(f"train.lqf.damping: the curvature (K-FAC) of member {name!r} plus damping "
-                            f"{settings.damping:g} is not positive definite, so it cannot be inverted ({reason(err)}); "
-                            f"raise train.lqf.damping, ten times at a time (try {settings.damping * 10:g}). A member "
-                            f"whose activations are very large needs more: check its weights in train.previous") from None
+    if inverse is None:
+        inverse = preconditioner(member, name, images, labels, prototypes, settings, batch_size)
     kfac_seconds = time.time() - started
     model = Linearised(member, names)
     compat = compat_weight if reference is not None else 0.0

@@ -14,7 +14,7 @@ from hetero.errors import ConfigError, ManifestError
 from hetero.family import FamilyStore
 from hetero.maths import top1_correct
 from hetero.models import Embedder, embed_images
-from hetero.training.lqf import fine_tune
+from hetero.training.lqf import fine_tune, preconditioner
 from hetero.training.model import Family
 
 log = logging.getLogger("hetero.training")
@@ -127,9 +127,11 @@ def choose_compat_weights(config: Config, members: dict[str, Embedder], cloud_na
     weights, choices, cloud_gallery = {}, {}, None
     for name in sorted(members, key=lambda n: n != cloud_name):
         scores, galleries = {}, {}
+        inverse = preconditioner(members[name], name, images[fit], fit_labels, prototypes, settings,
+                                 train_cfg.batch_size)  # the same for every weight
         for weight in settings.compat_grid:
             model, _ = fine_tune(members[name], name, images[fit], fit_labels, prototypes, previous_gallery, weight,
-                                 settings, train_cfg.epochs, train_cfg.weight_decay, train_cfg.batch_size)
+                                 settings, train_cfg.epochs, train_cfg.weight_decay, train_cfg.batch_size, inverse)
             queries = embed_images(model, images[held])
             gallery = embed_images(model, images[fit]) if name == cloud_name else cloud_gallery
             galleries[weight] = gallery
