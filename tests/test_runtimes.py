@@ -214,7 +214,13 @@ def test_onnx_files_load_on_an_older_onnxruntime(tiny_family_dir, tmp_path, runt
     assert domains <= {"", "ai.onnx", "com.microsoft"}  # no stamped-but-unused domains an old runtime refuses
     report, _ = verify(FamilyStore.open(family), profile="rpi-onnx-int8", latency_runs=1)
     assert [a["runtime"] for a in report["artifacts"]][1] == "onnxruntime 1.17.3"
-    assert all(a["passed"] for a in report["artifacts"]), report["artifacts"]
+    for artifact in report["artifacts"]:  # every check holds on both runtimes...
+        failed = {c["name"]: c for c in artifact["checks"] if c["status"] == "fail"}
+        assert set(failed) <= {"retrieval"}, (artifact["runtime"], failed)
+        # ...but the retrieval drop, here within one query: the tiny family's 64 queries are coarser than the
+        # profile's 1% (one flipped query is 1.6%), so its int8 file passes or not by chance
+        if failed:
+            assert failed["retrieval"]["values"]["top1_drop"] <= 1 / 64 + 1e-9, failed
 
 
 def test_pytest_plugin_ids_carry_the_runtime_version(tiny_family_dir, tmp_path):
